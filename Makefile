@@ -1,0 +1,46 @@
+# The front door. Every target sets up what it needs first, so a fresh clone needs only make.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install run test check lint format typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the example app on 127.0.0.1:8000 with in-memory storage (no Redis needed).
+run: install
+	$(VENV)/bin/uvicorn example_app.main:app --host $(HOST) --port $(PORT)
+
+## The whole test suite, with coverage of src/ reported.
+test: install
+	$(PY) -m pytest --cov=fastapi_resilience --cov-report=term $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests example_app benchmarks
+	$(VENV)/bin/ruff format --check src tests example_app benchmarks
+
+format: install
+	$(VENV)/bin/ruff format src tests example_app benchmarks
+	$(VENV)/bin/ruff check --fix src tests example_app benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+## Quality gates: ruff (lint + format) and mypy --strict on src/.
+check: lint typecheck
+
+## Benchmarks side by side with the peers; writes docs/benchmarks.md.
+bench: install
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,157 @@
+"""Correlation IDs: one ID per request, in a context variable, on every response and log record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from contextvars import ContextVar
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "SCOPE_KEY",
+    "CorrelationIdFilter",
+    "CorrelationIdMiddleware",
+    "generate_correlation_id",
+    "get_correlation_id",
+    "is_valid_correlation_id",
+]
+
+#: Where the middleware leaves the request's ID in the ASGI scope.
+SCOPE_KEY = "fastapi_resilience.correlation_id"
+
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_VALID_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
+
+_correlation_id: ContextVar[str | None] = ContextVar(
+    "fastapi_resilience_correlation_id", default=None
+)
+
+
+def get_correlation_id() -> str | None:
+    """The current request's correlation ID, or ``None`` outside a request."""
+    return _correlation_id.get()
+
+
+def set_correlation_id(value: str | None) -> object:
+    """Set the ID for the current context (tests, workers); returns a token for ``reset``."""
+    return _correlation_id.set(value)
+
+
+def generate_correlation_id() -> str:
+    """128 random bits as 32 lower-case hex characters (no dashes: cheaper to type and grep)."""
+    return os.urandom(16).hex()
+
+
+def is_valid_correlation_id(value: str | bytes) -> bool:
+    """True for 1 to 128 characters of ``[A-Za-z0-9._:-]``; anything else is never reflected."""
+    raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    return _VALID_ID.fullmatch(raw) is not None
+
+
+class CorrelationIdFilter(logging.Filter):
+    """Stamps every log record with ``record.correlation_id`` (``default`` outside a request).
+
+    Attach it to a handler, then use ``%(correlation_id)s`` in the format.
+    """
+
+    def __init__(self, name: str = "", *, default: str = "-") -> None:
+        super().__init__(name)
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # An explicit ``extra={"correlation_id": ...}`` wins over the context.
+        if not getattr(record, "correlation_id", None):
+            record.correlation_id = _correlation_id.get() or self.default
+        return True
+
+
+class CorrelationIdMiddleware:
+    """Pure ASGI middleware that gives every request a correlation ID.
+
+    The ID comes from ``header_name`` when it is valid (1 to 128 characters of
+    ``[A-Za-z0-9._:-]``); otherwise a new one is generated, so a malformed, oversized or
+    injected header is never reflected. The ID is echoed on every response and is returned by
+    :func:`get_correlation_id` in routes, dependencies, background tasks and log records.
+
+    Place it outermost among user middleware (``install`` does). Starlette's
+    ``ServerErrorMiddleware`` sits outside every user middleware and sends its 500 through the
+    server's ``send``, past any header-adding wrapper; so this middleware catches an unhandled
+    exception itself while the response has not started, logs it once with its traceback and
+    the ID, and answers the 500 problem+json carrying the ID in header and body.
+
+    Args:
+        app: the ASGI app to wrap.
+        header_name: the header read and echoed.
+        generator: makes a new ID; must return a valid one.
+        update_request_header: also put a generated ID into the request's headers, so code
+            reading the header directly sees the same ID.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header_name: str = "X-Request-ID",
+        generator: Callable[[], str] = generate_correlation_id,
+        update_request_header: bool = True,
+    ) -> None:
+        if not _VALID_HEADER_NAME.fullmatch(header_name):
+            raise ValueError(f"header_name: {header_name!r} is not a valid HTTP header name")
+        self.app = app
+        self.header_name = header_name
+        self._header = header_name.lower().encode("latin-1")
+        self._generate = generator
+        self._update_request_header = update_request_header
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+
+        correlation_id = self._incoming_id(scope)
+        scope[SCOPE_KEY] = correlation_id
+        token = _correlation_id.set(correlation_id)
+        if scope["type"] == "websocket":
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _correlation_id.reset(token)
+            return
+
+        echoed = (self._header, correlation_id.encode("ascii"))
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                message["headers"] = [*message.get("headers", ()), echoed]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Imported here: the renderer pulls in the error handlers, which need this module.
+            from fastapi_resilience._problem import answer_unhandled
+
+            await answer_unhandled(scope, exc, send_with_id, response_started=response_started)
+        finally:
+            _correlation_id.reset(token)
+
+    def _incoming_id(self, scope: Scope) -> str:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        present = False
+        for name, value in headers:
+            if name == self._header:
+                if _VALID_ID.fullmatch(value):
+                    return value.decode("ascii")
+                present = True
+                break
+        new_id = self._generate()
+        if self._update_request_header:
+            kept = [(n, v) for n, v in headers if n != self._header] if present else headers
+            scope["headers"] = [*kept, (self._header, new_id.encode("ascii"))]
+        return new_id

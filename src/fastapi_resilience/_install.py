@@ -1,0 +1,71 @@
+"""``install(app, settings)``: the one-line set-up, and the ``Resilience`` object it returns."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._correlation import CorrelationIdMiddleware
+from fastapi_resilience._events import EventBus
+from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience._health import HealthChecks, health_router
+from fastapi_resilience._settings import ResilienceSettings
+
+__all__ = ["APP_STATE_NAME", "Resilience", "install"]
+
+#: ``app.state.resilience`` holds the ``Resilience`` object after ``install``.
+APP_STATE_NAME = "resilience"
+
+
+class Resilience:
+    """What ``install`` set up for one app: settings, the event bus, health checks.
+
+    Later pieces (rate limiter, breakers, bulkheads, degraded mode) hang off this object.
+    """
+
+    def __init__(
+        self,
+        settings: ResilienceSettings,
+        *,
+        events: EventBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.events = events or EventBus()
+        self.health = HealthChecks(default_timeout=settings.health_check_timeout)
+
+    def __repr__(self) -> str:
+        return f"Resilience(checks={len(self.health._checks)})"
+
+
+def install(
+    app: FastAPI,
+    settings: ResilienceSettings | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Resilience:
+    """Set up everything on ``app`` and return the :class:`Resilience` object.
+
+    Adds, from the outside in: correlation IDs, rate limiting (if enabled), degraded mode;
+    registers the problem-details exception handlers; mounts the health routes. With no
+    ``settings``, ``ResilienceSettings()`` reads the environment.
+
+    Raises:
+        ConfigurationError: a setting is invalid; the message names it.
+    """
+    settings = settings if settings is not None else ResilienceSettings()
+    resilience = Resilience(settings, clock=clock)
+    setattr(app.state, APP_STATE_NAME, resilience)
+
+    install_exception_handlers(
+        app,
+        type_base=settings.problem_type_base,
+        expose_error_details=settings.expose_error_details,
+        correlation_header=settings.correlation_header,
+    )
+    # ``add_middleware`` puts each new middleware outside the previous ones, so the innermost
+    # is added first and the correlation middleware, outermost, last.
+    app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
+    app.include_router(health_router(resilience.health, prefix=settings.health_path))
+    return resilience

@@ -1,0 +1,162 @@
+"""``ResilienceSettings``: one pydantic-settings model, every field also ``RESILIENCE_<NAME>``."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fastapi_resilience._limit_string import parse_limits
+from fastapi_resilience._problem import DEFAULT_TYPE_BASE
+from fastapi_resilience.exceptions import ConfigurationError
+
+__all__ = ["ENV_PREFIX", "ResilienceSettings"]
+
+ENV_PREFIX = "RESILIENCE_"
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
+_STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+
+DEFAULT_TIERS = {
+    "anonymous": "10/minute",
+    "free": "60/minute",
+    "standard": "300/minute",
+    "premium": "1000/minute",
+}
+
+
+class ResilienceSettings(BaseSettings):
+    """Every setting of the library, read from arguments or ``RESILIENCE_*`` variables.
+
+    Nested values (dicts, lists) come from the environment as JSON. A bad value, from code or
+    from the environment, raises :class:`ConfigurationError` at start-up, naming the setting.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
+    )
+
+    # Errors and correlation IDs
+    correlation_header: str = "X-Request-ID"
+    expose_error_details: bool = False
+    problem_type_base: str = DEFAULT_TYPE_BASE
+
+    # Rate limiting
+    rate_limit_enabled: bool = True
+    rate_limit_storage: str = "memory://"
+    rate_limit_tiers: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    rate_limit_default_tier: str = "anonymous"
+    rate_limit_api_keys: dict[str, str] = Field(default_factory=dict)
+    rate_limit_fail_open: bool = True
+    rate_limit_exempt_paths: list[str] = Field(
+        default_factory=lambda: ["/health/live", "/health/ready", "/metrics"]
+    )
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    # Health
+    health_path: str = "/health"
+    health_check_timeout: float = Field(default=1.0, gt=0)
+
+    def __init__(self, **values: Any) -> None:
+        _reject_unknown_env(type(self))
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc)) from None
+
+    @field_validator("correlation_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid HTTP header name")
+        return value
+
+    @field_validator("problem_type_base")
+    @classmethod
+    def _type_base(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a URI prefix without spaces, e.g. 'https://example.com/p/'")
+        return value
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        if not value.startswith(_STORAGE_SCHEMES):
+            raise ValueError(f"{value!r}: expected one of {', '.join(_STORAGE_SCHEMES)}...")
+        return value
+
+    @field_validator("rate_limit_tiers")
+    @classmethod
+    def _tiers(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one tier is needed")
+        for tier, limits in value.items():
+            try:
+                parse_limits(limits)
+            except ConfigurationError as exc:
+                raise ValueError(f"tier {tier!r}: {exc}") from None
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("rate_limit_exempt_paths", "health_path")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        for path in value if isinstance(value, list) else [value]:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _tiers_known(self) -> ResilienceSettings:
+        tiers = self.rate_limit_tiers
+        if self.rate_limit_default_tier not in tiers:
+            raise ValueError(
+                f"rate_limit_default_tier: {self.rate_limit_default_tier!r} is not one of the "
+                f"rate_limit_tiers ({', '.join(tiers)})"
+            )
+        unknown = {t for t in self.rate_limit_api_keys.values() if t not in tiers}
+        if unknown:
+            raise ValueError(
+                f"rate_limit_api_keys: tier(s) {', '.join(sorted(unknown))} not in rate_limit_tiers"
+            )
+        return self
+
+
+def _reject_unknown_env(cls: type[BaseSettings]) -> None:
+    # A misspelt variable would otherwise be ignored in silence and the default used.
+    known = {f"{ENV_PREFIX}{name}".upper() for name in cls.model_fields}
+    unknown = sorted(
+        k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+    )
+    if unknown:
+        raise ConfigurationError(
+            f"unknown fastapi-resilience setting(s) in the environment: {', '.join(unknown)}"
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ())]
+        field = loc[0] if loc else ""
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if field:
+            where = f"{field} (env {ENV_PREFIX}{field.upper()})"
+            if len(loc) > 1:
+                where += f" at {'.'.join(loc[1:])}"
+            lines.append(f"{where}: {msg}")
+        else:
+            lines.append(msg)
+    return "invalid fastapi-resilience settings:\n  " + "\n  ".join(lines)

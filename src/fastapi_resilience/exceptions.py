@@ -1,0 +1,231 @@
+"""The error hierarchy: every error here is also an HTTP answer (RFC 9457 problem details).
+
+```
+AppError                          500 internal_error
+├── ClientError                   400 bad_request
+│   ├── BadRequestError           400 bad_request
+│   ├── InvalidInputError         422 invalid_input
+│   ├── AuthenticationError       401 unauthenticated      (adds WWW-Authenticate)
+│   ├── PermissionDeniedError     403 permission_denied
+│   ├── NotFoundError             404 not_found
+│   ├── ConflictError             409 conflict
+│   └── RateLimitedError          429 rate_limited         retryable, Retry-After
+└── ServerError                   500 internal_error
+    ├── InternalError             500 internal_error
+    ├── UpstreamError             502 upstream_error       retryable
+    │   ├── UpstreamTimeoutError  504 upstream_timeout     retryable
+    │   └── RetryExhaustedError   502 retries_exhausted
+    └── ServiceUnavailableError   503 service_unavailable  retryable
+        ├── CircuitOpenError      503 circuit_open         Retry-After = time left open
+        ├── BulkheadFullError     503 bulkhead_full
+        └── FeatureUnavailableError 503 feature_unavailable
+```
+
+Users subclass any of these with their own ``status_code`` / ``code`` / ``title`` and the
+handlers render them with no registration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = [
+    "AppError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "ClientError",
+    "ConfigurationError",
+    "ConflictError",
+    "FeatureUnavailableError",
+    "InternalError",
+    "InvalidInputError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "RetryExhaustedError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "UpstreamError",
+    "UpstreamTimeoutError",
+]
+
+
+class ConfigurationError(ValueError):
+    """A setting or argument is invalid; raised at start-up, naming the setting."""
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` in whole seconds: the ceiling of ``seconds``, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class AppError(Exception):
+    """Root of the hierarchy; an unexpected failure of the app itself (500)."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal Server Error"
+    retryable: ClassVar[bool] = False
+    #: Problem ``type`` URI; ``None`` means "the configured base + ``code``".
+    type_uri: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        extensions: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.detail: str = self.title if detail is None else str(detail)
+        self.extensions: dict[str, Any] = dict(extensions or {})
+        self.headers: dict[str, str] = dict(headers or {})
+        if retry_after is not None:
+            if retry_after < 0 or math.isnan(retry_after):
+                raise ValueError(f"retry_after must be >= 0 seconds, got {retry_after!r}")
+            self.headers["Retry-After"] = retry_after_header(retry_after)
+        self.retry_after: float | None = retry_after
+        super().__init__(self.detail)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.detail!r}, status_code={self.status_code})"
+
+
+class ClientError(AppError):
+    """The request is at fault (4xx); never retried."""
+
+    status_code = 400
+    code = "bad_request"
+    title = "Bad Request"
+
+
+class BadRequestError(ClientError):
+    """The request is malformed."""
+
+
+class InvalidInputError(ClientError):
+    """The request is well-formed but its content is invalid (FastAPI validation maps here)."""
+
+    status_code = 422
+    code = "invalid_input"
+    title = "Invalid Input"
+
+
+class AuthenticationError(ClientError):
+    """No or bad credentials; the answer carries ``WWW-Authenticate``."""
+
+    status_code = 401
+    code = "unauthenticated"
+    title = "Unauthenticated"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        extensions: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        www_authenticate: str = "Bearer",
+    ) -> None:
+        merged = {"WWW-Authenticate": www_authenticate, **(headers or {})}
+        super().__init__(detail, extensions=extensions, headers=merged)
+
+
+class PermissionDeniedError(ClientError):
+    """The caller is known but not allowed to do this."""
+
+    status_code = 403
+    code = "permission_denied"
+    title = "Permission Denied"
+
+
+class NotFoundError(ClientError):
+    """The resource does not exist (also an unknown route)."""
+
+    status_code = 404
+    code = "not_found"
+    title = "Not Found"
+
+
+class ConflictError(ClientError):
+    """The request conflicts with the resource's current state."""
+
+    status_code = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class RateLimitedError(ClientError):
+    """The caller went over a rate limit; ``Retry-After`` says when to come back."""
+
+    status_code = 429
+    code = "rate_limited"
+    title = "Too Many Requests"
+    retryable = True
+    type_uri = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+
+class ServerError(AppError):
+    """The server or something behind it failed (5xx)."""
+
+
+class InternalError(ServerError):
+    """An internal failure the app chose to report as such."""
+
+
+class UpstreamError(ServerError):
+    """A service this app depends on failed or answered an error."""
+
+    status_code = 502
+    code = "upstream_error"
+    title = "Bad Gateway"
+    retryable = True
+
+
+class UpstreamTimeoutError(UpstreamError, TimeoutError):
+    """A call to an upstream, or the request's deadline, ran out of time."""
+
+    status_code = 504
+    code = "upstream_timeout"
+    title = "Gateway Timeout"
+
+
+class RetryExhaustedError(UpstreamError):
+    """Every retry attempt failed; the last error is chained as ``__cause__``."""
+
+    code = "retries_exhausted"
+    title = "Retries Exhausted"
+    retryable = False
+
+
+class ServiceUnavailableError(ServerError):
+    """The service cannot answer now; ``Retry-After`` is set when the wait is known."""
+
+    status_code = 503
+    code = "service_unavailable"
+    title = "Service Unavailable"
+    retryable = True
+
+
+class CircuitOpenError(ServiceUnavailableError):
+    """A circuit breaker is open; no call was made. ``retry_after`` is the time left open."""
+
+    code = "circuit_open"
+    title = "Circuit Open"
+
+
+class BulkheadFullError(ServiceUnavailableError):
+    """A bulkhead has no free slot and its waiting line is full or the wait timed out."""
+
+    code = "bulkhead_full"
+    title = "Bulkhead Full"
+
+
+class FeatureUnavailableError(ServiceUnavailableError):
+    """A feature is switched off while the app runs in degraded mode."""
+
+    code = "feature_unavailable"
+    title = "Feature Unavailable"
