@@ -1,0 +1,452 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience._response_cache import (
+    CacheResult,
+    CacheStatusMiddleware,
+    JsonSerializer,
+    ResponseCache,
+    cached,
+    cached_call,
+    current_cache_status,
+)
+from fastapi_resilience.exceptions import (
+    CircuitOpenError,
+    ConfigurationError,
+    NotFoundError,
+    RetryExhaustedError,
+    UpstreamError,
+)
+from fastapi_resilience.testing import ManualClock
+from tests._servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+class Upstream:
+    """A counting async function that can be told to fail."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.error: BaseException | None = None
+        self.value: Any = {"stock": 7}
+
+    async def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def collect(bus: EventBus) -> list[Event]:
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    return seen
+
+
+async def test_fresh_entry_answers_without_calling() -> None:
+    """Within ttl, a second call is a hit and the upstream is not called again."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=10, clock=clock)
+    upstream = Upstream()
+    first = await cache.call("sku:1", upstream)
+    clock.advance(9.5)
+    second = await cache.call("sku:1", upstream)
+    assert (first.status, second.status) == ("miss", "hit")
+    assert second.value == {"stock": 7}
+    assert upstream.calls == 1
+    assert second.cache_status() == "fastapi-resilience; hit; ttl=0"
+
+
+async def test_expired_entry_is_refreshed_by_a_successful_call() -> None:
+    """After ttl the next call goes upstream and stores the new value."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=10, stale_ttl=60, clock=clock)
+    upstream = Upstream()
+    await cache.call("k", upstream)
+    clock.advance(11)
+    upstream.value = {"stock": 3}
+    result = await cache.call("k", upstream)
+    assert result.status == "refresh"
+    assert result.value == {"stock": 3}
+    assert upstream.calls == 2
+    entry = await cache.get("k")
+    assert entry is not None
+    assert entry.fresh
+    assert entry.value == {"stock": 3}
+
+
+@pytest.mark.parametrize(
+    ("error", "header"),
+    [
+        (
+            CircuitOpenError(retry_after=5),
+            "fastapi-resilience; hit; ttl=-5; detail=circuit_open",
+        ),
+        (
+            RetryExhaustedError("gave up"),
+            "fastapi-resilience; fwd=stale; ttl=-5; detail=retries_exhausted",
+        ),
+        (
+            httpx.ConnectError("refused"),
+            "fastapi-resilience; fwd=stale; ttl=-5; detail=ConnectError",
+        ),
+    ],
+)
+async def test_failure_serves_stale_marked_with_negative_ttl(
+    error: BaseException, header: str
+) -> None:
+    """An open breaker or spent retries serve the stale entry; Cache-Status shows it is stale."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=10, stale_ttl=60, clock=clock)
+    upstream = Upstream()
+    await cache.call("k", upstream)
+    clock.advance(15)
+    upstream.error = error
+    result = await cache.call("k", upstream)
+    assert result.stale
+    assert result.value == {"stock": 7}
+    assert result.error is error
+    assert result.age == pytest.approx(15)
+    assert result.headers == {"Cache-Status": header}
+
+
+async def test_upstream_status_is_reported_as_fwd_status() -> None:
+    """When the failure carries the upstream's status code, Cache-Status names it."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=1, stale_ttl=60, clock=clock)
+    await cache.set("k", "v")
+    clock.advance(2)
+    request = httpx.Request("GET", "http://upstream/x")
+    error = httpx.HTTPStatusError(
+        "boom", request=request, response=httpx.Response(503, request=request)
+    )
+
+    async def failing() -> str:
+        raise error
+
+    result = await cache.call("k", failing)
+    assert "fwd=stale; fwd-status=503; ttl=-1" in result.cache_status()
+
+
+async def test_no_stale_after_stale_ttl_the_error_propagates() -> None:
+    """Past ttl + stale_ttl the entry is gone and the failure reaches the caller."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=10, stale_ttl=60, clock=clock)
+    upstream = Upstream()
+    await cache.call("k", upstream)
+    clock.advance(70)
+    upstream.error = UpstreamError("down")
+    with pytest.raises(UpstreamError):
+        await cache.call("k", upstream)
+    assert await cache.get("k") is None
+
+
+async def test_client_errors_are_not_masked_by_stale_data() -> None:
+    """A ClientError (the resource is gone, the request is wrong) is raised, not papered over."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=1, stale_ttl=60, clock=clock)
+    upstream = Upstream()
+    await cache.call("k", upstream)
+    clock.advance(5)
+    upstream.error = NotFoundError("gone")
+    with pytest.raises(NotFoundError):
+        await cache.call("k", upstream)
+
+
+async def test_stale_if_error_can_be_switched_off_per_call() -> None:
+    """stale_if_error=False raises the failure even with a stale entry at hand."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=1, stale_ttl=60, clock=clock)
+    upstream = Upstream()
+    await cached_call(cache, "k", upstream)
+    clock.advance(5)
+    upstream.error = UpstreamError("down")
+    with pytest.raises(UpstreamError):
+        await cached_call(cache, "k", upstream, stale_if_error=False)
+
+
+async def test_concurrent_misses_share_one_upstream_call() -> None:
+    """100 concurrent misses for one key make a single upstream call and all get its value."""
+    cache = ResponseCache(ttl=10, clock=ManualClock())
+    upstream = Upstream()
+    results = await asyncio.gather(*(cache.call("k", upstream) for _ in range(100)))
+    assert upstream.calls == 1
+    assert {r.value["stock"] for r in results} == {7}
+
+
+async def test_a_cancelled_leader_does_not_cancel_the_followers() -> None:
+    """When the caller making the shared call is cancelled, waiting callers call for themselves."""
+    cache = ResponseCache(ttl=10, clock=ManualClock())
+    gate = asyncio.Event()
+    calls = 0
+
+    async def slow() -> str:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return "v"
+
+    leader = asyncio.ensure_future(cache.call("k", slow))
+    await asyncio.sleep(0)
+    follower = asyncio.ensure_future(cache.call("k", slow))
+    await asyncio.sleep(0)
+    leader.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    result = await follower
+    assert result.value == "v"
+    assert calls == 2
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+
+
+async def test_l1_is_bounded_least_recently_used_goes_first() -> None:
+    """Beyond max_entries the least recently used key is dropped."""
+    cache = ResponseCache(ttl=10, max_entries=2, clock=ManualClock())
+    await cache.set("a", 1)
+    await cache.set("b", 2)
+    assert await cache.get("a") is not None  # a is now the most recently used
+    await cache.set("c", 3)
+    assert len(cache) == 2
+    assert await cache.get("b") is None
+    assert (await cache.get("a"), await cache.get("c")) != (None, None)
+
+
+async def test_keys_are_hashed_and_bounded() -> None:
+    """Any key string, however long, maps to a fixed-size storage key under the prefix."""
+    cache = ResponseCache(ttl=1, prefix="inv:")
+    long_key = "GET https://inventory/" + "x" * 10_000 + " \n\x00"
+    storage_key = cache.key_for(long_key)
+    assert storage_key.startswith("inv:")
+    assert len(storage_key) == len("inv:") + 32
+    assert storage_key != cache.key_for("other")
+
+
+async def test_per_entry_ttl_overrides_the_default() -> None:
+    """set(..., ttl=) gives one entry its own lifetime."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=100, clock=clock)
+    await cache.set("short", 1, ttl=timedelta(seconds=1))
+    clock.advance(2)
+    assert await cache.get("short") is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"ttl": 0}, "ttl"),
+        ({"ttl": 1, "stale_ttl": -1}, "stale_ttl"),
+        ({"ttl": 1, "max_entries": 0}, "max_entries"),
+        ({"ttl": 1, "redis_url": "nonsense://x"}, "redis_url"),
+    ],
+)
+def test_bad_arguments_fail_at_construction_naming_the_argument(
+    kwargs: dict[str, Any], name: str
+) -> None:
+    """A bad argument raises ConfigurationError naming it, before any call."""
+    with pytest.raises(ConfigurationError, match=name):
+        ResponseCache(**kwargs)
+
+
+def test_json_serializer_round_trips_bytes() -> None:
+    """Snapshotted HTTP bodies (bytes) survive the trip through Redis."""
+    serializer = JsonSerializer()
+    value = {"status": 200, "content": b"\x00\xffbody", "headers": [["a", "b"]]}
+    assert serializer.loads(serializer.dumps(value)) == value
+
+
+async def test_cached_decorator_returns_plain_values_and_records_status() -> None:
+    """@cached returns the value itself; the stale marker is readable for the request."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=1, stale_ttl=30, clock=clock)
+    upstream = Upstream()
+
+    @cached(cache, key=lambda sku: f"stock:{sku}")
+    async def stock(sku: str) -> Any:
+        return await upstream(sku)
+
+    app = FastAPI()
+
+    @app.get("/stock/{sku}")
+    async def route(sku: str) -> dict[str, Any]:
+        value = await stock(sku)
+        status = current_cache_status()
+        return {"value": value, "stale": bool(status and status.stale)}
+
+    app.add_middleware(CacheStatusMiddleware)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        fresh = await c.get("/stock/a")
+        clock.advance(3)
+        upstream.error = CircuitOpenError(retry_after=10)
+        stale = await c.get("/stock/a")
+    assert fresh.json() == {"value": {"stock": 7}, "stale": False}
+    assert fresh.headers["Cache-Status"] == "fastapi-resilience; fwd=miss; stored"
+    assert stale.status_code == 200
+    assert stale.json() == {"value": {"stock": 7}, "stale": True}
+    assert stale.headers["Cache-Status"] == "fastapi-resilience; hit; ttl=-2; detail=circuit_open"
+
+
+async def test_middleware_leaves_routes_without_cached_data_alone() -> None:
+    """No Cache-Status is added to an answer that used no cache, nor over a route's own header."""
+    app = FastAPI()
+    cache = ResponseCache(ttl=5)
+
+    @app.get("/plain")
+    async def plain() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.get("/own")
+    async def own() -> JSONResponse:
+        result: CacheResult[str] = await cache.call("k", _value)
+        return JSONResponse({"v": result.value}, headers={"Cache-Status": "mine"})
+
+    app.add_middleware(CacheStatusMiddleware)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        plain_response = await c.get("/plain")
+        own_response = await c.get("/own")
+    assert "cache-status" not in plain_response.headers
+    assert own_response.headers["Cache-Status"] == "mine"
+
+
+async def _value() -> str:
+    return "v"
+
+
+# --- Redis L2 -------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="events")
+def _events() -> EventBus:
+    return EventBus(log=False)
+
+
+@pytest.fixture(name="l2_caches")
+async def _l2_caches(
+    redis_server: RedisServer, events: EventBus
+) -> AsyncIterator[tuple[ResponseCache, ResponseCache, ManualClock]]:
+    clock = ManualClock()
+    a = ResponseCache(
+        ttl=10, stale_ttl=60, redis_url=redis_server.url, clock=clock, events=events, name="inv"
+    )
+    b = ResponseCache(ttl=10, stale_ttl=60, redis_url=redis_server.url, clock=clock, events=events)
+    yield a, b, clock
+    await a.aclose()
+    await b.aclose()
+
+
+@pytest.mark.redis
+async def test_l2_shares_entries_between_instances(
+    l2_caches: tuple[ResponseCache, ResponseCache, ManualClock],
+) -> None:
+    """A value stored by one instance answers another instance's call without an upstream call."""
+    a, b, _clock = l2_caches
+    upstream = Upstream()
+    upstream.value = {"body": b"\x01\x02", "status": 200}
+    await a.call("GET /stock/1", upstream)
+    result = await b.call("GET /stock/1", upstream)
+    assert result.status == "hit"
+    assert result.value == {"body": b"\x01\x02", "status": 200}
+    assert upstream.calls == 1
+
+
+@pytest.mark.redis
+async def test_l2_gives_stale_data_to_a_fresh_instance(
+    l2_caches: tuple[ResponseCache, ResponseCache, ManualClock],
+) -> None:
+    """An instance with an empty L1 can still serve stale-if-error from Redis."""
+    a, b, clock = l2_caches
+    upstream = Upstream()
+    await a.call("k", upstream)
+    clock.advance(30)
+    upstream.error = RetryExhaustedError()
+    result = await b.call("k", upstream)
+    assert result.stale
+    assert result.age == pytest.approx(30)
+
+
+@pytest.mark.redis
+async def test_redis_killed_still_served_from_l1_with_one_event(
+    l2_caches: tuple[ResponseCache, ResponseCache, ManualClock],
+    redis_server: RedisServer,
+    events: EventBus,
+) -> None:
+    """With Redis killed, calls answer from L1 without an exception; storage_down is sent once."""
+    a, _b, clock = l2_caches
+    seen = collect(events)
+    upstream = Upstream()
+    await a.call("k", upstream)
+    redis_server.kill()
+    for _ in range(5):
+        result = await a.call("k", upstream)
+        assert result.status == "hit"
+    await a.set("other", 1)
+    clock.advance(30)
+    upstream.error = UpstreamError("down too")
+    assert (await a.call("k", upstream)).stale
+    clock.advance(6)  # past l2_retry_interval: tries Redis again, fails again, stays quiet
+    assert (await a.call("k", upstream)).stale
+    kinds = [e.kind for e in seen]
+    assert kinds == ["cache.storage_down"]
+    assert seen[0].name == "inv"
+    assert not a.l2_available
+
+
+@pytest.mark.redis
+async def test_redis_stalled_holds_a_call_no_longer_than_l2_timeout(
+    redis_server: RedisServer, events: EventBus
+) -> None:
+    """A Redis that accepts but never answers costs at most l2_timeout, then L1 alone answers."""
+    cache = ResponseCache(ttl=10, redis_url=redis_server.url, events=events, l2_timeout=0.1)
+    try:
+        await cache.set("k", "v")
+        cache.clear_local()
+        redis_server.stall()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await cache.call("k", _value)
+        elapsed = loop.time() - started
+        assert result.value == "v"
+        assert elapsed < 0.5
+        assert not cache.l2_available
+    finally:
+        redis_server.resume()
+        await cache.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_back_after_outage_is_used_again_with_recovered_event(
+    redis_server: RedisServer, events: EventBus
+) -> None:
+    """After the retry interval a restarted Redis is used again, and recovery is published once."""
+    clock = ManualClock()
+    seen = collect(events)
+    cache = ResponseCache(ttl=10, redis_url=redis_server.url, events=events, clock=clock)
+    try:
+        redis_server.kill()
+        await cache.set("k", "v1")
+        redis_server.start()
+        clock.advance(6)
+        await cache.set("k", "v2")
+        cache.clear_local()
+        entry = await cache.get("k")
+        assert entry is not None
+        assert entry.value == "v2"
+        assert [(e.kind, e.level) for e in seen] == [
+            ("cache.storage_down", logging.WARNING),
+            ("cache.storage_recovered", logging.INFO),
+        ]
+    finally:
+        await cache.aclose()
