@@ -1,0 +1,159 @@
+"""Timeouts and the per-request deadline that outbound calls inherit.
+
+A request gets one time budget (``deadline(seconds)``, set by ``RequestDeadlineMiddleware``
+or a dependency); every guarded call inside it takes ``min(its own timeout, what is left)``,
+never a fresh budget, so a chain of calls cannot outlive the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from typing import TypeVar
+
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
+
+__all__ = [
+    "DEADLINE_EXCEEDED_DETAIL",
+    "Deadline",
+    "current_deadline",
+    "deadline",
+    "remaining",
+    "timeout",
+    "with_timeout",
+]
+
+T = TypeVar("T")
+
+#: The ``detail`` of the error raised when the request's deadline, not a call's own
+#: timeout, ran out.
+DEADLINE_EXCEEDED_DETAIL = "The request's deadline ran out before the upstream answered."
+
+
+class Deadline:
+    """An absolute point on a clock's monotonic time line by which the request must be done."""
+
+    __slots__ = ("at", "clock")
+
+    def __init__(self, at: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.at = at
+        self.clock = clock
+
+    def remaining(self) -> float:
+        """Seconds left, never below 0."""
+        return max(0.0, self.at - self.clock.monotonic())
+
+    def __repr__(self) -> str:
+        return f"Deadline(remaining={self.remaining():.3f}s)"
+
+
+_DEADLINE: ContextVar[Deadline | None] = ContextVar("fastapi_resilience.deadline", default=None)
+
+
+def current_deadline() -> Deadline | None:
+    """The deadline of the current request (or task), ``None`` when none is set."""
+    return _DEADLINE.get()
+
+
+def remaining() -> float | None:
+    """Seconds left of the current request's deadline; ``None`` when no deadline is set.
+
+    .. versionadded:: 0.1
+    """
+    current = _DEADLINE.get()
+    return None if current is None else current.remaining()
+
+
+def _check_seconds(seconds: float | None, argument: str) -> None:
+    if seconds is not None and (math.isnan(seconds) or seconds < 0):
+        raise ConfigurationError(f"{argument} must be >= 0 seconds or None, got {seconds!r}")
+
+
+@contextmanager
+def deadline(seconds: float | None, *, clock: Clock = SYSTEM_CLOCK) -> Iterator[Deadline | None]:
+    """Give the code inside a deadline ``seconds`` from now; nested deadlines only shrink.
+
+    An inner ``deadline(10)`` inside an outer one with 2 s left keeps the 2 s: a callee never
+    gets more time than its caller has. ``None`` keeps whatever is already set.
+
+    Raises:
+        ConfigurationError: ``seconds`` is negative or NaN.
+    """
+    _check_seconds(seconds, "deadline seconds")
+    outer = _DEADLINE.get()
+    if seconds is None:
+        yield outer
+        return
+    at = clock.monotonic() + seconds
+    if outer is not None:
+        # Compare on one time line: the outer deadline may use another clock.
+        at = min(at, clock.monotonic() + outer.remaining())
+    token = _DEADLINE.set(Deadline(at, clock))
+    try:
+        yield _DEADLINE.get()
+    finally:
+        _DEADLINE.reset(token)
+
+
+def effective_timeout(seconds: float | None) -> tuple[float | None, bool]:
+    """``min(seconds, remaining())`` and whether the request's deadline is the tighter bound."""
+    left = remaining()
+    if left is None:
+        return seconds, False
+    if seconds is None or left < seconds:
+        return left, True
+    return seconds, False
+
+
+@asynccontextmanager
+async def timeout(seconds: float | None) -> AsyncIterator[None]:
+    """Run the block for at most ``min(seconds, remaining())``; ``None`` means no own limit.
+
+    On expiry the block is cancelled and :class:`UpstreamTimeoutError` (also a
+    ``TimeoutError``) is raised. When the deadline has already run out, the block does not
+    start at all. A ``TimeoutError`` raised by the block itself passes through unchanged.
+
+    Raises:
+        UpstreamTimeoutError: the time ran out.
+        ConfigurationError: ``seconds`` is negative or NaN.
+    """
+    _check_seconds(seconds, "timeout seconds")
+    limit, by_deadline = effective_timeout(seconds)
+    if limit is None:
+        yield
+        return
+    if limit <= 0:
+        raise UpstreamTimeoutError(
+            DEADLINE_EXCEEDED_DETAIL if by_deadline else "Timed out before the call started.",
+            extensions={"timeout": seconds},
+        )
+    cm = asyncio.timeout(limit)
+    try:
+        async with cm:
+            yield
+    except TimeoutError as exc:
+        if not cm.expired():
+            raise
+        detail = DEADLINE_EXCEEDED_DETAIL if by_deadline else f"Timed out after {limit:g}s."
+        raise UpstreamTimeoutError(detail, extensions={"timeout": round(limit, 3)}) from exc
+
+
+async def with_timeout(awaitable: Awaitable[T], seconds: float | None) -> T:
+    """``await awaitable`` for at most ``min(seconds, remaining())``.
+
+    Raises:
+        UpstreamTimeoutError: the time ran out (the awaitable is cancelled).
+    """
+    try:
+        async with timeout(seconds):
+            return await awaitable
+    finally:
+        # A coroutine that never started (the deadline was already spent) must still be
+        # closed, or Python warns that it was never awaited.
+        close = getattr(awaitable, "close", None)
+        if close is not None and asyncio.iscoroutine(awaitable):
+            close()

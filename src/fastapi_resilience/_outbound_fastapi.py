@@ -1,0 +1,228 @@
+"""FastAPI glue for guarded calls: breaker and bulkhead dependencies, the request deadline.
+
+``breaker_dependency(name)`` and ``bulkhead_dependency(name)`` return the same callable every
+time for the same name, so ``app.dependency_overrides[breaker_dependency("inventory")]``
+replaces it wherever a route uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastapi_resilience._breaker import BreakerRegistry, CircuitBreaker, default_registry
+from fastapi_resilience._bulkhead import (
+    Bulkhead,
+    BulkheadRegistry,
+    TieredBulkhead,
+    default_bulkhead_registry,
+)
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, deadline
+from fastapi_resilience._problem import problem_response
+from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
+
+__all__ = [
+    "DEADLINE_SCOPE_KEY",
+    "RequestDeadlineMiddleware",
+    "breaker_dependency",
+    "bulkhead_dependency",
+    "deadline_dependency",
+]
+
+#: Where ``RequestDeadlineMiddleware`` leaves the request's budget (seconds) in the scope.
+DEADLINE_SCOPE_KEY = "fastapi_resilience.deadline"
+
+_breaker_deps: dict[tuple[str, int], Callable[[], CircuitBreaker]] = {}
+_bulkhead_deps: dict[tuple[str, int], Callable[[Request], Bulkhead]] = {}
+
+
+def breaker_dependency(
+    name: str, *, registry: BreakerRegistry | None = None
+) -> Callable[[], CircuitBreaker]:
+    """A dependency that hands the breaker registered as ``name`` to a route.
+
+    The name is looked up per request, so a breaker registered (or replaced) after the route
+    was declared is found. The same callable is returned for the same name every time.
+
+    .. code-block:: python
+
+        @app.get("/stock/{sku}")
+        async def stock(
+            sku: str, breaker: CircuitBreaker = Depends(breaker_dependency("inventory"))
+        ):
+            return await breaker.call(fetch_stock, sku)
+
+    .. versionadded:: 0.1
+    """
+    target = registry if registry is not None else default_registry
+    key = (name, id(target))
+    dependency = _breaker_deps.get(key)
+    if dependency is None:
+
+        def dependency() -> CircuitBreaker:
+            return target.get(name)
+
+        dependency.__name__ = f"breaker_{name}"
+        dependency.__qualname__ = dependency.__name__
+        _breaker_deps[key] = dependency
+    return dependency
+
+
+def bulkhead_dependency(
+    name: str, *, registry: BulkheadRegistry | None = None
+) -> Callable[[Request], Bulkhead]:
+    """A dependency that hands the bulkhead registered as ``name`` to a route.
+
+    For a :class:`TieredBulkhead` it hands out the compartment of the request's rate-limit
+    tier (read from the scope key the rate limiter sets; the default tier otherwise). The
+    same callable is returned for the same name every time.
+
+    .. versionadded:: 0.1
+    """
+    target = registry if registry is not None else default_bulkhead_registry
+    key = (name, id(target))
+    dependency = _bulkhead_deps.get(key)
+    if dependency is None:
+
+        def dependency(request: Request) -> Bulkhead:
+            found = target.get(name)
+            if isinstance(found, TieredBulkhead):
+                return found.for_scope(request.scope)
+            return found
+
+        dependency.__name__ = f"bulkhead_{name}"
+        dependency.__qualname__ = dependency.__name__
+        _bulkhead_deps[key] = dependency
+    return dependency
+
+
+def deadline_dependency(
+    seconds: float, *, clock: Clock = SYSTEM_CLOCK
+) -> Callable[[], AsyncIterator[None]]:
+    """A dependency that gives the route a deadline: guarded calls inside inherit what is left.
+
+    Unlike :class:`RequestDeadlineMiddleware` it does not cut the route off; only the calls
+    made through ``timeout`` / ``with_timeout`` (and the library's guarded calls) obey it.
+    """
+    _check_budget(seconds, "deadline_dependency seconds")
+
+    async def set_deadline() -> AsyncIterator[None]:
+        with deadline(seconds, clock=clock):
+            yield
+
+    return set_deadline
+
+
+def _check_budget(seconds: float | None, argument: str) -> None:
+    if seconds is not None and (math.isnan(seconds) or seconds <= 0):
+        raise ConfigurationError(f"{argument} must be > 0 seconds or None, got {seconds!r}")
+
+
+class RequestDeadlineMiddleware:
+    """Gives every HTTP request a time budget that outbound calls inherit.
+
+    Sets the request's deadline (a context variable read by ``remaining()``, ``timeout()``
+    and every guarded call), so a chain of upstream calls never gets more than the request
+    has left. A client may ask for less with ``header`` (seconds, e.g. ``X-Request-Timeout:
+    1.5``), never for more than ``timeout``.
+
+    With ``enforce=True`` (the default) a request still running when the budget is spent,
+    and that has not started its answer, is cancelled and answered 504 ``upstream_timeout``
+    (problem+json); an answer already started is left to finish. Place it inside the
+    correlation middleware so the 504 carries the ID.
+
+    Args:
+        app: the ASGI app.
+        timeout: the budget in seconds; ``None`` sets no deadline (a header may still).
+        header: request header a client may use to shorten the budget; ``None``: ignored.
+        enforce: cut off requests that overrun the budget (plus ``grace`` seconds).
+        grace: extra seconds before cutting off, for the route to answer its own 504.
+        clock: time source for the deadline.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        timeout: float | None = 30.0,
+        header: str | None = "X-Request-Timeout",
+        enforce: bool = True,
+        grace: float = 0.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        _check_budget(timeout, "RequestDeadlineMiddleware timeout")
+        if grace < 0:
+            raise ConfigurationError(f"RequestDeadlineMiddleware grace must be >= 0, got {grace}")
+        self.app = app
+        self.timeout = timeout
+        self.header = header.lower().encode("latin-1") if header else None
+        self.enforce = enforce
+        self.grace = grace
+        self.clock = clock
+
+    def _budget(self, scope: Scope) -> float | None:
+        budget = self.timeout
+        if self.header is not None:
+            for key, value in scope.get("headers", ()):
+                if key == self.header:
+                    try:
+                        asked = float(value.decode("latin-1"))
+                    except ValueError:
+                        break
+                    if asked > 0 and math.isfinite(asked):
+                        budget = asked if budget is None else min(budget, asked)
+                    break
+        return budget
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        budget = self._budget(scope)
+        if budget is None:
+            await self.app(scope, receive, send)
+            return
+        scope[DEADLINE_SCOPE_KEY] = budget
+        with deadline(budget, clock=self.clock):
+            if not self.enforce:
+                await self.app(scope, receive, send)
+                return
+            await self._enforced(scope, receive, send, budget)
+
+    async def _enforced(self, scope: Scope, receive: Receive, send: Send, budget: float) -> None:
+        started = False
+        cutoff = asyncio.timeout(budget + self.grace)
+
+        async def watch_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                # The answer is on its way: cutting it off now would only break it.
+                cutoff.reschedule(None)
+            await send(message)
+
+        try:
+            async with cutoff:
+                await self.app(scope, receive, watch_send)
+        except TimeoutError:
+            if not cutoff.expired() or started:
+                raise
+            error = UpstreamTimeoutError(
+                DEADLINE_EXCEEDED_DETAIL, extensions={"deadline": round(budget, 3)}
+            )
+            response = problem_response(
+                scope,
+                status=error.status_code,
+                code=error.code,
+                title=error.title,
+                detail=error.detail,
+                extensions=error.extensions,
+            )
+            await response(scope, receive, send)
