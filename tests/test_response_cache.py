@@ -20,6 +20,8 @@ from fastapi_resilience._response_cache import (
     cached,
     cached_call,
     current_cache_status,
+    restore_response,
+    snapshot_response,
 )
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
@@ -450,3 +452,19 @@ async def test_redis_back_after_outage_is_used_again_with_recovered_event(
         ]
     finally:
         await cache.aclose()
+
+
+async def test_httpx_response_snapshot_round_trips_through_redis_serializer() -> None:
+    """A read httpx response survives snapshot -> JSON -> restore with status, headers and body."""
+    request = httpx.Request("GET", "http://upstream/stock/1")
+    original = httpx.Response(
+        200, headers={"content-type": "application/json", "x-a": "1"}, content=b'{"n":1}'
+    )
+    original.request = request
+    serializer = JsonSerializer()
+    snapshot = serializer.loads(serializer.dumps(snapshot_response(original)))
+    restored = restore_response(snapshot, request)
+    assert restored.status_code == 200
+    assert restored.headers["x-a"] == "1"
+    assert restored.json() == {"n": 1}
+    assert restored.request is request

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar
 
+import httpx
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,7 +53,9 @@ __all__ = [
     "cached_call",
     "current_cache_status",
     "record_cache_status",
+    "restore_response",
     "should_serve_stale",
+    "snapshot_response",
 ]
 
 T = TypeVar("T")
@@ -626,6 +629,36 @@ def _redis_from_url(url: str | None) -> Redis | None:
         return Redis.from_url(url)
     except ValueError as exc:
         raise ConfigurationError(f"redis_url is not a valid Redis URL: {exc}") from exc
+
+
+# --- httpx answers ---------------------------------------------------------------------------
+
+
+def snapshot_response(response: httpx.Response) -> dict[str, Any]:
+    """A JSON-able copy of a *read* httpx response (status, headers, body) for the cache."""
+    return {
+        "status": response.status_code,
+        "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in response.headers.raw],
+        "content": response.content,
+        "http_version": response.http_version,
+    }
+
+
+def restore_response(snapshot: dict[str, Any], request: httpx.Request) -> httpx.Response:
+    """An httpx response rebuilt from :func:`snapshot_response` for ``request``."""
+    headers = [
+        (k, v)
+        for k, v in snapshot["headers"]
+        # The body is stored decoded, so its old framing and encoding no longer apply.
+        if k.lower() not in ("content-encoding", "transfer-encoding", "content-length")
+    ]
+    return httpx.Response(
+        snapshot["status"],
+        headers=headers,
+        content=snapshot["content"],
+        request=request,
+        extensions={"http_version": snapshot.get("http_version", "HTTP/1.1").encode()},
+    )
 
 
 # --- functional forms -------------------------------------------------------------------------
