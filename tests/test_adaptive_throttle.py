@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+
+from fastapi_resilience._adaptive_throttle import AdaptiveThrottle, ThrottledError, is_overload
+from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience._retry import Retry
+from fastapi_resilience.exceptions import (
+    ConfigurationError,
+    NotFoundError,
+    UpstreamError,
+)
+from fastapi_resilience.testing import ManualClock
+
+pytestmark = pytest.mark.anyio
+
+
+def test_healthy_upstream_is_never_throttled() -> None:
+    """While the upstream accepts everything, the drop probability stays 0."""
+    throttle = AdaptiveThrottle(clock=ManualClock(), random=lambda: 0.0)
+    for _ in range(1000):
+        assert throttle.allow()
+        throttle.record()
+    assert throttle.probability() == 0.0
+
+
+def test_probability_follows_the_sre_book_formula() -> None:
+    """p = max(0, (requests - K * accepts) / (requests + 1)) over the window."""
+    throttle = AdaptiveThrottle(k=2, min_requests=0, clock=ManualClock(), random=lambda: 0.99)
+    for i in range(100):
+        assert throttle.allow()
+        throttle.record(None if i < 20 else UpstreamError())
+    assert throttle.probability() == pytest.approx((100 - 2 * 20) / 101)
+
+
+async def test_refusing_upstream_gets_about_k_times_its_accepts() -> None:
+    """When the upstream refuses everything, few calls reach it and ThrottledError is raised locally."""
+    throttle = AdaptiveThrottle(k=2, min_requests=10, clock=ManualClock())
+    reached = 0
+
+    async def down() -> None:
+        nonlocal reached
+        reached += 1
+        raise UpstreamError()
+
+    outcomes: dict[str, int] = {"throttled": 0, "upstream": 0}
+    for _ in range(1000):
+        try:
+            await throttle.call(down)
+        except ThrottledError:
+            outcomes["throttled"] += 1
+        except UpstreamError:
+            outcomes["upstream"] += 1
+    assert reached == outcomes["upstream"]
+    # With zero accepts, p = n / (n + 1): only a handful of calls get through.
+    assert reached < 60
+    assert outcomes["throttled"] > 900
+
+
+async def test_recovers_when_the_window_forgets_the_outage() -> None:
+    """After a window of accepts, calls are let through again and a stop event is published."""
+    clock = ManualClock()
+    bus = EventBus(log=False)
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    throttle = AdaptiveThrottle(window=60, clock=clock, events=bus, name="payments")
+    for _ in range(100):
+        if throttle.allow():
+            throttle.record(UpstreamError())
+    assert throttle.probability() > 0.9
+    clock.advance(61)
+    assert throttle.probability() == 0.0
+    assert throttle.allow()
+    assert [e.kind for e in seen] == ["throttle.started", "throttle.stopped"]
+    assert seen[0].name == "payments"
+
+
+def test_non_overload_errors_count_as_accepted() -> None:
+    """A 404 from the upstream is an answer, not a refusal."""
+    assert not is_overload(NotFoundError())
+    assert is_overload(UpstreamError())
+    assert not is_overload(ThrottledError())
+
+
+async def test_throttled_error_is_not_retried() -> None:
+    """A local drop is never retried: it would add the load the throttle sheds."""
+    assert not Retry().is_retryable(ThrottledError())
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 0.5}, {"window": 0}, {"min_requests": -1}])
+def test_bad_arguments(kwargs: dict[str, float]) -> None:
+    """K below 1, an empty window or a negative minimum are configuration errors."""
+    with pytest.raises(ConfigurationError):
+        AdaptiveThrottle(**kwargs)  # type: ignore[arg-type]
