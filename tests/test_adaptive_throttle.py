@@ -34,7 +34,7 @@ def test_probability_follows_the_sre_book_formula() -> None:
 
 
 async def test_refusing_upstream_gets_about_k_times_its_accepts() -> None:
-    """When the upstream refuses everything, few calls reach it and ThrottledError is raised locally."""
+    """When the upstream refuses everything, few calls reach it; the rest are dropped locally."""
     throttle = AdaptiveThrottle(k=2, min_requests=10, clock=ManualClock())
     reached = 0
 

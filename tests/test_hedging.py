@@ -47,7 +47,7 @@ async def test_fast_call_is_not_hedged() -> None:
 
 
 async def test_slow_primary_is_hedged_and_loser_cancelled() -> None:
-    """When the primary hangs past the delay, the backup's answer wins and the primary is cancelled."""
+    """When the primary hangs past the delay, the backup wins and the primary is cancelled."""
     upstream = Upstream(("hang", None), ("ok", "backup"))
     hedge = Hedge(delay=0.05, clock=ManualClock())
     assert await hedge.call(upstream) == "backup"

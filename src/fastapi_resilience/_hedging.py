@@ -149,12 +149,12 @@ class Hedge:
                         return task.result()
             return primary.result()  # every attempt failed: the primary's error
         finally:
-            for task in (timer, *running):
-                if task.done():
-                    _consume(task)
+            for leftover in (timer, *running):
+                if leftover.done():
+                    _consume(leftover)
                 else:
-                    task.cancel()
-                    task.add_done_callback(_consume)
+                    leftover.cancel()
+                    leftover.add_done_callback(_consume)
 
     def snapshot(self) -> dict[str, float | None]:
         """Calls, backups started, backups that won, and the current delay."""
