@@ -149,7 +149,8 @@ class Hedge:
                         return task.result()
             return primary.result()  # every attempt failed: the primary's error
         finally:
-            for leftover in (timer, *running):
+            leftovers: list[asyncio.Future[Any]] = [timer, *running]
+            for leftover in leftovers:
                 if leftover.done():
                     _consume(leftover)
                 else:
