@@ -1,0 +1,266 @@
+"""Must-show behaviour of breakers, deadlines and bulkheads against a real upstream on loopback.
+
+The upstream (``tests/_outbound_upstream.py``) runs under uvicorn in its own process and
+counts the requests that reach it; the app under test is a FastAPI app driven in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fastapi_resilience._breaker import CircuitBreaker, default_registry
+from fastapi_resilience._bulkhead import (
+    TIER_SCOPE_KEY,
+    Bulkhead,
+    TieredBulkhead,
+    default_bulkhead_registry,
+)
+from fastapi_resilience._correlation import CorrelationIdMiddleware
+from fastapi_resilience._deadline import timeout
+from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience._outbound_fastapi import (
+    RequestDeadlineMiddleware,
+    breaker_dependency,
+    bulkhead_dependency,
+)
+from fastapi_resilience._problem import PROBLEM_CONTENT_TYPE
+from fastapi_resilience.exceptions import UpstreamError
+from fastapi_resilience.testing import ManualClock
+from tests._servers import UvicornProcess
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(name="upstream_url", scope="module")
+def _upstream_url() -> Iterator[str]:
+    """The flaky upstream, one uvicorn process for the module."""
+    server = UvicornProcess("tests._outbound_upstream:app", cwd=ROOT)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(name="upstream")
+async def _upstream(upstream_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client to the upstream, reset to healthy with zero hits before and after each test."""
+    async with httpx.AsyncClient(base_url=upstream_url, timeout=10) as client:
+        await client.post("/reset")
+        yield client
+        await client.post("/reset")
+
+
+async def hits(upstream: httpx.AsyncClient) -> int:
+    return int((await upstream.get("/hits")).json()["hits"])
+
+
+def fetcher(upstream: httpx.AsyncClient) -> Any:
+    """The app's own upstream call: a 5xx or a transport error becomes an UpstreamError."""
+
+    async def fetch(delay: float = 0.0) -> dict[str, Any]:
+        try:
+            response = await upstream.get("/item", params={"delay": delay})
+        except httpx.TransportError as exc:
+            raise UpstreamError("inventory unreachable") from exc
+        if response.status_code >= 500:
+            raise UpstreamError(f"inventory answered {response.status_code}")
+        return dict(response.json())
+
+    return fetch
+
+
+def client_for(app: ASGIApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+@pytest.mark.parametrize("half_open_max_calls", [1, 3])
+async def test_breaker_against_real_upstream(
+    upstream: httpx.AsyncClient, half_open_max_calls: int
+) -> None:
+    """Opens after the threshold, spares the upstream while open (503 circuit_open with
+    Retry-After), lets at most half_open_max_calls of 100 concurrent callers through after
+    recovery, and closes on their success."""
+    clock = ManualClock()
+    breaker = CircuitBreaker(
+        "inventory-http",
+        failure_threshold=5,
+        recovery_timeout=30,
+        half_open_max_calls=half_open_max_calls,
+        clock=clock,
+    )
+    fetch = fetcher(upstream)
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    @app.get("/stock")
+    async def stock(
+        delay: float = 0.0,
+        b: CircuitBreaker = Depends(breaker_dependency("inventory-http")),  # noqa: B008
+    ) -> dict[str, Any]:
+        return await b.call(fetch, delay)
+
+    try:
+        async with client_for(app) as client:
+            await upstream.post("/mode/fail")
+            for _ in range(5):
+                assert (await client.get("/stock")).status_code == 502
+            assert breaker.state == "open"
+            assert await hits(upstream) == 5
+
+            for _ in range(20):
+                answer = await client.get("/stock")
+                assert answer.status_code == 503
+                assert answer.headers["content-type"] == PROBLEM_CONTENT_TYPE
+                assert answer.json()["code"] == "circuit_open"
+                assert answer.headers["retry-after"] == "30"
+            assert await hits(upstream) == 5, "no upstream call while open"
+
+            clock.advance(30)
+            await upstream.post("/mode/ok")
+            # The trial calls take 0.2 s, so all 100 callers arrive while they are in flight.
+            answers = await asyncio.gather(
+                *(client.get("/stock", params={"delay": 0.2}) for _ in range(100))
+            )
+            statuses = [a.status_code for a in answers]
+            assert await hits(upstream) - 5 == half_open_max_calls
+            assert statuses.count(200) == half_open_max_calls
+            assert statuses.count(503) == 100 - half_open_max_calls
+            assert {a.json()["code"] for a in answers if a.status_code == 503} == {"circuit_open"}
+
+            assert breaker.state == "closed"
+            assert (await client.get("/stock")).status_code == 200
+            assert await hits(upstream) == 6 + half_open_max_calls
+    finally:
+        default_registry.unregister("inventory-http")
+
+
+@pytest.mark.parametrize("route_uses_timeout", [True, False], ids=["timeout()", "middleware"])
+async def test_request_deadline_answers_504_in_time(
+    upstream: httpx.AsyncClient, route_uses_timeout: bool
+) -> None:
+    """An upstream that hangs makes the route answer 504 upstream_timeout within the
+    request's 0.3 s deadline plus 100 ms, whether the route uses timeout() or not."""
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, timeout=0.3)
+    app.add_middleware(CorrelationIdMiddleware)
+    fetch = fetcher(upstream)
+
+    @app.get("/stock")
+    async def stock() -> dict[str, Any]:
+        if route_uses_timeout:
+            # Asks for 5 s, gets what is left of the request's 0.3 s.
+            async with timeout(5.0):
+                return await fetch()
+        return await fetch()
+
+    await upstream.post("/mode/hang")
+    async with client_for(app) as client:
+        started = time.perf_counter()
+        answer = await client.get("/stock")
+        elapsed = time.perf_counter() - started
+    assert answer.status_code == 504
+    assert answer.headers["content-type"] == PROBLEM_CONTENT_TYPE
+    assert answer.json()["code"] == "upstream_timeout"
+    assert answer.headers["x-request-id"] == answer.json()["correlation_id"]
+    assert elapsed < 0.3 + 0.1, f"answered after {elapsed:.3f}s"
+    assert await hits(upstream) == 1
+
+
+class TierFromHeader:
+    """Stands in for the rate limiter: puts the X-Tier header's tier into the scope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for key, value in scope["headers"]:
+                if key == b"x-tier":
+                    scope[TIER_SCOPE_KEY] = value.decode()
+        await self.app(scope, receive, send)
+
+
+def search_app(upstream: httpx.AsyncClient) -> FastAPI:
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(TierFromHeader)
+    fetch = fetcher(upstream)
+
+    @app.get("/search")
+    async def search(
+        delay: float = 0.0,
+        bulkhead: Bulkhead = Depends(bulkhead_dependency("search-http")),  # noqa: B008
+    ) -> dict[str, Any]:
+        async with bulkhead:
+            return await fetch(delay)
+
+    return app
+
+
+async def saturate_free(client: httpx.AsyncClient, compartment: Bulkhead) -> list[Any]:
+    """Start enough slow free-tier calls to fill the free compartment; wait until they hold it."""
+    tasks = [
+        asyncio.create_task(
+            client.get("/search", params={"delay": 0.6}, headers={"x-tier": "free"})
+        )
+        for _ in range(compartment.max_concurrent)
+    ]
+    for _ in range(500):  # bounded: at most ~5 s
+        if compartment.active == compartment.max_concurrent:
+            break
+        await asyncio.sleep(0.01)
+    assert compartment.active == compartment.max_concurrent
+    return tasks
+
+
+async def premium_latencies(client: httpx.AsyncClient, n: int = 5) -> list[tuple[int, float]]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        answer = await client.get("/search", headers={"x-tier": "premium"})
+        out.append((answer.status_code, time.perf_counter() - started))
+    return out
+
+
+async def test_free_tier_saturation_does_not_delay_premium(upstream: httpx.AsyncClient) -> None:
+    """With per-tier compartments, premium calls answer at once while free-tier calls fill
+    their compartment (and more free calls get 503 bulkhead_full); with one shared bulkhead,
+    the same free load shuts premium out."""
+    tiered = TieredBulkhead("search-http", {"free": (2, 0), "premium": (4, 0)}, default_tier="free")
+    app = search_app(upstream)
+    try:
+        async with client_for(app) as client:
+            baseline = await premium_latencies(client)
+            free_calls = await saturate_free(client, tiered.for_tier("free"))
+            extra_free = await client.get("/search", headers={"x-tier": "free"})
+            assert extra_free.status_code == 503
+            assert extra_free.json()["code"] == "bulkhead_full"
+            during = await premium_latencies(client)
+            assert tiered.for_tier("free").active == 2, "free calls were still running"
+            assert [status for status, _ in during] == [200] * 5
+            worst = max(seconds for _, seconds in during)
+            usual = max(seconds for _, seconds in baseline)
+            # The free calls hold their slots for 0.6 s; premium never waits for them.
+            assert worst < 0.1, f"premium took {worst:.3f}s (baseline {usual:.3f}s)"
+            assert all(a.status_code == 200 for a in await asyncio.gather(*free_calls))
+
+            # Compartments off: one shared bulkhead of the same total size.
+            Bulkhead("search-http", max_concurrent=2)
+            free_calls = await saturate_free(client, default_bulkhead_registry.get("search-http"))  # type: ignore[arg-type]
+            shared = await premium_latencies(client, 1)
+            assert shared[0][0] == 503
+            await asyncio.gather(*free_calls)
+    finally:
+        default_bulkhead_registry.unregister("search-http")
