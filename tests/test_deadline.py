@@ -1,0 +1,272 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from fastapi_resilience._deadline import (
+    DEADLINE_EXCEEDED_DETAIL,
+    current_deadline,
+    deadline,
+    remaining,
+    timeout,
+    with_timeout,
+)
+from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience._outbound_fastapi import (
+    DEADLINE_SCOPE_KEY,
+    RequestDeadlineMiddleware,
+    deadline_dependency,
+)
+from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
+from fastapi_resilience.testing import ManualClock
+
+pytestmark = pytest.mark.anyio
+
+
+def test_no_deadline_outside_a_request() -> None:
+    """remaining() is None when no deadline is set."""
+    assert remaining() is None
+    assert current_deadline() is None
+
+
+def test_deadline_counts_down_on_the_clock() -> None:
+    """remaining() is the deadline minus the time passed, never below zero."""
+    clock = ManualClock()
+    with deadline(2.0, clock=clock):
+        assert remaining() == 2.0
+        clock.advance(0.5)
+        assert remaining() == 1.5
+        clock.advance(5)
+        assert remaining() == 0.0
+    assert remaining() is None
+
+
+def test_nested_deadlines_only_shrink() -> None:
+    """An inner deadline can shorten the budget but never lengthen it; None keeps the outer."""
+    clock = ManualClock()
+    with deadline(1.0, clock=clock):
+        with deadline(10.0, clock=clock):
+            assert remaining() == 1.0
+        with deadline(0.25, clock=clock):
+            assert remaining() == 0.25
+        with deadline(None, clock=clock) as kept:
+            assert kept is current_deadline()
+            assert remaining() == 1.0
+        assert remaining() == 1.0
+
+
+def test_negative_deadline_is_a_configuration_error() -> None:
+    """A negative or NaN budget fails loudly, naming the argument."""
+    with pytest.raises(ConfigurationError, match="deadline seconds"), deadline(-1):
+        pass
+    with pytest.raises(ConfigurationError, match="timeout seconds"):
+        asyncio.run(_enter_timeout(float("nan")))
+
+
+async def _enter_timeout(seconds: float) -> None:
+    async with timeout(seconds):
+        pass
+
+
+async def test_timeout_raises_upstream_timeout_which_is_a_timeout_error() -> None:
+    """An expired timeout() raises UpstreamTimeoutError, also caught as TimeoutError."""
+    with pytest.raises(TimeoutError) as info:
+        async with timeout(0.01):
+            await asyncio.sleep(5)
+    assert isinstance(info.value, UpstreamTimeoutError)
+    assert info.value.code == "upstream_timeout"
+    assert "0.01" in info.value.detail
+
+
+async def test_timeout_takes_what_is_left_of_the_deadline() -> None:
+    """timeout(5) inside a request with 0.02 s left expires after 0.02 s, saying why."""
+    loop = asyncio.get_running_loop()
+    with deadline(0.02):
+        started = loop.time()
+        with pytest.raises(UpstreamTimeoutError) as info:
+            async with timeout(5):
+                await asyncio.sleep(5)
+    assert loop.time() - started < 1
+    assert info.value.detail == DEADLINE_EXCEEDED_DETAIL
+
+
+async def test_spent_deadline_does_not_start_the_call() -> None:
+    """With no time left the block never runs and the coroutine is closed, not leaked."""
+    clock = ManualClock()
+    ran = False
+
+    async def call() -> str:
+        nonlocal ran
+        ran = True
+        return "ok"
+
+    with deadline(1, clock=clock):
+        clock.advance(1)
+        with pytest.raises(UpstreamTimeoutError, match="deadline"):
+            await with_timeout(call(), 5)
+    assert not ran
+
+
+async def test_inner_timeout_error_passes_through() -> None:
+    """A TimeoutError raised by the block itself is not mistaken for ours."""
+    with pytest.raises(TimeoutError) as info:
+        async with timeout(5):
+            raise TimeoutError("the driver's own")
+    assert not isinstance(info.value, UpstreamTimeoutError)
+
+
+async def test_with_timeout_returns_the_result_and_none_means_no_limit() -> None:
+    """with_timeout returns the awaitable's value; None sets no limit of its own."""
+    assert await with_timeout(asyncio.sleep(0, "v"), 1) == "v"
+    assert await with_timeout(asyncio.sleep(0, "w"), None) == "w"
+
+
+def deadline_app(**options: Any) -> FastAPI:
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, **options)
+
+    @app.get("/left")
+    async def left() -> dict[str, Any]:
+        return {"remaining": remaining()}
+
+    @app.get("/hang")
+    async def hang() -> dict[str, str]:
+        await asyncio.sleep(30)
+        return {"never": "reached"}
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first "
+            await asyncio.sleep(0.05)
+            yield b"second"
+
+        return StreamingResponse(body())
+
+    return app
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+async def test_middleware_sets_the_request_deadline() -> None:
+    """Inside a request, remaining() is the middleware's budget, shortened by the header."""
+    clock = ManualClock()
+    async with client_for(deadline_app(timeout=2.0, clock=clock)) as client:
+        assert (await client.get("/left")).json() == {"remaining": 2.0}
+        shorter = await client.get("/left", headers={"X-Request-Timeout": "0.5"})
+        assert shorter.json() == {"remaining": 0.5}
+        longer = await client.get("/left", headers={"X-Request-Timeout": "60"})
+        assert longer.json() == {"remaining": 2.0}
+        junk = await client.get("/left", headers={"X-Request-Timeout": "soon"})
+        assert junk.json() == {"remaining": 2.0}
+
+
+async def test_middleware_without_budget_sets_nothing() -> None:
+    """timeout=None and no header: no deadline at all."""
+    async with client_for(deadline_app(timeout=None)) as client:
+        assert (await client.get("/left")).json() == {"remaining": None}
+        asked = await client.get("/left", headers={"X-Request-Timeout": "3"})
+        assert 2.9 < asked.json()["remaining"] <= 3
+
+
+async def test_middleware_cuts_off_an_overrunning_route_with_504() -> None:
+    """A route still running at the deadline is cancelled and answered 504 upstream_timeout."""
+    async with client_for(deadline_app(timeout=0.05)) as client:
+        answer = await client.get("/hang")
+    assert answer.status_code == 504
+    assert answer.headers["content-type"] == "application/problem+json"
+    body = answer.json()
+    assert body["code"] == "upstream_timeout"
+    assert body["detail"] == DEADLINE_EXCEEDED_DETAIL
+    assert body["deadline"] == 0.05
+
+
+async def test_middleware_does_not_cut_a_started_answer() -> None:
+    """Once the answer has started it is left to finish, even past the deadline."""
+    async with client_for(deadline_app(timeout=0.02)) as client:
+        answer = await client.get("/stream")
+    assert answer.text == "first second"
+
+
+async def test_enforce_off_leaves_the_route_alone() -> None:
+    """enforce=False only sets the deadline; a route that ignores it runs on."""
+    app = FastAPI()
+    app.add_middleware(RequestDeadlineMiddleware, timeout=0.01, enforce=False)
+
+    @app.get("/slow")
+    async def slow() -> dict[str, float | None]:
+        await asyncio.sleep(0.05)
+        return {"remaining": remaining()}
+
+    async with client_for(app) as client:
+        assert (await client.get("/slow")).json() == {"remaining": 0.0}
+
+
+async def test_non_http_scopes_pass_through() -> None:
+    """Lifespan and websocket scopes reach the app untouched, with no deadline."""
+    seen: list[tuple[str, float | None]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((scope["type"], remaining()))
+
+    middleware = RequestDeadlineMiddleware(app, timeout=1)
+    await middleware({"type": "lifespan"}, _no_receive, _no_send)
+    assert seen == [("lifespan", None)]
+
+
+async def _no_receive() -> Any:  # pragma: no cover - never called
+    return {}
+
+
+async def _no_send(message: Any) -> None:  # pragma: no cover - never called
+    return None
+
+
+async def test_scope_carries_the_budget() -> None:
+    """The budget is left in the scope for later middleware and logs."""
+    budgets: list[float] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        budgets.append(scope[DEADLINE_SCOPE_KEY])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with client_for(RequestDeadlineMiddleware(app, timeout=1.5)) as client:
+        assert (await client.get("/")).status_code == 204
+    assert budgets == [1.5]
+
+
+async def test_deadline_dependency_sets_the_route_deadline() -> None:
+    """deadline_dependency(seconds) gives one route a deadline its calls inherit."""
+    app = FastAPI()
+    clock = ManualClock()
+
+    @app.get("/left", dependencies=[Depends(deadline_dependency(0.75, clock=clock))])
+    async def left() -> dict[str, float | None]:
+        return {"remaining": remaining()}
+
+    async with client_for(app) as client:
+        assert (await client.get("/left")).json() == {"remaining": 0.75}
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_bad_budget_fails_at_start_up(bad: float) -> None:
+    """A budget that is not a positive number is a configuration error."""
+    with pytest.raises(ConfigurationError, match="timeout"):
+        RequestDeadlineMiddleware(_no_app, timeout=bad)
+    with pytest.raises(ConfigurationError, match="deadline_dependency"):
+        deadline_dependency(bad)
+
+
+async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    return None
