@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from fastapi_resilience._correlation import set_correlation_id
+from fastapi_resilience._dead_letter import (
+    DeadLetter,
+    DeadLetterQueue,
+    MemoryDeadLetterQueue,
+    RedisDeadLetterQueue,
+    dead_letter_on_failure,
+    error_category,
+)
+from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience._retry import Retry
+from fastapi_resilience.exceptions import (
+    CircuitOpenError,
+    ConfigurationError,
+    ConflictError,
+    RetryExhaustedError,
+    UpstreamError,
+)
+from fastapi_resilience.testing import ManualClock
+from tests._servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(name="events")
+def _events() -> EventBus:
+    return EventBus(log=False)
+
+
+@pytest.fixture(name="clock")
+def _clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture(name="queue", params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def _queue(
+    request: pytest.FixtureRequest, clock: ManualClock, events: EventBus
+) -> AsyncIterator[DeadLetterQueue]:
+    if request.param == "memory":
+        yield MemoryDeadLetterQueue(100, clock=clock, events=events)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    queue = RedisDeadLetterQueue(server.url, stream="test:dlq", clock=clock, events=events)
+    yield queue
+    await queue.aclose()
+
+
+def exhausted() -> RetryExhaustedError:
+    try:
+        try:
+            raise UpstreamError("inventory answered 503")
+        except UpstreamError as last:
+            raise RetryExhaustedError("Gave up", extensions={"attempts": 3}) from last
+    except RetryExhaustedError as error:
+        return error
+
+
+async def test_record_keeps_category_context_correlation_and_attempts(
+    queue: DeadLetterQueue, clock: ManualClock
+) -> None:
+    """An entry keeps error code, cause, message, context, correlation ID and attempts."""
+    set_correlation_id("req-42")
+    try:
+        letter = await queue.record("reserve-stock", exhausted(), context={"sku": "a", "qty": 2})
+    finally:
+        set_correlation_id(None)
+    (stored,) = await queue.list()
+    assert stored == letter
+    assert stored.id
+    assert stored.operation == "reserve-stock"
+    assert stored.error_code == "retries_exhausted"
+    assert stored.cause_code == "upstream_error"
+    assert stored.message == "Gave up"
+    assert stored.context == {"sku": "a", "qty": 2}
+    assert stored.correlation_id == "req-42"
+    assert stored.attempts == 3
+    assert stored.recorded_at == clock.time()
+
+
+async def test_list_is_oldest_first_and_limited(queue: DeadLetterQueue, clock: ManualClock) -> None:
+    """list(limit) returns the oldest entries first, at most limit of them."""
+    for n in range(5):
+        clock.advance(1)
+        await queue.record("op", UpstreamError(f"e{n}"))
+    letters = await queue.list(3)
+    assert [letter.message for letter in letters] == ["e0", "e1", "e2"]
+    assert await queue.size() == 5
+
+
+async def test_replay_success_removes_failure_requeues_with_attempts(
+    queue: DeadLetterQueue, clock: ManualClock
+) -> None:
+    """Replay removes entries the handler accepts; a failing one moves to the end, attempts + 1."""
+    good = await queue.record("op", UpstreamError("a"), context={"n": 1})
+    bad = await queue.record("op", CircuitOpenError(), context={"n": 2})
+    clock.advance(10)
+
+    async def handler(letter: DeadLetter) -> None:
+        if letter.context["n"] == 2:
+            raise httpx.ConnectError("still down")
+
+    report = await queue.replay(handler)
+    assert report.succeeded == [good.id]
+    (again,) = report.failed
+    assert report.requeued_ids == {bad.id: again.id}
+    assert again.attempts == bad.attempts + 1
+    assert again.error_code == "httpx.ConnectError"
+    assert again.last_failed_at == clock.time()
+    assert again.recorded_at == bad.recorded_at
+    assert [letter.id for letter in await queue.list()] == [again.id]
+    assert await queue.get(bad.id) is None
+
+
+async def test_replay_only_given_ids_with_a_sync_handler(queue: DeadLetterQueue) -> None:
+    """replay(handler, ids=[...]) touches only those entries; a sync handler works too."""
+    first = await queue.record("op", UpstreamError("a"))
+    second = await queue.record("op", UpstreamError("b"))
+    seen: list[str] = []
+    report = await queue.replay(lambda letter: seen.append(letter.id), ids=[second.id, "0-999"])
+    assert seen == [second.id]
+    assert report.succeeded == [second.id]
+    assert [letter.id for letter in await queue.list()] == [first.id]
+
+
+async def test_unknown_ids_are_absent_not_errors(queue: DeadLetterQueue) -> None:
+    """get/delete of an unknown or malformed id answer None/False."""
+    assert await queue.get("1-1") is None
+    assert await queue.get("not-an-id") is None
+    assert await queue.delete("not-an-id") is False
+
+
+async def test_decorator_records_final_failure_and_replays_it(queue: DeadLetterQueue) -> None:
+    """A call failing for good is recorded with its arguments and re-raised; replay re-runs it."""
+    clock = ManualClock()
+    healthy = False
+    done: list[str] = []
+
+    @dead_letter_on_failure(queue, "reserve")
+    @Retry(attempts=2, clock=clock)
+    async def reserve(sku: str, *, qty: int) -> str:
+        if not healthy:
+            raise UpstreamError("down")
+        done.append(f"{sku}x{qty}")
+        return "ok"
+
+    with pytest.raises(RetryExhaustedError):
+        await reserve("a", qty=2)
+    (letter,) = await queue.list()
+    assert letter.context == {"args": ["a"], "kwargs": {"qty": 2}}
+    assert letter.attempts == 2
+    healthy = True
+    report = await queue.replay(reserve.replay_handler)  # type: ignore[attr-defined]
+    assert report.succeeded == [letter.id]
+    assert done == ["ax2"]
+    assert await queue.size() == 0
+
+
+async def test_decorator_when_filters_what_is_recorded(queue: DeadLetterQueue) -> None:
+    """when= keeps failures it rejects out of the queue (they still propagate)."""
+
+    @dead_letter_on_failure(queue, "op", when=lambda e: not isinstance(e, CircuitOpenError))
+    async def op() -> None:
+        raise CircuitOpenError()
+
+    with pytest.raises(CircuitOpenError):
+        await op()
+    assert await queue.size() == 0
+
+
+def test_error_category_names_codes_and_types() -> None:
+    """AppErrors are categorised by code, others by package and type name."""
+    assert error_category(CircuitOpenError()) == "circuit_open"
+    assert error_category(httpx.ReadTimeout("t")) == "httpx.ReadTimeout"
+    assert error_category(ValueError("v")) == "ValueError"
+
+
+async def test_memory_queue_is_bounded_and_says_so_once(
+    clock: ManualClock, events: EventBus
+) -> None:
+    """Beyond max_entries the oldest entry is dropped and dlq.full is published once."""
+    seen: list[Event] = []
+    events.subscribe(seen.append)
+    queue = MemoryDeadLetterQueue(2, clock=clock, events=events)
+    for n in range(4):
+        await queue.record("op", UpstreamError(f"e{n}"))
+    assert [letter.message for letter in await queue.list()] == ["e2", "e3"]
+    assert [e.kind for e in seen] == ["dlq.full"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "exactly one of url or client"),
+        ({"url": "redis://127.0.0.1:1/0", "maxlen": 0}, "maxlen"),
+        ({"url": "redis://127.0.0.1:1/0", "timeout": 0}, "timeout"),
+        ({"url": "http://nope"}, "url"),
+    ],
+)
+def test_redis_queue_arguments_are_checked(kwargs: dict[str, Any], match: str) -> None:
+    """Bad RedisDeadLetterQueue arguments fail at construction, naming the argument."""
+    with pytest.raises(ConfigurationError, match=match):
+        RedisDeadLetterQueue(**kwargs)
+
+
+@pytest.mark.redis
+async def test_redis_stream_is_capped_at_maxlen(redis_server: RedisServer) -> None:
+    """The stream never holds more than maxlen entries; the oldest go first."""
+    queue = RedisDeadLetterQueue(redis_server.url, stream="capped", maxlen=3)
+    try:
+        for n in range(5):
+            await queue.record("op", UpstreamError(f"e{n}"))
+        assert [letter.message for letter in await queue.list()] == ["e2", "e3", "e4"]
+    finally:
+        await queue.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_queue_is_shared_and_replay_is_exclusive(redis_server: RedisServer) -> None:
+    """Two instances see one stream; a replay while another holds the lock raises ConflictError."""
+    a = RedisDeadLetterQueue(redis_server.url, stream="shared")
+    b = RedisDeadLetterQueue(redis_server.url, stream="shared")
+    try:
+        letter = await a.record("op", UpstreamError("x"), context={"k": "v"})
+        assert [x.id for x in await b.list()] == [letter.id]
+
+        async def nested(_: DeadLetter) -> None:
+            with pytest.raises(ConflictError):
+                await b.replay(lambda _: None)
+
+        report = await a.replay(nested)
+        assert report.succeeded == [letter.id]
+        assert (await b.replay(lambda _: None)).succeeded == []  # lock released afterwards
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_down_decorator_still_raises_the_original_error(
+    redis_server: RedisServer, events: EventBus
+) -> None:
+    """With Redis killed, the caller sees its own error; dlq.storage_down is published once."""
+    seen: list[Event] = []
+    events.subscribe(seen.append)
+    queue = RedisDeadLetterQueue(redis_server.url, stream="down", events=events, timeout=0.5)
+
+    @dead_letter_on_failure(queue, "op")
+    async def op() -> None:
+        raise UpstreamError("upstream down")
+
+    try:
+        redis_server.kill()
+        for _ in range(3):
+            with pytest.raises(UpstreamError, match="upstream down"):
+                await op()
+        assert [e.kind for e in seen] == ["dlq.storage_down"]
+        redis_server.start()
+        await queue.record("op", UpstreamError("after"))
+        assert [e.kind for e in seen] == ["dlq.storage_down", "dlq.storage_recovered"]
+    finally:
+        await queue.aclose()
