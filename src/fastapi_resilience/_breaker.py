@@ -10,10 +10,11 @@ there is never an ``await``, so the checks and the counts are exact under any co
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
@@ -38,6 +39,7 @@ __all__ = [
     "BreakerState",
     "BreakerStateStore",
     "CircuitBreaker",
+    "TrialVerdict",
     "breaker_health_check",
     "default_registry",
     "get_breaker",
@@ -75,15 +77,25 @@ logger = logging.getLogger("fastapi_resilience.breaker")
 _FALLBACK_EVENTS = EventBus()
 
 
+#: What a shared store says about a half-open trial: ``"granted"`` (run it), ``"full"``
+#: (the trial permits are taken), ``"open"`` / ``"closed"`` (the shared state moved on),
+#: ``"local"`` (the store is unreachable: decide locally).
+TrialVerdict = Literal["granted", "full", "open", "closed", "local"]
+
+
 @runtime_checkable
 class BreakerStateStore(Protocol):
     """Keeps a breaker's state somewhere shared (Redis), so every instance sees one breaker.
 
-    The breaker keeps deciding locally; the store is told about every local transition and
-    failure and may hand back a newer shared state, which the breaker then adopts.
+    In the closed state the breaker decides locally and only tells the store (without
+    waiting) about failures and transitions; the store refreshes its view in the background
+    and makes the breaker :meth:`CircuitBreaker.adopt` a shared state that moved. Half-open
+    trial permits are granted by the store, so they are counted across instances.
     """
 
     def attach(self, breaker: CircuitBreaker) -> None: ...
+
+    def before_call(self, breaker: CircuitBreaker) -> None: ...
 
     def on_local_failure(self, breaker: CircuitBreaker) -> None: ...
 
@@ -93,7 +105,9 @@ class BreakerStateStore(Protocol):
         self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState
     ) -> None: ...
 
-    def before_call(self, breaker: CircuitBreaker) -> None: ...
+    async def acquire_trial(self, breaker: CircuitBreaker) -> TrialVerdict: ...
+
+    async def trial_result(self, breaker: CircuitBreaker, failure: bool | None) -> None: ...
 
 
 def _default_is_failure(exc: BaseException) -> bool:
@@ -336,6 +350,13 @@ class CircuitBreaker:
     async def _call_guarded(
         self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> T:
+        store = self.state_store
+        if store is not None:
+            store.before_call(self)
+            if self._state is not CLOSED:
+                verdict = await self._shared_admission(store)
+                if verdict == "granted":
+                    return await self._shared_trial(store, fn, args, kwargs)
         trial = self._admit()
         generation = self._generation
         started = self._clock.monotonic() if self._measures_time() else 0.0
@@ -345,6 +366,35 @@ class CircuitBreaker:
             self._on_error(exc, generation, trial, started)
             raise
         self._on_success(generation, trial, started)
+        return result
+
+    async def _shared_admission(self, store: BreakerStateStore) -> TrialVerdict:
+        if self._state is OPEN and self._clock.monotonic() < self._open_until:
+            raise self._open_error()  # known locally: no network call
+        verdict = await store.acquire_trial(self)
+        if verdict == "open":
+            raise self._open_error()
+        if verdict == "full":
+            raise self._half_open_full_error()
+        return verdict  # "closed" or "local": the local path decides
+
+    async def _shared_trial(
+        self,
+        store: BreakerStateStore,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        try:
+            result = await fn(*args, **kwargs)
+        except Exception as exc:
+            await store.trial_result(self, self._classify(exc))
+            raise
+        except BaseException:
+            # Cancelled: hand the permit back without awaiting inside a cancelled task.
+            _background(store.trial_result(self, None))
+            raise
+        await store.trial_result(self, False)
         return result
 
     async def __aenter__(self) -> CircuitBreaker:
@@ -442,8 +492,6 @@ class CircuitBreaker:
 
     def _admit(self) -> bool:
         """Admit a call or raise; returns whether it holds a half-open trial permit."""
-        if self.state_store is not None:
-            self.state_store.before_call(self)
         state = self._state
         if state is CLOSED:
             return False
@@ -452,13 +500,16 @@ class CircuitBreaker:
                 raise self._open_error()
             self._transition(HALF_OPEN)
         if self._half_open_in_flight >= self.half_open_max_calls:
-            raise CircuitOpenError(
-                HALF_OPEN_FULL_DETAIL.format(name=self.name),
-                retry_after=0.0,
-                extensions={"breaker": self.name, "state": HALF_OPEN},
-            )
+            raise self._half_open_full_error()
         self._half_open_in_flight += 1
         return True
+
+    def _half_open_full_error(self) -> CircuitOpenError:
+        return CircuitOpenError(
+            HALF_OPEN_FULL_DETAIL.format(name=self.name),
+            retry_after=0.0,
+            extensions={"breaker": self.name, "state": HALF_OPEN},
+        )
 
     def _open_error(self) -> CircuitOpenError:
         left = self.time_left_open()
@@ -490,8 +541,6 @@ class CircuitBreaker:
     def _failure(self, generation: int, trial: bool, started: float) -> None:
         if generation != self._generation:
             return  # admitted under an older state: its verdict is stale
-        if self.state_store is not None:
-            self.state_store.on_local_failure(self)
         if self._state is HALF_OPEN:
             if trial:
                 self._half_open_in_flight -= 1
@@ -499,6 +548,8 @@ class CircuitBreaker:
             return
         if self._state is not CLOSED:
             return
+        if self.state_store is not None:
+            self.state_store.on_local_failure(self)
         self._failures += 1
         trip = self.failure_threshold is not None and self._failures >= self.failure_threshold
         if self._window is not None:
@@ -569,11 +620,14 @@ class CircuitBreaker:
             return  # re-opened while open (force_open): new times, no new event
         self._announce(old, new, failures)
 
-    def _announce(self, old: BreakerState, new: BreakerState, failures: int) -> None:
-        if self.state_store is not None:
+    def _announce(
+        self, old: BreakerState, new: BreakerState, failures: int, *, remote: bool = False
+    ) -> None:
+        if self.state_store is not None and not remote:
             self.state_store.on_transition(self, old, new)
         attributes: dict[str, Any] = {
             "from_state": old,
+            "shared": remote,
             "failures": failures,
             "time_left_open": round(self.time_left_open(), 3),
         }
@@ -587,24 +641,45 @@ class CircuitBreaker:
             except Exception:
                 logger.exception("breaker %r listener %r failed", self.name, listener)
 
-    def adopt(self, state: BreakerState, open_until: float | None = None) -> None:
-        """Take a state decided elsewhere (a shared store); publishes like a local change."""
-        if state == OPEN:
-            until = open_until if open_until is not None else self._clock.monotonic()
-            self._opened_at = self._clock.monotonic()
-            self._open_until = until
-            self._open_duration = max(0.0, until - self._opened_at)
-            self._transition(OPEN)
-        elif state == HALF_OPEN:
-            self._transition(HALF_OPEN)
-        else:
-            self._transition(CLOSED)
+    def adopt(self, state: str, time_left_open: float = 0.0) -> None:
+        """Take a state decided elsewhere (a shared store), publishing it like a local change.
+
+        ``time_left_open`` is how long an ``"open"`` state still lasts.
+        """
+        new: BreakerState = OPEN if state == OPEN else HALF_OPEN if state == HALF_OPEN else CLOSED
+        if new is OPEN:
+            now = self._clock.monotonic()
+            self._open_until = now + max(0.0, time_left_open)
+            if self._state is not OPEN:
+                self._opened_at = now
+                self._open_duration = max(0.0, time_left_open)
+        old = self._state
+        if old is new:
+            return
+        failures = self._failures
+        self._state = new
+        self._generation += 1
+        self._failures = 0
+        self._half_open_in_flight = 0
+        self._half_open_successes = 0
+        self._refresh_fast()
+        self._announce(old, new, failures, remote=True)
 
     def __repr__(self) -> str:
         return (
             f"CircuitBreaker({self.name!r}, state={self._state!r}, failures={self._failures}, "
             f"time_left_open={self.time_left_open():.3f})"
         )
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _background(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` on its own, keeping a reference so it is not collected half-way."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 class BreakerRegistry:

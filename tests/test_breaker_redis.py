@@ -1,0 +1,241 @@
+"""Shared breaker state in a real redis-server: two breakers with two clients stand for two
+instances of an app."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from fastapi_resilience._breaker import BreakerRegistry, CircuitBreaker
+from fastapi_resilience._breaker_redis import RedisBreakerStore
+from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience.exceptions import CircuitOpenError, ConfigurationError, UpstreamError
+from fastapi_resilience.testing import ManualClock
+from tests._servers import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+class Instance:
+    """One app instance: its own Redis client, store, registry and breaker."""
+
+    def __init__(self, url: str, clock: ManualClock, bus: EventBus, **options: Any) -> None:
+        self.client: Redis = Redis.from_url(url)
+        self.store = RedisBreakerStore(
+            self.client,
+            refresh_interval=options.pop("refresh_interval", 10.0),
+            timeout=0.5,
+            retry_interval=1.0,
+        )
+        self.breaker = CircuitBreaker(
+            "shared",
+            clock=clock,
+            events=bus,
+            registry=BreakerRegistry(),
+            state_store=self.store,
+            **options,
+        )
+
+    async def fail(self, n: int = 1) -> None:
+        for _ in range(n):
+            with pytest.raises(UpstreamError):
+                await self.breaker.call(_failing)
+        await self.store.flush()
+
+
+async def _failing() -> None:
+    raise UpstreamError("boom")
+
+
+async def _ok() -> str:
+    return "ok"
+
+
+@pytest.fixture(name="bus")
+def _bus() -> tuple[EventBus, list[Event]]:
+    bus = EventBus(log=False)
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    return bus, seen
+
+
+@pytest.fixture(name="pair")
+async def _pair(redis_server: RedisServer, bus: tuple[EventBus, list[Event]]) -> AsyncIterator[Any]:
+    clock = ManualClock()
+    made: list[Instance] = []
+
+    def make(**options: Any) -> Instance:
+        instance = Instance(redis_server.url, clock, bus[0], **options)
+        made.append(instance)
+        return instance
+
+    yield make, clock
+    for instance in made:
+        await instance.store.flush()
+        await instance.client.aclose()
+
+
+async def test_failures_from_two_instances_add_up_and_both_see_it_open(pair: Any) -> None:
+    """2 failures on A and 1 on B reach a threshold of 3: the shared breaker opens for both."""
+    make, _ = pair
+    a, b = make(failure_threshold=3), make(failure_threshold=3)
+    await a.fail(2)
+    assert a.breaker.state == "closed"
+    await b.fail(1)
+    assert b.breaker.state == "open"  # B's failure was the one that tripped it in Redis
+    await a.store.refresh(a.breaker)
+    assert a.breaker.state == "open"
+    calls = 0
+
+    async def counted() -> str:
+        nonlocal calls
+        calls += 1
+        return "ok"
+
+    with pytest.raises(CircuitOpenError) as info:
+        await a.breaker.call(counted)
+    assert calls == 0
+    assert 25 < info.value.retry_after <= 30  # time left from Redis' clock
+
+
+async def test_closed_calls_make_no_redis_call(pair: Any, redis_server: RedisServer) -> None:
+    """In the closed state, between refreshes, 1000 successful calls send no Redis command."""
+    make, _ = pair
+    a = make(failure_threshold=3)
+    probe = Redis.from_url(redis_server.url)
+    try:
+        await a.breaker.call(_ok)  # connects and refreshes once in the background
+        await a.store.flush()
+        before = int((await probe.info("stats"))["total_commands_processed"])
+        for _ in range(1000):
+            await a.breaker.call(_ok)
+        await a.store.flush()
+        after = int((await probe.info("stats"))["total_commands_processed"])
+    finally:
+        await probe.aclose()
+    assert after - before == 1  # the INFO command itself
+
+
+async def test_background_refresh_picks_up_another_instance_opening(pair: Any) -> None:
+    """A closed instance learns that another one opened the breaker within refresh_interval."""
+    make, clock = pair
+    a = make(failure_threshold=1, refresh_interval=0.1)
+    b = make(failure_threshold=1, refresh_interval=0.1)
+    await a.breaker.call(_ok)  # A has refreshed once, closed
+    await a.store.flush()
+    await b.fail(1)
+    assert b.breaker.state == "open"
+    clock.advance(0.1)
+    await a.breaker.call(_ok)  # let through on the stale view, refresh started
+    await a.store.flush()
+    assert a.breaker.state == "open"
+
+
+async def test_half_open_permits_are_counted_across_instances(pair: Any) -> None:
+    """After recovery, 50 concurrent callers on each of two instances: exactly
+    half_open_max_calls reach the upstream in total, and their success closes both."""
+    make, _ = pair
+    options = {"failure_threshold": 1, "recovery_timeout": 0.0, "half_open_max_calls": 2}
+    a, b = make(**options), make(**options)
+    await a.fail(1)
+    await b.store.refresh(b.breaker)
+    gate = asyncio.Event()
+    entered = 0
+
+    async def trial() -> str:
+        nonlocal entered
+        entered += 1
+        await gate.wait()
+        return "ok"
+
+    async def one(instance: Instance) -> str:
+        try:
+            return await instance.breaker.call(trial)
+        except CircuitOpenError:
+            return "rejected"
+
+    tasks = [asyncio.create_task(one(i)) for i in (a, b) for _ in range(50)]
+    for _ in range(200):  # bounded: each admission is one Redis round trip
+        if sum(t.done() for t in tasks) == 98:
+            break
+        await asyncio.sleep(0.01)
+    assert entered == 2
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert results.count("ok") == 2
+    assert results.count("rejected") == 98
+    await b.store.refresh(b.breaker)
+    await a.store.refresh(a.breaker)
+    assert (a.breaker.state, b.breaker.state) == ("closed", "closed")
+
+
+async def test_failed_trial_reopens_for_everyone(pair: Any) -> None:
+    """A failed trial on one instance reopens the shared breaker."""
+    make, _ = pair
+    a = make(failure_threshold=1, recovery_timeout=0.0)
+    b = make(failure_threshold=1, recovery_timeout=0.0)
+    await a.fail(1)
+    await b.store.refresh(b.breaker)
+    assert b.breaker.state == "half_open"
+    with pytest.raises(UpstreamError):
+        await b.breaker.call(_failing)
+    await a.store.refresh(a.breaker)
+    # recovery_timeout 0: open again and at once half-open, with the trial counted.
+    assert a.breaker.state == "half_open"
+    assert await a.breaker.call(_ok) == "ok"
+    await b.store.refresh(b.breaker)
+    assert b.breaker.state == "closed"
+
+
+async def test_force_open_and_closed_are_shared(pair: Any) -> None:
+    """force_open on one instance opens the breaker for the others; force_closed closes it."""
+    make, _ = pair
+    a, b = make(), make()
+    a.breaker.force_open(60)
+    await a.store.flush()
+    await b.store.refresh(b.breaker)
+    assert b.breaker.state == "open"
+    assert 55 < b.breaker.time_left_open() <= 60
+    a.breaker.force_closed()
+    await a.store.flush()
+    await b.store.refresh(b.breaker)
+    assert b.breaker.state == "closed"
+
+
+async def test_redis_down_falls_back_to_local_state_and_says_so_once(
+    pair: Any, redis_server: RedisServer, bus: tuple[EventBus, list[Event]]
+) -> None:
+    """With Redis gone the breaker keeps working on local state, publishing one
+    store_unavailable event, and store_recovered once Redis answers again."""
+    make, clock = pair
+    _, seen = bus
+    a = make(failure_threshold=2, recovery_timeout=5.0)
+    redis_server.kill()
+    await a.fail(2)
+    assert a.breaker.state == "open"
+    with pytest.raises(CircuitOpenError):
+        await a.breaker.call(_ok)
+    kinds = [e.kind for e in seen]
+    assert kinds.count("breaker.store_unavailable") == 1
+    assert not a.store.available
+
+    redis_server.start()
+    clock.advance(5)
+    assert await a.breaker.call(_ok) == "ok"  # local half-open trial, then a push to Redis
+    await a.store.flush()
+    assert a.breaker.state == "closed"
+    assert [e.kind for e in seen].count("breaker.store_recovered") == 1
+    assert a.store.available
+
+
+def test_bad_store_arguments() -> None:
+    """Negative intervals or a zero timeout are configuration errors."""
+    client = Redis()
+    with pytest.raises(ConfigurationError, match="refresh_interval"):
+        RedisBreakerStore(client, refresh_interval=-1)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        RedisBreakerStore(client, timeout=0)
