@@ -172,11 +172,14 @@ def _forwarded(error: BaseException) -> bool:
 
 
 def _upstream_status(error: BaseException) -> int | None:
-    status = getattr(error, "upstream_status", None)
-    if status is None:
-        response = getattr(error, "response", None)
-        status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) else None
+    # The error itself, else its cause: RetryExhaustedError chains the last upstream answer.
+    for candidate in (error, error.__cause__):
+        status = getattr(candidate, "upstream_status", None)
+        if status is None:
+            status = getattr(getattr(candidate, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
 
 
 def _error_token(error: BaseException) -> str:

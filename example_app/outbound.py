@@ -1,0 +1,193 @@
+"""Routes that call a flaky upstream through breaker, retry, bulkhead, cache and fallback.
+
+The upstream is ``example_app.upstream`` (start it with ``python -m example_app.upstream``;
+its URL comes from ``EXAMPLE_INVENTORY_URL``, default ``http://127.0.0.1:8001``).
+
+One read, from the outside in::
+
+    cache (fresh? answer; failed? serve stale, marked) -> breaker -> retry -> bulkhead -> httpx
+
+- ``GET /inventory/{sku}``: the stock level. When the upstream fails and a stale copy is at
+  hand, the answer is that copy with ``"stale": true`` and a ``Cache-Status`` header whose
+  ``ttl`` is negative. With nothing cached, the error is the answer (503 ``circuit_open``
+  with ``Retry-After``, or 502 ``retries_exhausted``).
+- ``GET /inventory/{sku}/availability``: never fails because of the upstream: a fallback
+  answers ``"available": null, "degraded": true`` when there is nothing better.
+- ``POST /inventory/{sku}/reserve``: not idempotent, so never retried; a failure is parked in
+  the dead-letter queue (202) and ``POST /dead-letters/replay`` tries again later.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from fastapi_resilience._breaker import CircuitBreaker
+from fastapi_resilience._bulkhead import Bulkhead
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._dead_letter import DeadLetter, MemoryDeadLetterQueue
+from fastapi_resilience._fallback import with_fallback
+from fastapi_resilience._outbound_headers import CorrelationIdTransport
+from fastapi_resilience._response_cache import CacheResult, ResponseCache
+from fastapi_resilience._retry import Retry
+from fastapi_resilience._retry_budget import RetryBudget
+from fastapi_resilience.exceptions import (
+    NotFoundError,
+    ServerError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+
+__all__ = ["INVENTORY_URL_ENV", "Inventory", "build_router", "inventory", "router"]
+
+INVENTORY_URL_ENV = "EXAMPLE_INVENTORY_URL"
+
+
+class InventoryError(UpstreamError):
+    """The inventory answered 5xx; ``upstream_status`` is its status code."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"Inventory answered {status}.", extensions={"upstream_status": status})
+        self.upstream_status = status
+
+
+class Inventory:
+    """Every guard for the inventory upstream, in one object so a test can build its own."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.client = httpx.AsyncClient(
+            base_url=base_url, transport=CorrelationIdTransport(transport), timeout=2.0
+        )
+        self.breaker = CircuitBreaker(
+            "inventory", failure_threshold=3, recovery_timeout=10.0, clock=clock
+        )
+        self.retry = Retry(
+            attempts=3,
+            base_delay=0.05,
+            max_delay=0.5,
+            budget=RetryBudget(clock=clock),
+            clock=clock,
+        )
+        self.bulkhead = Bulkhead(
+            "inventory", max_concurrent=20, max_waiting=20, wait_timeout=1.0, clock=clock
+        )
+        self.cache = ResponseCache(ttl=5.0, stale_ttl=600.0, name="inventory", clock=clock)
+        self.dead_letters = MemoryDeadLetterQueue(1000, clock=clock)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """One attempt, inside the bulkhead; upstream failures become the library's errors."""
+        async with self.bulkhead:
+            try:
+                response = await self.client.request(method, path, **kwargs)
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeoutError("Inventory did not answer in time.") from exc
+            except httpx.TransportError as exc:
+                raise UpstreamError("Inventory could not be reached.") from exc
+        if response.status_code == 404:
+            raise NotFoundError(response.json().get("detail", "Not found"))
+        if response.status_code >= 500:
+            raise InventoryError(response.status_code)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def fetch_stock(self, sku: str) -> dict[str, Any]:
+        """Breaker outside retry: an open breaker refuses at once, with no retries at all."""
+        return await self.breaker.call(self.retry.call, self._request, "GET", f"/stock/{sku}")
+
+    async def stock(self, sku: str) -> CacheResult[dict[str, Any]]:
+        return await self.cache.call(f"stock:{sku}", self.fetch_stock, sku)
+
+    async def reserve(self, sku: str, qty: int) -> dict[str, Any]:
+        """Not idempotent: breaker and bulkhead, but no retry."""
+        return await self.breaker.call(
+            self._request, "POST", f"/reserve/{sku}", params={"qty": qty}
+        )
+
+
+def _stock_body(result: CacheResult[dict[str, Any]]) -> dict[str, Any]:
+    body = {**result.value, "cache": result.status, "stale": result.stale}
+    if result.stale:
+        body["age"] = round(result.age, 3)
+        body["stale_because"] = getattr(result.error, "code", type(result.error).__name__)
+    return body
+
+
+def build_router(inv: Inventory) -> APIRouter:
+    """The example's outbound routes, bound to one :class:`Inventory`."""
+    api = APIRouter(tags=["outbound"])
+
+    @api.get("/inventory/{sku}")
+    async def get_stock(sku: str, response: Response) -> dict[str, Any]:
+        result = await inv.stock(sku)
+        response.headers.update(result.headers)
+        return _stock_body(result)
+
+    @api.get("/inventory/{sku}/availability")
+    async def availability(sku: str, response: Response) -> dict[str, Any]:
+        result = await with_fallback(inv.stock, lambda error, sku: None, sku)
+        if result is None:  # nothing cached and the upstream is down: a degraded answer
+            return {"sku": sku, "available": None, "degraded": True, "stale": False}
+        response.headers.update(result.headers)
+        return {
+            "sku": sku,
+            "available": result.value["stock"] > 0,
+            "degraded": False,
+            "stale": result.stale,
+        }
+
+    @api.post("/inventory/{sku}/reserve")
+    async def reserve(sku: str, qty: int = 1) -> Any:
+        try:
+            return await inv.reserve(sku, qty)
+        except ServerError as error:
+            letter = await inv.dead_letters.record(
+                "inventory.reserve", error, context={"sku": sku, "qty": qty}
+            )
+            return JSONResponse(
+                {"status": "queued", "dead_letter": letter.id, "reason": letter.error_code},
+                status_code=202,
+            )
+
+    # Operator routes: protect them in a real app.
+    @api.get("/dead-letters")
+    async def dead_letters(limit: int = 100) -> list[dict[str, Any]]:
+        return [_letter_body(letter) for letter in await inv.dead_letters.list(limit)]
+
+    @api.post("/dead-letters/replay")
+    async def replay() -> dict[str, Any]:
+        async def again(letter: DeadLetter) -> None:
+            await inv.reserve(letter.context["sku"], letter.context["qty"])
+
+        report = await inv.dead_letters.replay(again)
+        return {"succeeded": report.succeeded, "failed": [x.id for x in report.failed]}
+
+    return api
+
+
+def _letter_body(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "operation": letter.operation,
+        "error_code": letter.error_code,
+        "message": letter.message,
+        "context": dict(letter.context),
+        "attempts": letter.attempts,
+        "correlation_id": letter.correlation_id,
+    }
+
+
+inventory = Inventory(os.environ.get(INVENTORY_URL_ENV, "http://127.0.0.1:8001"))
+router = build_router(inventory)

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from example_app.outbound import Inventory, build_router
+from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience.testing import ManualClock
+from tests._servers import UvicornProcess
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture(name="upstream", scope="module")
+def _upstream() -> Iterator[UvicornProcess]:
+    """The flaky inventory service on a free loopback port, one per module."""
+    server = UvicornProcess("example_app.upstream:app")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(name="setup")
+async def _setup(
+    upstream: UvicornProcess,
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, ManualClock]]:
+    """(client of the example app, control client of the upstream, the app's clock)."""
+    clock = ManualClock()
+    inventory = Inventory(upstream.url, clock=clock)
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.include_router(build_router(inventory))
+    control = httpx.AsyncClient(base_url=upstream.url)
+    await control.post("/_control", json={"reset": True})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        yield c, control, clock
+    await control.aclose()
+    await inventory.aclose()
+
+
+async def upstream_requests(control: httpx.AsyncClient) -> int:
+    data: dict[str, Any] = (await control.get("/_control")).json()
+    return int(data["requests"])
+
+
+async def test_route_degrades_to_the_stale_answer_when_upstream_fails_every_call(
+    setup: tuple[httpx.AsyncClient, httpx.AsyncClient, ManualClock],
+) -> None:
+    """With the upstream failing 100%, the route serves the cached copy marked stale, then the
+    breaker opens and the upstream is no longer called while stale answers continue."""
+    client, control, clock = setup
+    fresh = await client.get("/inventory/widget")
+    assert fresh.status_code == 200
+    assert fresh.json()["stale"] is False
+    assert fresh.headers["Cache-Status"] == "inventory; fwd=miss; stored"
+
+    await control.post("/_control", json={"failure_rate": 1.0})
+    clock.advance(6)  # past the 5 s ttl: the next read must go upstream
+    stale = await client.get("/inventory/widget")
+    assert stale.status_code == 200
+    body = stale.json()
+    assert body["stale"] is True
+    assert body["stock"] == fresh.json()["stock"]
+    assert body["served_at"] == fresh.json()["served_at"]
+    assert body["stale_because"] == "retries_exhausted"
+    assert stale.headers["Cache-Status"] == (
+        "inventory; fwd=stale; fwd-status=503; ttl=-1; detail=retries_exhausted"
+    )
+    assert await upstream_requests(control) == 1 + 3  # the first read, then 3 attempts
+
+    for _ in range(2):  # two more exhausted reads reach the breaker's threshold of 3
+        assert (await client.get("/inventory/widget")).json()["stale"] is True
+    calls_when_open = await upstream_requests(control)
+    for _ in range(5):
+        response = await client.get("/inventory/widget")
+        assert response.json()["stale_because"] == "circuit_open"
+        # Not forwarded (the breaker refused), so "hit"; a negative ttl marks it stale.
+        assert re.fullmatch(
+            r"inventory; hit; ttl=-\d+; detail=circuit_open", response.headers["Cache-Status"]
+        )
+    assert await upstream_requests(control) == calls_when_open
+
+
+async def test_without_a_cached_copy_the_error_or_the_fallback_answers(
+    setup: tuple[httpx.AsyncClient, httpx.AsyncClient, ManualClock],
+) -> None:
+    """Nothing cached: the plain route answers 503 circuit_open, the fallback route degrades."""
+    client, control, _clock = setup
+    await control.post("/_control", json={"failure_rate": 1.0})
+    for _ in range(3):
+        assert (await client.get("/inventory/gadget")).status_code == 502
+    refused = await client.get("/inventory/gadget")
+    assert refused.status_code == 503
+    assert refused.json()["code"] == "circuit_open"
+    assert refused.headers["Retry-After"] == "10"
+    degraded = await client.get("/inventory/gadget/availability")
+    assert degraded.status_code == 200
+    assert degraded.json() == {
+        "sku": "gadget",
+        "available": None,
+        "degraded": True,
+        "stale": False,
+    }
+
+
+async def test_failed_reservation_is_parked_and_replayed_after_recovery(
+    setup: tuple[httpx.AsyncClient, httpx.AsyncClient, ManualClock],
+) -> None:
+    """A reservation that fails goes to the dead-letter queue; replay after recovery applies it."""
+    client, control, clock = setup
+    await control.post("/_control", json={"failure_rate": 1.0})
+    queued = await client.post("/inventory/bolt/reserve", params={"qty": 2})
+    assert queued.status_code == 202
+    assert queued.json()["reason"] == "upstream_error"
+    letters = (await client.get("/dead-letters")).json()
+    assert [x["context"] for x in letters] == [{"sku": "bolt", "qty": 2}]
+    assert await upstream_requests(control) == 1  # not idempotent: tried once, not retried
+
+    await control.post("/_control", json={"failure_rate": 0.0})
+    clock.advance(11)
+    report = (await client.post("/dead-letters/replay")).json()
+    assert report == {"succeeded": [letters[0]["id"]], "failed": []}
+    assert (await client.get("/dead-letters")).json() == []
+    stock = (await control.get("/stock/bolt")).json()["stock"]
+    assert stock == sum(b"bolt") % 50 - 2
