@@ -237,6 +237,18 @@ async def test_keys_are_hashed_and_bounded() -> None:
     assert storage_key != cache.key_for("other")
 
 
+async def test_long_keys_are_stored_hashed_in_l1() -> None:
+    """A 10 kB key costs a fixed-size slot in memory and still finds its value."""
+    cache = ResponseCache(ttl=10, clock=ManualClock())
+    long_key = "k" * 10_000
+    await cache.set(long_key, "v")
+    assert all(len(k) <= 256 for k in cache._l1)
+    entry = await cache.get(long_key)
+    assert entry is not None
+    assert entry.value == "v"
+    assert (await cache.call(long_key, _value)).status == "hit"
+
+
 async def test_per_entry_ttl_overrides_the_default() -> None:
     """set(..., ttl=) gives one entry its own lifetime."""
     clock = ManualClock()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
+from hashlib import blake2b as _blake2b
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar
 
 import httpx
@@ -69,6 +69,7 @@ DEFAULT_CACHE_NAME = "fastapi-resilience"
 SCOPE_KEY = "fastapi_resilience.cache_status"
 
 CacheStatus = Literal["hit", "miss", "refresh", "stale"]
+_MAX_LOCAL_KEY = 256
 # Worse statuses win when one request makes several cached calls.
 _SEVERITY = {"hit": 0, "miss": 1, "refresh": 1, "stale": 2}
 
@@ -138,7 +139,7 @@ class CacheEntry(Generic[T]):
         return self.ttl - self.age
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CacheResult(Generic[T]):
     """What a cached call returned and how: ``hit``, ``miss``, ``refresh`` or ``stale``.
 
@@ -387,22 +388,27 @@ class ResponseCache:
         """False while Redis is configured but treated as down."""
         return self._redis is not None and self._l2_down_until is None
 
+    def _local_key(self, key: str) -> str:
+        # L1 keeps short keys as they are (hashing costs more than the lookup) and hashes
+        # long ones, so no entry holds more than _MAX_LOCAL_KEY characters of key.
+        return key if len(key) <= _MAX_LOCAL_KEY else self.key_for(key)
+
     def key_for(self, key: str) -> str:
         """The bounded storage key: prefix plus a 128-bit BLAKE2 digest of ``key``."""
-        return self.prefix + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        return self.prefix + _blake2b(key.encode(), digest_size=16).hexdigest()
 
     # -- reads and writes ----------------------------------------------------------------------
 
     async def get(self, key: str) -> CacheEntry[Any] | None:
         """The entry for ``key``, fresh or stale, or ``None`` when absent or fully expired."""
-        storage_key = self.key_for(key)
-        slot = self._l1_get(storage_key)
+        local_key = self._local_key(key)
+        slot = self._l1_get(local_key)
         if slot is not None and self._age(slot) < slot.ttl:
             return self._entry(slot)
         if self._redis is not None:
-            remote = await self._l2_get(storage_key)
+            remote = await self._l2_get(self.key_for(key))
             if remote is not None and (slot is None or remote.stored_at > slot.stored_at):
-                self._l1_put(storage_key, remote)
+                self._l1_put(local_key, remote)
                 slot = remote
         return None if slot is None else self._entry(slot)
 
@@ -424,17 +430,15 @@ class ResponseCache:
             if stale_ttl is None
             else _seconds(stale_ttl, "stale_ttl", positive=False),
         )
-        storage_key = self.key_for(key)
-        self._l1_put(storage_key, slot)
+        self._l1_put(self._local_key(key), slot)
         if self._redis is not None:
-            await self._l2_set(storage_key, slot)
+            await self._l2_set(self.key_for(key), slot)
 
     async def delete(self, key: str) -> None:
         """Forget ``key`` in both levels."""
-        storage_key = self.key_for(key)
-        self._l1.pop(storage_key, None)
+        self._l1.pop(self._local_key(key), None)
         if self._redis is not None and self._l2_usable():
-            await self._l2_op(self._redis.delete(storage_key))
+            await self._l2_op(self._redis.delete(self.key_for(key)))
 
     def clear_local(self) -> None:
         """Empty L1 (Redis is left alone: other instances share it)."""
@@ -464,9 +468,23 @@ class ResponseCache:
         otherwise the error propagates. The result is recorded for
         :class:`CacheStatusMiddleware`.
         """
+        # Fast path, inlined because a hit is the common case: one lookup, one clock read.
+        local_key = key if len(key) <= _MAX_LOCAL_KEY else self.key_for(key)
+        slot = self._l1.get(local_key)
+        if slot is not None:
+            age = self._clock.monotonic() - slot.stored_mono
+            if 0.0 <= age < slot.ttl:
+                self._l1.move_to_end(local_key)
+                result: CacheResult[T] = CacheResult(
+                    slot.value, "hit", age, slot.ttl - age, None, self.name
+                )
+                holder = _request_status.get()
+                if holder is not None:
+                    holder.record(result)
+                return result
         entry = await self.get(key)
         if entry is not None and entry.fresh:
-            result: CacheResult[T] = CacheResult(
+            result = CacheResult(
                 entry.value, "hit", entry.age, entry.ttl_left, cache_name=self.name
             )
         else:
@@ -530,19 +548,19 @@ class ResponseCache:
     def _entry(self, slot: _Slot) -> CacheEntry[Any]:
         return CacheEntry(slot.value, slot.stored_at, slot.ttl, slot.stale_ttl, self._age(slot))
 
-    def _l1_get(self, storage_key: str) -> _Slot | None:
-        slot = self._l1.get(storage_key)
+    def _l1_get(self, local_key: str) -> _Slot | None:
+        slot = self._l1.get(local_key)
         if slot is None:
             return None
         if self._age(slot) >= slot.ttl + slot.stale_ttl:
-            del self._l1[storage_key]
+            del self._l1[local_key]
             return None
-        self._l1.move_to_end(storage_key)
+        self._l1.move_to_end(local_key)
         return slot
 
-    def _l1_put(self, storage_key: str, slot: _Slot) -> None:
-        self._l1[storage_key] = slot
-        self._l1.move_to_end(storage_key)
+    def _l1_put(self, local_key: str, slot: _Slot) -> None:
+        self._l1[local_key] = slot
+        self._l1.move_to_end(local_key)
         while len(self._l1) > self.max_entries:
             self._l1.popitem(last=False)
 
