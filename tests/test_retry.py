@@ -29,32 +29,29 @@ pytestmark = pytest.mark.anyio
 
 
 class Flaky:
-    """An async callable that raises the given errors in turn, then returns ``"ok"``."""
+    """An async callable that raises the given errors in turn, then returns ``"ok"``.
 
-    def __init__(self, *errors: BaseException) -> None:
+    With ``endless``, it raises a fresh ``endless()`` error on every call.
+    """
+
+    def __init__(
+        self, *errors: BaseException, endless: Callable[[], BaseException] | None = None
+    ) -> None:
         self.errors = list(errors)
+        self.endless = endless
         self.calls = 0
 
     async def __call__(self, *args: object, **kwargs: object) -> str:
         self.calls += 1
+        if self.endless is not None:
+            raise self.endless()
         if self.errors:
             raise self.errors.pop(0)
         return "ok"
 
 
 def always(exc_factory: Callable[[], BaseException]) -> Flaky:
-    flaky = Flaky()
-    flaky.errors = _Endless(exc_factory)  # type: ignore[assignment]
-    return flaky
-
-
-class _Endless(list[BaseException]):
-    def __init__(self, factory: Callable[[], BaseException]) -> None:
-        super().__init__([factory()])
-        self.factory = factory
-
-    def pop(self, index: int = -1) -> BaseException:
-        return self.factory()
+    return Flaky(endless=exc_factory)
 
 
 def constant(value: float) -> Callable[[], float]:

@@ -1,0 +1,364 @@
+"""ResilientTransport against a real HTTP upstream served by uvicorn on loopback.
+
+The upstream counts the requests that reach it, on its side, so amplification and "no call
+while open" are measured where they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from fastapi_resilience._breaker import default_registry
+from fastapi_resilience._correlation import set_correlation_id
+from fastapi_resilience._deadline import deadline
+from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience._response_cache import ResponseCache
+from fastapi_resilience._transport import (
+    HostPolicy,
+    ResilientTransport,
+    UpstreamStatusError,
+    parse_retry_after,
+    resilient_client,
+)
+from fastapi_resilience.exceptions import (
+    CircuitOpenError,
+    ConfigurationError,
+    RetryExhaustedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from fastapi_resilience.testing import ManualClock
+from tests._servers import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+class Upstream:
+    """A tiny raw-ASGI HTTP service whose answers a test scripts, counting hits on arrival."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.status = 200
+        self.retry_after: str | None = None
+        self.hang = False
+        self.released = asyncio.Event()
+        self.headers: list[dict[str, str]] = []
+        self.url = ""
+        self.on_hit: Callable[[], None] | None = None
+
+    def script(self, status: int = 200, *, retry_after: str | None = None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        self.hits += 1
+        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        if self.on_hit is not None:
+            self.on_hit()
+        while (await receive()).get("more_body"):
+            pass
+        if self.hang:
+            await self.released.wait()
+        body = json.dumps({"hit": self.hits}, separators=(",", ":")).encode()
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after:
+            headers.append((b"retry-after", self.retry_after.encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(name="upstream")
+async def _upstream() -> AsyncIterator[Upstream]:
+    """The upstream, served by an in-process uvicorn on a free loopback port."""
+    upstream = Upstream()
+    port = free_port()
+    config = uvicorn.Config(
+        upstream.app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        interface="asgi3",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)  # start-up polling, not the behaviour under test
+    upstream.url = f"http://127.0.0.1:{port}"
+    try:
+        yield upstream
+    finally:
+        upstream.released.set()
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry() -> Any:
+    """Breakers built per host register by name; forget them between tests."""
+    yield
+    for name in list(default_registry.names()):
+        if name.startswith("upstream:"):
+            default_registry.unregister(name)
+
+
+def client(upstream: Upstream, **options: Any) -> httpx.AsyncClient:
+    options.setdefault("clock", ManualClock())
+    return resilient_client(upstream.url, **options)
+
+
+async def test_success_passes_through_once(upstream: Upstream) -> None:
+    """A 200 answer comes back unchanged, with one request upstream."""
+    async with client(upstream) as http:
+        response = await http.get("/item")
+    assert response.status_code == 200
+    assert response.json() == {"hit": 1}
+    assert upstream.hits == 1
+
+
+async def test_correlation_id_arrives_at_the_upstream(upstream: Upstream) -> None:
+    """The current correlation ID is sent upstream as X-Request-ID."""
+    set_correlation_id("req-42")
+    try:
+        async with client(upstream) as http:
+            await http.get("/item")
+    finally:
+        set_correlation_id(None)
+    assert upstream.headers[0]["x-request-id"] == "req-42"
+
+
+async def test_5xx_is_retried_then_raised_as_retry_exhausted(upstream: Upstream) -> None:
+    """A failing upstream gets `attempts` requests, then RetryExhaustedError from the 5xx."""
+    upstream.script(500)
+    async with client(upstream, attempts=3) as http:
+        with pytest.raises(RetryExhaustedError) as info:
+            await http.get("/item")
+    assert upstream.hits == 3
+    cause = info.value.__cause__
+    assert isinstance(cause, UpstreamStatusError)
+    assert cause.upstream_status == 500
+    assert info.value.extensions["attempts"] == 3
+
+
+async def test_raise_for_5xx_false_returns_the_last_answer(upstream: Upstream) -> None:
+    """With raise_for_5xx=False the last 5xx answer is returned after the retries."""
+    upstream.script(502)
+    async with client(upstream, attempts=2, raise_for_5xx=False) as http:
+        response = await http.get("/item")
+    assert response.status_code == 502
+    assert response.json() == {"hit": 2}
+
+
+async def test_post_is_not_retried(upstream: Upstream) -> None:
+    """A non-idempotent POST is sent once; its 5xx is an UpstreamError."""
+    upstream.script(503)
+    async with client(upstream, attempts=3) as http:
+        with pytest.raises(UpstreamError) as info:
+            await http.post("/item", json={"a": 1})
+    assert not isinstance(info.value, RetryExhaustedError)
+    assert upstream.hits == 1
+
+
+async def test_post_is_retried_when_told(upstream: Upstream) -> None:
+    """retry_non_idempotent=True retries a POST with a body."""
+    upstream.script(503)
+    async with client(upstream, attempts=2, retry_non_idempotent=True) as http:
+        with pytest.raises(RetryExhaustedError):
+            await http.post("/item", content=b"payload")
+    assert upstream.hits == 2
+    assert upstream.headers[1]["content-length"] == "7"
+
+
+async def test_upstream_retry_after_is_honoured_on_503(upstream: Upstream) -> None:
+    """A 503 with Retry-After: 2 is retried after 2 s, not after the backoff."""
+    clock = ManualClock()
+    upstream.script(503, retry_after="2")
+    async with client(upstream, attempts=2, base_delay=0.01, clock=clock) as http:
+        with pytest.raises(RetryExhaustedError):
+            await http.get("/item")
+    assert clock.slept == [2.0]
+
+
+async def test_upstream_429_is_retried_then_returned(upstream: Upstream) -> None:
+    """An upstream 429 is retried after Retry-After, then handed back, never opening a breaker."""
+    clock = ManualClock()
+    upstream.script(429, retry_after="1")
+    async with client(upstream, attempts=3, failure_threshold=1, clock=clock) as http:
+        response = await http.get("/item")
+        assert response.status_code == 429
+        assert clock.slept == [1.0, 1.0]
+        assert (await http.get("/item")).status_code == 429
+    assert upstream.hits == 6
+
+
+async def test_breaker_opens_and_no_call_is_made_while_open(upstream: Upstream) -> None:
+    """After failure_threshold failures the breaker opens: CircuitOpenError, no upstream hit."""
+    upstream.script(500)
+    async with client(upstream, attempts=1, failure_threshold=3, recovery_timeout=30) as http:
+        for _ in range(3):
+            with pytest.raises(UpstreamError):
+                await http.get("/item")
+        assert upstream.hits == 3
+        with pytest.raises(CircuitOpenError) as info:
+            await http.get("/item")
+    assert upstream.hits == 3
+    assert info.value.retry_after is not None
+    assert info.value.retry_after > 0
+
+
+async def test_connect_error_is_an_upstream_error() -> None:
+    """Nothing listening: the caller gets an UpstreamError (after retries), not an httpx error."""
+    http = resilient_client(f"http://127.0.0.1:{free_port()}", attempts=2, clock=ManualClock())
+    async with http:
+        with pytest.raises(RetryExhaustedError) as info:
+            await http.get("/item")
+    assert type(info.value.__cause__) is UpstreamError
+    assert isinstance(info.value.__cause__.__cause__, httpx.ConnectError)
+
+
+async def test_timeout_is_an_upstream_timeout(upstream: Upstream) -> None:
+    """An upstream that hangs past the timeout gives UpstreamTimeoutError in time."""
+    upstream.hang = True
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with client(upstream, attempts=1, timeout=0.2) as http:
+        with pytest.raises(UpstreamTimeoutError):
+            await http.get("/item")
+    assert loop.time() - started < 1.0
+
+
+async def test_request_deadline_bounds_every_attempt(upstream: Upstream) -> None:
+    """Inside a 0.3 s request deadline, a hanging upstream fails in time, retries included."""
+    upstream.hang = True
+    loop = asyncio.get_running_loop()
+    async with resilient_client(upstream.url, attempts=5, timeout=10) as http:
+        started = loop.time()
+        with deadline(0.3), pytest.raises(UpstreamError):
+            await http.get("/item")
+        elapsed = loop.time() - started
+    assert elapsed < 0.3 + 0.1
+
+
+async def test_outage_amplification_with_and_without_budget(upstream: Upstream) -> None:
+    """1000 calls into a total outage: <= 1.2 upstream calls per call with the budget, 3 without."""
+    upstream.script(503)
+    ratios = {}
+    # Without the budget the figure is exactly `attempts` per call, so 200 calls show it.
+    for budget, calls in ((True, 1000), (False, 200)):
+        upstream.hits = 0
+        options: dict[str, Any] = {
+            "attempts": 3,
+            "base_delay": 0.0,
+            "jitter": False,
+            "failure_threshold": None,
+            "retry_budget": budget,
+        }
+        async with client(upstream, **options) as http:
+            for _ in range(calls):
+                with pytest.raises(UpstreamError):
+                    await http.get("/item")
+        ratios[budget] = upstream.hits / calls
+    print(f"amplification: with budget {ratios[True]:.3f}, without {ratios[False]:.3f}")
+    assert ratios[True] <= 1.2
+    assert ratios[False] == 3.0
+
+
+async def test_budget_exhaustion_is_published_once(upstream: Upstream) -> None:
+    """During an outage, retry.budget_exhausted is published once for the host."""
+    upstream.script(500)
+    bus = EventBus(log=False)
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    async with client(upstream, attempts=3, failure_threshold=None, events=bus) as http:
+        for _ in range(60):
+            with pytest.raises(UpstreamError):
+                await http.get("/item")
+    kinds = [e.kind for e in seen]
+    assert kinds.count("retry.budget_exhausted") == 1
+
+
+async def test_stale_answer_served_when_upstream_fails(upstream: Upstream) -> None:
+    """With a cache, a failing upstream is answered from the stale entry, marked by Cache-Status."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=1, stale_ttl=60, clock=clock)
+    async with client(upstream, attempts=1, cache=cache, clock=clock) as http:
+        first = await http.get("/item")
+        assert first.json() == {"hit": 1}
+        assert (await http.get("/item")).json() == {"hit": 1}  # fresh hit, no call
+        assert upstream.hits == 1
+        clock.advance(5)
+        upstream.script(500)
+        stale = await http.get("/item")
+    assert stale.status_code == 200
+    assert stale.json() == {"hit": 1}
+    assert "fwd=stale" in stale.headers["cache-status"]
+    assert upstream.hits == 2
+
+
+async def test_hedging_through_the_transport(upstream: Upstream) -> None:
+    """With hedge_after, a slow first request is backed up by a second; the answer arrives."""
+    upstream.hang = True
+
+    # The first request hangs until the backup has arrived.
+    upstream.on_hit = lambda: upstream.released.set() if upstream.hits >= 2 else None
+    async with resilient_client(upstream.url, attempts=1, hedge_after=0.02) as http:
+        response = await http.get("/item")
+    assert response.status_code == 200
+    assert upstream.hits == 2
+
+
+def test_per_host_policies_are_separate() -> None:
+    """Each host gets its own breaker and budget; an explicit HostPolicy is used as given."""
+    mine = HostPolicy(timeout=1.0)
+    transport = ResilientTransport(hosts={"pay.internal": mine, "slow.internal": {"timeout": 30}})
+    a = transport.policy_for("a.internal")
+    b = transport.policy_for("b.internal:8080")
+    assert a.breaker is not b.breaker
+    assert a.retry is not None
+    assert b.retry is not None
+    assert a.retry.budget is not b.retry.budget
+    assert transport.policy_for("pay.internal:443") is mine
+    assert transport.policy_for("slow.internal").timeout == 30
+    assert transport.policy_for("a.internal") is a
+
+
+@pytest.mark.parametrize(
+    "options", [{"attempts": 0}, {"timeout": -1}, {"colour": "blue"}, {"failure_threshold": 0}]
+)
+def test_bad_options_fail_at_construction(options: dict[str, Any]) -> None:
+    """A bad option raises ConfigurationError when the transport is built, not on first use."""
+    with pytest.raises(ConfigurationError):
+        ResilientTransport(**options)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3", 3.0),
+        ("Tue, 14 Nov 2023 22:13:30 GMT", 10.0),
+        ("soon", None),
+        (None, None),
+        ("Tue, 14 Nov 2023 22:13:00 GMT", 0.0),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    """Retry-After is read as seconds or as an HTTP date relative to now."""
+    assert parse_retry_after(value, now=1_700_000_000.0) == expected
+
+
+async def test_streaming_body_still_works(upstream: Upstream) -> None:
+    """A response read by streaming comes through the buffered transport intact."""
+    async with client(upstream) as http, http.stream("GET", "/item") as response:
+        body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert body == b'{"hit":1}'
