@@ -13,7 +13,12 @@ from redis.asyncio import Redis
 from fastapi_resilience._breaker import BreakerRegistry, CircuitBreaker
 from fastapi_resilience._breaker_redis import RedisBreakerStore
 from fastapi_resilience._events import Event, EventBus
-from fastapi_resilience.exceptions import CircuitOpenError, ConfigurationError, UpstreamError
+from fastapi_resilience.exceptions import (
+    CircuitOpenError,
+    ConfigurationError,
+    NotFoundError,
+    UpstreamError,
+)
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
 
@@ -189,6 +194,28 @@ async def test_failed_trial_reopens_for_everyone(pair: Any) -> None:
     assert await a.breaker.call(_ok) == "ok"
     await b.store.refresh(b.breaker)
     assert b.breaker.state == "closed"
+
+
+async def test_async_with_and_ignored_trials_use_shared_permits(pair: Any) -> None:
+    """`async with` in half-open holds a shared permit (the other instance is refused), and a
+    trial ending in a ClientError hands its permit back without closing or opening."""
+    make, _ = pair
+    a = make(failure_threshold=1, recovery_timeout=0.0)
+    b = make(failure_threshold=1, recovery_timeout=0.0)
+    await a.fail(1)
+    await b.store.refresh(b.breaker)
+
+    async def not_found() -> None:
+        raise NotFoundError("no such sku")
+
+    with pytest.raises(NotFoundError):
+        await a.breaker.call(not_found)
+    async with a.breaker:
+        with pytest.raises(CircuitOpenError):
+            async with b.breaker:
+                pytest.fail("the permit is held by the other instance")
+    await b.store.refresh(b.breaker)
+    assert (a.breaker.state, b.breaker.state) == ("closed", "closed")
 
 
 async def test_force_open_and_closed_are_shared(pair: Any) -> None:

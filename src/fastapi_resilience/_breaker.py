@@ -264,7 +264,7 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._open_duration = self.recovery_timeout
         self._trips = 0
-        self._ctx: ContextVar[tuple[tuple[int, bool, float], ...]] = ContextVar(
+        self._ctx: ContextVar[tuple[tuple[int, bool, float, bool], ...]] = ContextVar(
             f"fastapi_resilience.breaker.{name}", default=()
         )
         self._fast = True
@@ -400,9 +400,15 @@ class CircuitBreaker:
     async def __aenter__(self) -> CircuitBreaker:
         # ``async with`` has no per-call object to keep the admission in, so it rides on a
         # per-task stack (a context variable holding tuples: tasks never share it).
-        trial = self._admit()
+        store = self.state_store
+        shared = False
+        if store is not None:
+            store.before_call(self)
+            if self._state is not CLOSED:
+                shared = await self._shared_admission(store) == "granted"
+        trial = False if shared else self._admit()
         started = self._clock.monotonic() if self._measures_time() else 0.0
-        self._ctx.set((*self._ctx.get(), (self._generation, trial, started)))
+        self._ctx.set((*self._ctx.get(), (self._generation, trial, started, shared)))
         return self
 
     async def __aexit__(
@@ -413,8 +419,15 @@ class CircuitBreaker:
     ) -> None:
         stack = self._ctx.get()
         self._ctx.set(stack[:-1])
-        generation, trial, started = stack[-1]
-        if exc is None:
+        generation, trial, started, shared = stack[-1]
+        if shared and self.state_store is not None:
+            if exc is None:
+                await self.state_store.trial_result(self, False)
+            elif isinstance(exc, Exception):
+                await self.state_store.trial_result(self, self._classify(exc))
+            else:
+                _background(self.state_store.trial_result(self, None))
+        elif exc is None:
             self._on_success(generation, trial, started)
         else:
             self._on_error(exc, generation, trial, started)
