@@ -18,12 +18,16 @@ from fastapi_resilience._breaker import (
     get_breaker,
 )
 from fastapi_resilience._breaker_window import SlidingWindow
+from fastapi_resilience._bulkhead import Bulkhead, BulkheadRegistry
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import HealthChecks
-from fastapi_resilience._outbound_fastapi import breaker_dependency
+from fastapi_resilience._install import install
+from fastapi_resilience._outbound_fastapi import breaker_dependency, watch_outbound
+from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import (
     BadRequestError,
+    BulkheadFullError,
     CircuitOpenError,
     ConfigurationError,
     NotFoundError,
@@ -610,3 +614,33 @@ def test_bad_window_fails_at_construction(kwargs: dict[str, object], field: str)
     """A bad window argument raises ConfigurationError naming it."""
     with pytest.raises(ConfigurationError, match=field):
         SlidingWindow(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_watch_outbound_makes_readiness_degraded_and_routes_events(
+    clock: ManualClock, registry: BreakerRegistry
+) -> None:
+    """After watch_outbound, /health/ready says degraded naming an open breaker, and breaker
+    and bulkhead events reach the app's event bus."""
+    app = FastAPI()
+    resilience = install(app, ResilienceSettings(rate_limit_enabled=False))
+    seen: list[Event] = []
+    resilience.events.subscribe(seen.append)
+    bulkheads = BulkheadRegistry()
+    watch_outbound(resilience, breakers=registry, bulkheads=bulkheads)
+    breaker = make(clock, registry, "payments", failure_threshold=1)
+    bulkhead = Bulkhead("pool", max_concurrent=1, registry=bulkheads)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/health/ready")).json()["status"] == "ok"
+        breaker.force_open()
+        ready = await client.get("/health/ready")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["status"] == "degraded"
+    assert "payments open" in body["checks"]["breakers"]["detail"]
+    async with bulkhead:
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(Upstream())
+        with pytest.raises(BulkheadFullError):
+            await bulkhead.acquire()
+    assert [e.kind for e in seen] == ["breaker.opened", "bulkhead.full", "bulkhead.available"]

@@ -345,11 +345,26 @@ class TieredBulkhead:
 class BulkheadRegistry:
     """Bulkheads (plain or tiered) by name; registering a name again replaces the older one."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, events: EventBus | None = None) -> None:
         self._items: dict[str, Bulkhead | TieredBulkhead] = {}
+        self.events = events
 
     def register(self, bulkhead: Bulkhead | TieredBulkhead) -> None:
         self._items[bulkhead.name] = bulkhead
+        if self.events is not None:
+            self._bind(bulkhead, self.events)
+
+    def use_events(self, bus: EventBus) -> None:
+        """Publish every registered bulkhead's events (and later ones') on ``bus``."""
+        self.events = bus
+        for item in self._items.values():
+            self._bind(item, bus)
+
+    @staticmethod
+    def _bind(item: Bulkhead | TieredBulkhead, bus: EventBus) -> None:
+        for compartment in item if isinstance(item, TieredBulkhead) else (item,):
+            if compartment._events is None:
+                compartment.events = bus
 
     def unregister(self, name: str) -> None:
         self._items.pop(name, None)

@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_resilience._breaker import BreakerRegistry, CircuitBreaker, default_registry
+from fastapi_resilience._breaker import (
+    BreakerRegistry,
+    CircuitBreaker,
+    breaker_health_check,
+    default_registry,
+)
 from fastapi_resilience._bulkhead import (
     Bulkhead,
     BulkheadRegistry,
@@ -26,16 +32,25 @@ from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, deadline
 from fastapi_resilience._problem import problem_response
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
 
+if TYPE_CHECKING:
+    # ``install`` may call ``watch_outbound``: a run-time import would be circular.
+    from fastapi_resilience._install import Resilience
+
 __all__ = [
+    "BREAKERS_CHECK_NAME",
     "DEADLINE_SCOPE_KEY",
     "RequestDeadlineMiddleware",
     "breaker_dependency",
     "bulkhead_dependency",
     "deadline_dependency",
+    "watch_outbound",
 ]
 
 #: Where ``RequestDeadlineMiddleware`` leaves the request's budget (seconds) in the scope.
 DEADLINE_SCOPE_KEY = "fastapi_resilience.deadline"
+
+#: The readiness check ``watch_outbound`` adds.
+BREAKERS_CHECK_NAME = "breakers"
 
 _breaker_deps: dict[tuple[str, int], Callable[[], CircuitBreaker]] = {}
 _bulkhead_deps: dict[tuple[str, int], Callable[[Request], Bulkhead]] = {}
@@ -226,3 +241,26 @@ class RequestDeadlineMiddleware:
                 extensions=error.extensions,
             )
             await response(scope, receive, send)
+
+
+def watch_outbound(
+    resilience: Resilience,
+    *,
+    breakers: BreakerRegistry | None = None,
+    bulkheads: BulkheadRegistry | None = None,
+) -> None:
+    """Wire breakers and bulkheads into an app's ``Resilience`` (what ``install`` returned).
+
+    Adds the ``"breakers"`` readiness check (``"degraded"``, naming every breaker that is not
+    closed, so ``/health/ready`` never says ``"ok"`` while one is open), and publishes every
+    breaker and bulkhead event, of those registered now and later, on ``resilience.events``.
+
+    .. versionadded:: 0.1
+    """
+    breaker_registry = breakers if breakers is not None else default_registry
+    bulkhead_registry = bulkheads if bulkheads is not None else default_bulkhead_registry
+    resilience.health.add(
+        BREAKERS_CHECK_NAME, breaker_health_check(breaker_registry), critical=False
+    )
+    breaker_registry.use_events(resilience.events)
+    bulkhead_registry.use_events(resilience.events)
