@@ -13,6 +13,9 @@ One read, from the outside in::
   with ``Retry-After``, or 502 ``retries_exhausted``).
 - ``GET /inventory/{sku}/availability``: never fails because of the upstream: a fallback
   answers ``"available": null, "degraded": true`` when there is nothing better.
+- ``GET /catalog/{sku}``: the same read in one line, through ``resilient_client`` (the
+  ``ResilientTransport`` applies cache, retry, breaker and timeout per host); the upstream's
+  JSON is passed on with the transport's ``Cache-Status`` header.
 - ``POST /inventory/{sku}/reserve``: not idempotent, so never retried; a failure is parked in
   the dead-letter queue (202) and ``POST /dead-letters/replay`` tries again later.
 """
@@ -32,9 +35,10 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._dead_letter import DeadLetter, MemoryDeadLetterQueue
 from fastapi_resilience._fallback import with_fallback
 from fastapi_resilience._outbound_headers import CorrelationIdTransport
-from fastapi_resilience._response_cache import CacheResult, ResponseCache
+from fastapi_resilience._response_cache import CACHE_STATUS_HEADER, CacheResult, ResponseCache
 from fastapi_resilience._retry import Retry
 from fastapi_resilience._retry_budget import RetryBudget
+from fastapi_resilience._transport import resilient_client
 from fastapi_resilience.exceptions import (
     NotFoundError,
     ServerError,
@@ -83,9 +87,23 @@ class Inventory:
         )
         self.cache = ResponseCache(ttl=5.0, stale_ttl=600.0, name="inventory", clock=clock)
         self.dead_letters = MemoryDeadLetterQueue(1000, clock=clock)
+        # The one-line way: every guard per host, inside the httpx transport.
+        self.catalog = resilient_client(
+            base_url,
+            transport=transport,
+            attempts=3,
+            base_delay=0.05,
+            max_delay=0.5,
+            failure_threshold=3,
+            recovery_timeout=10.0,
+            timeout=2.0,
+            cache=ResponseCache(ttl=5.0, stale_ttl=600.0, name="catalog", clock=clock),
+            clock=clock,
+        )
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.catalog.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """One attempt, inside the bulkhead; upstream failures become the library's errors."""
@@ -134,6 +152,16 @@ def build_router(inv: Inventory) -> APIRouter:
         result = await inv.stock(sku)
         response.headers.update(result.headers)
         return _stock_body(result)
+
+    @api.get("/catalog/{sku}")
+    async def catalog(sku: str, response: Response) -> Any:
+        upstream = await inv.catalog.get(f"/stock/{sku}")
+        if upstream.status_code == 404:
+            raise NotFoundError(f"No such sku {sku!r}.")
+        status = upstream.headers.get(CACHE_STATUS_HEADER)
+        if status:
+            response.headers[CACHE_STATUS_HEADER] = status
+        return {**upstream.json(), "stale": "ttl=-" in (status or "")}
 
     @api.get("/inventory/{sku}/availability")
     async def availability(sku: str, response: Response) -> dict[str, Any]:

@@ -129,3 +129,22 @@ async def test_failed_reservation_is_parked_and_replayed_after_recovery(
     assert (await client.get("/dead-letters")).json() == []
     stock = (await control.get("/stock/bolt")).json()["stock"]
     assert stock == sum(b"bolt") % 50 - 2
+
+
+async def test_one_line_transport_route_also_degrades_to_stale(
+    setup: tuple[httpx.AsyncClient, httpx.AsyncClient, ManualClock],
+) -> None:
+    """The resilient_client route serves its cached copy, marked stale, when the upstream fails."""
+    client, control, clock = setup
+    fresh = await client.get("/catalog/nut")
+    assert fresh.status_code == 200
+    assert fresh.json()["stale"] is False
+    await control.post("/_control", json={"failure_rate": 1.0})
+    clock.advance(6)
+    stale = await client.get("/catalog/nut")
+    assert stale.status_code == 200
+    assert stale.json()["stale"] is True
+    assert stale.json()["served_at"] == fresh.json()["served_at"]
+    assert stale.headers["Cache-Status"] == (
+        "catalog; fwd=stale; fwd-status=503; ttl=-1; detail=retries_exhausted"
+    )
