@@ -267,3 +267,31 @@ async def test_redis_down_decorator_still_raises_the_original_error(
         assert [e.kind for e in seen] == ["dlq.storage_down", "dlq.storage_recovered"]
     finally:
         await queue.aclose()
+
+
+async def test_a_failing_context_builder_never_hides_the_callers_error(
+    clock: ManualClock, events: EventBus
+) -> None:
+    """A context builder that raises never hides the caller's error; dlq.record_failed says so."""
+    seen: list[Event] = []
+    events.subscribe(seen.append)
+    queue = MemoryDeadLetterQueue(10, clock=clock, events=events)
+
+    def broken_context(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise KeyError("oops")
+
+    @dead_letter_on_failure(queue, "op", context=broken_context)
+    async def op() -> None:
+        raise UpstreamError("real problem")
+
+    with pytest.raises(UpstreamError, match="real problem"):
+        await op()
+    assert [e.kind for e in seen] == ["dlq.record_failed"]
+    assert await queue.size() == 0
+
+
+def test_entries_written_by_a_newer_version_still_load() -> None:
+    """Unknown fields in a stored entry are ignored, so the queue can still be listed."""
+    raw = '{"operation":"op","error_code":"x","message":"m","attempts":2,"future_field":1}'
+    letter = DeadLetter.from_json("1-1", raw)
+    assert (letter.id, letter.operation, letter.attempts) == ("1-1", "op", 2)

@@ -480,3 +480,20 @@ async def test_httpx_response_snapshot_round_trips_through_redis_serializer() ->
     assert restored.headers["x-a"] == "1"
     assert restored.json() == {"n": 1}
     assert restored.request is request
+
+
+@pytest.mark.redis
+async def test_health_check_is_degraded_while_redis_is_down(
+    redis_server: RedisServer, events: EventBus
+) -> None:
+    """The readiness check says degraded, naming the cache, while Redis is treated as down."""
+    cache = ResponseCache(ttl=10, redis_url=redis_server.url, events=events, name="inv")
+    try:
+        assert (await cache.health_check()).status == "ok"
+        redis_server.kill()
+        await cache.set("k", "v")
+        result = await cache.health_check()
+        assert result.status == "degraded"
+        assert "inv" in (result.detail or "")
+    finally:
+        await cache.aclose()

@@ -100,7 +100,12 @@ class DeadLetter:
     @classmethod
     def from_json(cls, letter_id: str, raw: str | bytes) -> DeadLetter:
         data = json.loads(raw)
-        return cls(id=letter_id, **data)
+        # Ignore fields a newer version may have written, rather than fail to list the queue.
+        known = {k: v for k, v in data.items() if k in _LETTER_FIELDS}
+        return cls(id=letter_id, **known)
+
+
+_LETTER_FIELDS = frozenset(DeadLetter.__dataclass_fields__) - {"id"}
 
 
 @dataclass(slots=True)
@@ -121,7 +126,8 @@ class DeadLetterQueue:
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK, events: EventBus | None = None) -> None:
         self._clock = clock
-        self._events = events or EventBus()
+        #: Where ``dlq.*`` events go; rebind to the app's bus.
+        self.events = events or EventBus()
 
     async def record(
         self,
@@ -275,7 +281,7 @@ class MemoryDeadLetterQueue(DeadLetterQueue):
             self._entries.popitem(last=False)
             if not self._full:
                 self._full = True
-                self._events.emit("dlq.full", self.name, max_entries=self.max_entries)
+                self.events.emit("dlq.full", self.name, max_entries=self.max_entries)
         elif self._full and len(self._entries) < self.max_entries:
             self._full = False
         return stored
@@ -355,13 +361,13 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         except _DOWN_ERRORS as error:
             if not self._down:
                 self._down = True
-                self._events.emit(
+                self.events.emit(
                     "dlq.storage_down", self.stream, level=logging.ERROR, error=type(error).__name__
                 )
             raise
         if self._down:
             self._down = False
-            self._events.emit("dlq.storage_recovered", self.stream, level=logging.INFO)
+            self.events.emit("dlq.storage_recovered", self.stream, level=logging.INFO)
         return result
 
     async def _add(self, letter: DeadLetter) -> DeadLetter:
@@ -516,7 +522,7 @@ def dead_letter_on_failure(
                 return await fn(*args, **kwargs)
             except Exception as error:
                 if when is None or when(error):
-                    await _record_quietly(queue, operation, error, build(*args, **kwargs))
+                    await _record_quietly(queue, operation, error, build, args, kwargs)
                 raise
 
         async def replay_handler(letter: DeadLetter) -> T:
@@ -530,10 +536,18 @@ def dead_letter_on_failure(
 
 
 async def _record_quietly(
-    queue: DeadLetterQueue, operation: str, error: BaseException, ctx: Mapping[str, Any]
+    queue: DeadLetterQueue,
+    operation: str,
+    error: BaseException,
+    build: Callable[..., Mapping[str, Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> None:
     try:
-        await queue.record(operation, error, context=ctx)
-    except Exception:
-        # The queue already published dlq.storage_down; keep the caller's own error on top.
+        await queue.record(operation, error, context=build(*args, **kwargs))
+    except _DOWN_ERRORS:
+        # Already published once as dlq.storage_down; the caller's own error stays on top.
         logger.debug("dead letter for %s not stored", operation, exc_info=True)
+    except Exception as failure:
+        # A bug (a context builder that raises): say so every time, never hide the caller's error.
+        queue.events.emit("dlq.record_failed", operation, level=logging.ERROR, error=repr(failure))

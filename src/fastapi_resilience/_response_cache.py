@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._events import EventBus
+from fastapi_resilience._health import CheckResult
 from fastapi_resilience.exceptions import (
     AppError,
     BulkheadFullError,
@@ -366,7 +367,8 @@ class ResponseCache:
         self.coalesce = coalesce
         self._clock = clock
         self._serializer: Serializer = serializer or JsonSerializer()
-        self._events = events or EventBus()
+        #: Where ``cache.storage_down`` / ``cache.storage_recovered`` go; rebind to the app's bus.
+        self.events = events or EventBus()
         self._l1: OrderedDict[str, _Slot] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._redis: Redis | None = redis if redis is not None else _redis_from_url(redis_url)
@@ -392,6 +394,15 @@ class ResponseCache:
         # L1 keeps short keys as they are (hashing costs more than the lookup) and hashes
         # long ones, so no entry holds more than _MAX_LOCAL_KEY characters of key.
         return key if len(key) <= _MAX_LOCAL_KEY else self.key_for(key)
+
+    async def health_check(self) -> CheckResult:
+        """A readiness check: ``"degraded"`` while the Redis level is treated as down.
+
+        ``resilience.health.add("cache", cache.health_check, critical=False)``.
+        """
+        if self._redis is not None and self._l2_down_until is not None:
+            return CheckResult("degraded", f"cache {self.name!r}: Redis unreachable, L1 only")
+        return CheckResult("ok")
 
     def key_for(self, key: str) -> str:
         """The bounded storage key: prefix plus a 128-bit BLAKE2 digest of ``key``."""
@@ -580,14 +591,14 @@ class ResponseCache:
             return False, None
         if self._l2_down_until is not None:
             self._l2_down_until = None
-            self._events.emit("cache.storage_recovered", self.name, level=logging.INFO)
+            self.events.emit("cache.storage_recovered", self.name, level=logging.INFO)
         return True, value
 
     def _l2_failed(self, exc: BaseException) -> None:
         first = self._l2_down_until is None
         self._l2_down_until = self._clock.monotonic() + self.l2_retry_interval
         if first:
-            self._events.emit(
+            self.events.emit(
                 "cache.storage_down",
                 self.name,
                 error=type(exc).__name__,
