@@ -1,8 +1,9 @@
 """A small upstream for the outbound must-show tests, served by uvicorn in a subprocess.
 
-``GET /item?delay=S&tier=T`` answers 200 after ``delay`` seconds, or 500 while the mode is
-``fail``, or never while it is ``hang``. ``POST /mode/{mode}`` switches the mode and
-``GET /hits`` tells how many ``/item`` requests arrived (counted on arrival, here).
+``GET /item?delay=S`` answers 200 after ``delay`` seconds, or 500 while the mode is
+``fail``, or never while it is ``hang``; ``GET /item?hold=1`` answers 200 once ``POST /release``
+is called. ``POST /mode/{mode}`` switches the mode and ``GET /hits`` tells how many ``/item``
+requests arrived (counted on arrival, here).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ STATE: dict[str, object] = {"mode": "ok", "hits": 0}
 # Set whenever the mode changes, so a hanging request ends with the test that hung it
 # (and the process can shut down at once).
 RELEASED = asyncio.Event()
+HOLD = asyncio.Event()
 
 
 async def item(request: Request) -> JSONResponse:
@@ -30,6 +32,9 @@ async def item(request: Request) -> JSONResponse:
             await asyncio.wait_for(RELEASED.wait(), 30)
     if mode == "fail":
         return JSONResponse({"error": "down"}, status_code=500)
+    if request.query_params.get("hold"):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(HOLD.wait(), 30)
     delay = float(request.query_params.get("delay", "0"))
     if delay:
         await asyncio.sleep(delay)
@@ -42,6 +47,11 @@ async def set_mode(request: Request) -> JSONResponse:
     return JSONResponse(STATE)
 
 
+async def release(request: Request) -> JSONResponse:
+    HOLD.set()
+    return JSONResponse(STATE)
+
+
 async def hits(request: Request) -> JSONResponse:
     return JSONResponse(STATE)
 
@@ -49,6 +59,8 @@ async def hits(request: Request) -> JSONResponse:
 async def reset(request: Request) -> JSONResponse:
     STATE.update(mode="ok", hits=0)
     RELEASED.set()
+    HOLD.set()
+    HOLD.clear()  # held requests already woke; later ones wait for the next release
     return JSONResponse(STATE)
 
 
@@ -57,6 +69,7 @@ app = Starlette(
         Route("/item", item),
         Route("/mode/{mode}", set_mode, methods=["POST"]),
         Route("/hits", hits),
+        Route("/release", release, methods=["POST"]),
         Route("/reset", reset, methods=["POST"]),
     ]
 )

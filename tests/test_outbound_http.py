@@ -68,9 +68,12 @@ async def hits(upstream: httpx.AsyncClient) -> int:
 def fetcher(upstream: httpx.AsyncClient) -> Any:
     """The app's own upstream call: a 5xx or a transport error becomes an UpstreamError."""
 
-    async def fetch(delay: float = 0.0) -> dict[str, Any]:
+    async def fetch(delay: float = 0.0, hold: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = {"delay": delay}
+        if hold:
+            params["hold"] = 1
         try:
-            response = await upstream.get("/item", params={"delay": delay})
+            response = await upstream.get("/item", params=params)
         except httpx.TransportError as exc:
             raise UpstreamError("inventory unreachable") from exc
         if response.status_code >= 500:
@@ -105,10 +108,10 @@ async def test_breaker_against_real_upstream(
 
     @app.get("/stock")
     async def stock(
-        delay: float = 0.0,
+        hold: bool = False,
         b: CircuitBreaker = Depends(breaker_dependency("inventory-http")),  # noqa: B008
     ) -> dict[str, Any]:
-        return await b.call(fetch, delay)
+        return await b.call(fetch, 0.0, hold)
 
     try:
         async with client_for(app) as client:
@@ -128,10 +131,18 @@ async def test_breaker_against_real_upstream(
 
             clock.advance(30)
             await upstream.post("/mode/ok")
-            # The trial calls take 0.2 s, so all 100 callers arrive while they are in flight.
-            answers = await asyncio.gather(
-                *(client.get("/stock", params={"delay": 0.2}) for _ in range(100))
-            )
+            # The upstream holds the trial calls until every other caller has been answered,
+            # so all 100 arrive while the trials are in flight, however slow the machine.
+            calls = [
+                asyncio.create_task(client.get("/stock", params={"hold": 1})) for _ in range(100)
+            ]
+            for _ in range(1000):  # bounded: at most ~10 s
+                if sum(c.done() for c in calls) == 100 - half_open_max_calls:
+                    break
+                await asyncio.sleep(0.01)
+            assert await hits(upstream) - 5 == half_open_max_calls
+            await upstream.post("/release")
+            answers = await asyncio.gather(*calls)
             statuses = [a.status_code for a in answers]
             assert await hits(upstream) - 5 == half_open_max_calls
             assert statuses.count(200) == half_open_max_calls
@@ -174,6 +185,7 @@ async def test_request_deadline_answers_504_in_time(
     assert answer.headers["content-type"] == PROBLEM_CONTENT_TYPE
     assert answer.json()["code"] == "upstream_timeout"
     assert answer.headers["x-request-id"] == answer.json()["correlation_id"]
+    print(f"504 after {elapsed * 1000:.0f} ms with a 300 ms deadline")
     assert elapsed < 0.3 + 0.1, f"answered after {elapsed:.3f}s"
     assert await hits(upstream) == 1
 
@@ -252,8 +264,13 @@ async def test_free_tier_saturation_does_not_delay_premium(upstream: httpx.Async
             assert [status for status, _ in during] == [200] * 5
             worst = max(seconds for _, seconds in during)
             usual = max(seconds for _, seconds in baseline)
-            # The free calls hold their slots for 0.6 s; premium never waits for them.
-            assert worst < 0.1, f"premium took {worst:.3f}s (baseline {usual:.3f}s)"
+            print(
+                f"premium worst latency: {worst * 1000:.1f} ms while free is saturated, "
+                f"{usual * 1000:.1f} ms before"
+            )
+            # The free calls hold their slots for 0.6 s; premium never waits for them (the
+            # bound is loose for loaded CI machines; the figure is printed above).
+            assert worst < 0.3, f"premium took {worst:.3f}s (baseline {usual:.3f}s)"
             assert all(a.status_code == 200 for a in await asyncio.gather(*free_calls))
 
             # Compartments off: one shared bulkhead of the same total size.
