@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
-__all__ = ["Control", "app"]
+__all__ = ["Control", "ControlChange", "app"]
 
 
 class Control(BaseModel):
@@ -92,12 +92,23 @@ async def read_control() -> dict[str, Any]:
     return {**state.control.model_dump(), "requests": state.requests, "failures": state.failures}
 
 
+class ControlChange(BaseModel):
+    """A ``POST /_control`` body: only the fields given change; ``reset`` restores defaults."""
+
+    failure_rate: float | None = Field(None, ge=0.0, le=1.0)
+    latency_ms: int | None = Field(None, ge=0, le=60_000)
+    failure_status: int | None = Field(None, ge=500, le=599)
+    hang: bool | None = None
+    reset: bool = False
+
+
 @app.post("/_control")
-async def change_control(changes: dict[str, Any]) -> dict[str, Any]:
-    """Change some settings; the others keep their values. ``{"reset": true}`` resets all."""
-    if changes.pop("reset", False):
+async def change_control(change: ControlChange) -> dict[str, Any]:
+    """Change some settings (validated: a bad value answers 422); the others keep their values."""
+    if change.reset:
         state.reset()
-    state.control = Control.model_validate({**state.control.model_dump(), **changes})
+    updates = change.model_dump(exclude={"reset"}, exclude_none=True)
+    state.control = state.control.model_copy(update=updates)
     return await read_control()
 
 
