@@ -82,6 +82,7 @@ async def test_expired_entry_is_refreshed_by_a_successful_call() -> None:
     upstream.value = {"stock": 3}
     result = await cache.call("k", upstream)
     assert result.status == "refresh"
+    assert result.cache_status() == "fastapi-resilience; fwd=stale; stored"
     assert result.value == {"stock": 3}
     assert upstream.calls == 2
     entry = await cache.get("k")
@@ -497,3 +498,73 @@ async def test_health_check_is_degraded_while_redis_is_down(
         assert "inv" in (result.detail or "")
     finally:
         await cache.aclose()
+
+
+async def test_coalescing_can_be_switched_off() -> None:
+    """With coalesce=False every concurrent miss makes its own call."""
+    cache = ResponseCache(ttl=10, clock=ManualClock(), coalesce=False)
+    upstream = Upstream()
+    await asyncio.gather(*(cache.call("k", upstream) for _ in range(5)))
+    assert upstream.calls == 5
+
+
+async def test_a_cancelled_follower_leaves_the_shared_call_running() -> None:
+    """Cancelling one waiting caller cancels only that caller; the shared call completes."""
+    cache = ResponseCache(ttl=10, clock=ManualClock())
+    gate = asyncio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return "v"
+
+    leader = asyncio.ensure_future(cache.call("k", slow))
+    await asyncio.sleep(0)
+    follower = asyncio.ensure_future(cache.call("k", slow))
+    await asyncio.sleep(0)
+    follower.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    assert (await leader).value == "v"
+    with pytest.raises(asyncio.CancelledError):
+        await follower
+
+
+@pytest.mark.redis
+async def test_delete_forgets_both_levels(
+    l2_caches: tuple[ResponseCache, ResponseCache, ManualClock],
+) -> None:
+    """delete() removes the key from L1 and from Redis, so no instance finds it."""
+    a, b, _clock = l2_caches
+    await a.set("k", "v")
+    await a.delete("k")
+    assert await a.get("k") is None
+    assert await b.get("k") is None
+
+
+@pytest.mark.redis
+async def test_values_redis_cannot_hold_stay_in_l1_without_error(
+    l2_caches: tuple[ResponseCache, ResponseCache, ManualClock],
+) -> None:
+    """A value the serializer refuses is cached in L1 only; other instances miss it."""
+    a, b, _clock = l2_caches
+    await a.set("k", object())
+    assert await a.get("k") is not None
+    assert await b.get("k") is None
+    assert a.l2_available
+
+
+@pytest.mark.redis
+async def test_a_corrupt_redis_entry_is_a_miss(
+    l2_caches: tuple[ResponseCache, ResponseCache, ManualClock], redis_server: RedisServer
+) -> None:
+    """Garbage under a cache key (another writer, a format change) reads as a miss, not an error."""
+    from redis.asyncio import Redis
+
+    a, _b, _clock = l2_caches
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.set(a.key_for("k"), b"not-a-cache-entry")
+    finally:
+        await client.aclose()
+    assert await a.get("k") is None
+    assert (await a.call("k", _value)).status == "miss"
