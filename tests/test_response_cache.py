@@ -266,6 +266,7 @@ async def test_per_entry_ttl_overrides_the_default() -> None:
         ({"ttl": 1, "stale_ttl": -1}, "stale_ttl"),
         ({"ttl": 1, "max_entries": 0}, "max_entries"),
         ({"ttl": 1, "redis_url": "nonsense://x"}, "redis_url"),
+        ({"ttl": 1, "name": "my cache"}, "name"),
     ],
 )
 def test_bad_arguments_fail_at_construction_naming_the_argument(

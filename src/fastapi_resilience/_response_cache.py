@@ -16,6 +16,7 @@ import base64
 import functools
 import json
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -71,6 +72,7 @@ SCOPE_KEY = "fastapi_resilience.cache_status"
 
 CacheStatus = Literal["hit", "miss", "refresh", "stale"]
 _MAX_LOCAL_KEY = 256
+_SF_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+.^_`|~:/-]*")
 # Worse statuses win when one request makes several cached calls.
 _SEVERITY = {"hit": 0, "miss": 1, "refresh": 1, "stale": 2}
 
@@ -361,6 +363,9 @@ class ResponseCache:
         self.l2_retry_interval = _seconds(l2_retry_interval, "l2_retry_interval", positive=False)
         if redis_url is not None and redis is not None:
             raise ConfigurationError("pass redis_url or redis, not both")
+        if not _SF_TOKEN.fullmatch(name):
+            # The name leads every Cache-Status member, where it must be a structured-field token.
+            raise ConfigurationError(f"name must be a token such as 'inventory', got {name!r}")
         self.max_entries = max_entries
         self.prefix = prefix
         self.name = name
