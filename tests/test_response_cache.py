@@ -20,6 +20,7 @@ from fastapi_resilience._response_cache import (
     cached,
     cached_call,
     current_cache_status,
+    record_cache_status,
     restore_response,
     snapshot_response,
 )
@@ -569,3 +570,20 @@ async def test_a_corrupt_redis_entry_is_a_miss(
         await client.aclose()
     assert await a.get("k") is None
     assert (await a.call("k", _value)).status == "miss"
+
+
+async def test_middleware_sees_status_recorded_by_a_sync_route_in_the_thread_pool() -> None:
+    """A sync route (run in a worker thread with a copied context) can still mark its answer."""
+    app = FastAPI()
+
+    @app.get("/sync")
+    def sync_route() -> dict[str, bool]:
+        record_cache_status(
+            CacheResult("v", "stale", 12.0, -2.0, CircuitOpenError(), cache_name="inv")
+        )
+        return {"ok": True}
+
+    app.add_middleware(CacheStatusMiddleware)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.get("/sync")
+    assert response.headers["Cache-Status"] == "inv; hit; ttl=-2; detail=circuit_open"
