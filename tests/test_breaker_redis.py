@@ -33,7 +33,7 @@ class Instance:
         self.store = RedisBreakerStore(
             self.client,
             refresh_interval=options.pop("refresh_interval", 10.0),
-            timeout=0.5,
+            timeout=options.pop("store_timeout", 2.0),
             retry_interval=1.0,
         )
         self.breaker = CircuitBreaker(

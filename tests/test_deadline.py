@@ -270,3 +270,27 @@ def test_bad_budget_fails_at_start_up(bad: float) -> None:
 
 async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
     return None
+
+
+async def test_durations_accept_timedelta() -> None:
+    """Every duration argument takes a timedelta as well as seconds."""
+    from datetime import timedelta
+
+    from fastapi_resilience._breaker import CircuitBreaker
+    from fastapi_resilience._bulkhead import Bulkhead
+
+    clock = ManualClock()
+    with deadline(timedelta(milliseconds=1500), clock=clock):
+        assert remaining() == 1.5
+    breaker = CircuitBreaker(
+        "td",
+        recovery_timeout=timedelta(seconds=2),
+        max_recovery_timeout=timedelta(minutes=1),
+        registry=None,
+    )
+    assert (breaker.recovery_timeout, breaker.max_recovery_timeout) == (2.0, 60.0)
+    breaker.force_open(timedelta(seconds=5))
+    assert 4 < breaker.time_left_open() <= 5
+    assert Bulkhead("td", wait_timeout=timedelta(seconds=3), registry=None).wait_timeout == 3.0
+    assert RequestDeadlineMiddleware(_no_app, timeout=timedelta(seconds=4)).timeout == 4.0
+    assert await with_timeout(asyncio.sleep(0, "v"), timedelta(seconds=1)) == "v"

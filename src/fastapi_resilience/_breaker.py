@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
@@ -25,6 +26,7 @@ from fastapi_resilience._breaker_window import (
     TimeWindowState,
 )
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._deadline import to_seconds
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._health import CheckResult
 from fastapi_resilience.exceptions import CircuitOpenError, ClientError, ConfigurationError
@@ -135,7 +137,8 @@ class CircuitBreaker:
     Args:
         name: the registry key; also in events, errors and the readiness check.
         failure_threshold: consecutive failures that open the breaker; ``None``: off.
-        recovery_timeout: seconds the breaker stays open before half-open trials.
+        recovery_timeout: seconds the breaker stays open before half-open trials (a
+            ``timedelta`` is accepted for every duration).
         half_open_max_calls: trial calls admitted at once while half-open.
         success_threshold: trial successes that close it again.
         window: a :class:`SlidingWindow` (count- or time-based) for rate-based opening.
@@ -192,14 +195,14 @@ class CircuitBreaker:
         name: str,
         *,
         failure_threshold: int | None = _UNSET,
-        recovery_timeout: float = 30.0,
+        recovery_timeout: float | timedelta = 30.0,
         half_open_max_calls: int = 1,
         success_threshold: int = 1,
         window: SlidingWindow | None = None,
         record_on: tuple[type[BaseException], ...] = (Exception,),
         ignore_on: tuple[type[BaseException], ...] = (ClientError,),
         is_failure: Callable[[BaseException], bool] | None = None,
-        max_recovery_timeout: float | None = None,
+        max_recovery_timeout: float | timedelta | None = None,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus | None = None,
         registry: BreakerRegistry | None = _UNSET,
@@ -207,6 +210,8 @@ class CircuitBreaker:
     ) -> None:
         if not name:
             raise ConfigurationError("CircuitBreaker name must be a non-empty string")
+        recovery_timeout = to_seconds(recovery_timeout) or 0.0
+        max_recovery_timeout = to_seconds(max_recovery_timeout)
         if failure_threshold is _UNSET:
             failure_threshold = None if window is not None else _DEFAULT_FAILURE_THRESHOLD
         if failure_threshold is not None and failure_threshold < 1:
@@ -297,6 +302,11 @@ class CircuitBreaker:
     @events.setter
     def events(self, bus: EventBus | None) -> None:
         self._events = bus
+
+    @property
+    def generation(self) -> int:
+        """Counts state changes; an outcome or reply from an older generation is stale."""
+        return self._generation
 
     @property
     def failures(self) -> int:
@@ -477,9 +487,10 @@ class CircuitBreaker:
 
     # -- manual control ------------------------------------------------------------------
 
-    def force_open(self, duration: float | None = None) -> None:
+    def force_open(self, duration: float | timedelta | None = None) -> None:
         """Open now, for ``duration`` seconds (default: the recovery timeout)."""
-        self._open(self.recovery_timeout if duration is None else duration, grow=False)
+        seconds = to_seconds(duration)
+        self._open(self.recovery_timeout if seconds is None else max(0.0, seconds), grow=False)
 
     def force_closed(self) -> None:
         """Close now and forget the counts."""

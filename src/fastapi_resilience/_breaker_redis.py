@@ -154,6 +154,10 @@ return {state, left(), failures}
 )
 
 
+# When ``_run`` adopts the shared state it read.
+_ALWAYS, _IF_UNCHANGED, _NEVER = "always", "if_unchanged", "never"
+
+
 def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -247,21 +251,24 @@ class RedisBreakerStore:
             return
         self._last_refresh[name] = now
         self._refreshing.add(name)
-        self._spawn(self._refresh_task(breaker))
+        # The read is made now, so its answer is judged against the state as of now.
+        self._spawn(self._refresh_task(breaker, self._run(breaker, "read", adopt=_IF_UNCHANGED)))
 
     def on_local_failure(self, breaker: CircuitBreaker) -> None:
         if not self._may_try(breaker):
             return
         threshold = breaker.failure_threshold or 0
         self._spawn(
-            self._run(breaker, "failure", threshold, _ms(breaker.recovery_timeout), adopt=True)
+            self._run(
+                breaker, "failure", threshold, _ms(breaker.recovery_timeout), adopt=_IF_UNCHANGED
+            )
         )
 
     def on_local_success(self, breaker: CircuitBreaker) -> None:
         # Only worth a round trip when Redis counted failures we have seen.
         if self._remote_failures.get(breaker.name, 0) and self._may_try(breaker):
             self._remote_failures[breaker.name] = 0
-            self._spawn(self._run(breaker, "success", adopt=False))
+            self._spawn(self._run(breaker, "success", adopt=_NEVER))
 
     def on_transition(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
         # Local decisions made while Redis answers are pushed; half-open needs no push
@@ -270,15 +277,15 @@ class RedisBreakerStore:
             return
         if new == OPEN:
             grow = "1" if old != CLOSED and breaker.max_recovery_timeout is not None else "0"
-            self._spawn(self._run(breaker, "set", _ms(breaker.open_duration), grow, adopt=False))
+            self._spawn(self._run(breaker, "set", _ms(breaker.open_duration), grow, adopt=_NEVER))
         elif new == CLOSED:
-            self._spawn(self._run(breaker, "set", -1, "0", adopt=False))
+            self._spawn(self._run(breaker, "set", -1, "0", adopt=_NEVER))
 
     async def acquire_trial(self, breaker: CircuitBreaker) -> TrialVerdict:
         if not self._may_try(breaker):
             return "local"
         reply = await self._run(
-            breaker, "trial", breaker.half_open_max_calls, self.stale_trial_ms, adopt=True
+            breaker, "trial", breaker.half_open_max_calls, self.stale_trial_ms, adopt=_ALWAYS
         )
         if reply is None:
             return "local"
@@ -296,7 +303,7 @@ class RedisBreakerStore:
             breaker.success_threshold,
             _ms(breaker.recovery_timeout),
             _ms(breaker.max_recovery_timeout or 0),
-            adopt=True,
+            adopt=_ALWAYS,
         )
 
     # -- explicit use ------------------------------------------------------------------
@@ -304,7 +311,7 @@ class RedisBreakerStore:
     async def refresh(self, breaker: CircuitBreaker) -> None:
         """Fetch the shared state now and adopt it (the background refresh, awaited)."""
         self._last_refresh[breaker.name] = breaker.clock.monotonic()
-        await self._run(breaker, "read", adopt=True)
+        await self._run(breaker, "read", adopt=_IF_UNCHANGED)
 
     async def flush(self) -> None:
         """Wait for every background Redis call started so far (tests, shutdown)."""
@@ -313,9 +320,9 @@ class RedisBreakerStore:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _refresh_task(self, breaker: CircuitBreaker) -> None:
+    async def _refresh_task(self, breaker: CircuitBreaker, read: Coroutine[Any, Any, Any]) -> None:
         try:
-            await self._run(breaker, "read", adopt=True)
+            await read
         finally:
             self._refreshing.discard(breaker.name)
 
@@ -324,8 +331,26 @@ class RedisBreakerStore:
             return True
         return breaker.clock.monotonic() - self._down_since >= self.retry_interval
 
-    async def _run(self, breaker: CircuitBreaker, script: str, *args: Any, adopt: bool) -> Any:
-        """Run one script; adopt its answer; on any Redis failure, fall back to local."""
+    def _run(
+        self, breaker: CircuitBreaker, script: str, *args: Any, adopt: str
+    ) -> Coroutine[Any, Any, Any]:
+        """Run one script and maybe adopt its answer; on any Redis failure, fall back to local.
+
+        A background answer is adopted only if the breaker did not change state since the
+        call was *made* (not since its task started): an older read must not undo a newer
+        local decision (the next refresh reconciles). Trial answers are the shared decision
+        itself and are always adopted.
+        """
+        return self._execute(breaker, script, args, adopt, breaker.generation)
+
+    async def _execute(
+        self,
+        breaker: CircuitBreaker,
+        script: str,
+        args: tuple[Any, ...],
+        adopt: str,
+        generation: int,
+    ) -> Any:
         try:
             async with asyncio.timeout(self.timeout):
                 reply = await self._scripts[script](
@@ -337,7 +362,7 @@ class RedisBreakerStore:
         self._mark_up(breaker)
         state, left_ms, failures = _decode(reply[0]), int(reply[1]), int(reply[2])
         self._remote_failures[breaker.name] = failures
-        if adopt:
+        if adopt == _ALWAYS or (adopt == _IF_UNCHANGED and generation == breaker.generation):
             breaker.adopt(state, left_ms / 1000)
         return reply
 

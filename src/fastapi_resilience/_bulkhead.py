@@ -14,10 +14,12 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._deadline import to_seconds
 from fastapi_resilience._events import EventBus
 from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
 
@@ -85,13 +87,14 @@ class Bulkhead:
         *,
         max_concurrent: int = 10,
         max_waiting: int = 0,
-        wait_timeout: float | None = None,
+        wait_timeout: float | timedelta | None = None,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus | None = None,
         registry: BulkheadRegistry | None = _UNSET,
     ) -> None:
         if not name:
             raise ConfigurationError("Bulkhead name must be a non-empty string")
+        wait_timeout = to_seconds(wait_timeout)
         if max_concurrent < 1:
             raise ConfigurationError(
                 f"Bulkhead {name!r}: max_concurrent must be >= 1, got {max_concurrent!r}"
@@ -280,7 +283,7 @@ class TieredBulkhead:
         tiers: Mapping[str, tuple[int, int]],
         *,
         default_tier: str | None = None,
-        wait_timeout: float | None = None,
+        wait_timeout: float | timedelta | None = None,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus | None = None,
         registry: BulkheadRegistry | None = _UNSET,

@@ -12,6 +12,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
+from datetime import timedelta
 from typing import TypeVar
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
@@ -24,6 +25,7 @@ __all__ = [
     "deadline",
     "remaining",
     "timeout",
+    "to_seconds",
     "with_timeout",
 ]
 
@@ -68,13 +70,24 @@ def remaining() -> float | None:
     return None if current is None else current.remaining()
 
 
-def _check_seconds(seconds: float | None, argument: str) -> None:
+def to_seconds(value: float | timedelta | None) -> float | None:
+    """Seconds as a float (a ``timedelta`` converted); ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _check_seconds(value: float | timedelta | None, argument: str) -> float | None:
+    seconds = to_seconds(value)
     if seconds is not None and (math.isnan(seconds) or seconds < 0):
-        raise ConfigurationError(f"{argument} must be >= 0 seconds or None, got {seconds!r}")
+        raise ConfigurationError(f"{argument} must be >= 0 seconds or None, got {value!r}")
+    return seconds
 
 
 @contextmanager
-def deadline(seconds: float | None, *, clock: Clock = SYSTEM_CLOCK) -> Iterator[Deadline | None]:
+def deadline(
+    seconds: float | timedelta | None, *, clock: Clock = SYSTEM_CLOCK
+) -> Iterator[Deadline | None]:
     """Give the code inside a deadline ``seconds`` from now; nested deadlines only shrink.
 
     An inner ``deadline(10)`` inside an outer one with 2 s left keeps the 2 s: a callee never
@@ -83,7 +96,7 @@ def deadline(seconds: float | None, *, clock: Clock = SYSTEM_CLOCK) -> Iterator[
     Raises:
         ConfigurationError: ``seconds`` is negative or NaN.
     """
-    _check_seconds(seconds, "deadline seconds")
+    seconds = _check_seconds(seconds, "deadline seconds")
     outer = _DEADLINE.get()
     if seconds is None:
         yield outer
@@ -110,7 +123,7 @@ def effective_timeout(seconds: float | None) -> tuple[float | None, bool]:
 
 
 @asynccontextmanager
-async def timeout(seconds: float | None) -> AsyncIterator[None]:
+async def timeout(seconds: float | timedelta | None) -> AsyncIterator[None]:
     """Run the block for at most ``min(seconds, remaining())``; ``None`` means no own limit.
 
     On expiry the block is cancelled and :class:`UpstreamTimeoutError` (also a
@@ -121,7 +134,7 @@ async def timeout(seconds: float | None) -> AsyncIterator[None]:
         UpstreamTimeoutError: the time ran out.
         ConfigurationError: ``seconds`` is negative or NaN.
     """
-    _check_seconds(seconds, "timeout seconds")
+    seconds = _check_seconds(seconds, "timeout seconds")
     limit, by_deadline = effective_timeout(seconds)
     if limit is None:
         yield
@@ -142,7 +155,7 @@ async def timeout(seconds: float | None) -> AsyncIterator[None]:
         raise UpstreamTimeoutError(detail, extensions={"timeout": round(limit, 3)}) from exc
 
 
-async def with_timeout(awaitable: Awaitable[T], seconds: float | None) -> T:
+async def with_timeout(awaitable: Awaitable[T], seconds: float | timedelta | None) -> T:
     """``await awaitable`` for at most ``min(seconds, remaining())``.
 
     Raises:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -28,7 +29,7 @@ from fastapi_resilience._bulkhead import (
     default_bulkhead_registry,
 )
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, deadline
+from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, deadline, to_seconds
 from fastapi_resilience._problem import problem_response
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
 
@@ -117,25 +118,27 @@ def bulkhead_dependency(
 
 
 def deadline_dependency(
-    seconds: float, *, clock: Clock = SYSTEM_CLOCK
+    seconds: float | timedelta, *, clock: Clock = SYSTEM_CLOCK
 ) -> Callable[[], AsyncIterator[None]]:
     """A dependency that gives the route a deadline: guarded calls inside inherit what is left.
 
     Unlike :class:`RequestDeadlineMiddleware` it does not cut the route off; only the calls
     made through ``timeout`` / ``with_timeout`` (and the library's guarded calls) obey it.
     """
-    _check_budget(seconds, "deadline_dependency seconds")
+    budget = _check_budget(seconds, "deadline_dependency seconds")
 
     async def set_deadline() -> AsyncIterator[None]:
-        with deadline(seconds, clock=clock):
+        with deadline(budget, clock=clock):
             yield
 
     return set_deadline
 
 
-def _check_budget(seconds: float | None, argument: str) -> None:
+def _check_budget(value: float | timedelta | None, argument: str) -> float | None:
+    seconds = to_seconds(value)
     if seconds is not None and (math.isnan(seconds) or seconds <= 0):
-        raise ConfigurationError(f"{argument} must be > 0 seconds or None, got {seconds!r}")
+        raise ConfigurationError(f"{argument} must be > 0 seconds or None, got {value!r}")
+    return seconds
 
 
 class RequestDeadlineMiddleware:
@@ -166,17 +169,17 @@ class RequestDeadlineMiddleware:
         self,
         app: ASGIApp,
         *,
-        timeout: float | None = 30.0,
+        timeout: float | timedelta | None = 30.0,
         header: str | None = "X-Request-Timeout",
         enforce: bool = True,
         grace: float = 0.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        _check_budget(timeout, "RequestDeadlineMiddleware timeout")
+        budget = _check_budget(timeout, "RequestDeadlineMiddleware timeout")
         if grace < 0:
             raise ConfigurationError(f"RequestDeadlineMiddleware grace must be >= 0, got {grace}")
         self.app = app
-        self.timeout = timeout
+        self.timeout = budget
         self.header = header.lower().encode("latin-1") if header else None
         self.enforce = enforce
         self.grace = grace
