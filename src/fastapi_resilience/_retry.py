@@ -233,7 +233,15 @@ class Retry:
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await self.call(fn, *args, **kwargs)
+            # call()'s body, inlined: one coroutine frame less on the success path.
+            budget = self._budget
+            if budget is not None:
+                budget.record_call()
+            started = None if self.deadline is None else self._clock.monotonic()
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                return await self._retry(exc, started, fn, args, kwargs)
 
         return wrapper
 

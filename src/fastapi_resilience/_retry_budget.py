@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from datetime import timedelta
 
-from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock, SystemClock
 from fastapi_resilience._events import EventBus
 from fastapi_resilience.exceptions import ConfigurationError
 
@@ -44,18 +45,19 @@ class SlidingCounter:
     only on the rare path (a retry, a throttling decision).
     """
 
-    __slots__ = ("_buckets", "_clock", "_counts", "_current", "_kinds", "_width")
+    __slots__ = ("_buckets", "_counts", "_current", "_kinds", "_now", "_width")
 
     def __init__(self, window: float, *, kinds: int = 1, buckets: int = 10, clock: Clock) -> None:
         self._width = window / buckets
         self._buckets = buckets
         self._kinds = kinds
-        self._clock = clock
+        # The system clock's method only forwards to time.monotonic: call that directly.
+        self._now = time.monotonic if isinstance(clock, SystemClock) else clock.monotonic
         self._counts = [[0] * buckets for _ in range(kinds)]
-        self._current = math.floor(clock.monotonic() / self._width)
+        self._current = int(self._now() // self._width)
 
     def _rotate(self) -> int:
-        now = math.floor(self._clock.monotonic() / self._width)
+        now = int(self._now() // self._width)
         current = self._current
         if now != current:
             # Zero the slices that fell out of the window since the last event.
@@ -67,7 +69,10 @@ class SlidingCounter:
         return now % self._buckets
 
     def add(self, kind: int = 0, amount: int = 1) -> None:
-        self._counts[kind][self._rotate()] += amount
+        now = int(self._now() // self._width)
+        if now != self._current:
+            self._rotate()
+        self._counts[kind][now % self._buckets] += amount
 
     def total(self, kind: int = 0) -> int:
         self._rotate()

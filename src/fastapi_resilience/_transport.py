@@ -15,6 +15,7 @@ retries (or the answer itself with ``raise_for_5xx=False``); retries that ran ou
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
 import random as _random
@@ -28,7 +29,7 @@ from fastapi_resilience._adaptive_throttle import AdaptiveThrottle
 from fastapi_resilience._breaker import CircuitBreaker, default_registry
 from fastapi_resilience._bulkhead import Bulkhead, default_bulkhead_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._deadline import remaining, timeout
+from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, effective_timeout, remaining
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._hedging import Hedge
 from fastapi_resilience._outbound_headers import inject_outbound_headers
@@ -94,6 +95,18 @@ class _NotCacheable(ClientError):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__("not cacheable")
         self.response = response
+
+
+_PHASES = ("connect", "read", "write", "pool")
+
+
+def _tighten_timeouts(request: httpx.Request, limit: float) -> None:
+    """Cap httpx's per-phase timeouts for this request at ``limit`` seconds."""
+    current = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        phase: limit if current.get(phase) is None else min(current[phase], limit)
+        for phase in _PHASES
+    }
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
@@ -406,12 +419,33 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def _exchange(
         self, policy: HostPolicy, host: str, request: httpx.Request
     ) -> httpx.Response:
+        limit, by_deadline = effective_timeout(policy.timeout)
         try:
-            if policy.timeout is None and remaining() is None:
+            if limit is None:
                 response = await self._roundtrip(request)
+            elif limit <= 0:
+                raise UpstreamTimeoutError(DEADLINE_EXCEEDED_DETAIL, extensions={"upstream": host})
             else:
-                async with timeout(policy.timeout):
+                # The wrapped transport enforces the limit on every phase (connect, write,
+                # read, pool) at no extra cost; a request deadline is also a hard bound on the
+                # whole exchange, so a body that trickles in cannot outlive it.
+                _tighten_timeouts(request, limit)
+                if remaining() is not None:
+                    async with asyncio.timeout(limit):
+                        response = await self._roundtrip(request)
+                else:
                     response = await self._roundtrip(request)
+        except TimeoutError as exc:
+            if isinstance(exc, UpstreamTimeoutError):
+                raise
+            detail = (
+                DEADLINE_EXCEEDED_DETAIL
+                if by_deadline
+                else f"Upstream {host} did not answer within {limit:g}s."
+            )
+            raise UpstreamTimeoutError(
+                detail, extensions={"upstream": host, "timeout": limit}
+            ) from exc
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(
                 f"Upstream {host} timed out ({type(exc).__name__}).", extensions={"upstream": host}
