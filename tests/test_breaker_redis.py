@@ -80,7 +80,7 @@ async def _pair(redis_server: RedisServer, bus: tuple[EventBus, list[Event]]) ->
 
     yield make, clock
     for instance in made:
-        await instance.store.flush()
+        await instance.store.aclose()
         await instance.client.aclose()
 
 
@@ -257,6 +257,55 @@ async def test_redis_down_falls_back_to_local_state_and_says_so_once(
     assert a.breaker.state == "closed"
     assert [e.kind for e in seen].count("breaker.store_recovered") == 1
     assert a.store.available
+
+
+async def test_stalled_redis_never_holds_a_closed_call(
+    pair: Any, redis_server: RedisServer, bus: tuple[EventBus, list[Event]]
+) -> None:
+    """With Redis stalled (SIGSTOP), closed calls, failures included, run at local speed; the
+    background calls give up after the store's timeout and say so once."""
+    make, _ = pair
+    _, seen = bus
+    a = make(failure_threshold=1000, refresh_interval=0.0, store_timeout=0.2)
+    await a.breaker.call(_ok)
+    await a.store.flush()
+    redis_server.stall()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(200):
+            if i % 2:
+                await a.breaker.call(_ok)
+            else:
+                with pytest.raises(UpstreamError):
+                    await a.breaker.call(_failing)
+        elapsed = loop.time() - started
+        await a.store.flush()
+    finally:
+        redis_server.resume()
+    assert elapsed < 0.1, f"200 calls took {elapsed:.3f}s with Redis stalled"
+    assert [e.kind for e in seen].count("breaker.store_unavailable") == 1
+
+
+async def test_stalled_redis_holds_a_trial_admission_at_most_the_store_timeout(
+    pair: Any, redis_server: RedisServer
+) -> None:
+    """A half-open call waits for a stalled Redis no longer than the store's timeout, then the
+    local breaker decides (here: a local trial that succeeds and closes it)."""
+    make, clock = pair
+    a = make(failure_threshold=1, recovery_timeout=0.0, store_timeout=0.2)
+    await a.fail(1)
+    clock.advance(1.0)  # past retry_interval, in case a slow start-up marked Redis down
+    redis_server.stall()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await a.breaker.call(_ok) == "ok"
+        elapsed = loop.time() - started
+    finally:
+        redis_server.resume()
+    assert 0.15 < elapsed < 0.5, f"waited {elapsed:.3f}s for a stalled Redis"
+    assert a.breaker.state == "closed"
 
 
 def test_bad_store_arguments() -> None:

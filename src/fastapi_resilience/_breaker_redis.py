@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from fastapi_resilience._breaker import (
@@ -228,6 +228,7 @@ class RedisBreakerStore:
         self._remote_failures: dict[str, int] = {}
         self._down_since: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._orphans: set[asyncio.Future[Any]] = set()
 
     @property
     def available(self) -> bool:
@@ -352,10 +353,9 @@ class RedisBreakerStore:
         generation: int,
     ) -> Any:
         try:
-            async with asyncio.timeout(self.timeout):
-                reply = await self._scripts[script](
-                    keys=[self.prefix + breaker.name], args=[self.ttl_ms, *args]
-                )
+            reply = await self._bounded(
+                self._scripts[script](keys=[self.prefix + breaker.name], args=[self.ttl_ms, *args])
+            )
         except Exception as exc:  # redis errors, timeouts, closed connections
             self._mark_down(breaker, exc)
             return None
@@ -365,6 +365,29 @@ class RedisBreakerStore:
         if adopt == _ALWAYS or (adopt == _IF_UNCHANGED and generation == breaker.generation):
             breaker.adopt(state, left_ms / 1000)
         return reply
+
+    async def _bounded(self, call: Awaitable[Any]) -> Any:
+        """Await ``call`` for at most ``timeout`` seconds, whatever the client does.
+
+        ``asyncio.timeout`` alone is not enough: when a stalled server makes redis-py open new
+        connections, its own timeouts and retries can swallow the cancellation and hold the
+        caller for seconds. The call runs in its own task; on time-out it is cancelled and
+        left to finish on its own while the caller moves on.
+        """
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait((task,), timeout=self.timeout)
+        if done:
+            return task.result()
+        task.cancel()
+        self._orphans.add(task)
+        task.add_done_callback(_forget(self._orphans))
+        raise TimeoutError(f"Redis did not answer within {self.timeout:g}s")
+
+    async def aclose(self) -> None:
+        """Wait for background calls, then for abandoned (cancelled) ones to wind down."""
+        await self.flush()
+        if self._orphans:
+            await asyncio.wait(tuple(self._orphans))
 
     def _mark_down(self, breaker: CircuitBreaker, exc: BaseException) -> None:
         first = self._down_since is None
@@ -394,6 +417,15 @@ class RedisBreakerStore:
 
     def __repr__(self) -> str:
         return f"RedisBreakerStore(prefix={self.prefix!r}, available={self.available})"
+
+
+def _forget(pending: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    def done(task: asyncio.Future[Any]) -> None:
+        pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log "never retrieved"
+
+    return done
 
 
 def _ms(seconds: float) -> int:
