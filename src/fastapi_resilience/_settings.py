@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fastapi_resilience._limit_string import parse_limits
 from fastapi_resilience._problem import DEFAULT_TYPE_BASE
@@ -66,6 +66,14 @@ class ResilienceSettings(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise ConfigurationError(_describe(exc)) from None
+        except SettingsError as exc:
+            # pydantic-settings' own error for unparsable JSON names the field in quotes.
+            field = re.search(r'field "([a-z_]+)"', str(exc))
+            name = field[1] if field else "?"
+            raise ConfigurationError(
+                "invalid fastapi-resilience settings:\n  "
+                f"{name} (env {ENV_PREFIX}{name.upper()}): not valid JSON ({exc.__cause__})"
+            ) from None
 
     @field_validator("correlation_header")
     @classmethod
