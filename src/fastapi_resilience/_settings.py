@@ -56,9 +56,11 @@ class ResilienceSettings(BaseSettings):
     )
     trusted_proxies: list[str] = Field(default_factory=list)
 
-    # Health
+    # Health and metrics
     health_path: str = "/health"
     health_check_timeout: float = Field(default=1.0, gt=0)
+    metrics_enabled: bool = True
+    metrics_path: str = "/metrics"
 
     def __init__(self, **values: Any) -> None:
         _reject_unknown_env(type(self))
@@ -118,7 +120,7 @@ class ResilienceSettings(BaseSettings):
                 raise ValueError(f"{entry!r} is not an IP address or network") from None
         return value
 
-    @field_validator("rate_limit_exempt_paths", "health_path")
+    @field_validator("rate_limit_exempt_paths", "health_path", "metrics_path")
     @classmethod
     def _paths(cls, value: Any) -> Any:
         for path in value if isinstance(value, list) else [value]:
