@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+LINTED := $(wildcard $(LINTED))
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
@@ -24,12 +25,12 @@ test: install
 	$(PY) -m pytest --cov=fastapi_resilience --cov-report=term $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check src tests example_app benchmarks
-	$(VENV)/bin/ruff format --check src tests example_app benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 format: install
-	$(VENV)/bin/ruff format src tests example_app benchmarks
-	$(VENV)/bin/ruff check --fix src tests example_app benchmarks
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 typecheck: install
 	$(VENV)/bin/mypy
