@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-LINTED := $(wildcard $(LINTED))
+LINTED := $(wildcard src tests example_app benchmarks)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
