@@ -74,7 +74,7 @@ class HttpVariant:
         if isinstance(factory, str):
             module_name, _, attr = factory.partition(":")
             factory = getattr(importlib.import_module(module_name), attr)
-        return factory(env)  # type: ignore[operator]
+        return factory(env)
 
 
 def tiny_app() -> FastAPI:

@@ -70,7 +70,7 @@ class ClientCase:
         if isinstance(factory, str):
             module_name, _, attr = factory.partition(":")
             factory = getattr(importlib.import_module(module_name), attr)
-        return factory()  # type: ignore[operator,no-any-return]
+        return factory()
 
 
 def plain_transport() -> httpx.AsyncBaseTransport:

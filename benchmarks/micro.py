@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -97,7 +98,7 @@ async def aiobreaker_decorator() -> Call:
 async def pybreaker_sync() -> Call:
     from pybreaker import CircuitBreaker
 
-    return CircuitBreaker(fail_max=5, reset_timeout=30)(noop_sync)  # type: ignore[no-any-return]
+    return CircuitBreaker(fail_max=5, reset_timeout=30)(noop_sync)
 
 
 async def pybreaker_async() -> Call:
@@ -107,7 +108,7 @@ async def pybreaker_async() -> Call:
         raise CaseUnavailable("pybreaker's async path needs tornado")
     breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
     # ``call_async`` returns a Tornado future, which asyncio can await.
-    return lambda: breaker.call_async(noop)
+    return lambda: breaker.call_async(noop)  # type: ignore[no-untyped-call]
 
 
 # ---- retries (issue 4): the peers, on a call that succeeds first time ------------------------
@@ -116,7 +117,7 @@ async def pybreaker_async() -> Call:
 async def tenacity_decorator() -> Call:
     from tenacity import retry, stop_after_attempt, wait_exponential_jitter
 
-    return retry(stop=stop_after_attempt(3), wait=wait_exponential_jitter())(noop)  # type: ignore[no-any-return]
+    return retry(stop=stop_after_attempt(3), wait=wait_exponential_jitter())(noop)
 
 
 async def tenacity_async_for() -> Call:
@@ -270,13 +271,16 @@ async def measure(
         if name in unavailable:
             summaries.append(
                 MicroSummary(
-                    name,
-                    case.description,
-                    case.group,
-                    case.kind,
-                    *[float("nan")] * 4,
-                    0,
-                    0,
+                    case=name,
+                    description=case.description,
+                    group=case.group,
+                    kind=case.kind,
+                    per_call_ns=math.nan,
+                    overhead_ns=math.nan,
+                    overhead_min_ns=math.nan,
+                    overhead_max_ns=math.nan,
+                    iterations=0,
+                    repeats=0,
                     unavailable=unavailable[name],
                 )
             )

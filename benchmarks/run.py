@@ -176,8 +176,12 @@ def _log(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
-        for title, names in (("http", VARIANTS), ("micro", MICRO_CASES), ("client", CLIENT_CASES)):
-            print(f"{title}: {', '.join(names)}")
+        for title, registry in (
+            ("http", list(VARIANTS)),
+            ("micro", list(MICRO_CASES)),
+            ("client", list(CLIENT_CASES)),
+        ):
+            print(f"{title}: {', '.join(registry)}")
         return 0
     profile = QUICK if args.quick else FULL
     chosen = select(args.only, [s.strip() for s in args.sections.split(",") if s.strip()])
