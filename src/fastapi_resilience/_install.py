@@ -9,6 +9,7 @@ from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import HealthChecks, health_router
+from fastapi_resilience._metrics import PrometheusListener, metrics_router, prometheus_available
 from fastapi_resilience._settings import ResilienceSettings
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
@@ -34,6 +35,7 @@ class Resilience:
         self.clock = clock
         self.events = events or EventBus()
         self.health = HealthChecks(default_timeout=settings.health_check_timeout)
+        self.metrics: PrometheusListener | None = None
 
     def __repr__(self) -> str:
         return f"Resilience(checks={len(self.health._checks)})"
@@ -68,4 +70,16 @@ def install(
     # is added first and the correlation middleware, outermost, last.
     app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
     app.include_router(health_router(resilience.health, prefix=settings.health_path))
+    if settings.metrics_enabled and prometheus_available():
+        _install_metrics(app, resilience, settings.metrics_path)
     return resilience
+
+
+def _install_metrics(app: FastAPI, resilience: Resilience, path: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    # A registry per app: two apps in one process (tests, mounted sub-apps) never collide.
+    registry = CollectorRegistry()
+    resilience.metrics = PrometheusListener(registry)
+    resilience.events.subscribe(resilience.metrics)
+    app.include_router(metrics_router(registry, path=path))
