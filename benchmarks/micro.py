@@ -111,6 +111,25 @@ async def pybreaker_async() -> Call:
     return lambda: breaker.call_async(noop)  # type: ignore[no-untyped-call]
 
 
+# ---- circuit breakers (issue 4): this library, closed state ----------------------------------
+
+
+async def resilience_breaker() -> Call:
+    from fastapi_resilience._breaker import CircuitBreaker
+
+    breaker = CircuitBreaker(
+        "bench", failure_threshold=5, recovery_timeout=30, half_open_max_calls=1, registry=None
+    )
+    return breaker(noop)
+
+
+async def resilience_breaker_call() -> Call:
+    from fastapi_resilience._breaker import CircuitBreaker
+
+    breaker = CircuitBreaker("bench-call", failure_threshold=5, recovery_timeout=30, registry=None)
+    return lambda: breaker.call(noop)
+
+
 # ---- retries (issue 4): the peers, on a call that succeeds first time ------------------------
 
 
@@ -155,6 +174,16 @@ MICRO_CASES: dict[str, MicroCase] = {
     "plain_await": MicroCase("`await noop()` (baseline)", plain_await, "baseline"),
     "plain_call": MicroCase("`noop_sync()` (baseline)", plain_call, "baseline", kind="sync"),
     # ---- circuit breakers (issue 4): this library's CircuitBreaker goes here.
+    "resilience_breaker": MicroCase(
+        "fastapi-resilience `@CircuitBreaker(...)` decorator, closed",
+        resilience_breaker,
+        "breaker",
+    ),
+    "resilience_breaker_call": MicroCase(
+        "fastapi-resilience `await breaker.call(noop)`, closed",
+        resilience_breaker_call,
+        "breaker",
+    ),
     "circuitbreaker": MicroCase(
         "circuitbreaker `CircuitBreaker` decorator (peer)", circuitbreaker_decorator, "breaker"
     ),
