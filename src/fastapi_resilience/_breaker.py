@@ -24,6 +24,7 @@ from fastapi_resilience._breaker_window import (
     CountWindowState,
     SlidingWindow,
     TimeWindowState,
+    WindowCounts,
 )
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import to_seconds
@@ -329,7 +330,7 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._open_until - self._clock.monotonic())
 
-    def window_counts(self) -> Any:
+    def window_counts(self) -> WindowCounts | None:
         """The window's calls, failures and slow calls now (``None`` without a window)."""
         if self._window is None:
             return None
