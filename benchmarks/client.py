@@ -77,12 +77,23 @@ def plain_transport() -> httpx.AsyncBaseTransport:
     return httpx.AsyncHTTPTransport()
 
 
+def resilience_transport() -> httpx.AsyncBaseTransport:
+    from fastapi_resilience._transport import ResilientTransport
+
+    # The defaults: per-host breaker, 3 attempts under a retry budget, 10 s timeout.
+    return ResilientTransport(httpx.AsyncHTTPTransport())
+
+
 #: Every case, by name; ``httpx_plain`` is always measured.
 CLIENT_CASES: dict[str, ClientCase] = {
     "httpx_plain": ClientCase(
         "httpx `AsyncHTTPTransport`, nothing added (baseline)", plain_transport
     ),
     # ---- outbound calls (issue 4): ResilientTransport goes here.
+    "resilience_transport": ClientCase(
+        "fastapi-resilience `ResilientTransport()` defaults (breaker, retry + budget, timeout)",
+        resilience_transport,
+    ),
 }
 
 

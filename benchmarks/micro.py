@@ -130,6 +130,30 @@ async def resilience_breaker_call() -> Call:
     return lambda: breaker.call(noop)
 
 
+# ---- retries (issue 4): this library, on a call that succeeds first time ---------------------
+
+
+async def resilience_retry() -> Call:
+    from fastapi_resilience._retry import Retry
+
+    return Retry(attempts=3)(noop)
+
+
+async def resilience_retry_call() -> Call:
+    from fastapi_resilience._retry import Retry
+
+    retry = Retry(attempts=3)
+    return lambda: retry.call(noop)
+
+
+async def resilience_retry_budget() -> Call:
+    from fastapi_resilience._retry import Retry
+    from fastapi_resilience._retry_budget import RetryBudget
+
+    retry = Retry(attempts=3, budget=RetryBudget())
+    return lambda: retry.call(noop)
+
+
 # ---- retries (issue 4): the peers, on a call that succeeds first time ------------------------
 
 
@@ -205,6 +229,21 @@ MICRO_CASES: dict[str, MicroCase] = {
         "pybreaker `call_async` (Tornado future) (peer)", pybreaker_async, "breaker"
     ),
     # ---- retries (issue 4): this library's Retry goes here.
+    "resilience_retry": MicroCase(
+        "fastapi-resilience `@Retry(attempts=3)` decorator, success first time",
+        resilience_retry,
+        "retry",
+    ),
+    "resilience_retry_call": MicroCase(
+        "fastapi-resilience `await retry.call(noop)`, success first time",
+        resilience_retry_call,
+        "retry",
+    ),
+    "resilience_retry_budget": MicroCase(
+        "fastapi-resilience `Retry` with a `RetryBudget`, success first time",
+        resilience_retry_budget,
+        "retry",
+    ),
     "tenacity_decorator": MicroCase(
         "tenacity `@retry` (3 attempts, exponential jitter) (peer)", tenacity_decorator, "retry"
     ),

@@ -102,11 +102,15 @@ _PHASES = ("connect", "read", "write", "pool")
 
 def _tighten_timeouts(request: httpx.Request, limit: float) -> None:
     """Cap httpx's per-phase timeouts for this request at ``limit`` seconds."""
-    current = request.extensions.get("timeout") or {}
-    request.extensions["timeout"] = {
-        phase: limit if current.get(phase) is None else min(current[phase], limit)
-        for phase in _PHASES
-    }
+    current = request.extensions.get("timeout")
+    if current is None:
+        request.extensions["timeout"] = dict.fromkeys(_PHASES, limit)
+        return
+    # The client builds a fresh dict per request, so it can be changed in place.
+    for phase in _PHASES:
+        value = current.get(phase)
+        if value is None or value > limit:
+            current[phase] = limit
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
@@ -321,6 +325,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._options = options
         self._explicit = dict(hosts or {})
         self._policies: dict[str, HostPolicy] = {}
+        self._by_origin: dict[tuple[bytes, int | None], tuple[HostPolicy, str]] = {}
 
     def policy_for(self, host: str) -> HostPolicy:
         """The policy used for ``host`` (``host`` or ``host:port``), built on first use."""
@@ -341,11 +346,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inject_outbound_headers(request.headers, header_name=self._header_name)
         url = request.url
-        host = url.netloc.decode("ascii")
-        policy = self._policies.get(host) or self.policy_for(host)
+        policy, host = self._by_origin.get((url.raw_host, url.port)) or self._origin(url)
         if policy.cache is not None and request.method == "GET":
             return await self._cached(policy, host, request)
         return await self._send(policy, host, request)
+
+    def _origin(self, url: httpx.URL) -> tuple[HostPolicy, str]:
+        host = url.netloc.decode("ascii")
+        found = self._by_origin[(url.raw_host, url.port)] = (self.policy_for(host), host)
+        return found
 
     async def _send(self, policy: HostPolicy, host: str, request: httpx.Request) -> httpx.Response:
         try:
@@ -471,7 +480,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def _roundtrip(self, request: httpx.Request) -> httpx.Response:
         response = await self._transport.handle_async_request(request)
-        if self.read_body:
+        if self.read_body and not isinstance(response.stream, httpx.ByteStream):
             # Read the raw (still encoded) body here, inside the timeout, and hand the client
             # an in-memory stream; the client decodes it as usual.
             stream = cast(httpx.AsyncByteStream, response.stream)
