@@ -7,6 +7,7 @@ from datetime import timedelta
 import httpx
 import pytest
 
+from fastapi_resilience._breaker import CircuitBreaker
 from fastapi_resilience._deadline import deadline
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._retry import Retry, default_retryable
@@ -14,6 +15,7 @@ from fastapi_resilience._retry_budget import RetryBudget
 from fastapi_resilience.exceptions import (
     AppError,
     BadRequestError,
+    CircuitOpenError,
     ClientError,
     ConfigurationError,
     NotFoundError,
@@ -168,15 +170,33 @@ async def test_rate_limited_error_is_retried_after_its_retry_after() -> None:
     assert clock.slept == [1]
 
 
-async def test_retry_after_longer_than_max_delay_gives_up_at_once() -> None:
-    """An upstream asking to wait longer than max_delay is not waited for."""
+async def test_retry_after_longer_than_max_delay_is_raised_unchanged() -> None:
+    """A failure asking to wait longer than max_delay is not waited for, and passed on as is."""
     clock = ManualClock()
-    fn = Flaky(ServiceUnavailableError(retry_after=60))
-    with pytest.raises(RetryExhaustedError) as info:
+    error = ServiceUnavailableError(retry_after=60)
+    fn = Flaky(error)
+    with pytest.raises(ServiceUnavailableError) as info:
         await Retry(max_delay=5, clock=clock).call(fn)
-    assert info.value.extensions["reason"] == "retry_after_too_long"
+    assert info.value is error
     assert fn.calls == 1
     assert clock.slept == []
+
+
+async def test_open_breaker_stays_circuit_open_error() -> None:
+    """An open breaker's CircuitOpenError (retry_after = time left open) is not wrapped."""
+    clock = ManualClock()
+    breaker = CircuitBreaker("retry-open", failure_threshold=1, clock=clock, registry=None)
+    breaker.force_open()
+    calls = 0
+
+    async def fetch() -> None:
+        nonlocal calls
+        calls += 1
+
+    with pytest.raises(CircuitOpenError) as info:
+        await Retry(clock=clock).call(breaker.call, fetch)
+    assert calls == 0
+    assert info.value.headers["Retry-After"] == "30"
 
 
 async def test_total_deadline_stops_before_sleeping_past_it() -> None:

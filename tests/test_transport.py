@@ -217,6 +217,19 @@ async def test_breaker_opens_and_no_call_is_made_while_open(upstream: Upstream) 
     assert info.value.retry_after > 0
 
 
+async def test_open_breaker_ends_retries_with_circuit_open(upstream: Upstream) -> None:
+    """With retries on, an open breaker still gives CircuitOpenError (503), not a 502."""
+    upstream.script(500)
+    async with client(upstream, attempts=3, failure_threshold=2, base_delay=0.0) as http:
+        with pytest.raises(CircuitOpenError):
+            await http.get("/item")
+        assert upstream.hits == 2
+        with pytest.raises(CircuitOpenError) as info:
+            await http.get("/item")
+    assert upstream.hits == 2
+    assert info.value.headers["Retry-After"] == "30"
+
+
 async def test_connect_error_is_an_upstream_error() -> None:
     """Nothing listening: the caller gets an UpstreamError (after retries), not an httpx error."""
     http = resilient_client(f"http://127.0.0.1:{free_port()}", attempts=2, clock=ManualClock())

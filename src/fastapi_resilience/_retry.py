@@ -43,13 +43,11 @@ DEFAULT_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE
 REASON_ATTEMPTS = "attempts"
 REASON_DEADLINE = "deadline"
 REASON_BUDGET = "retry_budget_exhausted"
-REASON_RETRY_AFTER = "retry_after_too_long"
 
 _REASON_TEXT = {
     REASON_ATTEMPTS: "every attempt failed",
     REASON_DEADLINE: "the next attempt would have started after the deadline",
     REASON_BUDGET: "the retry budget for this target is spent",
-    REASON_RETRY_AFTER: "the upstream asked to wait longer than max_delay",
 }
 
 
@@ -106,8 +104,9 @@ class Retry:
     ``await retry.call(fn, *args, **kwargs)``, or decorate an ``async def`` with ``@retry``.
     The n-th retry waits up to ``base_delay * 2 ** (n - 1)``, capped at ``max_delay``, spread
     by ``jitter``; a failure that carries ``retry_after`` (an :class:`AppError`, or a
-    429/503 ``Retry-After`` from an upstream) is never retried sooner than that, and not at
-    all if it asks for more than ``max_delay``.
+    429/503 ``Retry-After`` from an upstream) is never retried sooner than that; if it asks
+    for more than ``max_delay`` it is raised unchanged (an open breaker stays a
+    :class:`CircuitOpenError` with its own ``Retry-After``).
 
     It stops, raising :class:`RetryExhaustedError` with the last error as ``__cause__`` and
     ``extensions = {"attempts": n, "reason": ...}``, when the attempts are spent, when the next
@@ -273,13 +272,17 @@ class Retry:
         while True:
             if not self._predicate(last):
                 raise last
+            retry_after = getattr(last, "retry_after", None)
+            if not isinstance(retry_after, int | float) or math.isnan(retry_after):
+                retry_after = None
+            elif retry_after > self.max_delay:
+                # It says when to come back and we will not wait that long: pass it on as it
+                # is, so an open breaker stays a 503 with its own Retry-After.
+                raise last
             if attempt >= self.attempts:
                 raise self._exhausted(attempt, REASON_ATTEMPTS) from last
             delay = previous = self.backoff(attempt, previous)
-            retry_after = getattr(last, "retry_after", None)
-            if isinstance(retry_after, int | float) and not math.isnan(retry_after):
-                if retry_after > self.max_delay:
-                    raise self._exhausted(attempt, REASON_RETRY_AFTER) from last
+            if retry_after is not None:
                 delay = max(delay, float(retry_after))
             if self._too_late(delay, started):
                 raise self._exhausted(attempt, REASON_DEADLINE) from last
