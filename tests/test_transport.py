@@ -14,12 +14,15 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._breaker import default_registry
-from fastapi_resilience._correlation import set_correlation_id
+from fastapi_resilience._correlation import CorrelationIdMiddleware, set_correlation_id
 from fastapi_resilience._deadline import deadline
 from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience._outbound_fastapi import RequestDeadlineMiddleware
 from fastapi_resilience._response_cache import ResponseCache
 from fastapi_resilience._transport import (
     HostPolicy,
@@ -329,6 +332,52 @@ async def test_hedging_through_the_transport(upstream: Upstream) -> None:
         response = await http.get("/item")
     assert response.status_code == 200
     assert upstream.hits == 2
+
+
+async def test_route_answers_problem_details_for_upstream_failures(upstream: Upstream) -> None:
+    """A route using the client answers 502, then 503 circuit_open with Retry-After, then 504."""
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, timeout=0.3)
+    app.add_middleware(CorrelationIdMiddleware)
+    http = resilient_client(
+        upstream.url, attempts=2, base_delay=0.0, failure_threshold=2, timeout=5.0
+    )
+
+    @app.get("/stock")
+    async def stock() -> Any:
+        return (await http.get("/item")).json()
+
+    async with (
+        http,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+    ):
+        assert (await api.get("/stock", headers={"X-Request-ID": "abc-123"})).status_code == 200
+        assert upstream.headers[-1]["x-request-id"] == "abc-123"
+        upstream.script(500)
+        failed = await api.get("/stock")
+        assert failed.status_code == 502
+        assert failed.json()["code"] == "retries_exhausted"
+        opened = await api.get("/stock")
+        assert opened.status_code == 503
+        assert opened.json()["code"] == "circuit_open"
+        assert opened.headers["retry-after"] == "30"
+        hits = upstream.hits
+        transport = http._transport
+        assert isinstance(transport, ResilientTransport)
+        breaker = transport.policy_for(upstream.url.removeprefix("http://")).breaker
+        assert breaker is not None
+        breaker.reset()
+        upstream.script(200)
+        upstream.hang = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timed_out = await api.get("/stock")
+        elapsed = loop.time() - started
+    assert timed_out.status_code == 504
+    assert timed_out.json()["code"] == "upstream_timeout"
+    assert elapsed < 0.3 + 0.1
+    assert upstream.hits == hits + 1
 
 
 def test_per_host_policies_are_separate() -> None:
