@@ -24,12 +24,15 @@ async def _get(app: FastAPI, path: str) -> httpx.Response:
 
 
 async def test_live_and_ready_with_no_checks() -> None:
-    """Live answers 200 while serving; ready with nothing registered is ok."""
+    """Live answers 200 while serving; ready with only the built-in checks is ok."""
     app, _ = _app()
     assert (await _get(app, "/health/live")).json() == {"status": "ok"}
     ready = await _get(app, "/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "checks": {}}
+    body = ready.json()
+    assert body["status"] == "ok"
+    assert body["checks"].keys() == {"breakers"}
+    assert body["checks"]["breakers"]["status"] == "ok"
     assert ready.headers["cache-control"] == "no-store"
 
 

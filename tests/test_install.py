@@ -85,3 +85,25 @@ async def test_metrics_can_be_switched_off() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.get("/metrics")).status_code == 404
+
+
+async def test_ready_is_degraded_while_a_breaker_is_open() -> None:
+    """/health/ready never says ok while a registered breaker is open, and names it."""
+    from fastapi_resilience import CircuitBreaker
+    from fastapi_resilience._breaker import default_registry
+
+    app = FastAPI()
+    install(app, ResilienceSettings())
+    breaker = CircuitBreaker("install-test-inventory")
+    transport = httpx.ASGITransport(app=app)
+    try:
+        breaker.force_open()
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            body = (await client.get("/health/ready")).json()
+            breaker.reset()
+            after = (await client.get("/health/ready")).json()
+    finally:
+        default_registry.unregister("install-test-inventory")
+    assert body["status"] == "degraded"
+    assert "install-test-inventory" in body["checks"]["breakers"]["detail"]
+    assert after["status"] == "ok"

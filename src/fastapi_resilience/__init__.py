@@ -2,20 +2,63 @@
 
 from __future__ import annotations
 
+from fastapi_resilience._adaptive_throttle import AdaptiveThrottle, ThrottledError
+from fastapi_resilience._breaker import (
+    BreakerRegistry,
+    BreakerState,
+    BreakerStateStore,
+    CircuitBreaker,
+    breaker_health_check,
+    get_breaker,
+)
+from fastapi_resilience._breaker_redis import RedisBreakerStore
+from fastapi_resilience._breaker_window import SlidingWindow
+from fastapi_resilience._bulkhead import Bulkhead, BulkheadRegistry, TieredBulkhead, get_bulkhead
 from fastapi_resilience._clock import Clock, SystemClock
 from fastapi_resilience._correlation import (
     CorrelationIdFilter,
     CorrelationIdMiddleware,
     get_correlation_id,
 )
+from fastapi_resilience._dead_letter import (
+    DeadLetter,
+    DeadLetterQueue,
+    MemoryDeadLetterQueue,
+    RedisDeadLetterQueue,
+    ReplayReport,
+    dead_letter_on_failure,
+)
+from fastapi_resilience._deadline import deadline, remaining, timeout, with_timeout
 from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience._fallback import fallback, with_fallback
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import CheckResult, HealthChecks
+from fastapi_resilience._hedging import Hedge
 from fastapi_resilience._install import Resilience, install
 from fastapi_resilience._limit_string import Limit, parse_limits
+from fastapi_resilience._outbound_fastapi import (
+    RequestDeadlineMiddleware,
+    breaker_dependency,
+    bulkhead_dependency,
+    deadline_dependency,
+    watch_outbound,
+)
 from fastapi_resilience._outbound_headers import CorrelationIdTransport, correlation_id_hook
 from fastapi_resilience._problem import ProblemResponse
+from fastapi_resilience._response_cache import (
+    CacheEntry,
+    CacheResult,
+    CacheStatusMiddleware,
+    ResponseCache,
+    cached,
+    cached_call,
+    current_cache_status,
+    record_cache_status,
+)
+from fastapi_resilience._retry import Retry
+from fastapi_resilience._retry_budget import RetryBudget
 from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience._transport import HostPolicy, ResilientTransport, resilient_client
 from fastapi_resilience.exceptions import (
     AppError,
     AuthenticationError,
@@ -39,11 +82,21 @@ from fastapi_resilience.exceptions import (
 )
 
 __all__ = [
+    "AdaptiveThrottle",
     "AppError",
     "AuthenticationError",
     "BadRequestError",
+    "BreakerRegistry",
+    "BreakerState",
+    "BreakerStateStore",
+    "Bulkhead",
     "BulkheadFullError",
+    "BulkheadRegistry",
+    "CacheEntry",
+    "CacheResult",
+    "CacheStatusMiddleware",
     "CheckResult",
+    "CircuitBreaker",
     "CircuitOpenError",
     "ClientError",
     "Clock",
@@ -52,30 +105,65 @@ __all__ = [
     "CorrelationIdFilter",
     "CorrelationIdMiddleware",
     "CorrelationIdTransport",
+    "DeadLetter",
+    "DeadLetterQueue",
     "Event",
     "EventBus",
     "FeatureUnavailableError",
     "HealthChecks",
+    "Hedge",
+    "HostPolicy",
     "InternalError",
     "InvalidInputError",
     "Limit",
+    "MemoryDeadLetterQueue",
     "NotFoundError",
     "PermissionDeniedError",
     "ProblemResponse",
     "RateLimitedError",
+    "RedisBreakerStore",
+    "RedisDeadLetterQueue",
+    "ReplayReport",
+    "RequestDeadlineMiddleware",
     "Resilience",
     "ResilienceSettings",
+    "ResilientTransport",
+    "ResponseCache",
+    "Retry",
+    "RetryBudget",
     "RetryExhaustedError",
     "ServerError",
     "ServiceUnavailableError",
+    "SlidingWindow",
     "SystemClock",
+    "ThrottledError",
+    "TieredBulkhead",
     "UpstreamError",
     "UpstreamTimeoutError",
+    "breaker_dependency",
+    "breaker_health_check",
+    "bulkhead_dependency",
+    "cached",
+    "cached_call",
     "correlation_id_hook",
+    "current_cache_status",
+    "dead_letter_on_failure",
+    "deadline",
+    "deadline_dependency",
+    "fallback",
+    "get_breaker",
+    "get_bulkhead",
     "get_correlation_id",
     "install",
     "install_exception_handlers",
     "parse_limits",
+    "record_cache_status",
+    "remaining",
+    "resilient_client",
+    "timeout",
+    "watch_outbound",
+    "with_fallback",
+    "with_timeout",
 ]
 
 

@@ -10,6 +10,7 @@ from fastapi_resilience._events import EventBus
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import HealthChecks, health_router
 from fastapi_resilience._metrics import PrometheusListener, metrics_router, prometheus_available
+from fastapi_resilience._outbound_fastapi import watch_outbound
 from fastapi_resilience._settings import ResilienceSettings
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
@@ -70,6 +71,8 @@ def install(
     # is added first and the correlation middleware, outermost, last.
     app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
     app.include_router(health_router(resilience.health, prefix=settings.health_path))
+    # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
+    watch_outbound(resilience)
     if settings.metrics_enabled and prometheus_available():
         _install_metrics(app, resilience, settings.metrics_path)
     return resilience
