@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Start the example app on 127.0.0.1:8000 with in-memory storage (no Redis needed).
+## Start the example app on 127.0.0.1:8000 with in-memory storage (no Redis needed),
+## and the flaky inventory upstream it calls on 127.0.0.1:8001.
 run: install
+	@$(PY) -m example_app.upstream --host $(HOST) --port 8001 & up=$$!; \
+	trap 'kill $$up 2>/dev/null' EXIT INT TERM; \
 	$(VENV)/bin/uvicorn example_app.main:app --host $(HOST) --port $(PORT)
 
 ## The whole test suite, with coverage of src/ reported.

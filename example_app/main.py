@@ -8,16 +8,23 @@ Run it with ``make run`` (127.0.0.1:8000, in-memory defaults, no Redis needed), 
          -d '{"sku": "", "quantity": 0}'         # 422 problem+json with an `errors` list
     curl -i 127.0.0.1:8000/nowhere             # 404 for an unknown route, same shape
     curl -i 127.0.0.1:8000/health/ready
+    curl -i 127.0.0.1:8000/inventory/tea-earl-grey   # through breaker, retry, bulkhead, cache
+    curl -X POST 127.0.0.1:8001/_control -H 'content-type: application/json' \\
+         -d '{"failure_rate": 1.0}'                 # make the upstream fail: answers go stale
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import BackgroundTasks, FastAPI
 from pydantic import BaseModel, Field
 
+from example_app.outbound import inventory
+from example_app.outbound import router as outbound_router
 from fastapi_resilience import (
     ConflictError,
     CorrelationIdFilter,
@@ -83,9 +90,15 @@ class OrderStore:
         return order
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await inventory.aclose()
+
+
 def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     configure_logging()
-    app = FastAPI(title="Orders (fastapi-resilience example)")
+    app = FastAPI(title="Orders (fastapi-resilience example)", lifespan=lifespan)
     resilience = install(app, settings)
     store = OrderStore()
     app.state.store = store
@@ -113,6 +126,9 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     @app.post("/orders/{order_id}/ship")
     async def ship_order(order_id: int) -> Order:
         return store.ship(order_id)
+
+    # Calls to the flaky inventory upstream (example_app/upstream.py, started by `make run`).
+    app.include_router(outbound_router)
 
     @app.get("/whoami")
     async def whoami() -> dict[str, str | None]:
