@@ -191,7 +191,7 @@ class Retry:
         self._jitter: str | None = "full" if jitter is True else (jitter or None)
         self._predicate = _as_predicate(retry_on)
         if budget is not None and events is not None and budget._events is None:
-            budget._events = events
+            budget.events = events
         self._budget = budget
         self.idempotent_methods = frozenset(m.upper() for m in idempotent_methods)
         self.retry_non_idempotent = retry_non_idempotent
