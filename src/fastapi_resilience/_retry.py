@@ -1,8 +1,8 @@
 """Retry with exponential backoff, jitter, a total deadline and an optional retry budget.
 
-The first attempt costs one ``try`` around one ``await``: no clock read and no object of its own
-(beyond the argument tuple), so a call that succeeds pays about a quarter of a microsecond. Everything else (classification, backoff,
-deadlines, the budget) runs only after a failure.
+The first attempt costs one ``try`` around one ``await``: no clock read and no object of its
+own (beyond the argument tuple), so a call that succeeds pays about a quarter of a microsecond.
+Everything else (classification, backoff, deadlines, the budget) runs only after a failure.
 """
 
 from __future__ import annotations
