@@ -102,3 +102,13 @@ def test_bad_arguments(kwargs: dict[str, float]) -> None:
     """A negative ratio, floor or an empty window is a ConfigurationError."""
     with pytest.raises(ConfigurationError):
         RetryBudget(**kwargs)  # type: ignore[arg-type]
+
+
+def test_without_a_bus_exhaustion_still_reaches_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A budget built without an event bus still logs retry.budget_exhausted once."""
+    budget = RetryBudget(ratio=0, min_retries_per_second=0, name="quiet", clock=ManualClock())
+    with caplog.at_level("WARNING", logger="fastapi_resilience.events"):
+        assert not budget.try_spend()
+        assert not budget.try_spend()
+    lines = [r.getMessage() for r in caplog.records if "retry.budget_exhausted" in r.getMessage()]
+    assert lines == ["retry.budget_exhausted quiet calls=0 retries=0 ratio=0 window=10.0"]

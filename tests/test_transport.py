@@ -322,6 +322,17 @@ async def test_stale_answer_served_when_upstream_fails(upstream: Upstream) -> No
     assert upstream.hits == 2
 
 
+async def test_cache_keeps_callers_with_different_credentials_apart(upstream: Upstream) -> None:
+    """An answer cached for one Authorization header is never served to another caller."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    async with client(upstream, cache=cache) as http:
+        alice = await http.get("/item", headers={"Authorization": "Bearer alice"})
+        bob = await http.get("/item", headers={"Authorization": "Bearer bob"})
+        alice_again = await http.get("/item", headers={"Authorization": "Bearer alice"})
+    assert (alice.json(), bob.json(), alice_again.json()) == ({"hit": 1}, {"hit": 2}, {"hit": 1})
+    assert upstream.hits == 2
+
+
 async def test_hedging_through_the_transport(upstream: Upstream) -> None:
     """With hedge_after, a slow first request is backed up by a second; the answer arrives."""
     upstream.hang = True

@@ -22,7 +22,7 @@ import httpx
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._events import EventBus
-from fastapi_resilience._retry_budget import SlidingCounter, seconds
+from fastapi_resilience._retry_budget import FALLBACK_EVENTS, SlidingCounter, seconds
 from fastapi_resilience.exceptions import (
     ConfigurationError,
     RateLimitedError,
@@ -78,7 +78,7 @@ class AdaptiveThrottle:
             :func:`is_overload`); any other outcome counts as accepted.
         name: names the upstream in events.
         clock: injectable time. random: a ``() -> float in [0, 1)`` source.
-        events: the event bus; ``None`` publishes nothing.
+        events: the event bus; ``None``: a shared bus that only logs.
 
     .. versionadded:: 0.1.0
     """
@@ -124,6 +124,15 @@ class AdaptiveThrottle:
         self._throttling = False
         self._counter = SlidingCounter(window_s, kinds=2, buckets=20, clock=clock)
 
+    @property
+    def events(self) -> EventBus:
+        """Where its events go: the bus it was given, else a shared bus that logs them."""
+        return self._events if self._events is not None else FALLBACK_EVENTS
+
+    @events.setter
+    def events(self, bus: EventBus | None) -> None:
+        self._events = bus
+
     def probability(self) -> float:
         """The current chance that a new request is dropped locally."""
         requests = self._counter.total(_REQUESTS)
@@ -139,15 +148,13 @@ class AdaptiveThrottle:
         if p <= 0.0:
             if self._throttling:
                 self._throttling = False
-                if self._events is not None:
-                    self._events.emit(THROTTLING_STOPPED, self.name, level=logging.INFO)
+                self.events.emit(THROTTLING_STOPPED, self.name, level=logging.INFO)
             return True
         if self._random() >= p:
             return True
         if not self._throttling:
             self._throttling = True
-            if self._events is not None:
-                self._events.emit(THROTTLING_STARTED, self.name, probability=round(p, 3))
+            self.events.emit(THROTTLING_STARTED, self.name, probability=round(p, 3))
         return False
 
     def record(self, exc: BaseException | None = None) -> None:

@@ -25,6 +25,9 @@ __all__ = ["RetryBudget", "SlidingCounter", "seconds"]
 BUDGET_EXHAUSTED = "retry.budget_exhausted"
 BUDGET_RECOVERED = "retry.budget_recovered"
 
+#: Events of budgets and throttles built without a bus still reach the log through this one.
+FALLBACK_EVENTS = EventBus()
+
 
 def seconds(value: float | timedelta | None, argument: str) -> float | None:
     """A duration argument as float seconds (``timedelta`` accepted); ``None`` passes through."""
@@ -93,7 +96,7 @@ class RetryBudget:
         window: the sliding window in seconds over which calls and retries are counted.
         name: names the target in events.
         clock: injectable time.
-        events: the event bus; ``None`` publishes nothing.
+        events: the event bus; ``None``: a shared bus that only logs.
 
     .. versionadded:: 0.1.0
     """
@@ -142,6 +145,15 @@ class RetryBudget:
         # kind 0: calls (first attempts), kind 1: retries.
         self._counter = SlidingCounter(window_s, kinds=2, clock=clock)
 
+    @property
+    def events(self) -> EventBus:
+        """Where its events go: the bus it was given, else a shared bus that logs them."""
+        return self._events if self._events is not None else FALLBACK_EVENTS
+
+    @events.setter
+    def events(self, bus: EventBus | None) -> None:
+        self._events = bus
+
     def record_call(self) -> None:
         """Count one call (its first attempt); each call earns ``ratio`` retries."""
         self._counter.add(0)
@@ -157,21 +169,19 @@ class RetryBudget:
             # outage (refused, allowed, refused...) is reported once, not every few calls.
             if self._exhausted and self._clock.monotonic() - self._last_refusal >= self.window:
                 self._exhausted = False
-                if self._events is not None:
-                    self._events.emit(BUDGET_RECOVERED, self.name, level=logging.INFO)
+                self.events.emit(BUDGET_RECOVERED, self.name, level=logging.INFO)
             return True
         self._last_refusal = self._clock.monotonic()
         if not self._exhausted:
             self._exhausted = True
-            if self._events is not None:
-                self._events.emit(
-                    BUDGET_EXHAUSTED,
-                    self.name,
-                    calls=calls,
-                    retries=retries,
-                    ratio=self.ratio,
-                    window=self.window,
-                )
+            self.events.emit(
+                BUDGET_EXHAUSTED,
+                self.name,
+                calls=calls,
+                retries=retries,
+                ratio=self.ratio,
+                window=self.window,
+            )
         return False
 
     @property

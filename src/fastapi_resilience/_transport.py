@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import math
 import random as _random
 from collections.abc import Callable, Mapping
@@ -98,6 +99,19 @@ class _NotCacheable(ClientError):
 
 
 _PHASES = ("connect", "read", "write", "pool")
+#: Request headers that make an answer someone's own: they are part of the cache key.
+_PRIVATE_HEADERS = ("authorization", "cookie", "proxy-authorization")
+
+
+def _cache_key(request: httpx.Request) -> str:
+    """Method and URL, plus a digest of the credentials, so one caller's answer never serves
+    another's."""
+    key = f"{request.method} {request.url}"
+    private = [request.headers.get(name) for name in _PRIVATE_HEADERS]
+    if any(private):
+        digest = hashlib.blake2b(repr(private).encode(), digest_size=16).hexdigest()
+        key = f"{key} {digest}"
+    return key
 
 
 def _tighten_timeouts(request: httpx.Request, limit: float) -> None:
@@ -501,14 +515,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             # Always raise on 5xx here, so that a failure can be answered from the stale entry.
             response = await self._send_or_raise(policy, host, request)
             await response.aread()
-            if not 200 <= response.status_code < 300:
+            if not 200 <= response.status_code < 300 or "no-store" in response.headers.get(
+                "cache-control", ""
+            ):
                 raise _NotCacheable(response)
             return snapshot_response(response)
 
         try:
-            result = await cache.call(
-                f"{request.method} {request.url}", fetch, ttl=policy.cache_ttl
-            )
+            result = await cache.call(_cache_key(request), fetch, ttl=policy.cache_ttl)
         except _NotCacheable as exc:
             return exc.response
         except UpstreamError as exc:
