@@ -58,7 +58,12 @@ from fastapi_resilience._response_cache import (
 from fastapi_resilience._retry import Retry
 from fastapi_resilience._retry_budget import RetryBudget
 from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience._transport import HostPolicy, ResilientTransport, resilient_client
+from fastapi_resilience._transport import (
+    HostPolicy,
+    ResilientTransport,
+    UpstreamStatusError,
+    resilient_client,
+)
 from fastapi_resilience.exceptions import (
     AppError,
     AuthenticationError,
@@ -139,6 +144,7 @@ __all__ = [
     "ThrottledError",
     "TieredBulkhead",
     "UpstreamError",
+    "UpstreamStatusError",
     "UpstreamTimeoutError",
     "breaker_dependency",
     "breaker_health_check",
