@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._events import EventBus
-from fastapi_resilience._rate_limit_core import RateLimitStorage, storage_from_url
+from fastapi_resilience._rate_limit_core import RateLimitStorage
+from fastapi_resilience._rate_limit_guard import guarded_storage_from_url
 from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver, IdentityResolver
 from fastapi_resilience._rate_limiter import RateLimiter
 
-if TYPE_CHECKING:
-    from fastapi_resilience._settings import ResilienceSettings
-
-__all__ = ["guard_storage", "limiter_from_settings", "standalone_limiter"]
+__all__ = ["limiter_from_settings", "standalone_limiter"]
 
 _STANDALONE: RateLimiter | None = None
-
-
-def guard_storage(
-    storage: RateLimitStorage,
-    settings: ResilienceSettings,
-    *,
-    events: EventBus,
-    clock: Clock,
-) -> RateLimitStorage:
-    """Wrap a shared storage in the guard: timeout, breaker, optional fail-open fallback."""
-    from fastapi_resilience._rate_limit_guard import GuardedStorage
-
-    return GuardedStorage(  # type: ignore[no-any-return,unused-ignore]
-        storage,
-        timeout=settings.rate_limit_storage_timeout,
-        fail_open=settings.rate_limit_fail_open,
-        fallback=settings.rate_limit_fallback,
-        events=events,
-        clock=clock,
-    )
 
 
 def limiter_from_settings(
@@ -56,14 +34,15 @@ def limiter_from_settings(
     settings = settings if settings is not None else ResilienceSettings()
     events = events or EventBus()
     if storage is None:
-        storage = storage_from_url(
+        storage = guarded_storage_from_url(
             settings.rate_limit_storage,
+            fail_open=settings.rate_limit_fail_open,
+            fallback_limiter=settings.rate_limit_fallback,
             prefix=settings.rate_limit_key_prefix,
             timeout=settings.rate_limit_storage_timeout,
+            events=events,
             clock=clock,
         )
-        if not settings.rate_limit_storage.startswith("memory://"):
-            storage = guard_storage(storage, settings, events=events, clock=clock)
     return RateLimiter(
         storage,
         tiers=settings.rate_limit_tiers,

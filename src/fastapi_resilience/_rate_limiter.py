@@ -98,13 +98,16 @@ class LimitOutcome:
     def headers(self) -> list[tuple[bytes, bytes]]:
         """The rate-limit header pairs for this response (none when the storage was down)."""
         decision = self.decision
-        if decision is None or not self.limiter.headers_enabled:
+        if decision is None:
             return []
-        states = decision.states
-        out = self.plan.header.headers(
-            [s.remaining for s in states], [s.reset_after for s in states]
-        )
+        out: list[tuple[bytes, bytes]] = []
+        if self.limiter.headers_enabled:
+            states = decision.states
+            out = self.plan.header.headers(
+                [s.remaining for s in states], [s.reset_after for s in states]
+            )
         if not decision.allowed:
+            # Retry-After goes on every 429, advertised limits or not.
             out.append((RETRY_AFTER, retry_after_header(decision.retry_after).encode("ascii")))
         return out
 
