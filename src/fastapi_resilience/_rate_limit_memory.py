@@ -29,36 +29,39 @@ _SWEEP_PER_CALL = 4
 
 
 class _Window:
-    """The units one limit holds for one identity: ``[bucket, count, bucket, count, ...]``."""
+    """The units one limit holds for one identity.
 
-    __slots__ = ("entries", "expires", "total")
+    ``entries`` is ``[bucket, count, bucket, count, ...]``, oldest first; ``first_expiry`` is when
+    the oldest bucket leaves the window and ``expires`` when the newest does.
+    """
+
+    __slots__ = ("entries", "expires", "first_expiry", "total")
 
     def __init__(self) -> None:
         self.entries: list[int] = []
         self.total = 0
+        self.first_expiry = 0.0
         self.expires = 0.0
 
-
-def _drop_expired(window: _Window, now: float, width: float, period: int) -> None:
-    entries = window.entries
-    index, size, total = 0, len(entries), window.total
-    while index < size and (entries[index] + 1) * width + period <= now:
-        total -= entries[index + 1]
-        index += 2
-    if index:
+    def drop_expired(self, now: float, width: float, period: int) -> None:
+        entries = self.entries
+        index, size, total = 0, len(entries), self.total
+        while index < size and (entries[index] + 1) * width + period <= now:
+            total -= entries[index + 1]
+            index += 2
         del entries[:index]
-        window.total = total
+        self.total = total
+        self.first_expiry = (entries[0] + 1) * width + period if entries else 0.0
 
-
-def _retry_after(window: _Window, need: int, now: float, width: float, period: int) -> float:
-    """Seconds until ``need`` more units have left the window (walks from the oldest bucket)."""
-    entries = window.entries
-    freed = 0
-    for index in range(0, len(entries), 2):
-        freed += entries[index + 1]
-        if freed >= need:
-            return max(0.0, (entries[index] + 1) * width + period - now)
-    return float(period)  # pragma: no cover - need <= total by construction
+    def retry_after(self, need: int, now: float, width: float, period: int) -> float:
+        """Seconds until ``need`` more units have left the window (walks from the oldest)."""
+        entries = self.entries
+        freed = 0
+        for index in range(0, len(entries), 2):
+            freed += entries[index + 1]
+            if freed >= need:
+                return max(0.0, (entries[index] + 1) * width + period - now)
+        return float(period)  # pragma: no cover - need <= total by construction
 
 
 class MemoryStorage:
@@ -78,6 +81,7 @@ class MemoryStorage:
         self._clock = clock
         self.max_keys = max_keys
         self._windows: OrderedDict[tuple[str, int, int], _Window] = OrderedDict()
+        self._next_sweep = 0.0
         #: Live windows evicted because of ``max_keys`` (a flood of identities), for metrics.
         self.evictions = 0
 
@@ -96,28 +100,31 @@ class MemoryStorage:
         for check in checks:
             limit = check.limit
             window = windows.get((check.key, limit.amount, limit.period))
-            if window is not None:
-                _drop_expired(window, now, limit.period / RESOLUTION, limit.period)
-                if window.total + check.cost > limit.amount and not check.shadow:
-                    allowed = False
-            elif check.cost > limit.amount and not check.shadow:
+            if window is None:
+                total = 0
+            else:
+                if window.first_expiry <= now:
+                    window.drop_expired(now, limit.period / RESOLUTION, limit.period)
+                total = window.total
+            if total + check.cost > limit.amount and not check.shadow:
                 allowed = False
             found.append(window)
-        if allowed:
-            for index, check in enumerate(checks):
-                found[index] = self._count(check, found[index], now)
-        states = tuple(
-            self._state(check, window, now, allowed)
-            for check, window in zip(checks, found, strict=True)
-        )
-        self._sweep(now)
-        return Decision(allowed, states)
+        states = []
+        for index, check in enumerate(checks):
+            window = found[index]
+            before = 0 if window is None else window.total
+            if allowed:
+                window = self._count(check, window, now)
+            states.append(self._state(check, window, before, now))
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return Decision(allowed, tuple(states))
 
     def _count(self, check: LimitCheck, window: _Window | None, now: float) -> _Window:
         limit = check.limit
         width = limit.period / RESOLUTION
-        key = (check.key, limit.amount, limit.period)
         windows = self._windows
+        key = (check.key, limit.amount, limit.period)
         if window is None:
             if len(windows) >= self.max_keys:
                 self._evict(now)
@@ -133,31 +140,29 @@ class MemoryStorage:
         else:
             entries.append(bucket)
             entries.append(check.cost)
+        if len(entries) == 2:
+            window.first_expiry = (entries[0] + 1) * width + limit.period
         window.total += check.cost
         window.expires = (bucket + 1) * width + limit.period
         return window
 
     @staticmethod
-    def _state(check: LimitCheck, window: _Window | None, now: float, counted: bool) -> LimitState:
+    def _state(check: LimitCheck, window: _Window | None, before: int, now: float) -> LimitState:
         limit = check.limit
+        cost = check.cost
         if window is None or not window.entries:
-            fits = check.cost <= limit.amount
+            fits = cost <= limit.amount
             return LimitState(check, fits, limit.amount, 0.0, 0.0 if fits else float(limit.period))
-        width = limit.period / RESOLUTION
-        total = window.total
-        # Whether this limit alone admits: judged on the count before this request.
-        before = total - check.cost if counted else total
-        fits = before + check.cost <= limit.amount
-        if fits:
-            retry = 0.0
-        elif check.cost > limit.amount:
+        remaining = limit.amount - window.total
+        reset = window.first_expiry - now
+        if before + cost <= limit.amount:
+            return LimitState(check, True, remaining if remaining > 0 else 0, reset, 0.0)
+        if cost > limit.amount:
             retry = float(limit.period)
         else:
-            retry = _retry_after(
-                window, before + check.cost - limit.amount, now, width, limit.period
-            )
-        reset = (window.entries[0] + 1) * width + limit.period - now
-        return LimitState(check, fits, max(0, limit.amount - total), max(0.0, reset), retry)
+            need = before + cost - limit.amount
+            retry = window.retry_after(need, now, limit.period / RESOLUTION, limit.period)
+        return LimitState(check, False, remaining if remaining > 0 else 0, reset, retry)
 
     def _evict(self, now: float) -> None:
         windows = self._windows
@@ -170,6 +175,8 @@ class MemoryStorage:
         while budget and windows:
             key, window = next(iter(windows.items()))
             if window.expires > now:
+                # Until then the front cannot have expired (windows only move to the back).
+                self._next_sweep = window.expires
                 return
             del windows[key]
             budget -= 1
