@@ -85,6 +85,7 @@ async def test_two_processes_admit_exactly_the_limit(
     assert delta.get("cmdstat_ping", 0) == 0
     assert delta.get("cmdstat_hello", 0) <= 400 // 10
 
+
 async def test_route_and_tier_limits_are_shared_across_processes(
     two_apps: list[UvicornProcess],
 ) -> None:
