@@ -50,7 +50,7 @@ def sf_string(text: str) -> str:
 
 def ceil_seconds(seconds: float) -> int:
     """Whole seconds, rounded up, never negative (the draft's ``t`` and ``X-RateLimit-Reset``)."""
-    return max(0, math.ceil(seconds - 1e-9))
+    return math.ceil(seconds - 1e-9) if seconds > 0 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +97,21 @@ class HeaderPlan:
         ``remaining`` and ``reset_after`` are in the order of ``policies``.
         """
         policies = self.policies
+        if len(policies) == 1:  # the common case, kept short: it runs on every request
+            policy = policies[0]
+            left = remaining[0] if remaining[0] > 0 else 0
+            reset = ceil_seconds(reset_after[0])
+            out = [
+                (IETF_POLICY, self.policy_field),
+                (IETF_LIMIT, policy.quoted_name + b";r=%d;t=%d" % (left, reset)),
+            ]
+            if legacy:
+                out += [
+                    (X_LIMIT, policy.amount),
+                    (X_REMAINING, b"%d" % left),
+                    (X_RESET, b"%d" % reset),
+                ]
+            return out
         resets = [ceil_seconds(r) for r in reset_after]
         lefts = [max(0, r) for r in remaining]
         items = [
