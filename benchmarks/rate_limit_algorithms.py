@@ -1,6 +1,6 @@
 """Accuracy of rate-limit algorithms on 100/minute, simulated (the figures in adr/0010).
 
-Run: .venv/bin/python benchmarks/rate_limit_algorithms.py
+Run: .venv/bin/python -m benchmarks.rate_limit_algorithms
 
 Each algorithm sees the same request times and answers admit/refuse; we report the most
 requests admitted in any 60 s window (the promise is 100) and how many were admitted.
