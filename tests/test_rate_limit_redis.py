@@ -232,3 +232,20 @@ async def test_dead_redis_raises_storage_unavailable(
     with pytest.raises(StorageUnavailableError):
         await storage.ping()
     assert time.perf_counter() - start < 2 * DEFAULT_STORAGE_TIMEOUT
+
+
+async def test_closing_mid_flight_releases_waiting_checks(
+    redis_server: RedisServer,
+) -> None:
+    """Closing the storage while a batch waits on a stalled Redis ends the waiting check."""
+    storage = RedisStorage.from_url(redis_server.url, timeout=5.0)
+    await storage.check("id", [LimitCheck("k", PER_MINUTE)])
+    redis_server.stall()
+    try:
+        task = asyncio.ensure_future(storage.check("id", [LimitCheck("k", PER_MINUTE)]))
+        await asyncio.sleep(0.05)  # let the batch leave and wait on the stalled server
+        await storage.aclose()
+        with pytest.raises((asyncio.CancelledError, StorageUnavailableError)):
+            await asyncio.wait_for(task, 1.0)
+    finally:
+        redis_server.resume()

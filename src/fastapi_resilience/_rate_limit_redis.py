@@ -209,6 +209,11 @@ class _Coalescer:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(_unavailable(exc))
+        except BaseException:
+            # Closed while in flight: no caller may wait for an answer that will not come.
+            for _, future in batch:
+                future.cancel()
+            raise
         else:
             for (_, future), reply in zip(batch, replies, strict=True):
                 if future.done():
