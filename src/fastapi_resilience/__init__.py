@@ -17,6 +17,14 @@ from fastapi_resilience._install import Resilience, install
 from fastapi_resilience._limit_string import Limit, parse_limits
 from fastapi_resilience._outbound_headers import CorrelationIdTransport, correlation_id_hook
 from fastapi_resilience._problem import ProblemResponse
+from fastapi_resilience._rate_limit_identity import (
+    DefaultIdentityResolver,
+    Identity,
+    IdentityResolver,
+)
+from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
+from fastapi_resilience._rate_limit_routes import RateLimit, rate_limit
+from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import (
     AppError,
@@ -54,17 +62,23 @@ __all__ = [
     "CorrelationIdFilter",
     "CorrelationIdMiddleware",
     "CorrelationIdTransport",
+    "DefaultIdentityResolver",
     "Event",
     "EventBus",
     "FeatureUnavailableError",
     "HealthChecks",
+    "Identity",
+    "IdentityResolver",
     "InternalError",
     "InvalidInputError",
     "Limit",
     "NotFoundError",
     "PermissionDeniedError",
     "ProblemResponse",
+    "RateLimit",
+    "RateLimitMiddleware",
     "RateLimitedError",
+    "RateLimiter",
     "Resilience",
     "ResilienceSettings",
     "RetryExhaustedError",
@@ -78,6 +92,7 @@ __all__ = [
     "install",
     "install_exception_handlers",
     "parse_limits",
+    "rate_limit",
 ]
 
 
