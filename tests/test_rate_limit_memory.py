@@ -223,3 +223,16 @@ async def test_ping_and_close(storage: MemoryStorage) -> None:
 def test_decision_is_a_value() -> None:
     """Decisions are immutable values that compare by content."""
     assert Decision(True, ()) == Decision(True, ())
+
+
+async def test_retry_after_waits_for_enough_old_units(
+    storage: MemoryStorage, clock: ManualClock
+) -> None:
+    """A request of cost 2 waits until the two oldest units have left, walking the buckets."""
+    for _ in range(3):
+        await storage.check("id", [LimitCheck("k", Limit(3, 60))])
+        clock.advance(10)
+    state = (await storage.check("id", [LimitCheck("k", Limit(3, 60), cost=2)])).states[0]
+    assert not state.allowed
+    assert state.retry_after == 41.0  # the second unit (20 s old) leaves at 61 s
+    assert state.reset_after == 31.0

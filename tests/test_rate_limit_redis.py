@@ -249,3 +249,22 @@ async def test_closing_mid_flight_releases_waiting_checks(
             await asyncio.wait_for(task, 1.0)
     finally:
         redis_server.resume()
+
+
+async def test_retry_after_waits_for_enough_old_units(
+    make_storage: StorageFactory, observer: Redis
+) -> None:
+    """A request of cost 2 waits until the two oldest units have left, walking the buckets."""
+    storage = make_storage()
+    check = LimitCheck("k", Limit(3, 60), cost=2)
+    log, total = storage.keys_for("id", check)
+    now_s = int(time.time())
+    # One unit in each of three buckets, 30 s, 20 s and 10 s old (newest first).
+    await observer.rpush(log, now_s - 10, 1, now_s - 20, 1, now_s - 30, 1)
+    await observer.set(total, 3)
+    state = (await storage.check("id", [check])).states[0]
+    assert not state.allowed
+    # The second oldest (20 s old) leaves 61 s after its bucket began: in about 41 s.
+    assert 40.0 < state.retry_after <= 41.0
+    assert 30.0 < state.reset_after <= 31.0
+    assert await observer.get(total) == b"3"
