@@ -122,3 +122,10 @@ async def test_spoofed_forwarded_for_from_untrusted_peer_does_not_change_identit
             for n in range(4)
         ]
     assert codes == [200, 200, 200, 200]
+
+
+def test_api_key_that_no_header_can_carry_fails_at_start_up() -> None:
+    """A key with characters outside latin-1 is a configuration error, without echoing the key."""
+    with pytest.raises(ConfigurationError, match="rate_limit_api_keys") as info:
+        DefaultIdentityResolver(api_keys={"clé-\u2603": "free"})
+    assert "\u2603" not in str(info.value)

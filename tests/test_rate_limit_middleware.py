@@ -400,3 +400,66 @@ async def test_disabled_rate_limiting_adds_nothing(clock: ManualClock) -> None:
     async with client(app) as c:
         answers = [await c.post("/login") for _ in range(5)]
     assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in answers)
+
+
+async def run_lifespan(app: Any) -> None:
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_install_closes_the_storage_on_shutdown(clock: ManualClock) -> None:
+    """The storage install built is closed when the app shuts down, after the user's lifespan."""
+    from contextlib import asynccontextmanager
+
+    order: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        order.append("user startup")
+        yield
+        order.append("user shutdown")
+
+    app = FastAPI(lifespan=lifespan)
+    resilience = install(app, ResilienceSettings(), clock=clock)
+    limiter = resilience.rate_limiter
+    assert limiter is not None
+    storage = limiter.storage
+    original = storage.aclose
+
+    async def recording_aclose() -> None:
+        order.append("storage closed")
+        await original()
+
+    storage.aclose = recording_aclose  # type: ignore[method-assign]
+    await run_lifespan(app)
+    assert order == ["user startup", "user shutdown", "storage closed"]
+
+
+async def test_standalone_middleware_closes_its_own_storage(clock: ManualClock) -> None:
+    """RateLimitMiddleware added on its own closes the storage it built at shutdown."""
+    app = FastAPI()
+    app.add_middleware(RateLimitMiddleware, settings=ResilienceSettings(), clock=clock)
+    closed: list[bool] = []
+    app.middleware_stack = app.build_middleware_stack()
+    middleware = app.middleware_stack
+    while not isinstance(middleware, RateLimitMiddleware):
+        middleware = middleware.app
+    storage = middleware.limiter.storage
+    original = storage.aclose
+
+    async def recording_aclose() -> None:
+        closed.append(True)
+        await original()
+
+    storage.aclose = recording_aclose  # type: ignore[method-assign]
+    await run_lifespan(app)
+    assert closed == [True]

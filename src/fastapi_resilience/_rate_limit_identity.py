@@ -115,6 +115,16 @@ def _header_values(scope: Scope, name: bytes) -> list[str]:
     return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
 
 
+def _header_bytes(api_key: str) -> bytes:
+    try:
+        return api_key.encode("latin-1")
+    except UnicodeEncodeError:
+        # Such a key could never arrive in an HTTP header: say so at start-up.
+        raise ConfigurationError(
+            "rate_limit_api_keys: an API key has characters an HTTP header cannot carry"
+        ) from None
+
+
 def _key_id(api_key: str) -> str:
     # 64 bits of SHA-256: unique among any realistic number of keys, and the key itself never
     # reaches the storage, the logs or the events.
@@ -146,7 +156,7 @@ class DefaultIdentityResolver:
     ) -> None:
         self._header = api_key_header.lower().encode("latin-1")
         self._by_key = {
-            key.encode("latin-1"): Identity(_key_id(key), tier)
+            _header_bytes(key): Identity(_key_id(key), tier)
             for key, tier in (api_keys or {}).items()
         }
         self._default_tier = default_tier
