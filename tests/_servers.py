@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -123,7 +124,12 @@ class UvicornProcess:
     """``python -m uvicorn <app>`` on a free loopback port, with the given environment."""
 
     def __init__(
-        self, app: str, *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+        self,
+        app: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        stderr: IO[bytes] | None = None,
     ) -> None:
         self.port = free_port()
         full_env = {**os.environ, **(env or {})}
@@ -143,6 +149,7 @@ class UvicornProcess:
             ],
             env=full_env,
             cwd=str(cwd) if cwd else None,
+            stderr=stderr,
         )
         wait_for_port(self.port, timeout=20, proc=self.proc)
 

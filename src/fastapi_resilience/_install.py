@@ -13,6 +13,7 @@ from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import HealthChecks, health_router
+from fastapi_resilience._metrics import PrometheusListener, metrics_router, prometheus_available
 from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
 from fastapi_resilience._rate_limiter import RateLimiter
@@ -43,6 +44,7 @@ class Resilience:
         self.health = HealthChecks(default_timeout=settings.health_check_timeout)
         #: The app's rate limiter; ``None`` when ``rate_limit_enabled`` is off.
         self.rate_limiter: RateLimiter | None = None
+        self.metrics: PrometheusListener | None = None
 
     def __repr__(self) -> str:
         return f"Resilience(checks={len(self.health._checks)})"
@@ -79,6 +81,8 @@ def install(
         _install_rate_limiting(app, resilience)
     app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
     app.include_router(health_router(resilience.health, prefix=settings.health_path))
+    if settings.metrics_enabled and prometheus_available():
+        _install_metrics(app, resilience, settings.metrics_path)
     return resilience
 
 
@@ -114,3 +118,13 @@ def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:
             await limiter.aclose()
 
     app.router.lifespan_context = lifespan
+
+
+def _install_metrics(app: FastAPI, resilience: Resilience, path: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    # A registry per app: two apps in one process (tests, mounted sub-apps) never collide.
+    registry = CollectorRegistry()
+    resilience.metrics = PrometheusListener(registry)
+    resilience.events.subscribe(resilience.metrics)
+    app.include_router(metrics_router(registry, path=path))

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fastapi_resilience._limit_string import parse_limits
 from fastapi_resilience._problem import DEFAULT_TYPE_BASE
@@ -62,9 +62,11 @@ class ResilienceSettings(BaseSettings):
     rate_limit_headers_enabled: bool = True
     rate_limit_fallback: bool = True
 
-    # Health
+    # Health and metrics
     health_path: str = "/health"
     health_check_timeout: float = Field(default=1.0, gt=0)
+    metrics_enabled: bool = True
+    metrics_path: str = "/metrics"
 
     def __init__(self, **values: Any) -> None:
         _reject_unknown_env(type(self))
@@ -72,6 +74,14 @@ class ResilienceSettings(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise ConfigurationError(_describe(exc)) from None
+        except SettingsError as exc:
+            # pydantic-settings' own error for unparsable JSON names the field in quotes.
+            field = re.search(r'field "([a-z_]+)"', str(exc))
+            name = field[1] if field else "?"
+            raise ConfigurationError(
+                "invalid fastapi-resilience settings:\n  "
+                f"{name} (env {ENV_PREFIX}{name.upper()}): not valid JSON ({exc.__cause__})"
+            ) from None
 
     @field_validator("correlation_header", "rate_limit_api_key_header")
     @classmethod
@@ -116,7 +126,7 @@ class ResilienceSettings(BaseSettings):
                 raise ValueError(f"{entry!r} is not an IP address or network") from None
         return value
 
-    @field_validator("rate_limit_exempt_paths", "health_path")
+    @field_validator("rate_limit_exempt_paths", "health_path", "metrics_path")
     @classmethod
     def _paths(cls, value: Any) -> Any:
         for path in value if isinstance(value, list) else [value]:

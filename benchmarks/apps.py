@@ -1,0 +1,246 @@
+"""The apps ``make bench`` measures: one registry entry per variant, all serving the same route.
+
+Each variant is a factory that builds an ASGI app around :func:`tiny_app`. The harness starts
+``uvicorn benchmarks.apps:create_app --factory`` with ``BENCH_VARIANT=<name>`` (and
+``BENCH_REDIS_URL`` when the variant needs Redis), so each variant runs in its own process and
+imports only what it needs: factories import their library inside the function.
+
+To add a variant, write a factory and add one :class:`HttpVariant` to ``VARIANTS`` in the
+section of its group (see ``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+#: Environment variables the harness sets for the server process.
+VARIANT_ENV = "BENCH_VARIANT"
+REDIS_URL_ENV = "BENCH_REDIS_URL"
+
+#: The one route every variant serves, and its exact body.
+ROUTE = "/"
+BODY = b'{"status":"ok"}'
+
+#: A rate limit no benchmark run can reach: limiters count every request but never refuse.
+HUGE_LIMIT = "1000000000/hour"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchEnv:
+    """What the harness hands a factory: the private Redis when the variant asked for one."""
+
+    redis_url: str | None = None
+
+    def require_redis(self) -> str:
+        if self.redis_url is None:
+            raise RuntimeError(f"this variant needs Redis: set needs_redis=True ({REDIS_URL_ENV})")
+        return self.redis_url
+
+
+#: A factory is a callable or an import string ``"package.module:function"``.
+AppFactory = Callable[[BenchEnv], ASGIApp] | str
+
+
+@dataclass(frozen=True, slots=True)
+class HttpVariant:
+    """One app measured by the HTTP benchmark.
+
+    Args:
+        description: one line for the results table (what is added to bare FastAPI).
+        factory: builds the app; a callable or an import string.
+        group: the results table it appears in (``"foundation"``, ``"rate_limit"``, ...).
+        needs_redis: start the harness's private redis-server and pass its URL.
+        expect_headers: response headers (lower case) that prove the variant is active; the
+            harness checks them on one request before measuring.
+    """
+
+    description: str
+    factory: AppFactory
+    group: str
+    needs_redis: bool = False
+    expect_headers: tuple[str, ...] = ()
+
+    def build(self, env: BenchEnv) -> ASGIApp:
+        factory = self.factory
+        if isinstance(factory, str):
+            module_name, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module_name), attr)
+        return factory(env)
+
+
+def tiny_app() -> FastAPI:
+    """Bare FastAPI with the one tiny JSON route; every variant starts from this."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    # ``response_model=None``: no response validation, so a middleware's cost is not hidden
+    # behind a heavier route.
+    @app.get(ROUTE, response_model=None)
+    async def status() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+# ---- foundation (issue 2) ------------------------------------------------------------------
+
+
+def bare(env: BenchEnv) -> ASGIApp:
+    return tiny_app()
+
+
+class NoopASGIMiddleware:
+    """The cheapest possible pure ASGI middleware: the floor for any middleware."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class NoopBaseHTTPMiddleware(BaseHTTPMiddleware):
+    """A ``BaseHTTPMiddleware`` that does nothing: what that base class costs by itself."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+def noop_asgi(env: BenchEnv) -> ASGIApp:
+    app = tiny_app()
+    app.add_middleware(NoopASGIMiddleware)
+    return app
+
+
+def noop_basehttp(env: BenchEnv) -> ASGIApp:
+    app = tiny_app()
+    app.add_middleware(NoopBaseHTTPMiddleware)
+    return app
+
+
+def resilience_errors_ids(env: BenchEnv) -> ASGIApp:
+    from fastapi_resilience import CorrelationIdMiddleware, install_exception_handlers
+
+    app = tiny_app()
+    app.add_middleware(CorrelationIdMiddleware)
+    install_exception_handlers(app)
+    return app
+
+
+def asgi_correlation_id(env: BenchEnv) -> ASGIApp:
+    from asgi_correlation_id import CorrelationIdMiddleware
+
+    app = tiny_app()
+    app.add_middleware(CorrelationIdMiddleware)
+    return app
+
+
+# ---- rate limiting (issue 3): the slowapi peers --------------------------------------------
+
+
+def _slowapi_app(
+    *, storage_uri: str, headers_enabled: bool = False, asgi_middleware: bool = False
+) -> ASGIApp:
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+    from slowapi.util import get_remote_address
+
+    app = tiny_app()
+    app.state.limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=[HUGE_LIMIT],
+        storage_uri=storage_uri,
+        headers_enabled=headers_enabled,
+    )
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    app.add_middleware(SlowAPIASGIMiddleware if asgi_middleware else SlowAPIMiddleware)
+    return app
+
+
+def slowapi_memory(env: BenchEnv) -> ASGIApp:
+    return _slowapi_app(storage_uri="memory://")
+
+
+def slowapi_memory_asgi(env: BenchEnv) -> ASGIApp:
+    return _slowapi_app(storage_uri="memory://", asgi_middleware=True)
+
+
+def slowapi_redis(env: BenchEnv) -> ASGIApp:
+    return _slowapi_app(storage_uri=env.require_redis())
+
+
+def slowapi_redis_headers(env: BenchEnv) -> ASGIApp:
+    return _slowapi_app(storage_uri=env.require_redis(), headers_enabled=True)
+
+
+#: Every variant, by name. ``bare`` is always measured: ratios are to it, in the same run.
+VARIANTS: dict[str, HttpVariant] = {
+    # ---- foundation (issue 2)
+    "bare": HttpVariant("FastAPI, nothing added", bare, "foundation"),
+    "noop_asgi": HttpVariant("a no-op pure ASGI middleware (reference)", noop_asgi, "foundation"),
+    "noop_basehttp": HttpVariant(
+        "a no-op `BaseHTTPMiddleware` (reference)", noop_basehttp, "foundation"
+    ),
+    "resilience_errors_ids": HttpVariant(
+        "fastapi-resilience `CorrelationIdMiddleware` + `install_exception_handlers`",
+        resilience_errors_ids,
+        "foundation",
+        expect_headers=("x-request-id",),
+    ),
+    "asgi_correlation_id": HttpVariant(
+        "asgi-correlation-id `CorrelationIdMiddleware` (peer)",
+        asgi_correlation_id,
+        "foundation",
+        expect_headers=("x-request-id",),
+    ),
+    # ---- rate limiting (issue 3): this library's variants go here, next to the peers.
+    "slowapi_memory": HttpVariant(
+        "slowapi, memory storage, `SlowAPIMiddleware` (peer)", slowapi_memory, "rate_limit"
+    ),
+    "slowapi_memory_asgi": HttpVariant(
+        "slowapi, memory storage, `SlowAPIASGIMiddleware` (peer)",
+        slowapi_memory_asgi,
+        "rate_limit",
+    ),
+    "slowapi_redis": HttpVariant(
+        "slowapi, Redis storage, `SlowAPIMiddleware` (peer)",
+        slowapi_redis,
+        "rate_limit",
+        needs_redis=True,
+    ),
+    "slowapi_redis_headers": HttpVariant(
+        "slowapi, Redis storage, headers on, `SlowAPIMiddleware` (peer)",
+        slowapi_redis_headers,
+        "rate_limit",
+        needs_redis=True,
+        expect_headers=("x-ratelimit-limit", "x-ratelimit-remaining"),
+    ),
+    # ---- further groups (degraded mode, admin, ...) add a section here.
+}
+
+#: The order in which group tables are written; unknown groups follow, sorted.
+GROUP_TITLES: dict[str, str] = {
+    "foundation": "Correlation IDs and error handling",
+    "rate_limit": "Rate limiting",
+}
+
+
+def create_app() -> ASGIApp:
+    """The uvicorn factory: the app of the variant named by ``BENCH_VARIANT``."""
+    name = os.environ.get(VARIANT_ENV, "bare")
+    try:
+        variant = VARIANTS[name]
+    except KeyError:
+        raise RuntimeError(
+            f"{VARIANT_ENV}={name!r}: no such variant ({sorted(VARIANTS)})"
+        ) from None
+    return variant.build(BenchEnv(redis_url=os.environ.get(REDIS_URL_ENV) or None))

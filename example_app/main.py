@@ -1,0 +1,129 @@
+"""An orders API that shows what fastapi-resilience gives a service.
+
+Run it with ``make run`` (127.0.0.1:8000, in-memory defaults, no Redis needed), then try:
+
+    curl -i 127.0.0.1:8000/orders/1            # 200, with X-Request-ID
+    curl -i 127.0.0.1:8000/orders/999          # 404 problem+json
+    curl -i -X POST 127.0.0.1:8000/orders -H 'content-type: application/json' \\
+         -d '{"sku": "", "quantity": 0}'         # 422 problem+json with an `errors` list
+    curl -i 127.0.0.1:8000/nowhere             # 404 for an unknown route, same shape
+    curl -i 127.0.0.1:8000/health/ready
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import BackgroundTasks, FastAPI
+from pydantic import BaseModel, Field
+
+from fastapi_resilience import (
+    ConflictError,
+    CorrelationIdFilter,
+    NotFoundError,
+    ResilienceSettings,
+    get_correlation_id,
+    install,
+)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(correlation_id)s] %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    """Every record, the library's included, carries the request's correlation ID."""
+    handler = logging.StreamHandler()
+    handler.addFilter(CorrelationIdFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+log = logging.getLogger("example_app.orders")
+
+
+class OrderIn(BaseModel):
+    sku: Annotated[str, Field(min_length=1, max_length=32)]
+    quantity: Annotated[int, Field(gt=0, le=1000)]
+
+
+class Order(OrderIn):
+    id: int
+    status: str = "placed"
+
+
+class OrderStore:
+    """A stand-in for a database: enough to show the errors a real one produces."""
+
+    def __init__(self) -> None:
+        self._orders: dict[int, Order] = {1: Order(id=1, sku="tea-earl-grey", quantity=2)}
+        self.reachable = True
+
+    def get(self, order_id: int) -> Order:
+        try:
+            return self._orders[order_id]
+        except KeyError:
+            raise NotFoundError(
+                f"order {order_id} does not exist", extensions={"order_id": order_id}
+            ) from None
+
+    def add(self, order: OrderIn) -> Order:
+        new = Order(id=max(self._orders, default=0) + 1, **order.model_dump())
+        self._orders[new.id] = new
+        return new
+
+    def ship(self, order_id: int) -> Order:
+        order = self.get(order_id)
+        if order.status == "shipped":
+            raise ConflictError(
+                f"order {order_id} has already shipped", extensions={"order_id": order_id}
+            )
+        order.status = "shipped"
+        return order
+
+
+def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
+    configure_logging()
+    app = FastAPI(title="Orders (fastapi-resilience example)")
+    resilience = install(app, settings)
+    store = OrderStore()
+    app.state.store = store
+
+    async def store_check() -> bool:
+        return store.reachable
+
+    resilience.health.add("orders_store", store_check, timeout=0.5)
+
+    def confirm(order_id: int) -> None:
+        # Runs after the answer is sent; the log line still carries the request's ID.
+        log.info("confirmation queued for order %s", order_id)
+
+    @app.get("/orders/{order_id}")
+    async def get_order(order_id: int) -> Order:
+        return store.get(order_id)
+
+    @app.post("/orders", status_code=201)
+    async def place_order(order: OrderIn, background: BackgroundTasks) -> Order:
+        created = store.add(order)
+        log.info("order %s placed", created.id)
+        background.add_task(confirm, created.id)
+        return created
+
+    @app.post("/orders/{order_id}/ship")
+    async def ship_order(order_id: int) -> Order:
+        return store.ship(order_id)
+
+    @app.get("/whoami")
+    async def whoami() -> dict[str, str | None]:
+        return {"correlation_id": get_correlation_id()}
+
+    @app.get("/debug/crash", include_in_schema=False)
+    async def crash() -> None:
+        # An unhandled error: the client sees a sanitized 500, the log has the traceback.
+        raise RuntimeError("secret: the database password is hunter2")
+
+    return app
+
+
+app = create_app()

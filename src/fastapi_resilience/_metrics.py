@@ -1,0 +1,61 @@
+"""Metrics: a Prometheus listener on the event bus, and the ``/metrics`` route.
+
+Everything is optional: without ``prometheus-client`` (the ``prometheus`` extra) nothing here
+is used and ``install`` mounts no route.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from fastapi_resilience._events import Event
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["PrometheusListener", "metrics_router", "prometheus_available"]
+
+
+def prometheus_available() -> bool:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:  # pragma: no cover - exercised only without the extra
+        return False
+    return True
+
+
+class PrometheusListener:
+    """Counts every event as ``fastapi_resilience_events_total{kind, name}``.
+
+    One listener per registry: pass a fresh ``CollectorRegistry`` in tests.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import REGISTRY, Counter
+
+        self.registry = registry if registry is not None else REGISTRY
+        self.events = Counter(
+            "fastapi_resilience_events",
+            "State changes reported by fastapi-resilience (breaker opened, storage down, ...).",
+            ["kind", "name"],
+            registry=self.registry,
+        )
+
+    def __call__(self, event: Event) -> None:
+        self.events.labels(event.kind, event.name).inc()
+
+
+def metrics_router(registry: CollectorRegistry, *, path: str = "/metrics") -> APIRouter:
+    """``GET /metrics`` in the Prometheus text format."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    router = APIRouter(tags=["metrics"])
+
+    @router.get(path, include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,175 @@
+"""The benchmark harness's own logic, on fixed text: no wrk, no server, no timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from benchmarks import _report
+from benchmarks._wrk import WrkOutputError, parse_wrk
+from benchmarks.apps import BODY, ROUTE, VARIANTS, BenchEnv, HttpVariant, bare
+from benchmarks.http_bench import HttpSample, round_order, summarize
+from benchmarks.run import select
+
+WRK_OUTPUT = """\
+Running 5s test @ http://127.0.0.1:41234/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     6.04ms    1.20ms  30.00ms   90.00%
+    Req/Sec    10.62k   500.00    11.00k    70.00%
+  Latency Distribution
+     50%  850.00us
+     75%    6.20ms
+     90%    7.00ms
+     99%    1.02s
+  52842 requests in 5.00s, 7.46MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 10
+Requests/sec:  10565.17
+Transfer/sec:      1.49MB
+"""
+
+
+def _sample(variant: str, round_: int, rps: float, p99: float = 5.0) -> HttpSample:
+    return HttpSample(variant, round_, rps, 1.0, p99, int(rps), 0, 0)
+
+
+def test_parse_wrk_reads_throughput_percentiles_and_errors() -> None:
+    """Requests/sec, every percentile converted to ms, and both kinds of error are read."""
+    result = parse_wrk(WRK_OUTPUT)
+    assert result.requests_per_sec == 10565.17
+    assert result.requests == 52842
+    assert result.duration_s == 5.0
+    assert result.latency_ms == {50: 0.85, 75: 6.2, 90: 7.0, 99: 1020.0}
+    assert result.p99_ms == 1020.0
+    assert (result.non_2xx, result.socket_errors) == (10, 3)
+    assert not result.clean
+
+
+def test_parse_wrk_clean_run_has_no_errors() -> None:
+    """A report without error lines is a clean run."""
+    text = WRK_OUTPUT.replace("  Socket errors: connect 0, read 2, write 0, timeout 1\n", "")
+    result = parse_wrk(text.replace("  Non-2xx or 3xx responses: 10\n", ""))
+    assert result.clean
+
+
+def test_parse_wrk_rejects_a_report_without_latency() -> None:
+    """Output of wrk run without --latency (or a failure) is refused, not read as zeros."""
+    text = "\n".join(line for line in WRK_OUTPUT.splitlines() if "%" not in line)
+    with pytest.raises(WrkOutputError):
+        parse_wrk(text)
+
+
+def test_summarize_takes_each_rounds_ratio_against_bare_of_that_round() -> None:
+    """A variant's ratio is the median of per-round ratios, so drift between rounds cancels."""
+    samples = [
+        _sample("bare", 0, 1000.0),
+        _sample("noop_asgi", 0, 900.0, p99=4.0),
+        _sample("bare", 1, 2000.0),
+        _sample("noop_asgi", 1, 1900.0, p99=8.0),
+        _sample("bare", 2, 1000.0),
+        _sample("noop_asgi", 2, 1000.0, p99=6.0),
+    ]
+    by_name = {s.variant: s for s in summarize(samples)}
+    noop = by_name["noop_asgi"]
+    assert noop.ratio == pytest.approx(0.95)
+    assert (noop.ratio_min, noop.ratio_max) == (pytest.approx(0.9), pytest.approx(1.0))
+    assert noop.requests_per_sec == 1000.0
+    assert noop.p99_ms == 6.0
+    assert by_name["bare"].ratio == 1.0
+
+
+def test_summarize_needs_bare_in_the_same_run() -> None:
+    """Without the baseline no ratio can be given, and the harness says so."""
+    with pytest.raises(ValueError, match="bare"):
+        summarize([_sample("noop_asgi", 0, 900.0)])
+
+
+def test_round_order_puts_every_variant_in_every_position() -> None:
+    """Rotating by one per round spreads position effects over all variants."""
+    names = ["a", "b", "c"]
+    orders = [round_order(names, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert {order[0] for order in orders} == set(names)
+
+
+def test_markdown_table_aligns_and_escapes_pipes() -> None:
+    """The table writer emits GitHub Markdown with right-aligned figures."""
+    table = _report.markdown_table(["name", "req/s"], [["a|b", "1,000"]], "lr")
+    assert table == "| name | req/s |\n| :--- | ---: |\n| a\\|b | 1,000 |\n"
+
+
+def test_http_section_starts_every_group_table_with_bare() -> None:
+    """Each group's table carries bare for reference, and ratios are printed to two places."""
+    samples = [
+        _sample("bare", 0, 1000.0),
+        _sample("resilience_errors_ids", 0, 980.0),
+        _sample("slowapi_memory", 0, 350.0),
+    ]
+    text = _report.http_section(summarize(samples))
+    foundation, rate_limit = text.split("### ")[1:]
+    assert foundation.startswith("Correlation IDs")
+    for section in (foundation, rate_limit):
+        rows = [line for line in section.splitlines() if line.startswith("| `")]
+        assert rows[0].startswith("| `bare` |")
+    assert "| 980 | 5.00 | 0.98 |" in foundation
+    assert "| 0.35 |" in rate_limit
+
+
+def test_update_doc_rewrites_only_the_generated_block(tmp_path: Path) -> None:
+    """The hand-written header survives a rewrite; the old figures do not."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Header\n\nMethod.\n\n{_report.BEGIN}\nold\n{_report.END}\n")
+    _report.update_doc(doc, "new figures\n")
+    text = doc.read_text()
+    assert text.startswith("# Header\n\nMethod.\n\n")
+    assert "new figures" in text
+    assert "old" not in text
+    _report.update_doc(doc, "newer\n")
+    assert doc.read_text().count(_report.BEGIN) == 1
+
+
+def test_update_doc_creates_a_missing_doc(tmp_path: Path) -> None:
+    """A first run writes a default header and the generated block."""
+    doc = tmp_path / "docs" / "benchmarks.md"
+    _report.update_doc(doc, "figures\n")
+    assert doc.read_text().startswith("# Benchmarks")
+
+
+def test_select_filters_every_section_and_rejects_unknown_names() -> None:
+    """--only picks names across sections; a typo fails instead of silently measuring nothing."""
+    chosen = select("noop_asgi,circuitbreaker", ["http", "micro", "client"])
+    assert chosen == {"http": ["noop_asgi"], "micro": ["circuitbreaker"]}
+    with pytest.raises(SystemExit, match="no_such"):
+        select("no_such", ["http"])
+
+
+def test_variant_factory_accepts_an_import_string() -> None:
+    """A registry entry may name its factory as ``module:function``."""
+    by_string = HttpVariant("x", "benchmarks.apps:bare", "foundation")
+    by_callable = HttpVariant("x", bare, "foundation")
+    assert type(by_string.build(BenchEnv())) is type(by_callable.build(BenchEnv()))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", [name for name, spec in VARIANTS.items() if not spec.needs_redis])
+async def test_every_variant_serves_the_same_body(name: str) -> None:
+    """Variants differ only in what wraps the route: same status, same body, headers present."""
+    spec = VARIANTS[name]
+    app = spec.build(BenchEnv())
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get(ROUTE)
+    assert response.status_code == 200
+    assert response.content == BODY
+    assert all(h in response.headers for h in spec.expect_headers)
+
+
+def test_registry_entries_are_complete() -> None:
+    """Every variant has a description and a group, and bare is registered."""
+    assert "bare" in VARIANTS
+    for name, spec in VARIANTS.items():
+        assert spec.description, name
+        assert spec.group, name

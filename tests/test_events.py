@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fastapi_resilience import Event, EventBus
+from fastapi_resilience._correlation import _correlation_id
+
+
+def test_event_is_logged_once_with_the_correlation_id(caplog: pytest.LogCaptureFixture) -> None:
+    """emit() logs one record carrying the kind, the name, the figures and the request's ID."""
+    bus = EventBus()
+    token = _correlation_id.set("ev-1")
+    try:
+        caplog.set_level(logging.INFO)
+        event = bus.emit("breaker.opened", "inventory", failures=5)
+    finally:
+        _correlation_id.reset(token)
+    records = [r for r in caplog.records if r.name == "fastapi_resilience.events"]
+    assert len(records) == 1
+    assert records[0].getMessage() == "breaker.opened inventory failures=5"
+    assert records[0].correlation_id == "ev-1"
+    assert event.correlation_id == "ev-1"
+
+
+def test_listeners_subscribe_unsubscribe_and_cannot_break_the_publisher(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failing listener is logged; the others still get the event; unsubscribe works."""
+    bus = EventBus(log=False)
+    seen: list[Event] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("listener bug")
+
+    bus.subscribe(broken)
+    unsubscribe = bus.subscribe(seen.append)
+    bus.emit("storage.down", "redis")
+    unsubscribe()
+    unsubscribe()
+    bus.emit("storage.up", "redis")
+    assert [e.kind for e in seen] == ["storage.down"]
+    assert any("listener" in r.getMessage() for r in caplog.records)

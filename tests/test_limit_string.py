@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from fastapi_resilience import ConfigurationError, Limit, parse_limits
+from fastapi_resilience._limit_string import parse_limit
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        ("10/minute", Limit(10, 60)),
+        ("10/second", Limit(10, 1)),
+        ("5 / hour", Limit(5, 3600)),
+        ("100 per 2 hours", Limit(100, 7200)),
+        ("1 per day", Limit(1, 86400)),
+        ("7/2 minutes", Limit(7, 120)),
+        ("3 PER MINUTE", Limit(3, 60)),
+        ("2/month", Limit(2, 30 * 86400)),
+    ],
+)
+def test_slowapi_syntax_is_accepted(text: str, limit: Limit) -> None:
+    """The slowapi / limits syntax parses to amount and period in seconds."""
+    assert parse_limit(text) == limit
+
+
+def test_several_limits_and_round_trip_to_text() -> None:
+    """Limits separated by ';' parse in order and print back in the same syntax."""
+    limits = parse_limits("10/second; 300/hour ;100 per 2 hours")
+    assert limits == (Limit(10, 1), Limit(300, 3600), Limit(100, 7200))
+    assert [str(x) for x in limits] == ["10/second", "300/hour", "100 per 2 hours"]
+    assert limits[1].policy_name == "300-3600s"
+
+
+@pytest.mark.parametrize(
+    "text", ["", ";", "ten/minute", "10/fortnight", "10 minute", "0/minute", "10/0 minutes", "-1/s"]
+)
+def test_bad_strings_are_named_in_the_error(text: str) -> None:
+    """A bad limit string raises ConfigurationError quoting the string."""
+    with pytest.raises(ConfigurationError, match="invalid limit string"):
+        parse_limits(text)

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+
+from fastapi_resilience import ConfigurationError, ResilienceSettings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.upper().startswith("RESILIENCE_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_match_the_contract() -> None:
+    """The documented defaults hold."""
+    s = ResilienceSettings()
+    assert s.correlation_header == "X-Request-ID"
+    assert s.rate_limit_enabled is True
+    assert s.rate_limit_storage == "memory://"
+    assert s.rate_limit_tiers == {
+        "anonymous": "10/minute",
+        "free": "60/minute",
+        "standard": "300/minute",
+        "premium": "1000/minute",
+    }
+    assert s.rate_limit_default_tier == "anonymous"
+    assert s.rate_limit_api_keys == {}
+    assert s.rate_limit_fail_open is True
+    assert {"/health/live", "/health/ready", "/metrics"} <= set(s.rate_limit_exempt_paths)
+    assert s.trusted_proxies == []
+    assert s.expose_error_details is False
+
+
+def test_environment_overrides_with_json_for_nested_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RESILIENCE_* variables set every field; dicts and lists come as JSON."""
+    monkeypatch.setenv(
+        "RESILIENCE_RATE_LIMIT_TIERS",
+        '{"free": "5/second; 100/hour", "gold": "1/s"'.replace('"1/s"', '"1 per 2 seconds"}'),
+    )
+    monkeypatch.setenv("RESILIENCE_RATE_LIMIT_DEFAULT_TIER", "free")
+    monkeypatch.setenv("RESILIENCE_RATE_LIMIT_API_KEYS", '{"k1": "gold"}')
+    monkeypatch.setenv("RESILIENCE_TRUSTED_PROXIES", '["10.0.0.0/8", "::1"]')
+    monkeypatch.setenv("RESILIENCE_RATE_LIMIT_FAIL_OPEN", "false")
+    s = ResilienceSettings()
+    assert s.rate_limit_tiers["gold"] == "1 per 2 seconds"
+    assert s.rate_limit_api_keys == {"k1": "gold"}
+    assert s.trusted_proxies == ["10.0.0.0/8", "::1"]
+    assert s.rate_limit_fail_open is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"rate_limit_tiers": {"free": "ten per minute"}}, ["rate_limit_tiers", "ten per minute"]),
+        ({"rate_limit_tiers": {"free": "0/minute"}}, ["rate_limit_tiers", "0/minute"]),
+        ({"rate_limit_tiers": {}}, ["rate_limit_tiers"]),
+        ({"rate_limit_default_tier": "gold"}, ["rate_limit_default_tier", "gold"]),
+        ({"rate_limit_api_keys": {"k": "platinum"}}, ["rate_limit_api_keys", "platinum"]),
+        (
+            {"rate_limit_storage": "mongodb://x"},
+            ["rate_limit_storage", "RESILIENCE_RATE_LIMIT_STORAGE"],
+        ),
+        ({"trusted_proxies": ["not-an-ip"]}, ["trusted_proxies", "not-an-ip"]),
+        ({"correlation_header": "X Bad"}, ["correlation_header"]),
+        ({"rate_limit_exempt_paths": ["health"]}, ["rate_limit_exempt_paths"]),
+        ({"health_check_timeout": 0}, ["health_check_timeout"]),
+        ({"rate_limit_enabled": "maybe"}, ["rate_limit_enabled"]),
+        ({"no_such_setting": 1}, ["no_such_setting"]),
+    ],
+)
+def test_bad_values_from_code_name_the_setting(kwargs: dict[str, object], names: list[str]) -> None:
+    """A bad value fails at construction with a message naming the setting and the value."""
+    with pytest.raises(ConfigurationError) as info:
+        ResilienceSettings(**kwargs)
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_bad_value_from_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad environment value names the variable to fix."""
+    monkeypatch.setenv("RESILIENCE_RATE_LIMIT_FAIL_OPEN", "perhaps")
+    with pytest.raises(ConfigurationError, match="RESILIENCE_RATE_LIMIT_FAIL_OPEN"):
+        ResilienceSettings()
+
+
+def test_malformed_json_in_environment_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Broken JSON for a nested value fails with ConfigurationError, not a raw traceback."""
+    monkeypatch.setenv("RESILIENCE_RATE_LIMIT_TIERS", "{free: 1/minute")
+    with pytest.raises(ConfigurationError, match="RESILIENCE_RATE_LIMIT_TIERS"):
+        ResilienceSettings()
+
+
+def test_misspelt_environment_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown RESILIENCE_* variable is an error, not a silently ignored typo."""
+    monkeypatch.setenv("RESILIENCE_RATE_LIMT_TIERS", "{}")
+    with pytest.raises(ConfigurationError, match="RESILIENCE_RATE_LIMT_TIERS"):
+        ResilienceSettings()
+
+
+def test_settings_are_immutable() -> None:
+    """Settings are frozen once built, so no request sees a half-changed configuration."""
+    s = ResilienceSettings()
+    with pytest.raises(Exception, match="frozen"):
+        s.rate_limit_enabled = False  # type: ignore[misc]
