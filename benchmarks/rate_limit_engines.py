@@ -31,6 +31,7 @@ import limits.strategies
 import redis
 import redis.asyncio.connection
 import redis.connection
+from redis._parsers import _AsyncRESP2Parser
 
 from fastapi_resilience._limit_string import Limit
 from fastapi_resilience._rate_limit_core import LimitCheck
@@ -200,7 +201,18 @@ def main() -> None:
         print("| engine | sequential | 64 concurrent |")
         print("|---|---|---|")
         plain = RedisStorage.from_url(url, coalesce=False, max_connections=200)
-        for label, storage in (("this library, coalesced", ours), ("this library, plain", plain)):
+        # redis-py's pure-Python reply parser instead of hiredis, to see what hiredis buys.
+        python_parser = {"parser_class": _AsyncRESP2Parser}
+        no_hiredis = RedisStorage.from_url(url, **python_parser)
+        plain_no_hiredis = RedisStorage.from_url(
+            url, coalesce=False, max_connections=200, **python_parser
+        )
+        for label, storage in (
+            ("this library, coalesced", ours),
+            ("this library, coalesced, no hiredis", no_hiredis),
+            ("this library, one command per check", plain),
+            ("this library, one command per check, no hiredis", plain_no_hiredis),
+        ):
 
             async def call(i: int, s: RedisStorage = storage) -> object:
                 return await s.check(f"ip:{i}", [LimitCheck(f"tier:free:ip:{i}", tier)])
@@ -267,7 +279,7 @@ def main() -> None:
         with mock.patch.object(time, "time", ahead):
             second = sum(run_async(ours.check("skew", check)).allowed for _ in range(150))  # type: ignore[attr-defined]
         print(f"- this library (Redis TIME): {first} + {second} admitted")
-        for storage in (ours, plain, guard):
+        for storage in (ours, plain, no_hiredis, plain_no_hiredis, guard):
             run_async(storage.aclose())
         OBSERVERS.pop(url).close()
     loop.close()
