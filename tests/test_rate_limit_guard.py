@@ -283,6 +283,26 @@ async def test_stalled_redis_holds_no_request_past_the_timeout(
 
 
 @pytest.mark.redis
+async def test_a_busy_event_loop_is_not_blamed_on_redis(
+    guard: GuardedStorage, events: list[Event]
+) -> None:
+    """Heavy requests that keep the loop busy for 640 ms after their checks trip nothing."""
+    assert (await guard.check("ip:0", CHECK)).allowed
+
+    async def heavy_request(n: int) -> Decision:
+        decision = await guard.check(f"ip:{n}", CHECK)
+        busy_until = time.perf_counter() + 0.02
+        while time.perf_counter() < busy_until:  # 20 ms of CPU, like a heavy endpoint
+            pass
+        return decision
+
+    decisions = await asyncio.gather(*(heavy_request(n) for n in range(32)))
+    assert all(d.allowed and not d.degraded for d in decisions)
+    assert guard.available
+    assert events == []
+
+
+@pytest.mark.redis
 async def test_fail_open_fallback_while_redis_is_down(
     redis_server: RedisServer, bus: EventBus
 ) -> None:
@@ -295,3 +315,21 @@ async def test_fail_open_fallback_while_redis_is_down(
     assert [d.allowed for d in decisions] == [True] * 3 + [False] * 3
     assert all(d.degraded for d in decisions)
     await guard.aclose()
+
+
+@pytest.mark.redis
+async def test_guard_timeout_applies_when_shorter_than_the_storages(
+    redis_server: RedisServer,
+) -> None:
+    """A guard with a shorter timeout than its storage's still cuts a stalled call at its own."""
+    guard = GuardedStorage(RedisStorage.from_url(redis_server.url, timeout=2.0), timeout=0.1)
+    await guard.check("ip:1", CHECK)
+    redis_server.stall()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(StorageUnavailableError):
+            await guard.check("ip:1", CHECK)
+        assert time.perf_counter() - start < 0.2
+    finally:
+        redis_server.resume()
+        await guard.aclose()

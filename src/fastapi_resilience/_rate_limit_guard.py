@@ -93,6 +93,10 @@ class GuardedStorage:
         self.events = events or EventBus()
         self.name = name
         self._clock = clock
+        # A storage that already bounds each call by its deadline (the coalescing RedisStorage)
+        # needs no second, cancelling timeout around it.
+        own = getattr(storage, "call_timeout", None)
+        self._bounded_by_storage = own is not None and own <= timeout
         self._failures = 0
         self._opened_at: float | None = None
         self._next_probe = 0.0
@@ -108,8 +112,11 @@ class GuardedStorage:
             self._maybe_probe()
             return await self._degraded(identity_tag, checks, None)
         try:
-            async with asyncio.timeout(self.timeout):
+            if self._bounded_by_storage:
                 decision = await self.storage.check(identity_tag, checks)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    decision = await self.storage.check(identity_tag, checks)
         except (StorageUnavailableError, TimeoutError) as exc:
             self._record_failure(exc)
             return await self._degraded(identity_tag, checks, exc)

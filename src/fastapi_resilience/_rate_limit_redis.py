@@ -188,7 +188,22 @@ class _Coalescer:
         if not self._scheduled and self._in_flight < MAX_IN_FLIGHT:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        # The deadline fails the future only if no answer was received by then; an answer that
+        # was received is used even if the caller resumes a little later. One timer handle per
+        # check is also cheaper than a cancelling asyncio.timeout around the call.
+        deadline = loop.call_at(loop.time() + self._timeout, self._expire, future)
+        try:
+            return await future
+        finally:
+            deadline.cancel()
+
+    def _expire(self, future: asyncio.Future[list[int]]) -> None:
+        if not future.done():
+            error = StorageUnavailableError(
+                f"redis rate-limit storage did not answer within {self._timeout:g}s"
+            )
+            error.__cause__ = TimeoutError()
+            future.set_exception(error)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -232,7 +247,8 @@ class _Coalescer:
         pool = self._pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            async with asyncio.timeout(self._timeout):
+            # Frees the connection of a stalled server; callers were released at their deadline.
+            async with asyncio.timeout(2 * self._timeout):
                 try:
                     replies = await self._exchange(connection, [p.evalsha() for p in batch])
                 except RedisConnectionError:
@@ -302,6 +318,8 @@ class RedisStorage:
         self.client = client
         self.prefix = prefix
         self._coalescer = _Coalescer(client, timeout) if coalesce else None
+        #: No check waits longer than this, measured as "no answer received" (coalescing only).
+        self.call_timeout: float | None = timeout if coalesce else None
         self._args: dict[tuple[int, int, int, bool], bytes] = {}
         self._counts: dict[int, bytes] = {}
 
