@@ -333,3 +333,25 @@ async def test_guard_timeout_applies_when_shorter_than_the_storages(
     finally:
         redis_server.resume()
         await guard.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_that_pings_but_refuses_writes_stays_down(
+    guard: GuardedStorage, redis_server: RedisServer, events: list[Event]
+) -> None:
+    """Recovery needs a working check, not just PING: a read-only replica stays "down"."""
+    admin = RedisStorage.from_url(redis_server.url).client
+    assert (await guard.check("ip:1", CHECK)).allowed
+    await admin.replicaof("127.0.0.1", "1")  # as after a failover that demoted this server
+    try:
+        for _ in range(3):
+            with pytest.raises(StorageUnavailableError):
+                await guard.check("ip:1", CHECK)
+        assert await admin.ping()
+        assert not await guard.probe_now()
+        await admin.replicaof("NO", "ONE")
+        assert await guard.probe_now()
+        assert (await guard.check("ip:1", CHECK)).allowed
+        assert _kinds(events) == [STORAGE_DOWN_EVENT, STORAGE_RECOVERED_EVENT]
+    finally:
+        await admin.aclose()

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._health import CheckResult
+from fastapi_resilience._limit_string import Limit
 from fastapi_resilience._rate_limit_core import (
     DEFAULT_STORAGE_TIMEOUT,
     Decision,
@@ -37,6 +38,9 @@ __all__ = [
 STORAGE_DOWN_EVENT = "rate_limit.storage_down"
 STORAGE_RECOVERED_EVENT = "rate_limit.storage_recovered"
 STORAGE_OPEN_MESSAGE = "rate-limit storage is down; not tried again for"
+#: The identity the recovery probe counts under (a key that expires within a second).
+PROBE_IDENTITY = "fastapi-resilience-probe"
+_PROBE_CHECKS = (LimitCheck("probe", Limit(1_000_000_000, 1)),)
 
 
 class GuardedStorage:
@@ -47,8 +51,8 @@ class GuardedStorage:
     ``"rate_limit.storage_down"`` once. While open, calls never reach the storage: the
     ``fallback`` storage answers them (its decisions carry ``degraded=True``), or, with no
     fallback, ``StorageUnavailableError`` is raised at once. Every ``recovery_interval`` seconds
-    the first call starts one background ``ping`` (no request waits for it); when it succeeds the
-    breaker closes and ``"rate_limit.storage_recovered"`` is published once.
+    the first call starts one background probe check (no request waits for it); when it succeeds
+    the breaker closes and ``"rate_limit.storage_recovered"`` is published once.
 
     Args:
         storage: the storage to guard (typically a ``RedisStorage``).
@@ -161,7 +165,10 @@ class GuardedStorage:
     async def _probe(self) -> None:
         try:
             async with asyncio.timeout(self.timeout):
-                up = await self.storage.ping()
+                # A real check, not PING: a Redis that answers PING but refuses the script
+                # (out of memory, read-only replica) is still down for rate limiting.
+                await self.storage.check(PROBE_IDENTITY, _PROBE_CHECKS)
+            up = True
         except (StorageUnavailableError, TimeoutError):
             up = False
         finally:
