@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 
 import pytest
 
@@ -194,12 +195,27 @@ async def test_health_reports_degraded_while_down(
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("timeout", 0), ("failure_threshold", 0), ("recovery_interval", 0.0)],
+    [
+        ("timeout", 0),
+        ("timeout", timedelta(0)),
+        ("failure_threshold", 0),
+        ("recovery_interval", 0.0),
+    ],
 )
-def test_bad_settings_fail_at_start_up(option: str, value: float) -> None:
+def test_bad_settings_fail_at_start_up(option: str, value: object) -> None:
     """Settings that would disable the guard are configuration errors naming the option."""
     with pytest.raises(ConfigurationError, match=option.split("_")[0]):
         GuardedStorage(MemoryStorage(), **{option: value})  # type: ignore[arg-type]
+
+
+def test_durations_accept_timedelta() -> None:
+    """Durations are seconds, or a timedelta."""
+    guard = GuardedStorage(
+        MemoryStorage(),
+        timeout=timedelta(milliseconds=100),
+        recovery_interval=timedelta(seconds=2),
+    )
+    assert (guard.timeout, guard.recovery_interval) == (0.1, 2.0)
 
 
 async def test_url_helper_guards_only_remote_storages() -> None:

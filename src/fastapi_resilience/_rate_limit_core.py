@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
@@ -35,6 +36,7 @@ __all__ = [
     "RateLimitStorage",
     "StorageUnavailableError",
     "bucket_width",
+    "positive_seconds",
     "storage_from_url",
 ]
 
@@ -43,6 +45,14 @@ RESOLUTION = 60
 
 #: Seconds a storage call may take before it counts as unavailable (contract: at most 0.25).
 DEFAULT_STORAGE_TIMEOUT = 0.25
+
+
+def positive_seconds(value: float | timedelta, name: str) -> float:
+    """``value`` in seconds (a ``timedelta`` is accepted); ConfigurationError unless > 0."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if not seconds or seconds <= 0:
+        raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(seconds)
 
 
 def bucket_width(limit: Limit) -> float:
@@ -154,7 +164,7 @@ def storage_from_url(
     url: str,
     *,
     prefix: str = "rl:",
-    timeout: float = DEFAULT_STORAGE_TIMEOUT,
+    timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
     clock: Clock = SYSTEM_CLOCK,
     max_keys: int | None = None,
 ) -> MemoryStorage | RedisStorage:
@@ -176,8 +186,7 @@ def storage_from_url(
         raise ConfigurationError(
             f"rate_limit_storage {url!r}: expected 'memory://' or 'redis://host:port/db'"
         )
-    if timeout <= 0:
-        raise ConfigurationError(f"storage timeout must be > 0 seconds, got {timeout!r}")
+    timeout = positive_seconds(timeout, "storage timeout")
     if scheme == "memory":
         from fastapi_resilience._rate_limit_memory import DEFAULT_MAX_KEYS, MemoryStorage
 

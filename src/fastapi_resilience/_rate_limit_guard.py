@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._events import EventBus
@@ -23,6 +24,7 @@ from fastapi_resilience._rate_limit_core import (
     LimitCheck,
     RateLimitStorage,
     StorageUnavailableError,
+    positive_seconds,
     storage_from_url,
 )
 from fastapi_resilience._rate_limit_memory import MemoryStorage
@@ -56,8 +58,8 @@ class GuardedStorage:
 
     Args:
         storage: the storage to guard (typically a ``RedisStorage``).
-        timeout: seconds one call may take (default 0.25; ``None`` is not accepted, since a
-            storage that hangs would hold requests).
+        timeout: seconds (or a ``timedelta``) one call may take (default 0.25; ``None`` is not
+            accepted, since a storage that hangs would hold requests).
         failure_threshold: consecutive failures that open the breaker (default 3).
         recovery_interval: seconds between recovery probes while open (default 1.0).
         fallback: answers while the breaker is open, e.g. a ``MemoryStorage`` that limits per
@@ -73,22 +75,18 @@ class GuardedStorage:
         self,
         storage: RateLimitStorage,
         *,
-        timeout: float = DEFAULT_STORAGE_TIMEOUT,
+        timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
         failure_threshold: int = 3,
-        recovery_interval: float = 1.0,
+        recovery_interval: float | timedelta = 1.0,
         fallback: RateLimitStorage | None = None,
         events: EventBus | None = None,
         clock: Clock = SYSTEM_CLOCK,
         name: str = "rate_limit_storage",
     ) -> None:
-        if not timeout or timeout <= 0:
-            raise ConfigurationError(f"storage timeout must be > 0 seconds, got {timeout!r}")
+        timeout = positive_seconds(timeout, "storage timeout")
+        recovery_interval = positive_seconds(recovery_interval, "recovery_interval")
         if failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be >= 1, got {failure_threshold!r}")
-        if recovery_interval <= 0:
-            raise ConfigurationError(
-                f"recovery_interval must be > 0 seconds, got {recovery_interval!r}"
-            )
         self.storage = storage
         self.timeout = timeout
         self.failure_threshold = failure_threshold
@@ -234,7 +232,7 @@ def guarded_storage_from_url(
     fail_open: bool = True,
     fallback_limiter: bool = True,
     prefix: str = "rl:",
-    timeout: float = DEFAULT_STORAGE_TIMEOUT,
+    timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
     events: EventBus | None = None,
     clock: Clock = SYSTEM_CLOCK,
     max_keys: int | None = None,

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import math
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,8 +33,8 @@ from fastapi_resilience._rate_limit_core import (
     LimitState,
     StorageUnavailableError,
     bucket_width_ms,
+    positive_seconds,
 )
-from fastapi_resilience.exceptions import ConfigurationError
 
 __all__ = ["CHECK_SCRIPT", "CHECK_SCRIPT_SHA", "RedisStorage"]
 
@@ -329,7 +330,7 @@ class RedisStorage:
         url: str,
         *,
         prefix: str = "rl:",
-        timeout: float = DEFAULT_STORAGE_TIMEOUT,
+        timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
         coalesce: bool = True,
         **client_options: Any,
     ) -> RedisStorage:
@@ -339,8 +340,7 @@ class RedisStorage:
         refused or broken (a pooled connection left over from before a Redis restart), never
         after a timeout, so one call never waits much longer than ``timeout``.
         """
-        if timeout <= 0:
-            raise ConfigurationError(f"storage timeout must be > 0 seconds, got {timeout!r}")
+        timeout = positive_seconds(timeout, "storage timeout")
         options: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
