@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m benchmarks.rate_limit_storage
 
-  * memory storage: CPU per check, and bytes per window at the ``max_keys`` cap;
+  * memory storage: CPU per check, bytes per window, and a flood of 1,000,000 identities;
   * Redis storage: bytes per busy identity against a plain sliding log and ``limits``'
     moving window, and the server's time per EVALSHA.
 Starts its own ``redis-server`` on a free port; never touches the machine's Redis.
@@ -54,6 +54,28 @@ def memory_per_window() -> None:
     print(f"- memory storage: {used / 50_000:.0f} bytes per window (tracemalloc, 50,000 windows)")
 
 
+def million_identities() -> None:
+    """The flood of the docs: 1,000,000 distinct identities, then one period of silence."""
+    clock = ManualClock()
+    storage = MemoryStorage(clock=clock)
+    limit = Limit(10, 60)
+    with open("/proc/self/statm") as statm:
+        before = int(statm.read().split()[1]) * 4096
+    for i in range(1_000_000):
+        storage.check_now((LimitCheck(f"ip:{i}", limit),))
+        if i % 1000 == 0:
+            clock.advance(0.001)
+    with open("/proc/self/statm") as statm:
+        grown = (int(statm.read().split()[1]) * 4096 - before) / 2**20
+    kept = len(storage)
+    clock.advance(61)
+    storage.sweep()
+    print(
+        f"- 1,000,000 distinct identities: {kept:,} windows kept, RSS grew {grown:.0f} MiB; "
+        f"{len(storage)} left 61 s later"
+    )
+
+
 def redis_memory(url: str) -> None:
     client = redis.Redis.from_url(url)
     storage = RedisStorage.from_url(url)
@@ -91,6 +113,7 @@ def main() -> None:
     print("Memory storage:\n")
     memory_cpu()
     memory_per_window()
+    million_identities()
     with redis_server() as (url, _):
         redis_memory(url)
 
