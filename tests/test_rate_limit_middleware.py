@@ -463,3 +463,13 @@ async def test_standalone_middleware_closes_its_own_storage(clock: ManualClock) 
     storage.aclose = recording_aclose  # type: ignore[method-assign]
     await run_lifespan(app)
     assert closed == [True]
+
+
+async def test_exempt_path_prefixes(clock: ManualClock) -> None:
+    """An exempt entry ending in * exempts every path under it."""
+    app = make_app(clock, rate_limit_exempt_paths=["/items/*"])
+    async with client(app) as c:
+        items = [await c.get(f"/items/{n}") for n in range(5)]
+        plain = await c.get("/plain")
+    assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in items)
+    assert plain.headers["x-ratelimit-remaining"] == "2"

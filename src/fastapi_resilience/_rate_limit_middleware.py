@@ -75,7 +75,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        if scope["path"] in limiter.exempt_paths:
+        path = scope["path"]
+        if path in limiter.exempt_paths or (
+            limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
+        ):
             await self.app(scope, receive, send)
             return
         identity = await limiter.resolver(scope)

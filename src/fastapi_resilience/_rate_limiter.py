@@ -160,7 +160,8 @@ class RateLimiter:
         default_tier: the tier of requests whose identity is not known.
         resolver: ``async (scope) -> Identity | None``; default: :class:`DefaultIdentityResolver`
             with no API keys.
-        exempt_paths: paths that are never limited and never touch the storage.
+        exempt_paths: paths that are never limited and never touch the storage; one ending in
+            ``*`` exempts every path that starts with the rest (``"/static/*"``).
         fail_open: when the storage is down, let requests through (``True``) or answer 503.
         shadow: report-only for every limit: count, set headers, emit events, refuse nothing.
         headers_enabled: add the rate-limit headers to limited responses.
@@ -199,7 +200,9 @@ class RateLimiter:
         self.resolver: IdentityResolver = resolver or DefaultIdentityResolver(
             default_tier=default_tier
         )
-        self.exempt_paths = frozenset(exempt_paths)
+        paths = list(exempt_paths)
+        self.exempt_paths = frozenset(p for p in paths if not p.endswith("*"))
+        self.exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
         self.fail_open = fail_open
         self.shadow = shadow
         self.headers_enabled = headers_enabled
@@ -221,7 +224,9 @@ class RateLimiter:
         return self._tier_names.get(tier, frozenset())
 
     def is_exempt(self, path: str) -> bool:
-        return path in self.exempt_paths
+        return path in self.exempt_paths or (
+            bool(self.exempt_prefixes) and path.startswith(self.exempt_prefixes)
+        )
 
     async def identify(self, scope: Scope) -> Identity | None:
         return await self.resolver(scope)
