@@ -268,3 +268,15 @@ async def test_retry_after_waits_for_enough_old_units(
     assert 40.0 < state.retry_after <= 41.0
     assert 30.0 < state.reset_after <= 31.0
     assert await observer.get(total) == b"3"
+
+
+async def test_backlog_beyond_the_in_flight_batches_is_sent_in_turn(
+    make_storage: StorageFactory, observer: Redis
+) -> None:
+    """More concurrent checks than four batches hold are queued, sent later and counted exactly."""
+    storage = make_storage(timeout=5.0)
+    check = [LimitCheck("k", Limit(500, 60))]
+    before = (await _commandstats(observer)).get("evalsha", 0)
+    decisions = await asyncio.gather(*(storage.check("id", check) for _ in range(1000)))
+    assert sum(d.allowed for d in decisions) == 500
+    assert (await _commandstats(observer))["evalsha"] - before == 1000
