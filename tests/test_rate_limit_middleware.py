@@ -473,3 +473,96 @@ async def test_exempt_path_prefixes(clock: ManualClock) -> None:
         plain = await c.get("/plain")
     assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in items)
     assert plain.headers["x-ratelimit-remaining"] == "2"
+
+
+def dead_redis_url() -> str:
+    from tests._servers import free_port
+
+    return f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there: connection refused
+
+
+async def test_fail_closed_answers_503_reduced_capacity() -> None:
+    """Storage unreachable and fail-closed: 503 problem+json, temporary-reduced-capacity."""
+    app = make_app(ManualClock(), rate_limit_storage=dead_redis_url(), rate_limit_fail_open=False)
+    async with client(app) as c:
+        answers = [await c.get("/plain") for _ in range(4)]
+        login = await c.post("/login")
+        exempt = await c.get("/health/live")
+    for answer in answers:
+        assert answer.status_code == 503
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert int(answer.headers["retry-after"]) >= 1
+        body = answer.json()
+        assert body["type"] == (
+            "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+        )
+        assert body["code"] == "service_unavailable"
+        assert body["violated-policies"] == ["anonymous"]
+    assert login.json()["violated-policies"] == ["anonymous", "/login"]
+    assert exempt.status_code == 200
+    await app.state.resilience.rate_limiter.aclose()
+
+
+async def test_fail_open_without_fallback_lets_requests_through_unlimited() -> None:
+    """Fail-open with no fallback limiter: requests pass, with no rate-limit headers."""
+    app = make_app(ManualClock(), rate_limit_storage=dead_redis_url(), rate_limit_fallback=False)
+    async with client(app) as c:
+        answers = [await c.get("/plain") for _ in range(6)]
+        logins = [await c.post("/login") for _ in range(4)]
+    assert all(r.status_code == 200 for r in answers + logins)
+    assert all("ratelimit" not in r.headers for r in answers)
+    await app.state.resilience.rate_limiter.aclose()
+
+
+async def test_fail_open_with_fallback_limits_per_process() -> None:
+    """Fail-open with the fallback limiter: the same limits, counted in this process."""
+    app = make_app(ManualClock(), rate_limit_storage=dead_redis_url())
+    async with client(app) as c:
+        codes = [(await c.get("/plain")).status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    await app.state.resilience.rate_limiter.aclose()
+
+
+async def test_unknown_tier_from_resolver_falls_back_to_default(clock: ManualClock) -> None:
+    """A tier a custom resolver names but settings lack is counted in the default tier."""
+
+    async def resolver(scope: Scope) -> Identity:
+        return Identity("user:1", "platinum")
+
+    async def ok(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limiter = RateLimiter(
+        MemoryStorage(clock=clock), tiers={"anonymous": "1/minute"}, resolver=resolver
+    )
+    async with client(RateLimitMiddleware(ok, limiter=limiter)) as c:
+        first = await c.get("/")
+        second = await c.get("/")
+    assert first.headers["ratelimit-policy"] == '"anonymous";q=1;w=60'
+    assert second.status_code == 429
+
+
+async def test_route_in_mounted_sub_app_is_limited_by_its_dependency(clock: ManualClock) -> None:
+    """A limited route the middleware cannot see (mounted sub-app) is enforced by the dependency."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "100/minute"}), clock=clock)
+    sub = FastAPI()
+    from fastapi_resilience import install_exception_handlers
+
+    install_exception_handlers(sub)  # a sub-app renders its own errors
+
+    @sub.get("/thing", dependencies=[Depends(rate_limit("1/minute"))])
+    async def thing() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.mount("/sub", sub)
+    async with client(app) as c:
+        first = await c.get("/sub/thing")
+        second = await c.get("/sub/thing")
+    assert first.status_code == 200
+    assert first.headers.get_list("x-ratelimit-limit") == ["1"]  # one set of headers
+    assert second.status_code == 429
+    assert second.headers.get_list("x-ratelimit-limit") == ["1"]
+    assert second.json()["type"] == QUOTA_EXCEEDED
+    assert int(second.headers["retry-after"]) >= 1

@@ -11,7 +11,12 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._rate_limit_core import RateLimitStorage, StorageUnavailableError
 from fastapi_resilience._rate_limit_identity import IdentityResolver
-from fastapi_resilience._rate_limiter import SCOPE_KEY, RateLimiter, RoutePlan
+from fastapi_resilience._rate_limiter import (
+    OWN_HEADERS_KEY,
+    SCOPE_KEY,
+    RateLimiter,
+    RoutePlan,
+)
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -110,7 +115,8 @@ class RateLimitMiddleware:
             return
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            # A route limit the middleware could not see set its own headers: keep one set.
+            if message["type"] == "http.response.start" and OWN_HEADERS_KEY not in scope:
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 

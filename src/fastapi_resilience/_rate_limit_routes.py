@@ -19,7 +19,13 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from fastapi_resilience._limit_string import Limit, parse_limits
-from fastapi_resilience._rate_limiter import SCOPE_KEY, LimitOutcome, RateLimiter, RoutePlan
+from fastapi_resilience._rate_limiter import (
+    OWN_HEADERS_KEY,
+    SCOPE_KEY,
+    LimitOutcome,
+    RateLimiter,
+    RoutePlan,
+)
 from fastapi_resilience.exceptions import ConfigurationError, RateLimitedError
 
 __all__ = ["RateLimit", "RouteTable", "rate_limit"]
@@ -75,6 +81,7 @@ class RateLimit:
         own = await _check_route_only(limiter, scope, identity, plan)
         if own is None or own.decision is None:
             return
+        scope[OWN_HEADERS_KEY] = True
         if own.refused:
             _, problem = own.problem()
             raise RateLimitedError(

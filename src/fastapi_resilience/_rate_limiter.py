@@ -37,6 +37,7 @@ from fastapi_resilience._rate_limit_identity import (
 from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
 
 __all__ = [
+    "OWN_HEADERS_KEY",
     "SCOPE_KEY",
     "LimitOutcome",
     "RateLimiter",
@@ -45,6 +46,8 @@ __all__ = [
 
 #: Where the middleware leaves the request's :class:`LimitOutcome` in the ASGI scope.
 SCOPE_KEY = "fastapi_resilience.rate_limit"
+#: Set by a ``rate_limit`` dependency that checked (and set the headers of) its own limits.
+OWN_HEADERS_KEY = "fastapi_resilience.rate_limit_own_headers"
 #: Bound on cached per-identity plans: a flood of identities cannot grow it without limit.
 _PLAN_CACHE_SIZE = 10_000
 
