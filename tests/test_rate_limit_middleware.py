@@ -566,3 +566,18 @@ async def test_route_in_mounted_sub_app_is_limited_by_its_dependency(clock: Manu
     assert second.headers.get_list("x-ratelimit-limit") == ["1"]
     assert second.json()["type"] == QUOTA_EXCEEDED
     assert int(second.headers["retry-after"]) >= 1
+
+
+async def test_refusals_and_shadow_refusals_reach_the_metrics(clock: ManualClock) -> None:
+    """429s and shadow refusals are counted on /metrics through the event bus."""
+    app = make_app(clock, rate_limit_tiers={"anonymous": "4/minute", "premium": "9/minute"})
+    async with client(app) as c:
+        for _ in range(3):
+            await c.get("/beta")  # shadow 1/minute: two would-be refusals
+        for _ in range(3):
+            await c.get("/plain")  # one unit left of 4: two refusals
+        metrics = (await c.get("/metrics")).text
+    refused = 'fastapi_resilience_events_total{kind="rate_limit.refused",name="anonymous"} 2.0'
+    shadow = 'fastapi_resilience_events_total{kind="rate_limit.shadow_refused",name="/beta"} 2.0'
+    assert refused in metrics
+    assert shadow in metrics
