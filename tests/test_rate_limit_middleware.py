@@ -581,3 +581,12 @@ async def test_refusals_and_shadow_refusals_reach_the_metrics(clock: ManualClock
     shadow = 'fastapi_resilience_events_total{kind="rate_limit.shadow_refused",name="/beta"} 2.0'
     assert refused in metrics
     assert shadow in metrics
+
+
+async def test_exempt_paths_hold_behind_a_root_path(clock: ManualClock) -> None:
+    """Behind a root path (a proxy prefix), exempt paths are matched without the prefix."""
+    app = make_app(clock)
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 1), root_path="/api")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        answers = [await c.get("/api/health/live") for _ in range(5)]
+    assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in answers)

@@ -81,6 +81,10 @@ class RateLimitMiddleware:
             return
         limiter = self.limiter
         path = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            # Behind a prefix (``--root-path``) the exempt paths are the app's own paths.
+            path = path[len(root_path) :]
         if path in limiter.exempt_paths or (
             limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
         ):
