@@ -60,9 +60,11 @@ async def login() -> dict[str, str]:
 def example_settings(**overrides: Any) -> ResilienceSettings:
     """Settings with the example's tiers and keys, unless the environment sets its own."""
     values: dict[str, Any] = {}
+    # Tiers from the environment replace these, and the demo keys with them (their tiers may
+    # not exist there).
     if "RESILIENCE_RATE_LIMIT_TIERS" not in os.environ:
         values["rate_limit_tiers"] = TIERS
-    if "RESILIENCE_RATE_LIMIT_API_KEYS" not in os.environ:
-        values["rate_limit_api_keys"] = API_KEYS
+        if "RESILIENCE_RATE_LIMIT_API_KEYS" not in os.environ:
+            values["rate_limit_api_keys"] = API_KEYS
     values.update(overrides)
     return ResilienceSettings(**values)

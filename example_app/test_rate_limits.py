@@ -45,3 +45,11 @@ async def test_login_is_limited_to_five_a_minute() -> None:
             for _ in range(6)
         ]
     assert codes == [200] * 5 + [429]
+
+
+def test_environment_tiers_replace_the_demo_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RESILIENCE_RATE_LIMIT_TIERS wins, and the demo keys (whose tiers may be gone) go with it."""
+    monkeypatch.setenv("RESILIENCE_RATE_LIMIT_TIERS", '{"anonymous": "5/second"}')
+    settings = rate_limits.example_settings()
+    assert settings.rate_limit_tiers == {"anonymous": "5/second"}
+    assert settings.rate_limit_api_keys == {}
