@@ -182,6 +182,25 @@ def slowapi_redis_headers(env: BenchEnv) -> ASGIApp:
     return _slowapi_app(storage_uri=env.require_redis(), headers_enabled=True)
 
 
+def _resilience_full(storage: str) -> ASGIApp:
+    from fastapi_resilience import ResilienceSettings, install
+
+    app = tiny_app()
+    install(
+        app,
+        ResilienceSettings(rate_limit_storage=storage, rate_limit_tiers={"anonymous": HUGE_LIMIT}),
+    )
+    return app
+
+
+def resilience_full_memory(env: BenchEnv) -> ASGIApp:
+    return _resilience_full("memory://")
+
+
+def resilience_full_redis(env: BenchEnv) -> ASGIApp:
+    return _resilience_full(env.require_redis())
+
+
 #: Every variant, by name. ``bare`` is always measured: ratios are to it, in the same run.
 VARIANTS: dict[str, HttpVariant] = {
     # ---- foundation (issue 2)
@@ -203,6 +222,19 @@ VARIANTS: dict[str, HttpVariant] = {
         expect_headers=("x-request-id",),
     ),
     # ---- rate limiting (issue 3): this library's variants go here, next to the peers.
+    "resilience_full_memory": HttpVariant(
+        "fastapi-resilience `install()`: IDs, errors, rate limit (memory), headers on",
+        resilience_full_memory,
+        "rate_limit",
+        expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
+    ),
+    "resilience_full_redis": HttpVariant(
+        "fastapi-resilience `install()`: IDs, errors, rate limit (Redis), headers on",
+        resilience_full_redis,
+        "rate_limit",
+        needs_redis=True,
+        expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
+    ),
     "slowapi_memory": HttpVariant(
         "slowapi, memory storage, `SlowAPIMiddleware` (peer)", slowapi_memory, "rate_limit"
     ),

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 def _server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UvicornProcess, Path]]:
     log = tmp_path_factory.mktemp("example") / "server.log"
     with log.open("wb") as sink:
-        server = UvicornProcess("example_app.main:app", cwd=ROOT, stderr=sink)
+        # These tests are about errors and IDs, not limits: the anonymous tier must not refuse.
+        env = {"RESILIENCE_RATE_LIMIT_TIERS": '{"anonymous": "100000/minute"}'}
+        server = UvicornProcess("example_app.main:app", cwd=ROOT, stderr=sink, env=env)
         try:
             yield server, log
         finally:

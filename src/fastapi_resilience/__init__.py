@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle, ThrottledError
 from fastapi_resilience._breaker import (
     BreakerRegistry,
@@ -45,6 +47,24 @@ from fastapi_resilience._outbound_fastapi import (
 )
 from fastapi_resilience._outbound_headers import CorrelationIdTransport, correlation_id_hook
 from fastapi_resilience._problem import ProblemResponse
+from fastapi_resilience._rate_limit_core import (
+    Decision,
+    LimitCheck,
+    LimitState,
+    RateLimitStorage,
+    StorageUnavailableError,
+    storage_from_url,
+)
+from fastapi_resilience._rate_limit_guard import GuardedStorage, guarded_storage_from_url
+from fastapi_resilience._rate_limit_identity import (
+    DefaultIdentityResolver,
+    Identity,
+    IdentityResolver,
+)
+from fastapi_resilience._rate_limit_memory import MemoryStorage
+from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
+from fastapi_resilience._rate_limit_routes import RateLimit, rate_limit
+from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._response_cache import (
     CacheEntry,
     CacheResult,
@@ -112,22 +132,35 @@ __all__ = [
     "CorrelationIdTransport",
     "DeadLetter",
     "DeadLetterQueue",
+    "Decision",
+    "DefaultIdentityResolver",
     "Event",
     "EventBus",
     "FeatureUnavailableError",
+    "GuardedStorage",
     "HealthChecks",
     "Hedge",
     "HostPolicy",
+    "Identity",
+    "IdentityResolver",
     "InternalError",
     "InvalidInputError",
     "Limit",
+    "LimitCheck",
+    "LimitState",
     "MemoryDeadLetterQueue",
+    "MemoryStorage",
     "NotFoundError",
     "PermissionDeniedError",
     "ProblemResponse",
+    "RateLimit",
+    "RateLimitMiddleware",
+    "RateLimitStorage",
     "RateLimitedError",
+    "RateLimiter",
     "RedisBreakerStore",
     "RedisDeadLetterQueue",
+    "RedisStorage",
     "ReplayReport",
     "RequestDeadlineMiddleware",
     "Resilience",
@@ -140,6 +173,7 @@ __all__ = [
     "ServerError",
     "ServiceUnavailableError",
     "SlidingWindow",
+    "StorageUnavailableError",
     "SystemClock",
     "ThrottledError",
     "TieredBulkhead",
@@ -160,12 +194,15 @@ __all__ = [
     "get_breaker",
     "get_bulkhead",
     "get_correlation_id",
+    "guarded_storage_from_url",
     "install",
     "install_exception_handlers",
     "parse_limits",
+    "rate_limit",
     "record_cache_status",
     "remaining",
     "resilient_client",
+    "storage_from_url",
     "timeout",
     "watch_outbound",
     "with_fallback",
@@ -173,9 +210,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> str:
+if TYPE_CHECKING:
+    from fastapi_resilience._rate_limit_redis import RedisStorage
+
+
+def __getattr__(name: str) -> Any:
     if name == "__version__":
         from importlib.metadata import version
 
         return version("fastapi-resilience")
+    if name == "RedisStorage":
+        # Imported on first use: redis is the optional ``redis`` extra.
+        from fastapi_resilience._rate_limit_redis import RedisStorage
+
+        return RedisStorage
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
 from fastapi import FastAPI
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
@@ -11,6 +15,9 @@ from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import HealthChecks, health_router
 from fastapi_resilience._metrics import PrometheusListener, metrics_router, prometheus_available
 from fastapi_resilience._outbound_fastapi import watch_outbound
+from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
+from fastapi_resilience._rate_limit_setup import limiter_from_settings
+from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._settings import ResilienceSettings
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
@@ -36,6 +43,8 @@ class Resilience:
         self.clock = clock
         self.events = events or EventBus()
         self.health = HealthChecks(default_timeout=settings.health_check_timeout)
+        #: The app's rate limiter; ``None`` when ``rate_limit_enabled`` is off.
+        self.rate_limiter: RateLimiter | None = None
         self.metrics: PrometheusListener | None = None
 
     def __repr__(self) -> str:
@@ -69,6 +78,8 @@ def install(
     )
     # ``add_middleware`` puts each new middleware outside the previous ones, so the innermost
     # is added first and the correlation middleware, outermost, last.
+    if settings.rate_limit_enabled:
+        _install_rate_limiting(app, resilience)
     app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
     app.include_router(health_router(resilience.health, prefix=settings.health_path))
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
@@ -76,6 +87,40 @@ def install(
     if settings.metrics_enabled and prometheus_available():
         _install_metrics(app, resilience, settings.metrics_path)
     return resilience
+
+
+#: Name of the rate-limit storage's readiness check.
+RATE_LIMIT_CHECK = "rate_limit_storage"
+
+
+def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> None:
+    settings = resilience.settings
+    limiter = limiter_from_settings(settings, events=resilience.events, clock=resilience.clock)
+    resilience.rate_limiter = limiter
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    storage_health = getattr(limiter.storage, "health", None)
+    if storage_health is not None:
+        # Failing open, a dead storage degrades the service; failing closed, it stops it.
+        resilience.health.add(
+            RATE_LIMIT_CHECK, storage_health, critical=not settings.rate_limit_fail_open
+        )
+    _close_on_shutdown(app, limiter)
+
+
+def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:
+    # Wrapping the router's lifespan keeps the user's own ``lifespan=`` (or on_event handlers)
+    # running as before, and closes the storage's connections after them.
+    original: Callable[[Any], AbstractAsyncContextManager[Any]] = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        try:
+            async with original(app_) as state:
+                yield state
+        finally:
+            await limiter.aclose()
+
+    app.router.lifespan_context = lifespan
 
 
 def _install_metrics(app: FastAPI, resilience: Resilience, path: str) -> None:

@@ -55,6 +55,12 @@ class ResilienceSettings(BaseSettings):
         default_factory=lambda: ["/health/live", "/health/ready", "/metrics"]
     )
     trusted_proxies: list[str] = Field(default_factory=list)
+    rate_limit_api_key_header: str = "X-API-Key"
+    rate_limit_storage_timeout: float = Field(default=0.25, gt=0, le=5.0)
+    rate_limit_key_prefix: str = "rl:"
+    rate_limit_shadow: bool = False
+    rate_limit_headers_enabled: bool = True
+    rate_limit_fallback: bool = True
 
     # Health and metrics
     health_path: str = "/health"
@@ -77,7 +83,7 @@ class ResilienceSettings(BaseSettings):
                 f"{name} (env {ENV_PREFIX}{name.upper()}): not valid JSON ({exc.__cause__})"
             ) from None
 
-    @field_validator("correlation_header")
+    @field_validator("correlation_header", "rate_limit_api_key_header")
     @classmethod
     def _header_name(cls, value: str) -> str:
         if not _HEADER_NAME.fullmatch(value):

@@ -1,0 +1,134 @@
+"""Rate-limit response headers: ``X-RateLimit-*`` and the IETF ``RateLimit-Policy`` / ``RateLimit``.
+
+The IETF fields follow draft-ietf-httpapi-ratelimit-headers-11 (May 2026; ADR 0014): both are
+structured-field Lists whose items are Strings naming a policy, ``RateLimit-Policy`` with the
+``q`` (quota) and ``w`` (window, seconds) parameters, ``RateLimit`` with ``r`` (remaining) and
+``t`` (seconds until the quota is back). Every static byte is built once per policy; a request
+only formats its two numbers per policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fastapi_resilience._limit_string import Limit
+
+__all__ = [
+    "DRAFT_VERSION",
+    "QUOTA_EXCEEDED_TYPE",
+    "TEMPORARY_REDUCED_CAPACITY_TYPE",
+    "HeaderPlan",
+    "PolicyHeader",
+    "ceil_seconds",
+    "sf_string",
+]
+
+DRAFT_VERSION = "draft-ietf-httpapi-ratelimit-headers-11"
+QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+TEMPORARY_REDUCED_CAPACITY_TYPE = (
+    "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+)
+
+X_LIMIT = b"x-ratelimit-limit"
+X_REMAINING = b"x-ratelimit-remaining"
+X_RESET = b"x-ratelimit-reset"
+IETF_POLICY = b"ratelimit-policy"
+IETF_LIMIT = b"ratelimit"
+RETRY_AFTER = b"retry-after"
+
+
+def sf_string(text: str) -> str:
+    """``text`` as a structured-field String (RFC 8941 §3.3.3): quoted, ``"`` and ``\\`` escaped.
+
+    Characters outside printable ASCII cannot appear in an sf-string; they become ``?``.
+    """
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ceil_seconds(seconds: float) -> int:
+    """Whole seconds, rounded up, never negative (the draft's ``t`` and ``X-RateLimit-Reset``)."""
+    return math.ceil(seconds - 1e-9) if seconds > 0 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyHeader:
+    """The precomputed header bytes of one policy (one limit of a tier or a route)."""
+
+    name: str
+    limit: Limit
+    #: ``"premium";q=1000;w=60``: one item of ``RateLimit-Policy``.
+    policy_item: bytes
+    #: ``"premium"``: the start of this policy's item in ``RateLimit``.
+    quoted_name: bytes
+    amount: bytes
+
+    @classmethod
+    def build(cls, name: str, limit: Limit) -> PolicyHeader:
+        quoted = sf_string(name).encode("ascii")
+        return cls(
+            name=name,
+            limit=limit,
+            policy_item=quoted + b";q=%d;w=%d" % (limit.amount, limit.period),
+            quoted_name=quoted,
+            amount=str(limit.amount).encode("ascii"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPlan:
+    """The headers of one combination of policies (a tier, plus a route's limits)."""
+
+    policies: tuple[PolicyHeader, ...]
+    policy_field: bytes
+
+    @classmethod
+    def build(cls, policies: Sequence[PolicyHeader]) -> HeaderPlan:
+        return cls(tuple(policies), b", ".join(p.policy_item for p in policies))
+
+    def headers(
+        self, remaining: Sequence[int], reset_after: Sequence[float], *, legacy: bool = True
+    ) -> list[tuple[bytes, bytes]]:
+        """The header pairs for one response; the tightest policy decides ``X-RateLimit-*``.
+
+        The tightest policy has the fewest units left, and of those the longest wait.
+        ``remaining`` and ``reset_after`` are in the order of ``policies``.
+        """
+        policies = self.policies
+        if len(policies) == 1:  # the common case, kept short: it runs on every request
+            policy = policies[0]
+            left = remaining[0] if remaining[0] > 0 else 0
+            reset = ceil_seconds(reset_after[0])
+            out = [
+                (IETF_POLICY, self.policy_field),
+                (IETF_LIMIT, policy.quoted_name + b";r=%d;t=%d" % (left, reset)),
+            ]
+            if legacy:
+                out += [
+                    (X_LIMIT, policy.amount),
+                    (X_REMAINING, b"%d" % left),
+                    (X_RESET, b"%d" % reset),
+                ]
+            return out
+        resets = [ceil_seconds(r) for r in reset_after]
+        lefts = [max(0, r) for r in remaining]
+        items = [
+            p.quoted_name + b";r=%d;t=%d" % (left, reset)
+            for p, left, reset in zip(policies, lefts, resets, strict=True)
+        ]
+        out = [(IETF_POLICY, self.policy_field), (IETF_LIMIT, b", ".join(items))]
+        if legacy:
+            tight = 0
+            for i in range(1, len(policies)):
+                if lefts[i] < lefts[tight] or (
+                    lefts[i] == lefts[tight] and resets[i] > resets[tight]
+                ):
+                    tight = i
+            out += [
+                (X_LIMIT, policies[tight].amount),
+                (X_REMAINING, b"%d" % lefts[tight]),
+                (X_RESET, b"%d" % resets[tight]),
+            ]
+        return out

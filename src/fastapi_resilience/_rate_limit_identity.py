@@ -1,0 +1,189 @@
+"""Who is asking: the identity and tier a request is counted against.
+
+Built in: a known API key (``X-API-Key``) counts against that key and its tier, whatever address
+it comes from; anything else counts against the client address in the default tier. The address
+is the peer's, unless the peer is a trusted proxy: then ``X-Forwarded-For`` is read right to left,
+skipping trusted hops, and the first untrusted address is the client (ADR 0015).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from starlette.types import Scope
+
+from fastapi_resilience.exceptions import ConfigurationError
+
+__all__ = [
+    "ClientAddress",
+    "DefaultIdentityResolver",
+    "Identity",
+    "IdentityResolver",
+]
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: Bound on the per-process cache of "is this peer a trusted proxy?" answers.
+_TRUST_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a request is counted against.
+
+    ``key`` is stable and safe to store (``"ip:203.0.113.7"``, ``"key:3f9a..."``: an API key is
+    never stored or logged in clear); ``tier`` names one of the configured tiers.
+    """
+
+    key: str
+    tier: str
+
+
+@runtime_checkable
+class IdentityResolver(Protocol):
+    """``async def resolver(scope) -> Identity | None``; ``None`` means "do not limit this request".
+
+    Replace the built-in resolver with one of these to take the identity from a JWT claim or a
+    database lookup (keep your own cache: it runs on every limited request).
+    """
+
+    async def __call__(self, scope: Scope) -> Identity | None: ...
+
+
+def _networks(entries: Iterable[str]) -> tuple[_IPNetwork, ...]:
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigurationError(
+                f"trusted_proxies: {entry!r} is not an IP address or network"
+            ) from None
+    return tuple(networks)
+
+
+class ClientAddress:
+    """The client's address: the peer, or from ``X-Forwarded-For`` behind trusted proxies.
+
+    Args:
+        trusted_proxies: addresses or networks (``"10.0.0.0/8"``) whose ``X-Forwarded-For`` is
+            believed. Empty (the default): the header is never read.
+    """
+
+    __slots__ = ("_cache", "_networks")
+
+    def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
+        self._networks = _networks(trusted_proxies)
+        self._cache: dict[str, bool] = {}
+
+    def is_trusted(self, host: str) -> bool:
+        """Whether ``host`` is one of the trusted proxies (cached: peers repeat)."""
+        trusted = self._cache.get(host)
+        if trusted is None:
+            try:
+                address = ipaddress.ip_address(host.strip())
+            except ValueError:
+                trusted = False
+            else:
+                trusted = any(address in network for network in self._networks)
+            if len(self._cache) >= _TRUST_CACHE_SIZE:
+                # Bounded: a flood of distinct spoofed hops cannot grow it without limit.
+                self._cache.clear()
+            self._cache[host] = trusted
+        return trusted
+
+    def __call__(self, scope: Scope) -> str:
+        client = scope.get("client")
+        peer: str = client[0] if client else "unknown"
+        if not self._networks or not self.is_trusted(peer):
+            return peer
+        forwarded = _header_values(scope, b"x-forwarded-for")
+        if not forwarded:
+            return peer
+        hops = [hop.strip() for hop in ",".join(forwarded).split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self.is_trusted(hop):
+                return hop
+        # Every hop is a trusted proxy: the left-most one is as close to a client as there is.
+        return hops[0] if hops else peer
+
+
+def _header_values(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
+
+
+def _header_bytes(api_key: str) -> bytes:
+    try:
+        return api_key.encode("latin-1")
+    except UnicodeEncodeError:
+        # Such a key could never arrive in an HTTP header: say so at start-up.
+        raise ConfigurationError(
+            "rate_limit_api_keys: an API key has characters an HTTP header cannot carry"
+        ) from None
+
+
+def _key_id(api_key: str) -> str:
+    # 64 bits of SHA-256: unique among any realistic number of keys, and the key itself never
+    # reaches the storage, the logs or the events.
+    return "key:" + hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
+
+
+class DefaultIdentityResolver:
+    """API key header -> that key's identity and tier; otherwise the client address.
+
+    An unknown key is treated as no key: the request is counted by address in the default tier.
+    Everything is worked out in ``__init__``; a request costs one header scan and a dict lookup.
+
+    Args:
+        api_keys: API key -> tier.
+        default_tier: the tier of requests without a known key.
+        api_key_header: the header carrying the key.
+        trusted_proxies: see :class:`ClientAddress`.
+    """
+
+    __slots__ = ("_address", "_by_key", "_default_tier", "_header", "_ip_cache")
+
+    def __init__(
+        self,
+        *,
+        api_keys: Mapping[str, str] | None = None,
+        default_tier: str = "anonymous",
+        api_key_header: str = "X-API-Key",
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
+        self._header = api_key_header.lower().encode("latin-1")
+        self._by_key = {
+            _header_bytes(key): Identity(_key_id(key), tier)
+            for key, tier in (api_keys or {}).items()
+        }
+        self._default_tier = default_tier
+        self._address = ClientAddress(trusted_proxies)
+        self._ip_cache: dict[str, Identity] = {}
+
+    async def __call__(self, scope: Scope) -> Identity:
+        if self._by_key:
+            header = self._header
+            for name, value in scope["headers"]:
+                if name == header:
+                    known = self._by_key.get(value)
+                    if known is not None:
+                        return known
+                    break
+        return self.for_address(self._address(scope))
+
+    def for_address(self, address: str) -> Identity:
+        """The default-tier identity of ``address`` (reused: one object per recent address)."""
+        identity = self._ip_cache.get(address)
+        if identity is None:
+            if len(self._ip_cache) >= _TRUST_CACHE_SIZE:
+                self._ip_cache.clear()
+            identity = self._ip_cache[address] = Identity(f"ip:{address}", self._default_tier)
+        return identity
+
+    @property
+    def client_address(self) -> ClientAddress:
+        """The address part, for custom resolvers that fall back to it."""
+        return self._address

@@ -1,0 +1,199 @@
+"""The in-process rate-limit storage: the embedded default, and the fallback while Redis is down.
+
+Atomic on the event loop: ``check`` never awaits between reading and writing counts. Bounded:
+windows that have emptied are dropped as time passes, and at most ``max_keys`` windows are kept;
+beyond that the least recently *admitted* window is evicted (see ``docs/rate-limit-storage.md``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._rate_limit_core import (
+    RESOLUTION,
+    Decision,
+    LimitCheck,
+    LimitState,
+)
+from fastapi_resilience.exceptions import ConfigurationError
+
+__all__ = ["DEFAULT_MAX_KEYS", "MemoryStorage"]
+
+#: Windows kept at most (one per identity and limit); about 30 MB at the cap, measured.
+DEFAULT_MAX_KEYS = 100_000
+
+#: Expired windows dropped from the front of the LRU order per call, so cleanup outpaces growth.
+_SWEEP_PER_CALL = 4
+
+
+class _Window:
+    """The units one limit holds for one identity.
+
+    ``entries`` is ``[bucket, count, bucket, count, ...]``, oldest first; ``first_expiry`` is when
+    the oldest bucket leaves the window and ``expires`` when the newest does.
+    """
+
+    __slots__ = ("entries", "expires", "first_expiry", "total")
+
+    def __init__(self) -> None:
+        self.entries: list[int] = []
+        self.total = 0
+        self.first_expiry = 0.0
+        self.expires = 0.0
+
+    def drop_expired(self, now: float, width: float, period: int) -> None:
+        entries = self.entries
+        index, size, total = 0, len(entries), self.total
+        while index < size and (entries[index] + 1) * width + period <= now:
+            total -= entries[index + 1]
+            index += 2
+        del entries[:index]
+        self.total = total
+        self.first_expiry = (entries[0] + 1) * width + period if entries else 0.0
+
+    def retry_after(self, need: int, now: float, width: float, period: int) -> float:
+        """Seconds until ``need`` more units have left the window (walks from the oldest)."""
+        entries = self.entries
+        freed = 0
+        for index in range(0, len(entries), 2):
+            freed += entries[index + 1]
+            if freed >= need:
+                return max(0.0, (entries[index] + 1) * width + period - now)
+        return float(period)  # pragma: no cover - need <= total by construction
+
+
+class MemoryStorage:
+    """Counts in this process's memory, on the bucketed sliding log of ``_rate_limit_core``.
+
+    Args:
+        clock: monotonic time source (inject ``ManualClock`` in tests).
+        max_keys: windows kept at most; beyond it the least recently admitted is evicted,
+            which forgets that identity's count (it starts afresh if it comes back).
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        if max_keys < 1:
+            raise ConfigurationError(f"max_keys must be >= 1, got {max_keys!r}")
+        self._clock = clock
+        self.max_keys = max_keys
+        self._windows: OrderedDict[tuple[str, int, int], _Window] = OrderedDict()
+        self._next_sweep = 0.0
+        #: Live windows evicted because of ``max_keys`` (a flood of identities), for metrics.
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    async def check(self, identity_tag: str, checks: Sequence[LimitCheck]) -> Decision:
+        return self.check_now(checks)
+
+    def check_now(self, checks: Sequence[LimitCheck]) -> Decision:
+        """The synchronous core of ``check``: decide and count ``checks`` at once."""
+        now = self._clock.monotonic()
+        windows = self._windows
+        found: list[_Window | None] = []
+        allowed = True
+        for check in checks:
+            limit = check.limit
+            window = windows.get((check.key, limit.amount, limit.period))
+            if window is None:
+                total = 0
+            else:
+                if window.first_expiry <= now:
+                    window.drop_expired(now, limit.period / RESOLUTION, limit.period)
+                total = window.total
+            if total + check.cost > limit.amount and not check.shadow:
+                allowed = False
+            found.append(window)
+        states = []
+        for index, check in enumerate(checks):
+            window = found[index]
+            before = 0 if window is None else window.total
+            if allowed:
+                window = self._count(check, window, now)
+            states.append(self._state(check, window, before, now))
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return Decision(allowed, tuple(states))
+
+    def _count(self, check: LimitCheck, window: _Window | None, now: float) -> _Window:
+        limit = check.limit
+        width = limit.period / RESOLUTION
+        windows = self._windows
+        key = (check.key, limit.amount, limit.period)
+        if window is None:
+            if len(windows) >= self.max_keys:
+                self._evict(now)
+            window = windows[key] = _Window()
+        else:
+            windows.move_to_end(key)
+        bucket = int(now // width)
+        entries = window.entries
+        # A clock that stepped back must not reorder buckets: count into the newest one.
+        if entries and entries[-2] >= bucket:
+            entries[-1] += check.cost
+            bucket = entries[-2]
+        else:
+            entries.append(bucket)
+            entries.append(check.cost)
+        if len(entries) == 2:
+            window.first_expiry = (entries[0] + 1) * width + limit.period
+        window.total += check.cost
+        window.expires = (bucket + 1) * width + limit.period
+        return window
+
+    @staticmethod
+    def _state(check: LimitCheck, window: _Window | None, before: int, now: float) -> LimitState:
+        limit = check.limit
+        cost = check.cost
+        if window is None or not window.entries:
+            fits = cost <= limit.amount
+            return LimitState(check, fits, limit.amount, 0.0, 0.0 if fits else float(limit.period))
+        remaining = limit.amount - window.total
+        reset = window.first_expiry - now
+        if before + cost <= limit.amount:
+            return LimitState(check, True, remaining if remaining > 0 else 0, reset, 0.0)
+        if cost > limit.amount:
+            retry = float(limit.period)
+        else:
+            need = before + cost - limit.amount
+            retry = window.retry_after(need, now, limit.period / RESOLUTION, limit.period)
+        return LimitState(check, False, remaining if remaining > 0 else 0, reset, retry)
+
+    def _evict(self, now: float) -> None:
+        windows = self._windows
+        _, oldest = windows.popitem(last=False)
+        if oldest.expires > now:
+            self.evictions += 1
+
+    def _sweep(self, now: float, budget: int = _SWEEP_PER_CALL) -> None:
+        windows = self._windows
+        while budget and windows:
+            key, window = next(iter(windows.items()))
+            if window.expires > now:
+                # Until then the front cannot have expired (windows only move to the back).
+                self._next_sweep = window.expires
+                return
+            del windows[key]
+            budget -= 1
+
+    def sweep(self) -> int:
+        """Drop every expired window now; returns how many were dropped."""
+        now = self._clock.monotonic()
+        expired = [key for key, window in self._windows.items() if window.expires <= now]
+        for key in expired:
+            del self._windows[key]
+        return len(expired)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        self._windows.clear()
+
+    def __repr__(self) -> str:
+        return f"MemoryStorage(max_keys={self.max_keys}, windows={len(self._windows)})"

@@ -1,0 +1,154 @@
+"""``RateLimitMiddleware``: tiered rate limiting as pure ASGI, one storage call per request."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._events import EventBus
+from fastapi_resilience._rate_limit_core import RateLimitStorage, StorageUnavailableError
+from fastapi_resilience._rate_limit_identity import IdentityResolver
+from fastapi_resilience._rate_limiter import (
+    OWN_HEADERS_KEY,
+    SCOPE_KEY,
+    RateLimiter,
+    RoutePlan,
+)
+
+__all__ = ["RateLimitMiddleware"]
+
+
+class RateLimitMiddleware:
+    """Counts every HTTP request against its identity's tier, and its route's own limits.
+
+    Per request: exempt paths pass untouched (no storage call, so they never wait on a stalled
+    Redis); the identity and tier are resolved; the route's ``rate_limit(...)`` limits are found
+    (ADR 0013); and all of them are checked and counted in one storage call, so a request refused
+    by one limit uses nothing of the others. A refused request gets 429 problem+json with
+    ``Retry-After``; an admitted one runs, and its response carries the rate-limit headers (added
+    to ``http.response.start`` only: streaming bodies pass untouched). When the storage is down,
+    ``fail_open`` lets requests through, otherwise they get 503 with ``Retry-After``. Non-HTTP
+    scopes pass through.
+
+    Place it inside ``CorrelationIdMiddleware`` (``install`` does), so that its 429 and 503
+    answers carry the correlation ID.
+
+    Args:
+        app: the ASGI app to wrap.
+        limiter: the :class:`RateLimiter` to use; built from ``settings`` when not given.
+        settings: a ``ResilienceSettings``; ``ResilienceSettings()`` (the environment) when
+            neither this nor ``limiter`` is given.
+        storage: overrides the storage the settings name.
+        resolver: overrides the built-in identity resolver.
+        events: the event bus for storage state changes and shadow refusals.
+        clock: the clock of the storage and its breaker.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter | None = None,
+        settings: Any = None,
+        storage: RateLimitStorage | None = None,
+        resolver: IdentityResolver | None = None,
+        events: EventBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.app = app
+        self._owns_limiter = limiter is None
+        if limiter is None:
+            from fastapi_resilience._rate_limit_setup import limiter_from_settings
+
+            limiter = limiter_from_settings(
+                settings, storage=storage, resolver=resolver, events=events, clock=clock
+            )
+        self.limiter = limiter
+        self._routes: Any = None
+        self._routes_app: Any = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self._owns_limiter:
+                await self.app(scope, receive, self._closing_send(send))
+                return
+            await self.app(scope, receive, send)
+            return
+        limiter = self.limiter
+        path = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            # Behind a prefix (``--root-path``) the exempt paths are the app's own paths.
+            path = path[len(root_path) :]
+        if path in limiter.exempt_paths or (
+            limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
+        ):
+            await self.app(scope, receive, send)
+            return
+        identity = await limiter.resolver(scope)
+        if identity is None:
+            await self.app(scope, receive, send)
+            return
+        route = self._route_for(scope)
+        try:
+            outcome = await limiter.check(scope, identity, route)
+        except StorageUnavailableError as exc:
+            await self._answer(
+                scope, receive, send, 503, limiter.unavailable_problem(scope, identity, route, exc)
+            )
+            return
+        scope[SCOPE_KEY] = outcome
+        if outcome.refused and not limiter.shadow:
+            limiter.events.emit(
+                "rate_limit.refused",
+                outcome.plan.tier,
+                level=logging.DEBUG,
+                policies=",".join(outcome.violated()),
+            )
+            status, problem = outcome.problem()
+            await self._answer(scope, receive, send, status, problem)
+            return
+        extra = outcome.headers()
+        if not extra:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            # A route limit the middleware could not see set its own headers: keep one set.
+            if message["type"] == "http.response.start" and OWN_HEADERS_KEY not in scope:
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _route_for(self, scope: Scope) -> RoutePlan | None:
+        app = scope.get("app")
+        if app is not self._routes_app:
+            from fastapi_resilience._rate_limit_routes import RouteTable
+
+            self._routes = RouteTable.for_app(app)
+            self._routes_app = app
+        table = self._routes
+        return table.match(scope) if table else None
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, status: int, problem: dict[str, Any]
+    ) -> None:
+        from fastapi_resilience._problem import problem_response
+
+        response = problem_response(scope, status=status, **problem)
+        await response(scope, receive, send)
+
+    def _closing_send(self, send: Send) -> Send:
+        # The middleware built this limiter, so it closes its storage when the app shuts down.
+        async def closing_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.limiter.aclose()
+            await send(message)
+
+        return closing_send

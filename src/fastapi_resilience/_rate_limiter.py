@@ -1,0 +1,348 @@
+"""``RateLimiter``: the tiers, identity, storage and headers of one app.
+
+Framework-free. Everything that does not depend on the request is worked out once: each tier's
+limits and header bytes, and each (tier, route) combination's plan. A request costs one identity
+lookup, one storage call for all its limits, and formatting two numbers per policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import Scope
+
+from fastapi_resilience._events import EventBus
+from fastapi_resilience._limit_string import Limit, parse_limits
+from fastapi_resilience._rate_limit_core import (
+    Decision,
+    LimitCheck,
+    RateLimitStorage,
+    StorageUnavailableError,
+)
+from fastapi_resilience._rate_limit_headers import (
+    QUOTA_EXCEEDED_TYPE,
+    RETRY_AFTER,
+    TEMPORARY_REDUCED_CAPACITY_TYPE,
+    HeaderPlan,
+    PolicyHeader,
+)
+from fastapi_resilience._rate_limit_identity import (
+    DefaultIdentityResolver,
+    Identity,
+    IdentityResolver,
+)
+from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
+
+__all__ = [
+    "OWN_HEADERS_KEY",
+    "SCOPE_KEY",
+    "LimitOutcome",
+    "RateLimiter",
+    "RoutePlan",
+]
+
+#: Where the middleware leaves the request's :class:`LimitOutcome` in the ASGI scope.
+SCOPE_KEY = "fastapi_resilience.rate_limit"
+#: Set by a ``rate_limit`` dependency that checked (and set the headers of) its own limits.
+OWN_HEADERS_KEY = "fastapi_resilience.rate_limit_own_headers"
+#: Bound on cached per-identity plans: a flood of identities cannot grow it without limit.
+_PLAN_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RoutePlan:
+    """The limits a route adds on top of the tier (from its ``rate_limit(...)`` dependencies).
+
+    ``path`` is the route's path template (``/items/{item_id}``): the budget is per template, not
+    per raw URL. ``cost`` is what the request costs against every limit, the tier's included.
+    ``sources`` are the dependency objects, so each can tell it was already enforced.
+    """
+
+    path: str
+    limits: tuple[tuple[Limit, bool], ...]
+    cost: int = 1
+    sources: frozenset[object] = field(default_factory=frozenset)
+
+    @property
+    def key(self) -> str:
+        return f"route:{self.path}"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Plan:
+    tier: str
+    checks: tuple[LimitCheck, ...]
+    header: HeaderPlan
+    route: RoutePlan | None
+
+
+@dataclass(slots=True)
+class LimitOutcome:
+    """What the limiter decided for one request; the middleware leaves it in the scope."""
+
+    limiter: RateLimiter
+    identity: Identity
+    plan: _Plan
+    decision: Decision | None
+    #: The storage could not answer and the request was let through (fail-open).
+    unavailable: bool = False
+
+    @property
+    def route_sources(self) -> frozenset[object]:
+        return self.plan.route.sources if self.plan.route is not None else frozenset()
+
+    @property
+    def refused(self) -> bool:
+        return self.decision is not None and not self.decision.allowed
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The rate-limit header pairs for this response (none when the storage was down)."""
+        decision = self.decision
+        if decision is None:
+            return []
+        out: list[tuple[bytes, bytes]] = []
+        if self.limiter.headers_enabled:
+            states = decision.states
+            out = self.plan.header.headers(
+                [s.remaining for s in states], [s.reset_after for s in states]
+            )
+        if not decision.allowed:
+            # Retry-After goes on every 429, advertised limits or not.
+            out.append((RETRY_AFTER, retry_after_header(decision.retry_after).encode("ascii")))
+        return out
+
+    def violated(self) -> list[str]:
+        """The names of the (non-shadow) policies that refused the request."""
+        if self.decision is None:
+            return []
+        return [
+            policy.name
+            for state, policy in zip(self.decision.states, self.plan.header.policies, strict=True)
+            if not state.allowed and not state.check.shadow
+        ]
+
+    def problem(self) -> tuple[int, dict[str, Any]]:
+        """Status and ``problem_response`` keyword arguments for a refused request."""
+        violated = self.violated()
+        policies = self.plan.header.policies
+        first = next(p for p in policies if p.name in violated) if violated else policies[0]
+        tier = self.plan.tier
+        detail = (
+            f"Rate limit {first.limit} exceeded for tier {tier!r}"
+            if first.name in self.limiter.tier_policy_names(tier)
+            else f"Rate limit {first.limit} of {self.plan.route.path if self.plan.route else ''}"
+            f" exceeded for tier {tier!r}"
+        )
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers()}
+        return 429, {
+            "code": "rate_limited",
+            "title": "Too Many Requests",
+            "detail": detail,
+            "type_uri": QUOTA_EXCEEDED_TYPE,
+            "extensions": {
+                "tier": tier,
+                "limit": str(first.limit),
+                "policy": first.name,
+                "violated-policies": violated,
+                "retry_after": int(headers.get("retry-after", "1")),
+            },
+            "headers": headers,
+        }
+
+
+class RateLimiter:
+    """Tiered limits of one app: resolves identity, checks all limits in one storage call.
+
+    Args:
+        storage: where counts live; wrap a shared one in ``GuardedStorage`` so a dead Redis
+            costs no request a timeout.
+        tiers: tier name -> limit string (``"10/second; 300/hour"``) or limits.
+        default_tier: the tier of requests whose identity is not known.
+        resolver: ``async (scope) -> Identity | None``; default: :class:`DefaultIdentityResolver`
+            with no API keys.
+        exempt_paths: paths that are never limited and never touch the storage; one ending in
+            ``*`` exempts every path that starts with the rest (``"/static/*"``).
+        fail_open: when the storage is down, let requests through (``True``) or answer 503.
+        shadow: report-only for every limit: count, set headers, emit events, refuse nothing.
+        headers_enabled: add the rate-limit headers to limited responses.
+        events: the bus shadow refusals are published on.
+
+    Raises:
+        ConfigurationError: a tier's limit string is invalid, or ``default_tier`` is unknown.
+    """
+
+    def __init__(
+        self,
+        storage: RateLimitStorage,
+        *,
+        tiers: Mapping[str, str | Sequence[Limit]],
+        default_tier: str = "anonymous",
+        resolver: IdentityResolver | None = None,
+        exempt_paths: Iterable[str] = (),
+        fail_open: bool = True,
+        shadow: bool = False,
+        headers_enabled: bool = True,
+        events: EventBus | None = None,
+    ) -> None:
+        if not tiers:
+            raise ConfigurationError("rate_limit_tiers: at least one tier is needed")
+        self.storage = storage
+        self.tiers: dict[str, tuple[Limit, ...]] = {
+            name: parse_limits(spec) if isinstance(spec, str) else tuple(spec)
+            for name, spec in tiers.items()
+        }
+        if default_tier not in self.tiers:
+            raise ConfigurationError(
+                f"rate_limit_default_tier: {default_tier!r} is not one of the tiers "
+                f"({', '.join(self.tiers)})"
+            )
+        self.default_tier = default_tier
+        self.resolver: IdentityResolver = resolver or DefaultIdentityResolver(
+            default_tier=default_tier
+        )
+        paths = list(exempt_paths)
+        self.exempt_paths = frozenset(p for p in paths if not p.endswith("*"))
+        self.exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
+        self.fail_open = fail_open
+        self.shadow = shadow
+        self.headers_enabled = headers_enabled
+        self.events = events or EventBus()
+        self._tier_policies = {
+            tier: tuple(
+                PolicyHeader.build(_policy_name(tier, limit, limits), limit) for limit in limits
+            )
+            for tier, limits in self.tiers.items()
+        }
+        self._tier_names = {
+            tier: frozenset(p.name for p in policies)
+            for tier, policies in self._tier_policies.items()
+        }
+        self._headers: dict[tuple[str, RoutePlan | None, bool], HeaderPlan] = {}
+        self._plans: dict[tuple[Identity, RoutePlan | None, bool], _Plan] = {}
+
+    def tier_policy_names(self, tier: str) -> frozenset[str]:
+        return self._tier_names.get(tier, frozenset())
+
+    def is_exempt(self, path: str) -> bool:
+        return path in self.exempt_paths or (
+            bool(self.exempt_prefixes) and path.startswith(self.exempt_prefixes)
+        )
+
+    async def identify(self, scope: Scope) -> Identity | None:
+        return await self.resolver(scope)
+
+    def plan(
+        self, identity: Identity, route: RoutePlan | None = None, *, with_tier: bool = True
+    ) -> _Plan:
+        """The checks and header bytes of ``identity``'s requests to ``route`` (cached)."""
+        cache_key = (identity, route, with_tier)
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.clear()
+            plan = self._plans[cache_key] = self._build_plan(identity, route, with_tier)
+        return plan
+
+    def _build_plan(self, identity: Identity, route: RoutePlan | None, with_tier: bool) -> _Plan:
+        tier = identity.tier if identity.tier in self.tiers else self.default_tier
+        cost = route.cost if route is not None else 1
+        checks = [
+            LimitCheck(f"tier:{tier}:{identity.key}", limit, cost, self.shadow)
+            for limit in (self.tiers[tier] if with_tier else ())
+        ]
+        if route is not None:
+            checks += [
+                LimitCheck(f"{route.key}:{identity.key}", limit, cost, self.shadow or shadow)
+                for limit, shadow in route.limits
+            ]
+        header = self._headers.get((tier, route, with_tier))
+        if header is None:
+            policies = list(self._tier_policies[tier]) if with_tier else []
+            if route is not None:
+                limits = [limit for limit, _ in route.limits]
+                policies += [
+                    PolicyHeader.build(_policy_name(route.path, limit, limits), limit)
+                    for limit in limits
+                ]
+            header = self._headers[(tier, route, with_tier)] = HeaderPlan.build(policies)
+        return _Plan(tier, tuple(checks), header, route)
+
+    async def check(
+        self,
+        scope: Scope,
+        identity: Identity,
+        route: RoutePlan | None = None,
+        *,
+        with_tier: bool = True,
+    ) -> LimitOutcome:
+        """Check and count every limit of the request in one storage call.
+
+        With ``with_tier=False`` only the route's limits are checked (a ``rate_limit``
+        dependency the middleware did not see, whose tier was counted already).
+
+        Raises:
+            StorageUnavailableError: the storage is down and ``fail_open`` is off.
+        """
+        plan = self.plan(identity, route, with_tier=with_tier)
+        try:
+            decision = await self.storage.check(identity.key, plan.checks)
+        except StorageUnavailableError:
+            if not self.fail_open:
+                raise
+            return LimitOutcome(self, identity, plan, None, unavailable=True)
+        outcome = LimitOutcome(self, identity, plan, decision)
+        if decision.allowed and (self.shadow or route is not None):
+            self._report_shadow(scope, outcome)
+        return outcome
+
+    def _report_shadow(self, scope: Scope, outcome: LimitOutcome) -> None:
+        decision = outcome.decision
+        assert decision is not None
+        for state, policy in zip(decision.states, outcome.plan.header.policies, strict=True):
+            if state.check.shadow and not state.allowed:
+                self.events.emit(
+                    "rate_limit.shadow_refused",
+                    policy.name,
+                    level=logging.INFO,
+                    tier=outcome.plan.tier,
+                    limit=str(policy.limit),
+                    path=scope.get("path", ""),
+                )
+
+    def unavailable_problem(
+        self, scope: Scope, identity: Identity, route: RoutePlan | None, exc: Exception
+    ) -> dict[str, Any]:
+        """``problem_response`` keyword arguments for the fail-closed 503."""
+        retry = getattr(exc, "retry_after", None) or 1.0
+        plan = self.plan(identity, route)
+        return {
+            "code": "service_unavailable",
+            "title": "Service Unavailable",
+            "detail": "The rate-limit storage is unavailable; try again shortly.",
+            "type_uri": TEMPORARY_REDUCED_CAPACITY_TYPE,
+            "extensions": {
+                "violated-policies": [p.name for p in plan.header.policies],
+                "retry_after": int(retry_after_header(retry)),
+            },
+            "headers": {"Retry-After": retry_after_header(retry)},
+        }
+
+    async def aclose(self) -> None:
+        await self.storage.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"RateLimiter(tiers={list(self.tiers)}, default_tier={self.default_tier!r}, "
+            f"fail_open={self.fail_open}, shadow={self.shadow})"
+        )
+
+
+def _policy_name(owner: str, limit: Limit, limits: Sequence[Limit]) -> str:
+    """``premium``, or ``premium-60s`` when the owner has several limits."""
+    if len(limits) == 1:
+        return owner
+    same_period = sum(1 for other in limits if other.period == limit.period)
+    return f"{owner}-{limit.period}s" if same_period == 1 else f"{owner}-{limit.policy_name}"

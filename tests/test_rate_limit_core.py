@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+
+from fastapi_resilience._limit_string import Limit, parse_limit
+from fastapi_resilience._rate_limit_core import (
+    RESOLUTION,
+    Decision,
+    LimitCheck,
+    LimitState,
+    RateLimitStorage,
+    StorageUnavailableError,
+    bucket_width,
+    bucket_width_ms,
+    storage_from_url,
+)
+from fastapi_resilience._rate_limit_memory import MemoryStorage
+from fastapi_resilience._rate_limit_redis import RedisStorage
+from fastapi_resilience.exceptions import ConfigurationError
+
+pytestmark = pytest.mark.anyio
+
+
+def test_memory_url_gives_memory_storage() -> None:
+    """``memory://`` builds the in-process storage with the requested cap."""
+    storage = storage_from_url("memory://", max_keys=10)
+    assert isinstance(storage, MemoryStorage)
+    assert storage.max_keys == 10
+    assert isinstance(storage, RateLimitStorage)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/no.sock?db=0"]
+)
+async def test_redis_urls_give_redis_storage_with_short_timeouts(url: str) -> None:
+    """Redis URLs build a Redis storage whose connect and read timeouts are the given timeout."""
+    storage = storage_from_url(url, prefix="app:", timeout=0.1)
+    assert isinstance(storage, RedisStorage)
+    assert storage.prefix == "app:"
+    kwargs = storage.client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 0.1
+    assert kwargs["socket_connect_timeout"] == 0.1
+    await storage.aclose()
+
+
+async def test_default_redis_timeout_is_at_most_250_ms() -> None:
+    """Without a timeout argument no Redis call may wait longer than 250 ms on a socket."""
+    storage = storage_from_url("redis://127.0.0.1:1/0")
+    assert isinstance(storage, RedisStorage)
+    assert storage.client.connection_pool.connection_kwargs["socket_timeout"] <= 0.25
+    await storage.aclose()
+
+
+@pytest.mark.parametrize("url", ["memcached://x", "localhost:6379", "redis-cluster"])
+def test_unknown_storage_url_fails_at_start_up(url: str) -> None:
+    """An unknown storage URL raises ConfigurationError naming the setting and the URL."""
+    with pytest.raises(ConfigurationError, match="rate_limit_storage") as info:
+        storage_from_url(url)
+    assert url in str(info.value)
+
+
+def test_non_positive_timeout_is_rejected() -> None:
+    """A zero timeout would refuse every call, so it is a configuration error."""
+    with pytest.raises(ConfigurationError, match="timeout"):
+        storage_from_url("memory://", timeout=0)
+
+
+def test_cost_below_one_is_rejected() -> None:
+    """A request cannot cost less than one unit."""
+    with pytest.raises(ConfigurationError, match="cost"):
+        LimitCheck("k", parse_limit("1/second"), cost=0)
+
+
+def test_bucket_width_is_a_sixtieth_of_the_period() -> None:
+    """Units are held at most 1/60 of the period longer than a perfect sliding log would."""
+    assert RESOLUTION == 60
+    assert bucket_width(Limit(100, 60)) == 1.0
+    assert bucket_width_ms(Limit(100, 60)) == 1000
+    assert bucket_width_ms(Limit(5, 1)) == 16
+
+
+def test_decision_retry_after_ignores_shadow_and_admitting_limits() -> None:
+    """The request's wait is the longest wait among its refusing, enforced limits."""
+    limit = Limit(1, 60)
+    states = (
+        LimitState(LimitCheck("a", limit), False, 0, 30.0, 30.0),
+        LimitState(LimitCheck("b", limit, shadow=True), False, 0, 50.0, 50.0),
+        LimitState(LimitCheck("c", limit), True, 0, 10.0, 0.0),
+    )
+    assert Decision(False, states).retry_after == 30.0
+    assert Decision(True, states[2:]).retry_after == 0.0
+
+
+def test_storage_unavailable_error_carries_retry_after() -> None:
+    """The error says when the storage will be tried again, for a 503's Retry-After."""
+    error = StorageUnavailableError("down", retry_after=1.5)
+    assert error.retry_after == 1.5
+    assert str(error) == "down"

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from fastapi_resilience._limit_string import Limit, parse_limit
+from fastapi_resilience._rate_limit_core import Decision, LimitCheck
+from fastapi_resilience._rate_limit_memory import DEFAULT_MAX_KEYS, MemoryStorage
+from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.testing import ManualClock
+
+pytestmark = pytest.mark.anyio
+
+PER_MINUTE = parse_limit("100/minute")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.fixture(name="clock")
+def _clock() -> ManualClock:
+    # Start on a bucket boundary so the expected figures below are round numbers.
+    return ManualClock(start=6_000.0)
+
+
+@pytest.fixture(name="storage")
+def _storage(clock: ManualClock) -> MemoryStorage:
+    return MemoryStorage(clock=clock)
+
+
+async def _admitted(storage: MemoryStorage, checks: Sequence[LimitCheck], times: int) -> int:
+    decisions = await asyncio.gather(*(storage.check("id", checks) for _ in range(times)))
+    return sum(d.allowed for d in decisions)
+
+
+async def test_burst_admits_exactly_the_limit(storage: MemoryStorage) -> None:
+    """400 concurrent checks on 100/minute admit exactly 100."""
+    assert await _admitted(storage, [LimitCheck("k", PER_MINUTE)], 400) == 100
+
+
+async def test_headers_figures_are_exact(storage: MemoryStorage, clock: ManualClock) -> None:
+    """Remaining counts down, reset is when the oldest unit leaves, retry when one can enter."""
+    check = LimitCheck("k", Limit(3, 60))
+    first = (await storage.check("id", [check])).states[0]
+    assert (first.allowed, first.remaining, first.reset_after, first.retry_after) == (
+        True,
+        2,
+        61.0,
+        0.0,
+    )
+    clock.advance(10)
+    await storage.check("id", [check])
+    third = (await storage.check("id", [check])).states[0]
+    assert (third.remaining, third.reset_after) == (0, 51.0)
+    refused = await storage.check("id", [check])
+    assert not refused.allowed
+    assert refused.states[0].retry_after == 51.0
+    assert refused.retry_after == 51.0
+
+
+async def test_no_double_burst_at_window_edges(storage: MemoryStorage, clock: ManualClock) -> None:
+    """A full burst at the end of one minute leaves nothing for the start of the next."""
+    check = [LimitCheck("k", PER_MINUTE)]
+    clock.advance(59.5)
+    assert await _admitted(storage, check, 150) == 100
+    clock.advance(1.0)  # a fixed window would have reset here and admitted 100 more
+    assert await _admitted(storage, check, 150) == 0
+    clock.advance(60.0)
+    assert await _admitted(storage, check, 150) == 100
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_never_more_than_the_limit_in_any_window(seed: int) -> None:
+    """Random traffic never gets more than N units into any window of the period, and is
+    never refused while fewer than N units were admitted in the last period plus one bucket."""
+    rng = random.Random(seed)
+    clock = ManualClock(start=rng.uniform(0, 1000))
+    storage = MemoryStorage(clock=clock)
+    limit = Limit(20, 10)
+    width = limit.period / 60
+    admitted: list[tuple[float, int]] = []
+    for _ in range(3000):
+        clock.advance(rng.expovariate(4.0))
+        cost = rng.choice([1, 1, 1, 2, 5])
+        now = clock.monotonic()
+        decision = storage.check_now([LimitCheck("k", limit, cost)])
+        held = sum(c for t, c in admitted if t > now - limit.period - width)
+        if decision.allowed:
+            admitted.append((now, cost))
+            in_window = sum(c for t, c in admitted if t > now - limit.period)
+            assert in_window <= limit.amount
+        else:
+            assert held + cost > limit.amount
+
+
+async def test_cost_is_counted_as_units(storage: MemoryStorage) -> None:
+    """A request of cost 3 uses three units; a cheaper one still fits in what is left."""
+    heavy = [LimitCheck("k", Limit(10, 60), cost=3)]
+    assert await _admitted(storage, heavy, 5) == 3
+    light = (await storage.check("id", [LimitCheck("k", Limit(10, 60))])).states[0]
+    assert (light.allowed, light.remaining) == (True, 0)
+
+
+async def test_cost_above_the_limit_is_always_refused(storage: MemoryStorage) -> None:
+    """A request that costs more than the whole limit is refused and counts nothing."""
+    decision = await storage.check("id", [LimitCheck("k", Limit(5, 60), cost=6)])
+    assert not decision.allowed
+    assert decision.states[0].retry_after == 60.0
+    assert len(storage) == 0
+
+
+async def test_refused_request_consumes_nothing_from_other_limits(
+    storage: MemoryStorage,
+) -> None:
+    """All limits of a request are counted together or not at all."""
+    strict = LimitCheck("route:/login:ip:1", Limit(2, 60))
+    loose = LimitCheck("tier:free:ip:1", Limit(100, 60))
+    assert await _admitted(storage, [loose, strict], 10) == 2
+    state = (await storage.check("id", [loose])).states[0]
+    assert state.remaining == 100 - 2 - 1
+
+
+async def test_shadow_limit_counts_but_never_refuses(storage: MemoryStorage) -> None:
+    """A shadow limit over its budget reports refusal but lets the request through."""
+    shadow = LimitCheck("k", Limit(2, 60), shadow=True)
+    decisions = [await storage.check("id", [shadow]) for _ in range(4)]
+    assert all(d.allowed for d in decisions)
+    assert [d.states[0].allowed for d in decisions] == [True, True, False, False]
+    assert decisions[-1].retry_after == 0.0
+
+
+async def test_enforced_refusal_does_not_count_the_shadow_limit(storage: MemoryStorage) -> None:
+    """When an enforced limit refuses, the shadow limits of the request are not counted."""
+    enforced = LimitCheck("a", Limit(1, 60))
+    shadow = LimitCheck("b", Limit(10, 60), shadow=True)
+    await storage.check("id", [enforced, shadow])
+    refused = await storage.check("id", [enforced, shadow])
+    assert not refused.allowed
+    assert refused.states[1].remaining == 9
+
+
+async def test_idle_windows_expire(storage: MemoryStorage, clock: ManualClock) -> None:
+    """After a period with no traffic every window is dropped."""
+    for n in range(1000):
+        await storage.check("id", [LimitCheck(f"ip:{n}", PER_MINUTE)])
+    assert len(storage) == 1000
+    clock.advance(62)
+    assert storage.sweep() == 1000
+    assert len(storage) == 0
+
+
+async def test_traffic_sweeps_expired_windows(storage: MemoryStorage, clock: ManualClock) -> None:
+    """Ordinary checks drop expired windows as they go, faster than new ones arrive."""
+    for n in range(100):
+        await storage.check("id", [LimitCheck(f"old:{n}", PER_MINUTE)])
+    clock.advance(62)
+    for n in range(40):
+        await storage.check("id", [LimitCheck(f"new:{n}", PER_MINUTE)])
+    assert len(storage) == 40
+
+
+async def test_cap_evicts_least_recently_admitted(clock: ManualClock) -> None:
+    """Beyond ``max_keys`` a flood of new identities evicts idle ones, not the busy one."""
+    storage = MemoryStorage(clock=clock, max_keys=100)
+    busy = LimitCheck("busy", Limit(1000, 60))
+    for n in range(10_000):
+        await storage.check("id", [LimitCheck(f"flood:{n}", PER_MINUTE)])
+        if n % 50 == 0:
+            await storage.check("id", [busy])
+    assert len(storage) == 100
+    assert storage.evictions == 10_001 - 100
+    state = (await storage.check("id", [busy])).states[0]
+    assert state.remaining == 1000 - 201
+
+
+def test_million_identities_leave_memory_bounded() -> None:
+    """1,000,000 distinct identities keep at most ``max_keys`` windows and bounded memory."""
+    clock = ManualClock()
+    storage = MemoryStorage(clock=clock)
+    limit = parse_limit("10/minute")
+    gc.collect()
+    before = _rss_mib()
+    for n in range(1_000_000):
+        storage.check_now((LimitCheck(f"ip:{n}", limit),))
+        if n % 1000 == 0:
+            clock.advance(0.001)
+    grown = _rss_mib() - before
+    assert len(storage) == DEFAULT_MAX_KEYS
+    # Measured about 70 MiB at the default cap of 100,000 windows; the bound is generous.
+    assert grown < 150, f"memory grew by {grown:.0f} MiB"
+    clock.advance(61)
+    assert storage.sweep() == DEFAULT_MAX_KEYS
+    assert len(storage) == 0
+
+
+async def test_requests_in_one_bucket_share_one_entry(storage: MemoryStorage) -> None:
+    """Memory per window grows with time buckets (at most 61), not with requests."""
+    check = [LimitCheck("k", Limit(5, 60))]
+    assert await _admitted(storage, check, 5) == 5
+    assert storage._windows[("k", 5, 60)].entries == [6000, 5]
+
+
+def test_max_keys_must_be_positive() -> None:
+    """A storage that can hold no window is a configuration error."""
+    with pytest.raises(ConfigurationError, match="max_keys"):
+        MemoryStorage(max_keys=0)
+
+
+async def test_ping_and_close(storage: MemoryStorage) -> None:
+    """The memory storage is always up, and closing it forgets every count."""
+    await storage.check("id", [LimitCheck("k", PER_MINUTE)])
+    assert await storage.ping()
+    await storage.aclose()
+    assert len(storage) == 0
+
+
+def test_decision_is_a_value() -> None:
+    """Decisions are immutable values that compare by content."""
+    assert Decision(True, ()) == Decision(True, ())
+
+
+async def test_retry_after_waits_for_enough_old_units(
+    storage: MemoryStorage, clock: ManualClock
+) -> None:
+    """A request of cost 2 waits until the two oldest units have left, walking the buckets."""
+    for _ in range(3):
+        await storage.check("id", [LimitCheck("k", Limit(3, 60))])
+        clock.advance(10)
+    state = (await storage.check("id", [LimitCheck("k", Limit(3, 60), cost=2)])).states[0]
+    assert not state.allowed
+    assert state.retry_after == 41.0  # the second unit (20 s old) leaves at 61 s
+    assert state.reset_after == 31.0
