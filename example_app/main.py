@@ -8,6 +8,7 @@ Run it with ``make run`` (127.0.0.1:8000, in-memory defaults, no Redis needed), 
          -d '{"sku": "", "quantity": 0}'         # 422 problem+json with an `errors` list
     curl -i 127.0.0.1:8000/nowhere             # 404 for an unknown route, same shape
     curl -i 127.0.0.1:8000/health/ready
+    curl -i 127.0.0.1:8000/orders/1 -H 'X-API-Key: demo-premium-key'   # premium tier headers
     curl -i 127.0.0.1:8000/inventory/tea-earl-grey   # through breaker, retry, bulkhead, cache
     curl -X POST 127.0.0.1:8001/_control -H 'content-type: application/json' \\
          -d '{"failure_rate": 1.0}'                 # make the upstream fail: answers go stale
@@ -23,6 +24,7 @@ from typing import Annotated
 from fastapi import BackgroundTasks, FastAPI
 from pydantic import BaseModel, Field
 
+from example_app import rate_limits
 from example_app.outbound import inventory
 from example_app.outbound import router as outbound_router
 from fastapi_resilience import (
@@ -129,6 +131,8 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
 
     # Calls to the flaky inventory upstream (example_app/upstream.py, started by `make run`).
     app.include_router(outbound_router)
+    # POST /login: 5 a minute per client, on top of the tier's limit.
+    app.include_router(rate_limits.router)
 
     @app.get("/whoami")
     async def whoami() -> dict[str, str | None]:
@@ -142,4 +146,4 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+app = create_app(rate_limits.example_settings())

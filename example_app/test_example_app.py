@@ -113,3 +113,18 @@ def _wait_for_log(log: Path, needle: str) -> str:
             return text
         time.sleep(0.05)
     return log.read_text(errors="replace")
+
+
+def test_rate_limit_headers_and_login_limit(tmp_path: Path) -> None:
+    """The example's tiers answer rate-limit headers, and /login refuses the sixth try."""
+    server = UvicornProcess("example_app.main:app", cwd=ROOT)
+    try:
+        premium = httpx.get(f"{server.url}/orders/1", headers={"X-API-Key": "demo-premium-key"})
+        assert premium.headers["x-ratelimit-limit"] in {"50", "1000"}
+        codes = [httpx.post(f"{server.url}/login").status_code for _ in range(6)]
+        assert codes == [200] * 5 + [429]
+        refused = httpx.post(f"{server.url}/login")
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert int(refused.headers["retry-after"]) >= 1
+    finally:
+        server.stop()
