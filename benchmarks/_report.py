@@ -22,6 +22,7 @@ END = "<!-- END GENERATED -->"
 
 MICRO_GROUP_TITLES = {
     "baseline": "Baselines",
+    "asgi": "ASGI middleware, one request in process (no server, no network)",
     "breaker": "Circuit breakers, closed state",
     "retry": "Retry, call that succeeds first time",
 }
@@ -96,7 +97,7 @@ def http_section(summaries: Sequence[HttpSummary]) -> str:
 
 
 def micro_section(summaries: Sequence[MicroSummary]) -> str:
-    header = ["case", "what", "per call µs", "overhead µs", "overhead, min-max µs"]
+    header = ["case", "what", "per call µs", "overhead µs", "min-max µs", "best-of µs"]
     parts = ["## Per-call overhead above a plain call (one process)\n"]
     for group in _ordered_groups((s.group for s in summaries), MICRO_GROUP_TITLES):
         parts.append(f"### {MICRO_GROUP_TITLES.get(group, group)}\n")
@@ -105,7 +106,9 @@ def micro_section(summaries: Sequence[MicroSummary]) -> str:
             if s.group != group:
                 continue
             if s.unavailable:
-                rows.append([f"`{s.case}`", s.description, "n/a", f"not run: {s.unavailable}", ""])
+                rows.append(
+                    [f"`{s.case}`", s.description, "n/a", f"not run: {s.unavailable}", "", ""]
+                )
                 continue
             rows.append(
                 [
@@ -114,9 +117,10 @@ def micro_section(summaries: Sequence[MicroSummary]) -> str:
                     fmt_us(s.per_call_ns),
                     fmt_us(s.overhead_ns),
                     f"{fmt_us(s.overhead_min_ns)}-{fmt_us(s.overhead_max_ns)}",
+                    fmt_us(s.best_overhead_ns),
                 ]
             )
-        parts.append(markdown_table(header, rows, "llrrr"))
+        parts.append(markdown_table(header, rows, "llrrrr"))
     return "\n".join(parts)
 
 

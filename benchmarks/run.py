@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append(
             _report.micro_section(micro)
             + f"\nMedian of {repeats} interleaved repeats of about {profile.micro_target_s}s each; "
-            "overhead = a wrapped call minus the plain call timed in the same repeat.\n"
+            "overhead = a wrapped call minus the plain call timed in the same repeat; "
+            "best-of = fastest repeat minus fastest baseline repeat.\n"
         )
         raw["micro"] = [dataclasses.asdict(s) for s in micro]
     if "client" in chosen:
