@@ -68,7 +68,16 @@ def _ordered_groups(groups: Iterable[str], titles: Mapping[str, str]) -> list[st
 def http_section(summaries: Sequence[HttpSummary]) -> str:
     """One table per group, each starting with ``bare`` for reference."""
     bare = next((s for s in summaries if s.variant == HTTP_BASELINE), None)
-    header = ["variant", "what it adds", "req/s", "p99 ms", "x bare", "x bare, min-max", "errors"]
+    header = [
+        "variant",
+        "what it adds",
+        "req/s",
+        "p99 ms",
+        "x bare",
+        "x bare, min-max",
+        "non-2xx",
+        "socket errors",
+    ]
     parts = ["## HTTP: throughput and p99 latency, ratio to bare FastAPI\n"]
     for group in _ordered_groups((s.group for s in summaries), GROUP_TITLES):
         rows = [s for s in summaries if s.group == group and s.variant != HTTP_BASELINE]
@@ -86,11 +95,12 @@ def http_section(summaries: Sequence[HttpSummary]) -> str:
                         f"{s.p99_ms:.2f}",
                         fmt_ratio(s.ratio),
                         f"{fmt_ratio(s.ratio_min)}-{fmt_ratio(s.ratio_max)}",
-                        str(s.errors),
+                        str(s.non_2xx),
+                        str(s.socket_errors),
                     ]
                     for s in rows
                 ),
-                "llrrrrr",
+                "llrrrrrr",
             )
         )
     return "\n".join(parts)

@@ -115,7 +115,7 @@ def test_http_section_starts_every_group_table_with_bare() -> None:
     for section in (foundation, rate_limit):
         rows = [line for line in section.splitlines() if line.startswith("| `")]
         assert rows[0].startswith("| `bare` |")
-    assert "| 980 | 5.00 | 0.98 |" in foundation
+    assert "| 980 | 5.00 | 0.98 | 0.98-0.98 | 0 | 0 |" in foundation
     assert "| 0.35 |" in rate_limit
 
 
