@@ -197,3 +197,10 @@ async def test_micro_measures_overhead_against_its_own_baseline() -> None:
     assert by_name["missing"].unavailable == "needs a library that is not installed"
     table = _report.micro_section(summaries)
     assert "not run: needs a library that is not installed" in table
+
+
+def test_instructions_driver_sends_requests_in_process() -> None:
+    """The callgrind driver runs a variant's app in process without a server."""
+    from benchmarks.instructions import drive
+
+    drive("resilience_errors_ids", 5)
