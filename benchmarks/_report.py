@@ -22,6 +22,7 @@ END = "<!-- END GENERATED -->"
 
 MICRO_GROUP_TITLES = {
     "baseline": "Baselines",
+    "asgi": "ASGI middleware, one request in process (no server, no network)",
     "breaker": "Circuit breakers, closed state",
     "retry": "Retry, call that succeeds first time",
 }
@@ -67,7 +68,16 @@ def _ordered_groups(groups: Iterable[str], titles: Mapping[str, str]) -> list[st
 def http_section(summaries: Sequence[HttpSummary]) -> str:
     """One table per group, each starting with ``bare`` for reference."""
     bare = next((s for s in summaries if s.variant == HTTP_BASELINE), None)
-    header = ["variant", "what it adds", "req/s", "p99 ms", "x bare", "x bare, min-max", "errors"]
+    header = [
+        "variant",
+        "what it adds",
+        "req/s",
+        "p99 ms",
+        "x bare",
+        "x bare, min-max",
+        "non-2xx",
+        "socket errors",
+    ]
     parts = ["## HTTP: throughput and p99 latency, ratio to bare FastAPI\n"]
     for group in _ordered_groups((s.group for s in summaries), GROUP_TITLES):
         rows = [s for s in summaries if s.group == group and s.variant != HTTP_BASELINE]
@@ -85,18 +95,19 @@ def http_section(summaries: Sequence[HttpSummary]) -> str:
                         f"{s.p99_ms:.2f}",
                         fmt_ratio(s.ratio),
                         f"{fmt_ratio(s.ratio_min)}-{fmt_ratio(s.ratio_max)}",
-                        str(s.errors),
+                        str(s.non_2xx),
+                        str(s.socket_errors),
                     ]
                     for s in rows
                 ),
-                "llrrrrr",
+                "llrrrrrr",
             )
         )
     return "\n".join(parts)
 
 
 def micro_section(summaries: Sequence[MicroSummary]) -> str:
-    header = ["case", "what", "per call µs", "overhead µs", "overhead, min-max µs"]
+    header = ["case", "what", "per call µs", "overhead µs", "min-max µs", "best-of µs"]
     parts = ["## Per-call overhead above a plain call (one process)\n"]
     for group in _ordered_groups((s.group for s in summaries), MICRO_GROUP_TITLES):
         parts.append(f"### {MICRO_GROUP_TITLES.get(group, group)}\n")
@@ -105,7 +116,9 @@ def micro_section(summaries: Sequence[MicroSummary]) -> str:
             if s.group != group:
                 continue
             if s.unavailable:
-                rows.append([f"`{s.case}`", s.description, "n/a", f"not run: {s.unavailable}", ""])
+                rows.append(
+                    [f"`{s.case}`", s.description, "n/a", f"not run: {s.unavailable}", "", ""]
+                )
                 continue
             rows.append(
                 [
@@ -114,9 +127,10 @@ def micro_section(summaries: Sequence[MicroSummary]) -> str:
                     fmt_us(s.per_call_ns),
                     fmt_us(s.overhead_ns),
                     f"{fmt_us(s.overhead_min_ns)}-{fmt_us(s.overhead_max_ns)}",
+                    fmt_us(s.best_overhead_ns),
                 ]
             )
-        parts.append(markdown_table(header, rows, "llrrr"))
+        parts.append(markdown_table(header, rows, "llrrrr"))
     return "\n".join(parts)
 
 

@@ -49,7 +49,8 @@ class HttpSummary:
     ratio: float
     ratio_min: float
     ratio_max: float
-    errors: int
+    non_2xx: int
+    socket_errors: int
 
 
 def sample_from(variant: str, round_: int, result: WrkResult) -> HttpSample:
@@ -90,7 +91,8 @@ def summarize(
                 ratio=statistics.median(ratios),
                 ratio_min=min(ratios),
                 ratio_max=max(ratios),
-                errors=sum(s.non_2xx + s.socket_errors for s in runs),
+                non_2xx=sum(s.non_2xx for s in runs),
+                socket_errors=sum(s.socket_errors for s in runs),
             )
         )
     return summaries

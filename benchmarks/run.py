@@ -212,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append(
             _report.http_section(summaries)
             + f"\n{settings.describe()}; {rounds} rounds, variants interleaved; "
-            "medians over rounds, each round's ratio against `bare` of the same round.\n"
+            "medians over rounds, each round's ratio against `bare` of the same round. "
+            "Socket errors include wrk's timeouts (no answer within 2 s), a sign of a starved "
+            "machine; non-2xx answers mean a variant refused or failed requests.\n"
         )
         raw["http"] = {
             "samples": [dataclasses.asdict(s) for s in samples],
@@ -229,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append(
             _report.micro_section(micro)
             + f"\nMedian of {repeats} interleaved repeats of about {profile.micro_target_s}s each; "
-            "overhead = a wrapped call minus the plain call timed in the same repeat.\n"
+            "overhead = a wrapped call minus the plain call timed in the same repeat; "
+            "best-of = fastest repeat minus fastest baseline repeat.\n"
         )
         raw["micro"] = [dataclasses.asdict(s) for s in micro]
     if "client" in chosen:

@@ -11,6 +11,7 @@ from benchmarks import _report
 from benchmarks._wrk import WrkOutputError, parse_wrk
 from benchmarks.apps import BODY, ROUTE, VARIANTS, BenchEnv, HttpVariant, bare
 from benchmarks.http_bench import HttpSample, round_order, summarize
+from benchmarks.micro import MICRO_CASES, Call, CaseUnavailable, MicroCase, measure
 from benchmarks.run import select
 
 WRK_OUTPUT = """\
@@ -114,7 +115,7 @@ def test_http_section_starts_every_group_table_with_bare() -> None:
     for section in (foundation, rate_limit):
         rows = [line for line in section.splitlines() if line.startswith("| `")]
         assert rows[0].startswith("| `bare` |")
-    assert "| 980 | 5.00 | 0.98 |" in foundation
+    assert "| 980 | 5.00 | 0.98 | 0.98-0.98 | 0 | 0 |" in foundation
     assert "| 0.35 |" in rate_limit
 
 
@@ -173,3 +174,33 @@ def test_registry_entries_are_complete() -> None:
     for name, spec in VARIANTS.items():
         assert spec.description, name
         assert spec.group, name
+
+
+async def _missing_library() -> Call:
+    raise CaseUnavailable("needs a library that is not installed")
+
+
+@pytest.mark.anyio
+async def test_micro_measures_overhead_against_its_own_baseline() -> None:
+    """Each case is compared with the baseline of its kind; a missing library is reported."""
+    cases = {
+        **MICRO_CASES,
+        "missing": MicroCase("a peer that is absent", _missing_library, "breaker"),
+    }
+    summaries = await measure(
+        ["asgi_noop", "missing"], repeats=2, target_s=0.001, cases=cases, log=lambda _: None
+    )
+    by_name = {s.case: s for s in summaries}
+    assert set(by_name) == {"plain_await", "plain_call", "asgi_plain", "asgi_noop", "missing"}
+    assert by_name["asgi_plain"].overhead_ns == 0.0
+    assert by_name["asgi_noop"].per_call_ns > 0
+    assert by_name["missing"].unavailable == "needs a library that is not installed"
+    table = _report.micro_section(summaries)
+    assert "not run: needs a library that is not installed" in table
+
+
+def test_instructions_driver_sends_requests_in_process() -> None:
+    """The callgrind driver runs a variant's app in process without a server."""
+    from benchmarks.instructions import drive
+
+    drive("resilience_errors_ids", 5)

@@ -1,0 +1,98 @@
+"""Instructions per request under valgrind's callgrind: a figure other processes cannot move.
+
+On a shared machine wall-clock ratios spread widely; the number of instructions one request
+executes does not depend on the neighbours. For each HTTP variant the app is driven in process
+(no server, no network: the ASGI request of ``micro.asgi_request``), once with ``warm`` requests
+and once with ``warm + requests``; the difference divided by ``requests`` is the app's cost per
+request. What it leaves out: system calls (``os.urandom``) and the server's own work, so use it
+to compare middleware, and wrk for throughput. Slow (about a minute per run)::
+
+    python -m benchmarks.instructions --only bare,resilience_errors_ids,asgi_correlation_id
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from benchmarks._procs import ROOT
+from benchmarks.apps import VARIANTS, BenchEnv
+from benchmarks.micro import asgi_request
+
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def drive(name: str, count: int) -> None:
+    """Send ``count`` requests through the variant's app, in this process."""
+    call = asgi_request(VARIANTS[name].build(BenchEnv()))
+
+    async def run() -> None:
+        for _ in range(count):
+            await call()
+
+    asyncio.run(run())
+
+
+def instructions(name: str, count: int) -> int:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    done = subprocess.run(
+        [
+            valgrind,
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-m",
+            "benchmarks.instructions",
+            "--drive",
+            name,
+            str(count),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        capture_output=True,
+        text=True,
+    )
+    found = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind failed for {name}: {done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
+    parser.add_argument("--only", default="bare,noop_asgi,resilience_errors_ids")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--warm", type=int, default=200)
+    parser.add_argument("--drive", nargs=2, metavar=("VARIANT", "COUNT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.drive:
+        drive(args.drive[0], int(args.drive[1]))
+        return 0
+    names = list(dict.fromkeys(["bare", *(n.strip() for n in args.only.split(",") if n)]))
+    unknown = [n for n in names if n not in VARIANTS or VARIANTS[n].needs_redis]
+    if unknown:
+        raise SystemExit(f"not in-process variants: {unknown}")
+    per_request = {}
+    for name in names:
+        warm = instructions(name, args.warm)
+        loaded = instructions(name, args.warm + args.requests)
+        per_request[name] = (loaded - warm) / args.requests
+        print(f"{name}: {per_request[name]:,.0f} instructions per request", flush=True)
+    bare = per_request["bare"]
+    print("\n| variant | instructions per request | over bare | bare / variant |")
+    print("| :--- | ---: | ---: | ---: |")
+    for name, value in per_request.items():
+        print(f"| `{name}` | {value:,.0f} | {value - bare:+,.0f} | {bare / value:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
