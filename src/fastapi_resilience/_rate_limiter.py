@@ -106,9 +106,13 @@ class LimitOutcome:
         out: list[tuple[bytes, bytes]] = []
         if self.limiter.headers_enabled:
             states = decision.states
-            out = self.plan.header.headers(
-                [s.remaining for s in states], [s.reset_after for s in states]
-            )
+            if len(states) == 1:  # one policy: no lists to build (runs on every request)
+                state = states[0]
+                out = self.plan.header.one_policy(state.remaining, state.reset_after)
+            else:
+                out = self.plan.header.headers(
+                    [s.remaining for s in states], [s.reset_after for s in states]
+                )
         if not decision.allowed:
             # Retry-After goes on every 429, advertised limits or not.
             out.append((RETRY_AFTER, retry_after_header(decision.retry_after).encode("ascii")))
