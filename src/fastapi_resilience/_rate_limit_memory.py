@@ -7,10 +7,11 @@ beyond that the least recently *admitted* window is evicted (see ``docs/rate-lim
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock, SystemClock
 from fastapi_resilience._rate_limit_core import (
     RESOLUTION,
     Decision,
@@ -81,6 +82,8 @@ class MemoryStorage:
         if max_keys < 1:
             raise ConfigurationError(f"max_keys must be >= 1, got {max_keys!r}")
         self._clock = clock
+        # The system clock's method only calls ``time.monotonic``: call it directly.
+        self._monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self.max_keys = max_keys
         self._windows: OrderedDict[tuple[str, int, int], _Window] = OrderedDict()
         self._next_sweep = 0.0
@@ -95,24 +98,22 @@ class MemoryStorage:
 
     def check_now(self, checks: Sequence[LimitCheck]) -> Decision:
         """The synchronous core of ``check``: decide and count ``checks`` at once."""
-        now = self._clock.monotonic()
+        now = self._monotonic()
         if len(checks) == 1:
-            decision = self._check_one(checks[0], now)
+            # The common case (one tier limit, no route limits), without the lists of the
+            # general path; same decisions, same counts.
+            check = checks[0]
+            window = self._held(check, now)
+            before = 0 if window is None else window.total
+            allowed = before + check.cost <= check.limit.amount or check.shadow
+            if allowed:
+                window = self._count(check, window, now)
+            decision = new_decision(allowed, (self._state(check, window, before, now),))
         else:
             decision = self._check_many(checks, now)
         if now >= self._next_sweep:
             self._sweep(now)
         return decision
-
-    def _check_one(self, check: LimitCheck, now: float) -> Decision:
-        # The common case (one tier limit, no route limits), without the lists of the general
-        # path; same decisions, same counts.
-        window = self._held(check, now)
-        before = 0 if window is None else window.total
-        allowed = before + check.cost <= check.limit.amount or check.shadow
-        if allowed:
-            window = self._count(check, window, now)
-        return new_decision(allowed, (self._state(check, window, before, now),))
 
     def _check_many(self, checks: Sequence[LimitCheck], now: float) -> Decision:
         found = [self._held(check, now) for check in checks]
