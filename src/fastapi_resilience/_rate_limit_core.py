@@ -128,6 +128,44 @@ class Decision:
         return wait
 
 
+# The frozen dataclasses' generated ``__init__`` sets each field through
+# ``object.__setattr__``: about 0.9 us for a ``LimitState`` on the reference machine, on every
+# request. Storages build their results with these instead, writing the slots directly (about
+# half the cost); the objects are the same frozen instances either way.
+_new = object.__new__
+_STATE_SLOTS = tuple(
+    LimitState.__dict__[name].__set__
+    for name in ("check", "allowed", "remaining", "reset_after", "retry_after")
+)
+_DECISION_SLOTS = tuple(
+    Decision.__dict__[name].__set__ for name in ("allowed", "states", "degraded")
+)
+
+
+def new_state(
+    check: LimitCheck, allowed: bool, remaining: int, reset_after: float, retry_after: float
+) -> LimitState:
+    """``LimitState(check, allowed, remaining, reset_after, retry_after)``, built faster."""
+    state: LimitState = _new(LimitState)
+    set_check, set_allowed, set_remaining, set_reset, set_retry = _STATE_SLOTS
+    set_check(state, check)
+    set_allowed(state, allowed)
+    set_remaining(state, remaining)
+    set_reset(state, reset_after)
+    set_retry(state, retry_after)
+    return state
+
+
+def new_decision(allowed: bool, states: tuple[LimitState, ...]) -> Decision:
+    """``Decision(allowed, states)``, built faster."""
+    decision: Decision = _new(Decision)
+    set_allowed, set_states, set_degraded = _DECISION_SLOTS
+    set_allowed(decision, allowed)
+    set_states(decision, states)
+    set_degraded(decision, False)
+    return decision
+
+
 class StorageUnavailableError(Exception):
     """Raised when the rate-limit storage cannot answer within its timeout, or is down.
 

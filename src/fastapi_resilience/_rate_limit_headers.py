@@ -88,6 +88,30 @@ class HeaderPlan:
     def build(cls, policies: Sequence[PolicyHeader]) -> HeaderPlan:
         return cls(tuple(policies), b", ".join(p.policy_item for p in policies))
 
+    def one_policy(
+        self, remaining: int, reset_after: float, *, legacy: bool = True
+    ) -> list[tuple[bytes, bytes]]:
+        """``headers`` of a plan with one policy, taking its two numbers as they are.
+
+        The common case, kept short: it runs on every limited request.
+        """
+        policy = self.policies[0]
+        left = remaining if remaining > 0 else 0
+        # ``ceil_seconds`` inlined: one call less per request.
+        reset = math.ceil(reset_after - 1e-9) if reset_after > 0 else 0
+        if not legacy:
+            return [
+                (IETF_POLICY, self.policy_field),
+                (IETF_LIMIT, policy.quoted_name + b";r=%d;t=%d" % (left, reset)),
+            ]
+        return [
+            (IETF_POLICY, self.policy_field),
+            (IETF_LIMIT, policy.quoted_name + b";r=%d;t=%d" % (left, reset)),
+            (X_LIMIT, policy.amount),
+            (X_REMAINING, b"%d" % left),
+            (X_RESET, b"%d" % reset),
+        ]
+
     def headers(
         self, remaining: Sequence[int], reset_after: Sequence[float], *, legacy: bool = True
     ) -> list[tuple[bytes, bytes]]:
@@ -97,21 +121,8 @@ class HeaderPlan:
         ``remaining`` and ``reset_after`` are in the order of ``policies``.
         """
         policies = self.policies
-        if len(policies) == 1:  # the common case, kept short: it runs on every request
-            policy = policies[0]
-            left = remaining[0] if remaining[0] > 0 else 0
-            reset = ceil_seconds(reset_after[0])
-            out = [
-                (IETF_POLICY, self.policy_field),
-                (IETF_LIMIT, policy.quoted_name + b";r=%d;t=%d" % (left, reset)),
-            ]
-            if legacy:
-                out += [
-                    (X_LIMIT, policy.amount),
-                    (X_REMAINING, b"%d" % left),
-                    (X_RESET, b"%d" % reset),
-                ]
-            return out
+        if len(policies) == 1:
+            return self.one_policy(remaining[0], reset_after[0], legacy=legacy)
         resets = [ceil_seconds(r) for r in reset_after]
         lefts = [max(0, r) for r in remaining]
         items = [

@@ -172,7 +172,9 @@ class DefaultIdentityResolver:
                     if known is not None:
                         return known
                     break
-        return self.for_address(self._address(scope))
+        address = self._address(scope)
+        # ``for_address``'s cache hit, inlined: this runs on every limited request.
+        return self._ip_cache.get(address) or self.for_address(address)
 
     def for_address(self, address: str) -> Identity:
         """The default-tier identity of ``address`` (reused: one object per recent address)."""

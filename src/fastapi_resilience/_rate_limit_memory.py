@@ -7,15 +7,18 @@ beyond that the least recently *admitted* window is evicted (see ``docs/rate-lim
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock, SystemClock
 from fastapi_resilience._rate_limit_core import (
     RESOLUTION,
     Decision,
     LimitCheck,
     LimitState,
+    new_decision,
+    new_state,
 )
 from fastapi_resilience.exceptions import ConfigurationError
 
@@ -79,6 +82,8 @@ class MemoryStorage:
         if max_keys < 1:
             raise ConfigurationError(f"max_keys must be >= 1, got {max_keys!r}")
         self._clock = clock
+        # The system clock's method only calls ``time.monotonic``: call it directly.
+        self._monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self.max_keys = max_keys
         self._windows: OrderedDict[tuple[str, int, int], _Window] = OrderedDict()
         self._next_sweep = 0.0
@@ -93,32 +98,45 @@ class MemoryStorage:
 
     def check_now(self, checks: Sequence[LimitCheck]) -> Decision:
         """The synchronous core of ``check``: decide and count ``checks`` at once."""
-        now = self._clock.monotonic()
-        windows = self._windows
-        found: list[_Window | None] = []
+        now = self._monotonic()
+        if len(checks) == 1:
+            # The common case (one tier limit, no route limits), without the lists of the
+            # general path; same decisions, same counts.
+            check = checks[0]
+            window = self._held(check, now)
+            before = 0 if window is None else window.total
+            allowed = before + check.cost <= check.limit.amount or check.shadow
+            if allowed:
+                window = self._count(check, window, now)
+            decision = new_decision(allowed, (self._state(check, window, before, now),))
+        else:
+            decision = self._check_many(checks, now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return decision
+
+    def _check_many(self, checks: Sequence[LimitCheck], now: float) -> Decision:
+        found = [self._held(check, now) for check in checks]
         allowed = True
-        for check in checks:
-            limit = check.limit
-            window = windows.get((check.key, limit.amount, limit.period))
-            if window is None:
-                total = 0
-            else:
-                if window.first_expiry <= now:
-                    window.drop_expired(now, limit.period / RESOLUTION, limit.period)
-                total = window.total
-            if total + check.cost > limit.amount and not check.shadow:
+        for check, window in zip(checks, found, strict=True):
+            total = 0 if window is None else window.total
+            if total + check.cost > check.limit.amount and not check.shadow:
                 allowed = False
-            found.append(window)
         states = []
-        for index, check in enumerate(checks):
-            window = found[index]
+        for check, window in zip(checks, found, strict=True):
             before = 0 if window is None else window.total
             if allowed:
                 window = self._count(check, window, now)
             states.append(self._state(check, window, before, now))
-        if now >= self._next_sweep:
-            self._sweep(now)
-        return Decision(allowed, tuple(states))
+        return new_decision(allowed, tuple(states))
+
+    def _held(self, check: LimitCheck, now: float) -> _Window | None:
+        """The window of ``check``, its expired buckets dropped; ``None`` when it has none."""
+        limit = check.limit
+        window = self._windows.get((check.key, limit.amount, limit.period))
+        if window is not None and window.first_expiry <= now:
+            window.drop_expired(now, limit.period / RESOLUTION, limit.period)
+        return window
 
     def _count(self, check: LimitCheck, window: _Window | None, now: float) -> _Window:
         limit = check.limit
@@ -152,17 +170,17 @@ class MemoryStorage:
         cost = check.cost
         if window is None or not window.entries:
             fits = cost <= limit.amount
-            return LimitState(check, fits, limit.amount, 0.0, 0.0 if fits else float(limit.period))
+            return new_state(check, fits, limit.amount, 0.0, 0.0 if fits else float(limit.period))
         remaining = limit.amount - window.total
         reset = window.first_expiry - now
         if before + cost <= limit.amount:
-            return LimitState(check, True, remaining if remaining > 0 else 0, reset, 0.0)
+            return new_state(check, True, remaining if remaining > 0 else 0, reset, 0.0)
         if cost > limit.amount:
             retry = float(limit.period)
         else:
             need = before + cost - limit.amount
             retry = window.retry_after(need, now, limit.period / RESOLUTION, limit.period)
-        return LimitState(check, False, remaining if remaining > 0 else 0, reset, retry)
+        return new_state(check, False, remaining if remaining > 0 else 0, reset, retry)
 
     def _evict(self, now: float) -> None:
         windows = self._windows

@@ -94,7 +94,9 @@ class RateLimitMiddleware:
         if identity is None:
             await self.app(scope, receive, send)
             return
-        route = self._route_for(scope)
+        # The route table is rebuilt only when the app changes (first request, mounted apps).
+        table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
+        route: RoutePlan | None = table.match(scope) if table else None
         try:
             outcome = await limiter.check(scope, identity, route)
         except StorageUnavailableError as exc:
@@ -103,7 +105,8 @@ class RateLimitMiddleware:
             )
             return
         scope[SCOPE_KEY] = outcome
-        if outcome.refused and not limiter.shadow:
+        decision = outcome.decision
+        if decision is not None and not decision.allowed and not limiter.shadow:
             limiter.events.emit(
                 "rate_limit.refused",
                 outcome.plan.tier,
@@ -126,15 +129,13 @@ class RateLimitMiddleware:
 
         await self.app(scope, receive, send_with_headers)
 
-    def _route_for(self, scope: Scope) -> RoutePlan | None:
-        app = scope.get("app")
-        if app is not self._routes_app:
-            from fastapi_resilience._rate_limit_routes import RouteTable
+    def _table_for(self, scope: Scope) -> Any:
+        from fastapi_resilience._rate_limit_routes import RouteTable
 
-            self._routes = RouteTable.for_app(app)
-            self._routes_app = app
-        table = self._routes
-        return table.match(scope) if table else None
+        app = scope.get("app")
+        self._routes = RouteTable.for_app(app)
+        self._routes_app = app
+        return self._routes
 
     async def _answer(
         self, scope: Scope, receive: Receive, send: Send, status: int, problem: dict[str, Any]

@@ -34,6 +34,7 @@ from fastapi_resilience._rate_limit_identity import (
     Identity,
     IdentityResolver,
 )
+from fastapi_resilience._rate_limit_memory import MemoryStorage
 from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
 SCOPE_KEY = "fastapi_resilience.rate_limit"
 #: Set by a ``rate_limit`` dependency that checked (and set the headers of) its own limits.
 OWN_HEADERS_KEY = "fastapi_resilience.rate_limit_own_headers"
+_MEMORY_CHECK = MemoryStorage.check
 #: Bound on cached per-identity plans: a flood of identities cannot grow it without limit.
 _PLAN_CACHE_SIZE = 10_000
 
@@ -106,9 +108,13 @@ class LimitOutcome:
         out: list[tuple[bytes, bytes]] = []
         if self.limiter.headers_enabled:
             states = decision.states
-            out = self.plan.header.headers(
-                [s.remaining for s in states], [s.reset_after for s in states]
-            )
+            if len(states) == 1:  # one policy: no lists to build (runs on every request)
+                state = states[0]
+                out = self.plan.header.one_policy(state.remaining, state.reset_after)
+            else:
+                out = self.plan.header.headers(
+                    [s.remaining for s in states], [s.reset_after for s in states]
+                )
         if not decision.allowed:
             # Retry-After goes on every 429, advertised limits or not.
             out.append((RETRY_AFTER, retry_after_header(decision.retry_after).encode("ascii")))
@@ -221,7 +227,9 @@ class RateLimiter:
             for tier, policies in self._tier_policies.items()
         }
         self._headers: dict[tuple[str, RoutePlan | None, bool], HeaderPlan] = {}
-        self._plans: dict[tuple[Identity, RoutePlan | None, bool], _Plan] = {}
+        # Keyed by the identity's fields, not the object: a tuple of strings hashes in C,
+        # a dataclass calls its generated ``__hash__``.
+        self._plans: dict[tuple[str, str, RoutePlan | None, bool], _Plan] = {}
 
     def tier_policy_names(self, tier: str) -> frozenset[str]:
         return self._tier_names.get(tier, frozenset())
@@ -238,7 +246,7 @@ class RateLimiter:
         self, identity: Identity, route: RoutePlan | None = None, *, with_tier: bool = True
     ) -> _Plan:
         """The checks and header bytes of ``identity``'s requests to ``route`` (cached)."""
-        cache_key = (identity, route, with_tier)
+        cache_key = (identity.key, identity.tier, route, with_tier)
         plan = self._plans.get(cache_key)
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
@@ -286,9 +294,17 @@ class RateLimiter:
         Raises:
             StorageUnavailableError: the storage is down and ``fail_open`` is off.
         """
-        plan = self.plan(identity, route, with_tier=with_tier)
+        plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
+            identity, route, with_tier=with_tier
+        )
+        storage = self.storage
         try:
-            decision = await self.storage.check(identity.key, plan.checks)
+            if type(storage).check is _MEMORY_CHECK:
+                # The in-process storage never awaits: skip its coroutine (about 0.4 us). Only
+                # for MemoryStorage's own ``check``: a subclass overriding it is still awaited.
+                decision = storage.check_now(plan.checks)  # type: ignore[attr-defined]
+            else:
+                decision = await storage.check(identity.key, plan.checks)
         except StorageUnavailableError:
             if not self.fail_open:
                 raise
