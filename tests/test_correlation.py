@@ -284,3 +284,33 @@ async def test_error_after_response_started_is_logged_not_answered_twice(
     sent = await _drive(CorrelationIdMiddleware(app), [])
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert len([r for r in caplog.records if r.exc_info]) == 1
+
+
+def test_generated_ids_are_unique_and_valid_across_pool_refills() -> None:
+    """IDs cut from one batch of random bytes are all valid and never repeat, refill included."""
+    from fastapi_resilience._correlation import generate_correlation_id
+
+    ids = [generate_correlation_id() for _ in range(2_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and is_valid_correlation_id(i) for i in ids)
+
+
+# Python 3.12+ warns about fork() in a process with threads; this child only writes to a pipe.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_forked_child_does_not_reuse_the_parents_ids() -> None:
+    """A worker forked after IDs were pooled makes its own, never its parent's next ones."""
+    import os
+
+    from fastapi_resilience._correlation import generate_correlation_id
+
+    generate_correlation_id()  # fill the pool
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.write(write_end, generate_correlation_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.close(write_end)
+    assert child_id != generate_correlation_id()
