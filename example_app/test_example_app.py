@@ -79,6 +79,11 @@ def test_abusive_request_ids_are_never_reflected(
     """Over a real socket, a bad X-Request-ID is replaced by a fresh one."""
     raw = _raw_request(server[0].port, value)
     head, _, body = raw.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 400") and b"x-request-id" not in head.lower():
+        # httptools (uvicorn[standard]) refuses control bytes before any app sees them;
+        # h11 passes them on. Either way the value must not come back.
+        assert value not in head + body
+        return
     assert head.startswith(b"HTTP/1.1 200")
     echoed = re.search(rb"(?im)^x-request-id: (.*)$", head)
     assert echoed is not None
