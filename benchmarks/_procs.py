@@ -8,35 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from tests._servers import RedisServer, free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, *, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
 def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> None:
@@ -51,46 +32,33 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> Non
 
 
 class RedisProcess:
-    """A private ``redis-server`` without persistence, on a free port, for one run."""
+    """A private ``redis-server`` without persistence, on a free port, for one run.
+
+    The same server the tests start (``tests._servers.RedisServer``), as a context manager.
+    """
 
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
-        self.port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="bench-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self._server = RedisServer(binary, Path(self._dir.name))
+
+    @property
+    def port(self) -> int:
+        return self._server.port
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self._server.url
 
     def version(self) -> str:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout
         return out.strip()
 
     def __enter__(self) -> RedisProcess:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir.name,
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, proc=self.proc)
+        self._server.start()
         return self
 
     def __exit__(
@@ -99,9 +67,7 @@ class RedisProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        self._server.stop()
         self._dir.cleanup()
 
 
@@ -147,7 +113,7 @@ class UvicornServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self._env, cwd=ROOT)
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, proc=self.proc, timeout=20.0)
 
     def stop(self) -> None:
         if self.proc is not None:

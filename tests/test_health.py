@@ -11,7 +11,7 @@ from fastapi_resilience import CheckResult, HealthChecks, ResilienceSettings, in
 pytestmark = pytest.mark.anyio
 
 
-def _app(checks_setup: dict[str, object] | None = None) -> tuple[FastAPI, HealthChecks]:
+def _app() -> tuple[FastAPI, HealthChecks]:
     app = FastAPI()
     resilience = install(app, ResilienceSettings())
     return app, resilience.health

@@ -90,7 +90,7 @@ def _snake(phrase: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
 
 
-#: Status -> (code, title) for errors that do not come from an ``AppError``.
+#: Status -> code for errors that do not come from an ``AppError``.
 _STATUS_CODES: dict[int, str] = {
     400: "bad_request",
     401: "unauthenticated",
