@@ -53,6 +53,11 @@ class RedisProcess:
     def url(self) -> str:
         return self._server.url
 
+    @property
+    def pid(self) -> int | None:
+        proc = getattr(self._server, "proc", None)
+        return proc.pid if proc is not None else None
+
     def version(self) -> str:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout
         return out.strip()
@@ -110,6 +115,12 @@ class UvicornServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the server is not running")
+        return self.proc.pid
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self._env, cwd=ROOT)

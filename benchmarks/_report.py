@@ -73,37 +73,46 @@ def http_section(summaries: Sequence[HttpSummary]) -> str:
         "what it adds",
         "req/s",
         "p99 ms",
-        "x bare",
-        "x bare, min-max",
+        "x bare (req/s)",
+        "min-max",
+        "CPU µs/req",
+        "x bare (capacity)",
+        "min-max",
         "non-2xx",
         "socket errors",
     ]
-    parts = ["## HTTP: throughput and p99 latency, ratio to bare FastAPI\n"]
+    parts = ["## HTTP: throughput, p99 latency and capacity, ratios to bare FastAPI\n"]
     for group in _ordered_groups((s.group for s in summaries), GROUP_TITLES):
         rows = [s for s in summaries if s.group == group and s.variant != HTTP_BASELINE]
         if bare is not None:
             rows.insert(0, bare)
         parts.append(f"### {GROUP_TITLES.get(group, group)}\n")
-        parts.append(
-            markdown_table(
-                header,
-                (
-                    [
-                        f"`{s.variant}`",
-                        s.description,
-                        fmt_rate(s.requests_per_sec),
-                        f"{s.p99_ms:.2f}",
-                        fmt_ratio(s.ratio),
-                        f"{fmt_ratio(s.ratio_min)}-{fmt_ratio(s.ratio_max)}",
-                        str(s.non_2xx),
-                        str(s.socket_errors),
-                    ]
-                    for s in rows
-                ),
-                "llrrrrrr",
-            )
-        )
+        parts.append(markdown_table(header, (_http_row(s) for s in rows), "llrrrrrrrrr"))
     return "\n".join(parts)
+
+
+def _http_row(s: HttpSummary) -> list[str]:
+    def optional(value: float | None, fmt: str = "{:.3f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    capacity_range = (
+        "-"
+        if s.capacity_min is None or s.capacity_max is None
+        else f"{s.capacity_min:.3f}-{s.capacity_max:.3f}"
+    )
+    return [
+        f"`{s.variant}`",
+        s.description,
+        fmt_rate(s.requests_per_sec),
+        f"{s.p99_ms:.2f}",
+        fmt_ratio(s.ratio),
+        f"{fmt_ratio(s.ratio_min)}-{fmt_ratio(s.ratio_max)}",
+        optional(s.cpu_us_per_request, "{:.0f}"),
+        optional(s.capacity_ratio),
+        capacity_range,
+        str(s.non_2xx),
+        str(s.socket_errors),
+    ]
 
 
 def micro_section(summaries: Sequence[MicroSummary]) -> str:

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Environment variables the harness sets for the server process.
 VARIANT_ENV = "BENCH_VARIANT"
@@ -120,6 +120,38 @@ def noop_asgi(env: BenchEnv) -> ASGIApp:
     return app
 
 
+#: The six header fields the full stack adds to a limited response, with values of the same size.
+SIX_HEADERS = (
+    (b"x-request-id", b"0123456789abcdef0123456789abcdef"),
+    (b"ratelimit-policy", b'"anonymous";q=1000000000;w=3600'),
+    (b"ratelimit", b'"anonymous";r=999999999;t=3600'),
+    (b"x-ratelimit-limit", b"1000000000"),
+    (b"x-ratelimit-remaining", b"999999999"),
+    (b"x-ratelimit-reset", b"3600"),
+)
+
+
+class ConstantHeadersMiddleware:
+    """Adds fixed header fields and nothing else: what the headers alone cost the server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *SIX_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def noop_headers(env: BenchEnv) -> ASGIApp:
+    app = tiny_app()
+    app.add_middleware(ConstantHeadersMiddleware)
+    return app
+
+
 def noop_basehttp(env: BenchEnv) -> ASGIApp:
     app = tiny_app()
     app.add_middleware(NoopBaseHTTPMiddleware)
@@ -206,6 +238,12 @@ VARIANTS: dict[str, HttpVariant] = {
     # ---- foundation (issue 2)
     "bare": HttpVariant("FastAPI, nothing added", bare, "foundation"),
     "noop_asgi": HttpVariant("a no-op pure ASGI middleware (reference)", noop_asgi, "foundation"),
+    "noop_headers": HttpVariant(
+        "a pure ASGI middleware adding the six header fields of the full stack, fixed (reference)",
+        noop_headers,
+        "foundation",
+        expect_headers=("x-request-id", "ratelimit-policy"),
+    ),
     "noop_basehttp": HttpVariant(
         "a no-op `BaseHTTPMiddleware` (reference)", noop_basehttp, "foundation"
     ),

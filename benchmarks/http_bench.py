@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import http.client
 import statistics
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from benchmarks._procs import RedisProcess, UvicornServer
@@ -51,6 +51,11 @@ class HttpSummary:
     ratio_max: float
     non_2xx: int
     socket_errors: int
+    #: From the capacity run (``benchmarks.capacity``): every variant loaded at once.
+    cpu_us_per_request: float | None = None
+    capacity_ratio: float | None = None
+    capacity_min: float | None = None
+    capacity_max: float | None = None
 
 
 def sample_from(variant: str, round_: int, result: WrkResult) -> HttpSample:
@@ -121,25 +126,29 @@ def check_variant(name: str, spec: HttpVariant, port: int) -> None:
         raise RuntimeError(f"variant {name}: response lacks {missing}; is the variant active?")
 
 
-def run_http(
-    names: Sequence[str],
-    *,
-    settings: WrkSettings,
-    rounds: int,
-    warmup_s: int,
-    log: Callable[[str], None] = print,
-) -> tuple[list[HttpSample], str | None]:
-    """Measure ``names`` (``bare`` included) and return the samples and Redis's version."""
+@dataclass(slots=True)
+class RunningServers:
+    """The variants' servers, by name, and the private Redis's version when one was started."""
+
+    servers: dict[str, UvicornServer]
+    redis_version: str | None = None
+    redis_pid: int | None = None
+
+
+@contextmanager
+def started_servers(
+    names: Sequence[str], *, log: Callable[[str], None] = print
+) -> Iterator[RunningServers]:
+    """Start one uvicorn server per variant (and a private Redis if any needs it), checked."""
     specs = {name: VARIANTS[name] for name in names}
-    redis_version = None
-    samples: list[HttpSample] = []
     with ExitStack() as stack:
+        running = RunningServers({})
         redis_url = None
         if any(spec.needs_redis for spec in specs.values()):
             redis = stack.enter_context(RedisProcess())
-            redis_url, redis_version = redis.url, redis.version()
+            redis_url, running.redis_version = redis.url, redis.version()
+            running.redis_pid = redis.pid
             log(f"private redis-server on 127.0.0.1:{redis.port}")
-        servers: dict[str, UvicornServer] = {}
         for name, spec in specs.items():
             env = {VARIANT_ENV: name}
             if spec.needs_redis and redis_url:
@@ -148,7 +157,22 @@ def run_http(
             stack.callback(server.stop)
             server.start()
             check_variant(name, spec, server.port)
-            servers[name] = server
+            running.servers[name] = server
+        yield running
+
+
+def run_http(
+    names: Sequence[str],
+    *,
+    settings: WrkSettings,
+    rounds: int,
+    warmup_s: int,
+    log: Callable[[str], None] = print,
+) -> tuple[list[HttpSample], str | None]:
+    """Measure ``names`` (``bare`` included) one after another; samples and Redis's version."""
+    samples: list[HttpSample] = []
+    with started_servers(names, log=log) as running:
+        servers = running.servers
         for name, server in servers.items():
             log(f"warm-up {name} ({warmup_s}s)")
             run_wrk(settings, server.url, duration_s=warmup_s)
@@ -162,4 +186,4 @@ def run_http(
                     f"round {round_ + 1}/{rounds} {name:<28} {result.requests_per_sec:>9.0f} req/s"
                     f"  p99 {result.p99_ms:6.2f} ms{flag}"
                 )
-    return samples, redis_version
+    return samples, running.redis_version

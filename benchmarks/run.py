@@ -28,6 +28,14 @@ from benchmarks._loop import loop_name
 from benchmarks._procs import ROOT, server_options
 from benchmarks._wrk import WrkSettings, wrk_version
 from benchmarks.apps import VARIANTS
+from benchmarks.capacity import (
+    LOAD_CPU,
+    SERVER_CPU,
+    can_pin,
+    run_capacity,
+    summarize_capacity,
+    with_capacity,
+)
 from benchmarks.client import CLIENT_CASES, run_client
 from benchmarks.http_bench import BASELINE, run_http, summarize
 from benchmarks.micro import BASELINES, MICRO_CASES, run_micro
@@ -72,10 +80,11 @@ class Profile:
     micro_target_s: float
     client_repeats: int
     client_requests: int
+    capacity_rounds: int
 
 
-FULL = Profile(5, 5, 2, 7, 0.1, 5, 1000)
-QUICK = Profile(1, 2, 1, 3, 0.02, 2, 200)
+FULL = Profile(5, 5, 2, 7, 0.1, 5, 1000, 9)
+QUICK = Profile(1, 2, 1, 3, 0.02, 2, 200, 2)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -209,15 +218,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             info["redis (private, free port)"] = redis_version
         summaries = summarize(samples)
         summaries.sort(key=lambda s: names.index(s.variant))
+        capacity_rounds = args.rounds or profile.capacity_rounds
+        capacity_samples = []
+        if can_pin():
+            capacity_samples = run_capacity(
+                names,
+                settings=settings,
+                rounds=capacity_rounds,
+                warmup_s=profile.warmup_s,
+                log=_log,
+            )
+            summaries = with_capacity(summaries, summarize_capacity(capacity_samples))
+            info["capacity"] = (
+                f"servers pinned to CPU {SERVER_CPU}, one wrk per server pinned to CPU {LOAD_CPU}, "
+                f"all loaded at once, {capacity_rounds} rounds"
+            )
+        else:
+            info["capacity"] = "not measured: needs two CPUs and sched_setaffinity"
         sections.append(
             _report.http_section(summaries)
-            + f"\n{settings.describe()}; {rounds} rounds, variants interleaved; "
-            "medians over rounds, each round's ratio against `bare` of the same round. "
+            + f"\n{settings.describe()}. Throughput: {rounds} rounds, one variant at a time in an "
+            "order rotated each round; medians over rounds, each round's ratio against `bare` of "
+            f"the same round. Capacity: {capacity_rounds} rounds with every variant loaded at "
+            "once on one shared core; server CPU time (schedstat) per request, and each round's "
+            "ratio of requests per CPU-second against `bare`. "
             "Socket errors include wrk's timeouts (no answer within 2 s), a sign of a starved "
             "machine; non-2xx answers mean a variant refused or failed requests.\n"
         )
         raw["http"] = {
             "samples": [dataclasses.asdict(s) for s in samples],
+            "capacity_samples": [dataclasses.asdict(s) for s in capacity_samples],
             "summaries": [dataclasses.asdict(s) for s in summaries],
         }
     if "micro" in chosen:

@@ -10,6 +10,7 @@ import pytest
 from benchmarks import _report
 from benchmarks._wrk import WrkOutputError, parse_wrk
 from benchmarks.apps import BODY, ROUTE, VARIANTS, BenchEnv, HttpVariant, bare
+from benchmarks.capacity import CapacitySample, summarize_capacity, with_capacity
 from benchmarks.http_bench import HttpSample, round_order, summarize
 from benchmarks.micro import MICRO_CASES, Call, CaseUnavailable, MicroCase, measure
 from benchmarks.run import select
@@ -88,6 +89,34 @@ def test_summarize_needs_bare_in_the_same_run() -> None:
         summarize([_sample("noop_asgi", 0, 900.0)])
 
 
+def test_capacity_is_requests_per_cpu_second_against_bare_of_the_same_round() -> None:
+    """A variant's capacity ratio compares CPU per request within each round, not across."""
+    samples = [
+        CapacitySample("bare", 0, 1000, 0.5, 0, 0),  # 2000 per CPU-second
+        CapacitySample("noop_asgi", 0, 900, 0.5, 0, 0),  # 1800: 0.9
+        CapacitySample("bare", 1, 1000, 1.0, 0, 0),  # a slow round: 1000
+        CapacitySample("noop_asgi", 1, 500, 0.5, 0, 0),  # 1000: 1.0
+        CapacitySample("bare", 2, 1000, 0.5, 0, 0),
+        CapacitySample("noop_asgi", 2, 950, 0.5, 0, 0),  # 0.95
+    ]
+    noop = summarize_capacity(samples)["noop_asgi"]
+    assert noop.ratio == pytest.approx(0.95)
+    assert (noop.ratio_min, noop.ratio_max) == (pytest.approx(0.9), pytest.approx(1.0))
+    assert noop.cpu_us_per_request == pytest.approx(0.5 / 900 * 1e6)  # median of 556, 1000, 526
+    with pytest.raises(ValueError, match="bare"):
+        summarize_capacity(samples[1:2])
+
+
+def test_http_section_shows_capacity_next_to_throughput() -> None:
+    """The capacity columns carry the figure, its range and CPU per request."""
+    summaries = summarize([_sample("bare", 0, 1000.0), _sample("noop_asgi", 0, 990.0)])
+    capacity = summarize_capacity(
+        [CapacitySample("bare", 0, 1000, 0.5, 0, 0), CapacitySample("noop_asgi", 0, 960, 0.5, 0, 0)]
+    )
+    text = _report.http_section(with_capacity(summaries, capacity))
+    assert "| 0.99 | 0.99-0.99 | 521 | 0.960 | 0.960-0.960 | 0 | 0 |" in text
+
+
 def test_round_order_puts_every_variant_in_every_position() -> None:
     """Rotating by one per round spreads position effects over all variants."""
     names = ["a", "b", "c"]
@@ -115,7 +144,7 @@ def test_http_section_starts_every_group_table_with_bare() -> None:
     for section in (foundation, rate_limit):
         rows = [line for line in section.splitlines() if line.startswith("| `")]
         assert rows[0].startswith("| `bare` |")
-    assert "| 980 | 5.00 | 0.98 | 0.98-0.98 | 0 | 0 |" in foundation
+    assert "| 980 | 5.00 | 0.98 | 0.98-0.98 | - | - | - | 0 | 0 |" in foundation
     assert "| 0.35 |" in rate_limit
 
 

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "RESPONSE_HEADERS_KEY",
     "SCOPE_KEY",
     "CorrelationIdFilter",
     "CorrelationIdMiddleware",
@@ -22,6 +23,9 @@ __all__ = [
 
 #: Where the middleware leaves the request's ID in the ASGI scope.
 SCOPE_KEY = "fastapi_resilience.correlation_id"
+#: A list of header pairs in the scope that ``CorrelationIdMiddleware`` adds to the response
+#: start; code inside it appends to the list rather than wrapping ``send`` again.
+RESPONSE_HEADERS_KEY = "fastapi_resilience.response_headers"
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _VALID_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
@@ -120,28 +124,49 @@ class CorrelationIdMiddleware:
         self._update_request_header = update_request_header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        scope_type = scope["type"]
+        if scope_type != "http" and scope_type != "websocket":
             await self.app(scope, receive, send)
             return
 
-        correlation_id = self._incoming_id(scope)
+        # The incoming header, inlined (this runs on every request): a valid value is kept,
+        # anything else is replaced by a new ID, in the request's headers too.
+        header = self._header
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        raw: bytes | None = None
+        for name, value in headers:
+            if name == header:
+                raw = value
+                break
+        if raw is not None and _VALID_ID.fullmatch(raw):
+            correlation_id = raw.decode("ascii")
+        else:
+            correlation_id = self._generate()
+            new_raw = correlation_id.encode("ascii")
+            if self._update_request_header:
+                kept = [(n, v) for n, v in headers if n != header] if raw is not None else headers
+                scope["headers"] = [*kept, (header, new_raw)]
+            raw = new_raw
         scope[SCOPE_KEY] = correlation_id
         token = _correlation_id.set(correlation_id)
-        if scope["type"] == "websocket":
+        if scope_type == "websocket":
             try:
                 await self.app(scope, receive, send)
             finally:
                 _correlation_id.reset(token)
             return
 
-        echoed = (self._header, correlation_id.encode("ascii"))
+        # Inner middleware (the rate limiter) appends its response headers here instead of
+        # wrapping ``send`` once more: one wrapper and one copy of the header list per response.
+        extra = [(header, raw)]
+        scope[RESPONSE_HEADERS_KEY] = extra
         response_started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
-                message["headers"] = [*message.get("headers", ()), echoed]
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
         try:
@@ -153,18 +178,3 @@ class CorrelationIdMiddleware:
             await answer_unhandled(scope, exc, send_with_id, response_started=response_started)
         finally:
             _correlation_id.reset(token)
-
-    def _incoming_id(self, scope: Scope) -> str:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        present = False
-        for name, value in headers:
-            if name == self._header:
-                if _VALID_ID.fullmatch(value):
-                    return value.decode("ascii")
-                present = True
-                break
-        new_id = self._generate()
-        if self._update_request_header:
-            kept = [(n, v) for n, v in headers if n != self._header] if present else headers
-            scope["headers"] = [*kept, (self._header, new_id.encode("ascii"))]
-        return new_id

@@ -15,9 +15,9 @@ limit, and Redis does O(1) amortised work per check.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._limit_string import Limit
@@ -80,14 +80,16 @@ class LimitCheck:
     limit: Limit
     cost: int = 1
     shadow: bool = False
+    #: ``(key, amount, period)``: the memory storage's key for this limit, built once.
+    window_key: tuple[str, int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.cost < 1:
             raise ConfigurationError(f"rate-limit cost must be >= 1, got {self.cost!r}")
+        object.__setattr__(self, "window_key", (self.key, self.limit.amount, self.limit.period))
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
+class LimitState(NamedTuple):
     """The outcome of one ``LimitCheck``.
 
     ``allowed`` says whether this limit alone would admit the request. ``remaining`` is what is
@@ -105,8 +107,7 @@ class LimitState:
     retry_after: float
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The verdict on all limits of one request, states in the order the checks were given.
 
     ``allowed`` is true when every non-shadow limit admits the request; then every limit,
@@ -128,42 +129,22 @@ class Decision:
         return wait
 
 
-# The frozen dataclasses' generated ``__init__`` sets each field through
-# ``object.__setattr__``: about 0.9 us for a ``LimitState`` on the reference machine, on every
-# request. Storages build their results with these instead, writing the slots directly (about
-# half the cost); the objects are the same frozen instances either way.
-_new = object.__new__
-_STATE_SLOTS = tuple(
-    LimitState.__dict__[name].__set__
-    for name in ("check", "allowed", "remaining", "reset_after", "retry_after")
-)
-_DECISION_SLOTS = tuple(
-    Decision.__dict__[name].__set__ for name in ("allowed", "states", "degraded")
-)
+# Both are named tuples: immutable, and built in C (``tuple.__new__``) on the request path,
+# about half the cost of a frozen dataclass, whose ``__init__`` goes through
+# ``object.__setattr__`` field by field.
+_tuple_new = tuple.__new__
 
 
 def new_state(
     check: LimitCheck, allowed: bool, remaining: int, reset_after: float, retry_after: float
 ) -> LimitState:
     """``LimitState(check, allowed, remaining, reset_after, retry_after)``, built faster."""
-    state: LimitState = _new(LimitState)
-    set_check, set_allowed, set_remaining, set_reset, set_retry = _STATE_SLOTS
-    set_check(state, check)
-    set_allowed(state, allowed)
-    set_remaining(state, remaining)
-    set_reset(state, reset_after)
-    set_retry(state, retry_after)
-    return state
+    return _tuple_new(LimitState, (check, allowed, remaining, reset_after, retry_after))
 
 
 def new_decision(allowed: bool, states: tuple[LimitState, ...]) -> Decision:
     """``Decision(allowed, states)``, built faster."""
-    decision: Decision = _new(Decision)
-    set_allowed, set_states, set_degraded = _DECISION_SLOTS
-    set_allowed(decision, allowed)
-    set_states(decision, states)
-    set_degraded(decision, False)
-    return decision
+    return _tuple_new(Decision, (allowed, states, False))
 
 
 class StorageUnavailableError(Exception):

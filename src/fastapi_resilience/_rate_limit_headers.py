@@ -64,6 +64,8 @@ class PolicyHeader:
     #: ``"premium"``: the start of this policy's item in ``RateLimit``.
     quoted_name: bytes
     amount: bytes
+    #: ``"premium";r=%d;t=%d``: this policy's item in ``RateLimit``, to format with two numbers.
+    limit_item_format: bytes
 
     @classmethod
     def build(cls, name: str, limit: Limit) -> PolicyHeader:
@@ -74,6 +76,7 @@ class PolicyHeader:
             policy_item=quoted + b";q=%d;w=%d" % (limit.amount, limit.period),
             quoted_name=quoted,
             amount=str(limit.amount).encode("ascii"),
+            limit_item_format=quoted.replace(b"%", b"%%") + b";r=%d;t=%d",
         )
 
 
@@ -102,11 +105,11 @@ class HeaderPlan:
         if not legacy:
             return [
                 (IETF_POLICY, self.policy_field),
-                (IETF_LIMIT, policy.quoted_name + b";r=%d;t=%d" % (left, reset)),
+                (IETF_LIMIT, policy.limit_item_format % (left, reset)),
             ]
         return [
             (IETF_POLICY, self.policy_field),
-            (IETF_LIMIT, policy.quoted_name + b";r=%d;t=%d" % (left, reset)),
+            (IETF_LIMIT, policy.limit_item_format % (left, reset)),
             (X_LIMIT, policy.amount),
             (X_REMAINING, b"%d" % left),
             (X_RESET, b"%d" % reset),

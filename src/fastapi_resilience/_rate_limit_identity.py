@@ -164,6 +164,10 @@ class DefaultIdentityResolver:
         self._ip_cache: dict[str, Identity] = {}
 
     async def __call__(self, scope: Scope) -> Identity:
+        return self.resolve(scope)
+
+    def resolve(self, scope: Scope) -> Identity:
+        """``__call__`` without the coroutine: the middleware calls it directly (it never waits)."""
         if self._by_key:
             header = self._header
             for name, value in scope["headers"]:
@@ -172,7 +176,12 @@ class DefaultIdentityResolver:
                     if known is not None:
                         return known
                     break
-        address = self._address(scope)
+        if self._address._networks:
+            address = self._address(scope)
+        else:
+            # No trusted proxies (the default): the peer, without a call (every request).
+            client = scope.get("client")
+            address = client[0] if client else "unknown"
         # ``for_address``'s cache hit, inlined: this runs on every limited request.
         return self._ip_cache.get(address) or self.for_address(address)
 

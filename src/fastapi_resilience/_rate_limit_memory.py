@@ -17,6 +17,7 @@ from fastapi_resilience._rate_limit_core import (
     Decision,
     LimitCheck,
     LimitState,
+    _tuple_new,
     new_decision,
     new_state,
 )
@@ -99,21 +100,59 @@ class MemoryStorage:
     def check_now(self, checks: Sequence[LimitCheck]) -> Decision:
         """The synchronous core of ``check``: decide and count ``checks`` at once."""
         now = self._monotonic()
-        if len(checks) == 1:
-            # The common case (one tier limit, no route limits), without the lists of the
-            # general path; same decisions, same counts.
-            check = checks[0]
-            window = self._held(check, now)
-            before = 0 if window is None else window.total
-            allowed = before + check.cost <= check.limit.amount or check.shadow
-            if allowed:
-                window = self._count(check, window, now)
-            decision = new_decision(allowed, (self._state(check, window, before, now),))
-        else:
-            decision = self._check_many(checks, now)
         if now >= self._next_sweep:
+            # Before the check: a window the sweep drops is one the check would not hold.
             self._sweep(now)
-        return decision
+        if len(checks) == 1:
+            return self._check_one(checks[0], now)
+        return self._check_many(checks, now)
+
+    def _check_one(self, check: LimitCheck, now: float) -> Decision:
+        # The common case (one tier limit, no route limits) with ``_held``, ``_count`` and
+        # ``_state`` inlined: this runs on every request. Same decisions, same counts.
+        limit = check.limit
+        amount = limit.amount
+        period = limit.period
+        cost = check.cost
+        key = check.window_key
+        windows = self._windows
+        window = windows.get(key)
+        if window is None:
+            before = 0
+        else:
+            if window.first_expiry <= now:
+                window.drop_expired(now, period / RESOLUTION, period)
+            before = window.total
+        if before + cost > amount and not check.shadow:
+            return new_decision(False, (self._state(check, window, before, now),))
+        if window is None:
+            if len(windows) >= self.max_keys:
+                self._evict(now)
+            window = windows[key] = _Window()
+        else:
+            windows.move_to_end(key)
+        width = period / RESOLUTION
+        bucket = int(now // width)
+        entries = window.entries
+        # A clock that stepped back must not reorder buckets: count into the newest one.
+        if entries and entries[-2] >= bucket:
+            entries[-1] += cost
+            bucket = entries[-2]
+        else:
+            entries.append(bucket)
+            entries.append(cost)
+            if len(entries) == 2:
+                window.first_expiry = (bucket + 1) * width + period
+        total = window.total = window.total + cost
+        window.expires = (bucket + 1) * width + period
+        if before + cost > amount:  # a shadow limit counted past its amount
+            return new_decision(True, (self._state(check, window, before, now),))
+        remaining = amount - total
+        state = _tuple_new(
+            LimitState,
+            (check, True, remaining if remaining > 0 else 0, window.first_expiry - now, 0.0),
+        )
+        return _tuple_new(Decision, (True, (state,), False))
 
     def _check_many(self, checks: Sequence[LimitCheck], now: float) -> Decision:
         found = [self._held(check, now) for check in checks]
@@ -133,7 +172,7 @@ class MemoryStorage:
     def _held(self, check: LimitCheck, now: float) -> _Window | None:
         """The window of ``check``, its expired buckets dropped; ``None`` when it has none."""
         limit = check.limit
-        window = self._windows.get((check.key, limit.amount, limit.period))
+        window = self._windows.get(check.window_key)
         if window is not None and window.first_expiry <= now:
             window.drop_expired(now, limit.period / RESOLUTION, limit.period)
         return window
@@ -142,7 +181,7 @@ class MemoryStorage:
         limit = check.limit
         width = limit.period / RESOLUTION
         windows = self._windows
-        key = (check.key, limit.amount, limit.period)
+        key = check.window_key
         if window is None:
             if len(windows) >= self.max_keys:
                 self._evict(now)

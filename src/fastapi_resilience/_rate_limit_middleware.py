@@ -8,9 +8,10 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._rate_limit_core import RateLimitStorage, StorageUnavailableError
-from fastapi_resilience._rate_limit_identity import IdentityResolver
+from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver, IdentityResolver
 from fastapi_resilience._rate_limiter import (
     OWN_HEADERS_KEY,
     SCOPE_KEY,
@@ -90,20 +91,27 @@ class RateLimitMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        identity = await limiter.resolver(scope)
+        resolver = limiter.resolver
+        # The built-in resolver never waits: call it without a coroutine (every request).
+        identity = (
+            resolver.resolve(scope)
+            if type(resolver) is DefaultIdentityResolver
+            else await resolver(scope)
+        )
         if identity is None:
             await self.app(scope, receive, send)
             return
         # The route table is rebuilt only when the app changes (first request, mounted apps).
         table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
         route: RoutePlan | None = table.match(scope) if table else None
-        try:
-            outcome = await limiter.check(scope, identity, route)
-        except StorageUnavailableError as exc:
-            await self._answer(
-                scope, receive, send, 503, limiter.unavailable_problem(scope, identity, route, exc)
-            )
-            return
+        outcome = limiter.check_local(scope, identity, route)
+        if outcome is None:
+            try:
+                outcome = await limiter.check(scope, identity, route)
+            except StorageUnavailableError as exc:
+                problem = limiter.unavailable_problem(scope, identity, route, exc)
+                await self._answer(scope, receive, send, 503, problem)
+                return
         scope[SCOPE_KEY] = outcome
         decision = outcome.decision
         if decision is not None and not decision.allowed and not limiter.shadow:
@@ -118,6 +126,13 @@ class RateLimitMiddleware:
             return
         extra = outcome.headers()
         if not extra:
+            await self.app(scope, receive, send)
+            return
+        shared: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS_KEY)
+        if shared is not None:
+            # Inside CorrelationIdMiddleware: its one ``send`` wrapper adds these too.
+            shared += extra
+            outcome.added_headers = extra
             await self.app(scope, receive, send)
             return
 

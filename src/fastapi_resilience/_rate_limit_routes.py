@@ -25,6 +25,7 @@ from fastapi_resilience._rate_limiter import (
     LimitOutcome,
     RateLimiter,
     RoutePlan,
+    withdraw_middleware_headers,
 )
 from fastapi_resilience.exceptions import ConfigurationError, RateLimitedError
 
@@ -82,6 +83,7 @@ class RateLimit:
         if own is None or own.decision is None:
             return
         scope[OWN_HEADERS_KEY] = True
+        withdraw_middleware_headers(scope)
         if own.refused:
             _, problem = own.problem()
             raise RateLimitedError(
