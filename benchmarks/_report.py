@@ -144,7 +144,16 @@ def micro_section(summaries: Sequence[MicroSummary]) -> str:
 
 
 def client_section(summaries: Sequence[ClientSummary]) -> str:
-    header = ["case", "what", "req/s", f"x {CLIENT_BASELINE}", "min-max"]
+    header = [
+        "case",
+        "what",
+        "req/s",
+        f"x {CLIENT_BASELINE} (req/s)",
+        "min-max",
+        "client CPU µs/req",
+        f"x {CLIENT_BASELINE} (CPU)",
+        "quartiles",
+    ]
     rows = [
         [
             f"`{s.case}`",
@@ -152,13 +161,22 @@ def client_section(summaries: Sequence[ClientSummary]) -> str:
             fmt_rate(s.requests_per_sec),
             fmt_ratio(s.ratio),
             f"{fmt_ratio(s.ratio_min)}-{fmt_ratio(s.ratio_max)}",
+            "-" if s.cpu_us_per_request is None else f"{s.cpu_us_per_request:.0f}",
+            "-" if s.cpu_ratio is None else f"{s.cpu_ratio:.3f}",
+            "-"
+            if s.cpu_ratio_q1 is None or s.cpu_ratio_q3 is None
+            else f"{s.cpu_ratio_q1:.3f}-{s.cpu_ratio_q3:.3f}",
         ]
         for s in summaries
     ]
     first = summaries[0] if summaries else None
     how = (
         f"{first.requests} GETs per repeat from {first.concurrency} tasks, "
-        f"median of {first.repeats} repeats.\n"
+        f"median of {first.repeats} interleaved repeats (throughput). CPU: the client "
+        "process's CPU time per request, one request at a time, in pairs of 50-request bursts "
+        "(`httpx_plain`, then the case, alternating order), client pinned to one CPU and "
+        "upstream to the other; `x (CPU)` is the median over pairs of the per-pair ratio, with "
+        "its quartiles: the transport's own cost, which the upstream's speed does not hide.\n"
         if first
         else ""
     )
@@ -166,7 +184,7 @@ def client_section(summaries: Sequence[ClientSummary]) -> str:
         "## Outbound: httpx client against a loopback upstream\n\n"
         + how
         + "\n"
-        + markdown_table(header, rows, "llrrr")
+        + markdown_table(header, rows, "llrrrrrr")
     )
 
 

@@ -12,7 +12,9 @@ To add a case, write a factory returning an ``httpx.AsyncBaseTransport`` (wrappi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -99,7 +101,7 @@ CLIENT_CASES: dict[str, ClientCase] = {
 
 @dataclass(frozen=True, slots=True)
 class ClientSummary:
-    """A case over all repeats: median requests per second and its ratio to ``httpx_plain``."""
+    """A case over all repeats: median rates and their ratios to ``httpx_plain``."""
 
     case: str
     description: str
@@ -111,6 +113,11 @@ class ClientSummary:
     requests: int
     concurrency: int
     repeats: int
+    #: Client CPU per request, and its ratio per pair of bursts, from ``measure_cpu``.
+    cpu_us_per_request: float | None = None
+    cpu_ratio: float | None = None
+    cpu_ratio_q1: float | None = None
+    cpu_ratio_q3: float | None = None
 
 
 async def _burst(client: httpx.AsyncClient, *, requests: int, concurrency: int) -> float:
@@ -187,21 +194,97 @@ def run_client(
     repeats: int,
     requests: int,
     concurrency: int,
+    cpu_pairs: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[ClientSummary]:
+    """Throughput one case at a time, then (``cpu_pairs``) client CPU per request in pairs."""
+    from benchmarks.capacity import LOAD_CPU, SERVER_CPU, can_pin, pin_process
+
     upstream = UvicornServer(UPSTREAM_FACTORY, env={})
     upstream.start()
+    previous = os.sched_getaffinity(0) if can_pin() else None
     try:
+        if previous is not None:
+            # Client on one CPU, upstream on the other: neither takes the other's time slices.
+            pin_process(upstream.pid, LOAD_CPU)
+            os.sched_setaffinity(0, {SERVER_CPU})
+        base_url = upstream.url.rstrip("/")
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            return runner.run(
+            summaries = runner.run(
                 measure(
                     names,
-                    base_url=upstream.url.rstrip("/"),
+                    base_url=base_url,
                     repeats=repeats,
                     requests=requests,
                     concurrency=concurrency,
                     log=log,
                 )
             )
+            if cpu_pairs:
+                cpu = runner.run(
+                    measure_cpu([s.case for s in summaries], base_url=base_url, pairs=cpu_pairs)
+                )
+                summaries = [dataclasses.replace(s, **cpu[s.case]) for s in summaries]
+        return summaries
     finally:
         upstream.stop()
+        if previous is not None:
+            os.sched_setaffinity(0, previous)
+
+
+#: Requests per burst of the CPU measurement: short, so a pair's two bursts are milliseconds
+#: apart and the machine's drift between them is small.
+CPU_BURST = 50
+
+
+async def measure_cpu(
+    names: Sequence[str],
+    *,
+    base_url: str,
+    pairs: int,
+    burst: int = CPU_BURST,
+    cases: dict[str, ClientCase] = CLIENT_CASES,
+) -> dict[str, dict[str, float]]:
+    """Client CPU time per request, ``httpx_plain`` and each case in alternating short bursts.
+
+    One request at a time (no batching of ready sockets to vary the cost), this process's CPU
+    time only (the upstream runs in its own process): the transport's own cost. Each pair is a
+    burst of the baseline and one of the case, in alternating order; the ratio of the two is
+    taken per pair, and the median and quartiles over ``pairs`` pairs are returned.
+    """
+    wanted = list(dict.fromkeys([BASELINE, *names]))
+    per_request: dict[str, list[float]] = {name: [] for name in wanted}
+    async with AsyncExitStack() as stack:
+        clients = {
+            name: await stack.enter_async_context(
+                httpx.AsyncClient(transport=cases[name].transport(), base_url=base_url)
+            )
+            for name in wanted
+        }
+
+        async def cpu_burst(client: httpx.AsyncClient, count: int) -> float:
+            start = time.process_time()
+            for _ in range(count):
+                response = await client.get("/")
+                if response.status_code != 200:
+                    raise RuntimeError(f"upstream answered {response.status_code}")
+            return (time.process_time() - start) / count
+
+        for client in clients.values():
+            await cpu_burst(client, 4 * burst)  # warm-up
+        for pair in range(pairs):
+            order = wanted if pair % 2 == 0 else wanted[::-1]
+            for name in order:
+                per_request[name].append(await cpu_burst(clients[name], burst))
+    out: dict[str, dict[str, float]] = {}
+    for name in wanted:
+        ratios = sorted(
+            b / c for b, c in zip(per_request[BASELINE], per_request[name], strict=True) if c
+        )
+        out[name] = {
+            "cpu_us_per_request": statistics.median(per_request[name]) * 1e6,
+            "cpu_ratio": statistics.median(ratios),
+            "cpu_ratio_q1": ratios[len(ratios) // 4],
+            "cpu_ratio_q3": ratios[(3 * len(ratios)) // 4],
+        }
+    return out

@@ -81,10 +81,11 @@ class Profile:
     client_repeats: int
     client_requests: int
     capacity_rounds: int
+    client_cpu_pairs: int
 
 
-FULL = Profile(5, 5, 2, 7, 0.1, 5, 1000, 9)
-QUICK = Profile(1, 2, 1, 3, 0.02, 2, 200, 2)
+FULL = Profile(5, 5, 2, 7, 0.1, 5, 1000, 9, 201)
+QUICK = Profile(1, 2, 1, 3, 0.02, 2, 200, 2, 5)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -271,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=args.rounds or profile.client_repeats,
             requests=profile.client_requests,
             concurrency=args.concurrency,
+            cpu_pairs=profile.client_cpu_pairs,
             log=_log,
         )
         sections.append(_report.client_section(client))

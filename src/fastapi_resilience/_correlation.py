@@ -141,7 +141,14 @@ class CorrelationIdMiddleware:
         if raw is not None and _VALID_ID.fullmatch(raw):
             correlation_id = raw.decode("ascii")
         else:
-            correlation_id = self._generate()
+            generate = self._generate
+            try:
+                # The default generator's pool, inlined; an empty pool refills in ``generate``.
+                correlation_id = (
+                    _ID_POOL.popleft() if generate is generate_correlation_id else generate()
+                )
+            except IndexError:
+                correlation_id = generate()
             new_raw = correlation_id.encode("ascii")
             if self._update_request_header:
                 kept = [(n, v) for n, v in headers if n != header] if raw is not None else headers
