@@ -314,3 +314,17 @@ def test_forked_child_does_not_reuse_the_parents_ids() -> None:
     os.close(read_end)
     os.close(write_end)
     assert child_id != generate_correlation_id()
+
+
+async def test_generated_id_reaches_the_request_headers_whatever_iterable_they_came_in() -> None:
+    """ASGI allows a tuple of header pairs: the generated ID is added to a new list then."""
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["headers"])
+        await _echo_app(scope, receive, send)
+
+    for headers in ([(b"host", b"t")], ((b"host", b"t"),)):
+        sent = await _drive(CorrelationIdMiddleware(app), headers)  # type: ignore[arg-type]
+        generated = _response_id(sent)
+        assert list(seen[-1]) == [(b"host", b"t"), (b"x-request-id", generated)]

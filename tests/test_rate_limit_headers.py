@@ -69,3 +69,10 @@ def test_legacy_headers_can_be_left_out() -> None:
 def test_ceil_seconds(seconds: float, expected: int) -> None:
     """Header seconds are whole, rounded up, and never negative."""
     assert ceil_seconds(seconds) == expected
+
+
+def test_a_percent_sign_in_a_policy_name_is_sent_as_is() -> None:
+    """The RateLimit item is formatted from a template; a ``%`` in the name is not a field."""
+    policy = PolicyHeader.build("50%off", Limit(10, 60))
+    headers = dict(HeaderPlan.build([policy]).one_policy(3, 12.5))
+    assert headers[b"ratelimit"] == b'"50%off";r=3;t=13'

@@ -151,8 +151,13 @@ class CorrelationIdMiddleware:
                 correlation_id = generate()
             new_raw = correlation_id.encode("ascii")
             if self._update_request_header:
-                kept = [(n, v) for n, v in headers if n != header] if raw is not None else headers
-                scope["headers"] = [*kept, (header, new_raw)]
+                if raw is None and type(headers) is list:
+                    # The server built this list for this request alone: append in place.
+                    headers.append((header, new_raw))
+                else:
+                    # ASGI allows any iterable of pairs (a tuple, say): build a new list.
+                    kept = [(n, v) for n, v in headers if n != header]
+                    scope["headers"] = [*kept, (header, new_raw)]
             raw = new_raw
         scope[SCOPE_KEY] = correlation_id
         token = _correlation_id.set(correlation_id)
