@@ -46,7 +46,7 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-## Benchmarks side by side with the peers; writes docs/benchmarks.md (about 5 minutes).
+## Benchmarks side by side with the peers; writes docs/benchmarks.md (about 11 minutes).
 ## A smoke run that keeps the doc: make bench BENCH_ARGS=--quick
 bench: $(BENCH_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

@@ -1,10 +1,13 @@
-"""Capacity: server CPU time per request, every variant loaded at once on one shared core.
+"""Capacity: server CPU time per request, each variant loaded beside ``bare`` on one shared core.
 
 On a shared VM the speed of a core drifts by 20-30 % from one 5-second run to the next, so
 ratios of runs taken one after another spread too widely to tell 0.95 from 0.90 (ADR 0031).
-Here every variant's server is pinned to the same core and loaded *at the same time*, each by
-its own wrk pinned to the other core; the scheduler interleaves the servers every few
-milliseconds, so a slow spell of the machine lands on all of them alike. Each server's CPU
+Here a variant's server and ``bare``'s are pinned to the same core and loaded *at the same
+time*, each by its own wrk pinned to the other core; the scheduler interleaves the two every few
+milliseconds, so a slow spell of the machine lands on both alike. Pairs, not all variants at
+once: with eleven servers on one core each time slice starts with caches the others evicted, a
+cost per slice that pulls every ratio toward 1 (IDs and errors read 0.96 that way, 0.88 in
+pairs, and the sequential rounds agree with the pairs). Each server's CPU
 time is read from ``/proc/<pid>/task/*/schedstat`` (nanoseconds on the CPU) around the run;
 ``requests / CPU seconds`` is its capacity, and its ratio to ``bare`` in the same round is what
 a single CPU-bound worker's throughput ratio would be.
@@ -22,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from benchmarks._procs import UvicornServer
 from benchmarks._wrk import WrkSettings, parse_wrk
 from benchmarks.http_bench import BASELINE, HttpSummary, started_servers
 
@@ -89,60 +93,72 @@ def run_capacity(
     warmup_s: int,
     log: Callable[[str], None] = print,
 ) -> list[CapacitySample]:
-    """Load every variant at once, ``rounds`` times, and return the per-round samples."""
+    """Each variant loaded at the same time as ``bare``, in pairs, ``rounds`` times.
+
+    Every pair has its own round number, so each variant's ratio is taken against the ``bare``
+    that ran beside it.
+    """
     if not can_pin():
         raise RuntimeError("capacity needs two CPUs and sched_setaffinity")
     samples: list[CapacitySample] = []
     with started_servers(names, log=log) as running:
         servers = running.servers
-        pids = {name: server.pid for name, server in servers.items()}
-        for pid in pids.values():
-            pin_process(pid, SERVER_CPU)
+        for server in servers.values():
+            pin_process(server.pid, SERVER_CPU)
         if running.redis_pid is not None:
             pin_process(running.redis_pid, LOAD_CPU)
-        for round_ in range(-1, rounds):  # round -1 is the warm-up, at the same load
+        others = [name for name in servers if name != BASELINE]
+        pair_id = 0
+        for round_ in range(-1, rounds):  # round -1 warms every pair up
             duration = warmup_s if round_ < 0 else settings.duration_s
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            loads = {
-                name: subprocess.Popen(
-                    settings.argv(server.url, duration_s=duration),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    preexec_fn=_pinned_to_load_cpu,
+            shift = max(round_, 0) % len(others) if others else 0
+            for name in [*others[shift:], *others[:shift]]:
+                pair = {BASELINE: servers[BASELINE], name: servers[name]}
+                measured = _load_at_once(pair, settings, duration, pair_id)
+                pair_id += 1
+                if round_ < 0:
+                    continue
+                samples.extend(measured)
+                bare, other = measured
+                log(
+                    f"capacity round {round_ + 1}/{rounds} {name:<28} "
+                    f"{other.per_cpu_second / bare.per_cpu_second:.3f} x bare"
                 )
-                for name, server in servers.items()
-            }
-            outputs = {
-                name: proc.communicate(timeout=duration + 60) for name, proc in loads.items()
-            }
-            after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            if round_ < 0:
-                log(f"capacity warm-up done ({duration}s, {len(servers)} servers at once)")
-                continue
-            for name, (out, err) in outputs.items():
-                if loads[name].returncode != 0:
-                    raise RuntimeError(f"wrk failed for {name}: {err}")
-                result = parse_wrk(out)
-                samples.append(
-                    CapacitySample(
-                        variant=name,
-                        round=round_,
-                        requests=result.requests,
-                        cpu_s=after[name] - before[name],
-                        non_2xx=result.non_2xx,
-                        socket_errors=result.socket_errors,
-                    )
-                )
-            bare = next(s for s in samples[-len(servers) :] if s.variant == BASELINE)
-            log(
-                f"capacity round {round_ + 1}/{rounds}: "
-                + ", ".join(
-                    f"{s.variant} {s.per_cpu_second / bare.per_cpu_second:.3f}"
-                    for s in samples[-len(servers) :]
-                    if s.variant != BASELINE
-                )
+    return samples
+
+
+def _load_at_once(
+    servers: dict[str, UvicornServer], settings: WrkSettings, duration: int, pair_id: int
+) -> list[CapacitySample]:
+    """Load ``servers`` at the same time, one wrk each on the load CPU; one sample each."""
+    before = {name: cpu_seconds(server.pid) for name, server in servers.items()}
+    loads = {
+        name: subprocess.Popen(
+            settings.argv(server.url, duration_s=duration),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_pinned_to_load_cpu,
+        )
+        for name, server in servers.items()
+    }
+    outputs = {name: proc.communicate(timeout=duration + 60) for name, proc in loads.items()}
+    after = {name: cpu_seconds(server.pid) for name, server in servers.items()}
+    samples = []
+    for name, (out, err) in outputs.items():
+        if loads[name].returncode != 0:
+            raise RuntimeError(f"wrk failed for {name}: {err}")
+        result = parse_wrk(out)
+        samples.append(
+            CapacitySample(
+                variant=name,
+                round=pair_id,
+                requests=result.requests,
+                cpu_s=after[name] - before[name],
+                non_2xx=result.non_2xx,
+                socket_errors=result.socket_errors,
             )
+        )
     return samples
 
 

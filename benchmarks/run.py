@@ -84,7 +84,7 @@ class Profile:
     client_cpu_pairs: int
 
 
-FULL = Profile(5, 5, 2, 7, 0.1, 5, 1000, 9, 201)
+FULL = Profile(5, 3, 2, 7, 0.1, 5, 1000, 5, 201)
 QUICK = Profile(1, 2, 1, 3, 0.02, 2, 200, 2, 5)
 
 
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summaries = with_capacity(summaries, summarize_capacity(capacity_samples))
             info["capacity"] = (
                 f"servers pinned to CPU {SERVER_CPU}, one wrk per server pinned to CPU {LOAD_CPU}, "
-                f"all loaded at once, {capacity_rounds} rounds"
+                f"each variant loaded at the same time as bare, {capacity_rounds} rounds"
             )
         else:
             info["capacity"] = "not measured: needs two CPUs and sched_setaffinity"
@@ -240,9 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _report.http_section(summaries)
             + f"\n{settings.describe()}. Throughput: {rounds} rounds, one variant at a time in an "
             "order rotated each round; medians over rounds, each round's ratio against `bare` of "
-            f"the same round. Capacity: {capacity_rounds} rounds with every variant loaded at "
-            "once on one shared core; server CPU time (schedstat) per request, and each round's "
-            "ratio of requests per CPU-second against `bare`. "
+            f"the same round. Capacity: {capacity_rounds} rounds in which each variant is loaded "
+            "at the same time as `bare`, both servers on one shared core; server CPU time "
+            "(schedstat) per request, and the ratio of requests per CPU-second against the `bare` "
+            "beside it. "
             "Socket errors include wrk's timeouts (no answer within 2 s), a sign of a starved "
             "machine; non-2xx answers mean a variant refused or failed requests.\n"
         )

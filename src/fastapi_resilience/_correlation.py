@@ -6,7 +6,7 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -174,12 +174,14 @@ class CorrelationIdMiddleware:
         scope[RESPONSE_HEADERS_KEY] = extra
         response_started = False
 
-        async def send_with_id(message: Message) -> None:
+        # A plain function that returns ``send``'s awaitable: the caller awaits it, and no
+        # coroutine of our own is made for each message (two per response).
+        def send_with_id(message: Message) -> Awaitable[None]:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
                 message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_with_id)

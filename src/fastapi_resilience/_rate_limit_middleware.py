@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -136,11 +137,11 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_headers(message: Message) -> None:
+        def send_with_headers(message: Message) -> Awaitable[None]:
             # A route limit the middleware could not see set its own headers: keep one set.
             if message["type"] == "http.response.start" and OWN_HEADERS_KEY not in scope:
                 message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
+            return send(message)  # awaited by the caller: no coroutine of our own per message
 
         await self.app(scope, receive, send_with_headers)
 
