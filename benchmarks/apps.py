@@ -11,6 +11,7 @@ section of its group (see ``benchmarks/README.md``).
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import os
 from collections.abc import Callable
@@ -152,6 +153,35 @@ def noop_headers(env: BenchEnv) -> ASGIApp:
     return app
 
 
+#: A context variable no library reads: what setting one per request costs by itself.
+_REQUEST_VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "bench_request_var", default=None
+)
+
+
+class ContextVarMiddleware:
+    """Sets (and resets) a context variable per request and nothing else.
+
+    Every correlation-ID middleware does this so that routes, tasks and log records see the ID.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = _REQUEST_VAR.set("id")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _REQUEST_VAR.reset(token)
+
+
+def noop_contextvar(env: BenchEnv) -> ASGIApp:
+    app = tiny_app()
+    app.add_middleware(ContextVarMiddleware)
+    return app
+
+
 def noop_basehttp(env: BenchEnv) -> ASGIApp:
     app = tiny_app()
     app.add_middleware(NoopBaseHTTPMiddleware)
@@ -243,6 +273,11 @@ VARIANTS: dict[str, HttpVariant] = {
         noop_headers,
         "foundation",
         expect_headers=("x-request-id", "ratelimit-policy"),
+    ),
+    "noop_contextvar": HttpVariant(
+        "a pure ASGI middleware that only sets a context variable per request (reference)",
+        noop_contextvar,
+        "foundation",
     ),
     "noop_basehttp": HttpVariant(
         "a no-op `BaseHTTPMiddleware` (reference)", noop_basehttp, "foundation"
