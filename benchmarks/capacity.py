@@ -5,10 +5,10 @@ ratios of runs taken one after another spread too widely to tell 0.95 from 0.90 
 Here a variant's server and ``bare``'s are pinned to the same core and loaded *at the same
 time*, each by its own wrk pinned to the other core; the scheduler interleaves the two every few
 milliseconds, so a slow spell of the machine lands on both alike. Pairs, not all variants at
-once: with eleven servers on one core the ratios spread two to ten times wider (ADR 0031). Each server's CPU
-time is read from ``/proc/<pid>/task/*/schedstat`` (nanoseconds on the CPU) around the run;
-``requests / CPU seconds`` is its capacity, and its ratio to ``bare`` in the same round is what
-a single CPU-bound worker's throughput ratio would be.
+once: with eleven servers on one core the ratios spread two to ten times wider (ADR 0031).
+Each server's CPU time is read from ``/proc/<pid>/task/*/schedstat`` (nanoseconds on the CPU)
+around the run; ``requests / CPU seconds`` is its capacity, and its ratio to the ``bare`` beside
+it is what a single CPU-bound worker's throughput ratio would be.
 
 What it leaves out: time a server spends waiting (on Redis, on a blocked event loop) costs no
 CPU, so for variants that wait the sequential throughput of ``http_bench`` is the figure.
