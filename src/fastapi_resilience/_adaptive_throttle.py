@@ -21,8 +21,8 @@ from typing import ParamSpec, TypeVar
 import httpx
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._events import EventBus
-from fastapi_resilience._retry_budget import FALLBACK_EVENTS, SlidingCounter, seconds
+from fastapi_resilience._events import EventBus, EventSource
+from fastapi_resilience._retry_budget import SlidingCounter, seconds
 from fastapi_resilience.exceptions import (
     ConfigurationError,
     RateLimitedError,
@@ -60,7 +60,7 @@ def is_overload(exc: BaseException) -> bool:
     ) and not isinstance(exc, ThrottledError)
 
 
-class AdaptiveThrottle:
+class AdaptiveThrottle(EventSource):
     """Drops calls locally in proportion to how often one upstream has been refusing them.
 
     ``await throttle.call(fn, *args, **kwargs)`` raises :class:`ThrottledError` without
@@ -85,7 +85,6 @@ class AdaptiveThrottle:
 
     __slots__ = (
         "_counter",
-        "_events",
         "_is_rejection",
         "_random",
         "_throttling",
@@ -123,15 +122,6 @@ class AdaptiveThrottle:
         self._events = events
         self._throttling = False
         self._counter = SlidingCounter(window_s, kinds=2, buckets=20, clock=clock)
-
-    @property
-    def events(self) -> EventBus:
-        """Where its events go: the bus it was given, else a shared bus that logs them."""
-        return self._events if self._events is not None else FALLBACK_EVENTS
-
-    @events.setter
-    def events(self, bus: EventBus | None) -> None:
-        self._events = bus
 
     def probability(self) -> float:
         """The current chance that a new request is dropped locally."""

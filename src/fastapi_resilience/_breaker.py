@@ -28,7 +28,7 @@ from fastapi_resilience._breaker_window import (
 )
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import to_seconds
-from fastapi_resilience._events import EventBus
+from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
 from fastapi_resilience.exceptions import CircuitOpenError, ClientError, ConfigurationError
 
@@ -75,10 +75,6 @@ _UNSET: Any = object()
 
 logger = logging.getLogger("fastapi_resilience.breaker")
 
-# Breakers made before ``install`` (at import time, as usual) publish here until a registry
-# or an app binds them to its own bus.
-_FALLBACK_EVENTS = EventBus()
-
 
 #: What a shared store says about a half-open trial: ``"granted"`` (run it), ``"full"``
 #: (the trial permits are taken), ``"open"`` / ``"closed"`` (the shared state moved on),
@@ -121,7 +117,7 @@ def _default_is_failure(exc: BaseException) -> bool:
     return not (isinstance(status, int) and status < 500)
 
 
-class CircuitBreaker:
+class CircuitBreaker(EventSource):
     """A circuit breaker for one upstream (or one kind of call).
 
     Counts as a failure, by default: any ``Exception`` except a :class:`ClientError` (and an
@@ -165,7 +161,6 @@ class CircuitBreaker:
         "__weakref__",
         "_clock",
         "_ctx",
-        "_events",
         "_failures",
         "_fast",
         "_generation",
@@ -295,14 +290,6 @@ class CircuitBreaker:
     @property
     def clock(self) -> Clock:
         return self._clock
-
-    @property
-    def events(self) -> EventBus:
-        return self._events if self._events is not None else _FALLBACK_EVENTS
-
-    @events.setter
-    def events(self, bus: EventBus | None) -> None:
-        self._events = bus
 
     @property
     def generation(self) -> int:

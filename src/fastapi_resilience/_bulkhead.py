@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import to_seconds
-from fastapi_resilience._events import EventBus
+from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
 
 __all__ = [
@@ -44,10 +44,9 @@ BULKHEAD_FULL_DETAIL = "Bulkhead {name!r} is full: {active} running, {waiting} w
 BULKHEAD_WAIT_TIMEOUT_DETAIL = "Bulkhead {name!r}: no slot freed within {timeout:g}s."
 
 _UNSET: Any = object()
-_FALLBACK_EVENTS = EventBus()
 
 
-class Bulkhead:
+class Bulkhead(EventSource):
     """At most ``max_concurrent`` calls at once; ``max_waiting`` more may wait for a slot.
 
     Slots are handed over first come, first served. A call that finds every slot taken and
@@ -70,7 +69,6 @@ class Bulkhead:
 
     __slots__ = (
         "_active",
-        "_events",
         "_saturated",
         "_waiters",
         "clock",
@@ -133,14 +131,6 @@ class Bulkhead:
     def waiting(self) -> int:
         """Calls waiting for a slot now."""
         return sum(1 for w in self._waiters if not w.done())
-
-    @property
-    def events(self) -> EventBus:
-        return self._events if self._events is not None else _FALLBACK_EVENTS
-
-    @events.setter
-    def events(self, bus: EventBus | None) -> None:
-        self._events = bus
 
     async def acquire(self) -> None:
         """Take a slot, waiting in line if allowed.

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi_resilience._correlation import get_correlation_id
 
-__all__ = ["Event", "EventBus", "EventListener"]
+__all__ = ["FALLBACK_EVENTS", "Event", "EventBus", "EventListener", "EventSource"]
 
 logger = logging.getLogger("fastapi_resilience.events")
 
@@ -81,3 +81,27 @@ class EventBus:
         event = Event(kind, name, attributes, level)
         self.publish(event)
         return event
+
+
+#: Components made without a bus (at import time, before ``install``) publish here until an app
+#: or a registry binds them to its own; their events still reach the log.
+FALLBACK_EVENTS = EventBus()
+
+
+class EventSource:
+    """Mixin for components that publish events: ``events`` is the bus given, else the fallback.
+
+    The class sets ``self._events`` in ``__init__`` (``None``: not bound to a bus yet).
+    """
+
+    __slots__ = ("_events",)
+    _events: EventBus | None
+
+    @property
+    def events(self) -> EventBus:
+        """Where its events go: the bus it was given, else a shared bus that logs them."""
+        return self._events if self._events is not None else FALLBACK_EVENTS
+
+    @events.setter
+    def events(self, bus: EventBus | None) -> None:
+        self._events = bus

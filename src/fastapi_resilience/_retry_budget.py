@@ -17,16 +17,13 @@ import time
 from datetime import timedelta
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock, SystemClock
-from fastapi_resilience._events import EventBus
+from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience.exceptions import ConfigurationError
 
 __all__ = ["RetryBudget", "SlidingCounter", "seconds"]
 
 BUDGET_EXHAUSTED = "retry.budget_exhausted"
 BUDGET_RECOVERED = "retry.budget_recovered"
-
-#: Events of budgets and throttles built without a bus still reach the log through this one.
-FALLBACK_EVENTS = EventBus()
 
 
 def seconds(value: float | timedelta | None, argument: str) -> float | None:
@@ -82,7 +79,7 @@ class SlidingCounter:
         return sum(self._counts[kind])
 
 
-class RetryBudget:
+class RetryBudget(EventSource):
     """Allows retries to one target at most ``ratio`` of recent calls plus a small floor.
 
     Give one budget to each target (a host, a dependency): the transport does this per host.
@@ -104,7 +101,6 @@ class RetryBudget:
     __slots__ = (
         "_clock",
         "_counter",
-        "_events",
         "_exhausted",
         "_floor",
         "_last_refusal",
@@ -144,15 +140,6 @@ class RetryBudget:
         self._clock = clock
         # kind 0: calls (first attempts), kind 1: retries.
         self._counter = SlidingCounter(window_s, kinds=2, clock=clock)
-
-    @property
-    def events(self) -> EventBus:
-        """Where its events go: the bus it was given, else a shared bus that logs them."""
-        return self._events if self._events is not None else FALLBACK_EVENTS
-
-    @events.setter
-    def events(self, bus: EventBus | None) -> None:
-        self._events = bus
 
     def record_call(self) -> None:
         """Count one call (its first attempt); each call earns ``ratio`` retries."""
