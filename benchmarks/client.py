@@ -139,6 +139,18 @@ async def _burst(client: httpx.AsyncClient, *, requests: int, concurrency: int) 
     return requests / (time.perf_counter() - start)
 
 
+async def _open_clients(
+    stack: AsyncExitStack, names: Sequence[str], cases: dict[str, ClientCase], base_url: str
+) -> dict[str, httpx.AsyncClient]:
+    """One ``AsyncClient`` per case, closed when ``stack`` closes."""
+    return {
+        name: await stack.enter_async_context(
+            httpx.AsyncClient(transport=cases[name].transport(), base_url=base_url)
+        )
+        for name in names
+    }
+
+
 async def measure(
     names: Sequence[str],
     *,
@@ -152,12 +164,7 @@ async def measure(
     wanted = list(dict.fromkeys([BASELINE, *names]))
     rates: dict[str, list[float]] = {name: [] for name in wanted}
     async with AsyncExitStack() as stack:
-        clients = {
-            name: await stack.enter_async_context(
-                httpx.AsyncClient(transport=cases[name].transport(), base_url=base_url)
-            )
-            for name in wanted
-        }
+        clients = await _open_clients(stack, wanted, cases, base_url)
         for client in clients.values():  # warm the connection pools
             await _burst(client, requests=max(50, requests // 10), concurrency=concurrency)
         for repeat in range(repeats):
@@ -255,12 +262,7 @@ async def measure_cpu(
     wanted = list(dict.fromkeys([BASELINE, *names]))
     per_request: dict[str, list[float]] = {name: [] for name in wanted}
     async with AsyncExitStack() as stack:
-        clients = {
-            name: await stack.enter_async_context(
-                httpx.AsyncClient(transport=cases[name].transport(), base_url=base_url)
-            )
-            for name in wanted
-        }
+        clients = await _open_clients(stack, wanted, cases, base_url)
 
         async def cpu_burst(client: httpx.AsyncClient, count: int) -> float:
             start = time.process_time()

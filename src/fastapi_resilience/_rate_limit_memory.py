@@ -109,7 +109,8 @@ class MemoryStorage:
 
     def _check_one(self, check: LimitCheck, now: float) -> Decision:
         # The common case (one tier limit, no route limits) with ``_held``, ``_count`` and
-        # ``_state`` inlined: this runs on every request. Same decisions, same counts.
+        # ``_state`` inlined: this runs on every request. Same decisions, same counts; keep the
+        # two in step (``_check_many`` uses the methods).
         limit = check.limit
         amount = limit.amount
         period = limit.period
