@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -233,3 +235,40 @@ def test_instructions_driver_sends_requests_in_process() -> None:
     from benchmarks.instructions import drive
 
     drive("resilience_errors_ids", 5)
+
+
+@pytest.mark.anyio
+async def test_gc_count_app_reports_its_collections_at_shutdown(tmp_path: Path) -> None:
+    """The served app writes the collector's counts when the lifespan completes its shutdown."""
+    import gc
+
+    from benchmarks.gc_count import GcCounter, counting_app
+
+    async def lifespan_app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    counter = GcCounter()
+    gc.callbacks.append(counter)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(counter)
+    report = tmp_path / "gc.json"
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> Any:
+        return next(messages)
+
+    async def send(message: Any) -> None:
+        pass
+
+    await counting_app(lifespan_app, counter, report)({"type": "lifespan"}, receive, send)
+    figures = json.loads(report.read_text())
+    assert figures["collections"][2] >= 1  # the full collection above
+    assert figures["collected"] >= 0
