@@ -12,6 +12,7 @@ section of its group (see ``benchmarks/README.md``).
 from __future__ import annotations
 
 import contextvars
+import gc
 import importlib
 import os
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 #: Environment variables the harness sets for the server process.
 VARIANT_ENV = "BENCH_VARIANT"
 REDIS_URL_ENV = "BENCH_REDIS_URL"
+#: Optional: CPython's gen-0 collection threshold for every server (default 700).
+GC_THRESHOLD_ENV = "BENCH_GC_THRESHOLD"
 
 #: The one route every variant serves, and its exact body.
 ROUTE = "/"
@@ -341,6 +344,10 @@ GROUP_TITLES: dict[str, str] = {
 
 def create_app() -> ASGIApp:
     """The uvicorn factory: the app of the variant named by ``BENCH_VARIANT``."""
+    threshold = os.environ.get(GC_THRESHOLD_ENV)
+    if threshold:
+        # An experiment, not a default: every server of the run gets the same gen-0 threshold.
+        gc.set_threshold(int(threshold))
     name = os.environ.get(VARIANT_ENV, "bare")
     try:
         variant = VARIANTS[name]

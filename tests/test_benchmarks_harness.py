@@ -272,3 +272,19 @@ async def test_gc_count_app_reports_its_collections_at_shutdown(tmp_path: Path) 
     figures = json.loads(report.read_text())
     assert figures["collections"][2] >= 1  # the full collection above
     assert figures["collected"] >= 0
+
+
+def test_gc_threshold_option_reaches_the_served_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BENCH_GC_THRESHOLD sets the gen-0 threshold of the server that builds the app."""
+    import gc
+
+    from benchmarks.apps import GC_THRESHOLD_ENV, VARIANT_ENV, create_app
+
+    before = gc.get_threshold()
+    monkeypatch.setenv(VARIANT_ENV, "bare")
+    monkeypatch.setenv(GC_THRESHOLD_ENV, "7000")
+    try:
+        create_app()
+        assert gc.get_threshold()[0] == 7000
+    finally:
+        gc.set_threshold(*before)
