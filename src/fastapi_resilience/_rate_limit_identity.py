@@ -79,6 +79,11 @@ class ClientAddress:
         self._networks = _networks(trusted_proxies)
         self._cache: dict[str, bool] = {}
 
+    @property
+    def trusts_proxies(self) -> bool:
+        """Whether any address or network is trusted (else the peer is always the client)."""
+        return bool(self._networks)
+
     def is_trusted(self, host: str) -> bool:
         """Whether ``host`` is one of the trusted proxies (cached: peers repeat)."""
         trusted = self._cache.get(host)
@@ -144,7 +149,7 @@ class DefaultIdentityResolver:
         trusted_proxies: see :class:`ClientAddress`.
     """
 
-    __slots__ = ("_address", "_by_key", "_default_tier", "_header", "_ip_cache")
+    __slots__ = ("_address", "_by_key", "_default_tier", "_header", "_ip_cache", "_proxied")
 
     def __init__(
         self,
@@ -161,6 +166,8 @@ class DefaultIdentityResolver:
         }
         self._default_tier = default_tier
         self._address = ClientAddress(trusted_proxies)
+        #: Whether any proxy is trusted; if not, the address is the peer's.
+        self._proxied = self._address.trusts_proxies
         self._ip_cache: dict[str, Identity] = {}
 
     async def __call__(self, scope: Scope) -> Identity:
@@ -176,7 +183,7 @@ class DefaultIdentityResolver:
                     if known is not None:
                         return known
                     break
-        if self._address._networks:
+        if self._proxied:
             address = self._address(scope)
         else:
             # No trusted proxies (the default): the peer, without a call (every request).

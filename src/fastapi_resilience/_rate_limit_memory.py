@@ -17,7 +17,6 @@ from fastapi_resilience._rate_limit_core import (
     Decision,
     LimitCheck,
     LimitState,
-    _tuple_new,
     new_decision,
     new_state,
 )
@@ -108,52 +107,26 @@ class MemoryStorage:
         return self._check_many(checks, now)
 
     def _check_one(self, check: LimitCheck, now: float) -> Decision:
-        # The common case (one tier limit, no route limits) with ``_held``, ``_count`` and
-        # ``_state`` inlined: this runs on every request. Same decisions, same counts; keep the
-        # two in step (``_check_many`` uses the methods).
+        # The common case (one tier limit, no route limits), without the lists of
+        # ``_check_many``; ``_held`` and the admitted case of ``_state`` are inlined (this runs
+        # on every request). Same decisions, same counts.
         limit = check.limit
-        amount = limit.amount
-        period = limit.period
-        cost = check.cost
-        key = check.window_key
-        windows = self._windows
-        window = windows.get(key)
-        if window is None:
-            before = 0
-        else:
-            if window.first_expiry <= now:
-                window.drop_expired(now, period / RESOLUTION, period)
-            before = window.total
-        if before + cost > amount and not check.shadow:
-            return new_decision(False, (self._state(check, window, before, now),))
-        if window is None:
-            if len(windows) >= self.max_keys:
-                self._evict(now)
-            window = windows[key] = _Window()
-        else:
-            windows.move_to_end(key)
-        width = period / RESOLUTION
-        bucket = int(now // width)
-        entries = window.entries
-        # A clock that stepped back must not reorder buckets: count into the newest one.
-        if entries and entries[-2] >= bucket:
-            entries[-1] += cost
-            bucket = entries[-2]
-        else:
-            entries.append(bucket)
-            entries.append(cost)
-            if len(entries) == 2:
-                window.first_expiry = (bucket + 1) * width + period
-        total = window.total = window.total + cost
-        window.expires = (bucket + 1) * width + period
-        if before + cost > amount:  # a shadow limit counted past its amount
+        window = self._windows.get(check.window_key)
+        if window is not None and window.first_expiry <= now:
+            window.drop_expired(now, limit.period / RESOLUTION, limit.period)
+        before = 0 if window is None else window.total
+        if before + check.cost > limit.amount:
+            if not check.shadow:
+                return new_decision(False, (self._state(check, window, before, now),))
+            # A shadow limit is counted past its amount, and reported as refusing.
+            window = self._count(check, window, now)
             return new_decision(True, (self._state(check, window, before, now),))
-        remaining = amount - total
-        state = _tuple_new(
-            LimitState,
-            (check, True, remaining if remaining > 0 else 0, window.first_expiry - now, 0.0),
+        window = self._count(check, window, now)
+        remaining = limit.amount - window.total
+        state = new_state(
+            check, True, remaining if remaining > 0 else 0, window.first_expiry - now, 0.0
         )
-        return _tuple_new(Decision, (True, (state,), False))
+        return new_decision(True, (state,))
 
     def _check_many(self, checks: Sequence[LimitCheck], now: float) -> Decision:
         found = [self._held(check, now) for check in checks]

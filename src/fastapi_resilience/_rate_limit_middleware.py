@@ -108,7 +108,7 @@ class RateLimitMiddleware:
         outcome = limiter.check_local(scope, identity, route)
         if outcome is None:
             try:
-                outcome = await limiter.check(scope, identity, route)
+                outcome = await limiter.check_storage(scope, identity, route)
             except StorageUnavailableError as exc:
                 problem = limiter.unavailable_problem(scope, identity, route, exc)
                 await self._answer(scope, receive, send, 503, problem)

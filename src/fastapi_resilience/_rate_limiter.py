@@ -302,10 +302,7 @@ class RateLimiter:
             identity, route, with_tier=with_tier
         )
         decision = storage.check_now(plan.checks)  # type: ignore[attr-defined]
-        outcome = LimitOutcome(self, identity, plan, decision)
-        if self.shadow or route is not None:
-            self._report_shadow(scope, outcome)
-        return outcome
+        return self._outcome(scope, identity, plan, decision)
 
     async def check(
         self,
@@ -326,6 +323,21 @@ class RateLimiter:
         local = self.check_local(scope, identity, route, with_tier=with_tier)
         if local is not None:
             return local
+        return await self.check_storage(scope, identity, route, with_tier=with_tier)
+
+    async def check_storage(
+        self,
+        scope: Scope,
+        identity: Identity,
+        route: RoutePlan | None = None,
+        *,
+        with_tier: bool = True,
+    ) -> LimitOutcome:
+        """``check`` through the storage's own ``check``, for when ``check_local`` said ``None``.
+
+        Raises:
+            StorageUnavailableError: the storage is down and ``fail_open`` is off.
+        """
         plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
             identity, route, with_tier=with_tier
         )
@@ -335,8 +347,13 @@ class RateLimiter:
             if not self.fail_open:
                 raise
             return LimitOutcome(self, identity, plan, None, unavailable=True)
+        return self._outcome(scope, identity, plan, decision)
+
+    def _outcome(
+        self, scope: Scope, identity: Identity, plan: _Plan, decision: Decision
+    ) -> LimitOutcome:
         outcome = LimitOutcome(self, identity, plan, decision)
-        if self.shadow or route is not None:
+        if self.shadow or plan.route is not None:
             self._report_shadow(scope, outcome)
         return outcome
 
