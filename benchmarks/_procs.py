@@ -55,7 +55,7 @@ class RedisProcess:
 
     @property
     def pid(self) -> int | None:
-        proc = getattr(self._server, "proc", None)
+        proc = self._server.proc
         return proc.pid if proc is not None else None
 
     def version(self) -> str:

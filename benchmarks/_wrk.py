@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -93,12 +94,33 @@ class WrkSettings:
         )
 
 
+def start_wrk(
+    settings: WrkSettings,
+    url: str,
+    *,
+    duration_s: int | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[str]:
+    """wrk started in the background; ``finish_wrk`` waits for it and reads its report."""
+    return subprocess.Popen(
+        settings.argv(url, duration_s=duration_s),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
+
+
+def finish_wrk(proc: subprocess.Popen[str], *, timeout_s: float) -> WrkResult:
+    out, err = proc.communicate(timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, proc.args))} failed ({proc.returncode}): {err}")
+    return parse_wrk(out)
+
+
 def run_wrk(settings: WrkSettings, url: str, *, duration_s: int | None = None) -> WrkResult:
-    argv = settings.argv(url, duration_s=duration_s)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=settings.duration_s + 60)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr}")
-    return parse_wrk(done.stdout)
+    seconds = duration_s if duration_s is not None else settings.duration_s
+    return finish_wrk(start_wrk(settings, url, duration_s=seconds), timeout_s=seconds + 60)
 
 
 def wrk_version() -> str:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks._procs import UvicornServer
-from benchmarks._wrk import WrkSettings, parse_wrk
-from benchmarks.http_bench import BASELINE, HttpSummary, started_servers
+from benchmarks._wrk import WrkSettings, finish_wrk, start_wrk
+from benchmarks.http_bench import BASELINE, HttpSummary, round_order, started_servers
 
 SERVER_CPU = 0
 LOAD_CPU = 1
@@ -109,8 +108,7 @@ def run_capacity(
         pair_id = 0
         for round_ in range(-1, rounds):  # round -1 warms every pair up
             duration = warmup_s if round_ < 0 else settings.duration_s
-            shift = max(round_, 0) % len(others) if others else 0
-            for name in [*others[shift:], *others[:shift]]:
+            for name in round_order(others, max(round_, 0)) if others else []:
                 pair = {BASELINE: servers[BASELINE], name: servers[name]}
                 measured = _load_at_once(pair, settings, duration, pair_id)
                 pair_id += 1
@@ -118,9 +116,11 @@ def run_capacity(
                     continue
                 samples.extend(measured)
                 bare, other = measured
+                errors = sum(s.non_2xx + s.socket_errors for s in measured)
                 log(
                     f"capacity round {round_ + 1}/{rounds} {name:<28} "
                     f"{other.per_cpu_second / bare.per_cpu_second:.3f} x bare"
+                    + (f"  ERRORS {errors} (non-2xx or socket)" if errors else "")
                 )
     return samples
 
@@ -131,33 +131,22 @@ def _load_at_once(
     """Load ``servers`` at the same time, one wrk each on the load CPU; one sample each."""
     before = {name: cpu_seconds(server.pid) for name, server in servers.items()}
     loads = {
-        name: subprocess.Popen(
-            settings.argv(server.url, duration_s=duration),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=_pinned_to_load_cpu,
-        )
+        name: start_wrk(settings, server.url, duration_s=duration, preexec_fn=_pinned_to_load_cpu)
         for name, server in servers.items()
     }
-    outputs = {name: proc.communicate(timeout=duration + 60) for name, proc in loads.items()}
+    results = {name: finish_wrk(proc, timeout_s=duration + 60) for name, proc in loads.items()}
     after = {name: cpu_seconds(server.pid) for name, server in servers.items()}
-    samples = []
-    for name, (out, err) in outputs.items():
-        if loads[name].returncode != 0:
-            raise RuntimeError(f"wrk failed for {name}: {err}")
-        result = parse_wrk(out)
-        samples.append(
-            CapacitySample(
-                variant=name,
-                round=pair_id,
-                requests=result.requests,
-                cpu_s=after[name] - before[name],
-                non_2xx=result.non_2xx,
-                socket_errors=result.socket_errors,
-            )
+    return [
+        CapacitySample(
+            variant=name,
+            round=pair_id,
+            requests=result.requests,
+            cpu_s=after[name] - before[name],
+            non_2xx=result.non_2xx,
+            socket_errors=result.socket_errors,
         )
-    return samples
+        for name, result in results.items()
+    ]
 
 
 def summarize_capacity(samples: Sequence[CapacitySample]) -> dict[str, CapacitySummary]:

@@ -51,7 +51,7 @@ class HttpSummary:
     ratio_max: float
     non_2xx: int
     socket_errors: int
-    #: From the capacity run (``benchmarks.capacity``): every variant loaded at once.
+    #: From the capacity run (``benchmarks.capacity``): each variant loaded beside ``bare``.
     cpu_us_per_request: float | None = None
     capacity_ratio: float | None = None
     capacity_min: float | None = None
