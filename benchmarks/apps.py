@@ -247,19 +247,25 @@ def slowapi_redis_headers(env: BenchEnv) -> ASGIApp:
     return _slowapi_app(storage_uri=env.require_redis(), headers_enabled=True)
 
 
-def _resilience_full(storage: str) -> ASGIApp:
+def _resilience_full(storage: str, *, headers: bool = True) -> ASGIApp:
     from fastapi_resilience import ResilienceSettings, install
 
     app = tiny_app()
-    install(
-        app,
-        ResilienceSettings(rate_limit_storage=storage, rate_limit_tiers={"anonymous": HUGE_LIMIT}),
+    settings = ResilienceSettings(
+        rate_limit_storage=storage,
+        rate_limit_tiers={"anonymous": HUGE_LIMIT},
+        rate_limit_headers_enabled=headers,
     )
+    install(app, settings)
     return app
 
 
 def resilience_full_memory(env: BenchEnv) -> ASGIApp:
     return _resilience_full("memory://")
+
+
+def resilience_full_memory_no_headers(env: BenchEnv) -> ASGIApp:
+    return _resilience_full("memory://", headers=False)
 
 
 def resilience_full_redis(env: BenchEnv) -> ASGIApp:
@@ -303,6 +309,12 @@ VARIANTS: dict[str, HttpVariant] = {
         resilience_full_memory,
         "rate_limit",
         expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
+    ),
+    "resilience_full_memory_no_headers": HttpVariant(
+        "fastapi-resilience `install()` as above, rate-limit headers off (reference)",
+        resilience_full_memory_no_headers,
+        "rate_limit",
+        expect_headers=("x-request-id",),
     ),
     "resilience_full_redis": HttpVariant(
         "fastapi-resilience `install()`: IDs, errors, rate limit (Redis), headers on",

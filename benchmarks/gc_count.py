@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,28 @@ REPORT_ENV = "BENCH_GC_REPORT"
 
 
 class GcCounter:
-    """Counts collections per generation, and the objects they found unreachable."""
+    """Counts collections per generation, the objects they found unreachable, and their time."""
 
     def __init__(self) -> None:
         self.collections = [0, 0, 0]
         self.collected = 0
+        self.seconds = 0.0
+        self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "stop":
-            self.collections[info["generation"]] += 1
-            self.collected += info["collected"]
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        self.collections[info["generation"]] += 1
+        self.collected += info["collected"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"collections": self.collections, "collected": self.collected}
+        return {
+            "collections": self.collections,
+            "collected": self.collected,
+            "seconds": self.seconds,
+        }
 
 
 def counting_app(app: ASGIApp, counter: GcCounter, report: Path) -> ASGIApp:
@@ -101,12 +111,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args(argv)
-    print("| variant | requests measured | collections (gen 0, 1, 2) | objects collected |")
-    print("| :--- | ---: | ---: | ---: |")
+    print(
+        "| variant | requests measured | collections (gen 0, 1, 2) | objects collected"
+        " | time collecting (ms) |"
+    )
+    print("| :--- | ---: | ---: | ---: | ---: |")
     for name in args.variants:
         figures = count(name, args.seconds)
         gens = ", ".join(str(n) for n in figures["collections"])
-        print(f"| `{name}` | {figures['requests']:,} | {gens} | {figures['collected']:,} |")
+        print(
+            f"| `{name}` | {figures['requests']:,} | {gens} | {figures['collected']:,}"
+            f" | {figures['seconds'] * 1000:.1f} |"
+        )
     print("\nCollections and objects are counted over the server's life (warm-up included).")
     return 0
 

@@ -275,6 +275,7 @@ async def test_gc_count_app_reports_its_collections_at_shutdown(tmp_path: Path) 
     figures = json.loads(report.read_text())
     assert figures["collections"][2] >= 1  # the full collection above
     assert figures["collected"] >= 1  # the cycle it freed
+    assert figures["seconds"] > 0  # time from the "start" to the "stop" callback
 
 
 def test_gc_threshold_option_reaches_the_served_app(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,3 +292,20 @@ def test_gc_threshold_option_reaches_the_served_app(monkeypatch: pytest.MonkeyPa
         assert gc.get_threshold()[0] == 7000
     finally:
         gc.set_threshold(*before)
+
+
+def test_the_harness_leaves_the_measured_process_context_empty() -> None:
+    """Importing the harness must not set a context variable in the main context (pytest's
+    import sets ``decimal``'s): every request's context starts from it, and a non-empty one
+    changes what a context-variable write costs the collector (ADR 0044)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextvars, benchmarks.run, benchmarks.gc_count, benchmarks.instructions\n"
+        "print(len(contextvars.copy_context()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "0"

@@ -17,7 +17,11 @@ from fastapi_resilience import (
     get_correlation_id,
     install_exception_handlers,
 )
-from fastapi_resilience._correlation import SCOPE_KEY, is_valid_correlation_id
+from fastapi_resilience._correlation import (
+    RESPONSE_HEADERS_KEY,
+    SCOPE_KEY,
+    is_valid_correlation_id,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -328,3 +332,78 @@ async def test_generated_id_reaches_the_request_headers_whatever_iterable_they_c
         sent = await _drive(CorrelationIdMiddleware(app), headers)  # type: ignore[arg-type]
         generated = _response_id(sent)
         assert list(seen[-1]) == [(b"host", b"t"), (b"x-request-id", generated)]
+
+
+def _recording_server_send(seen: list[tuple[str, bool, str | None]]) -> Send:
+    """A server ``send`` that notes, per message, the ID visible while the server handles it."""
+
+    async def send(message: Message) -> None:
+        seen.append((message["type"], message.get("more_body", False), get_correlation_id()))
+
+    return send
+
+
+async def test_server_handles_the_last_body_message_outside_the_request_context() -> None:
+    """uvicorn arms its keep-alive timer while handling the last body message, and the timer
+    keeps a copy of the context until the connection's next request: that copy must not carry
+    this request's ID (ADR 0044). The start, earlier chunks and background work keep it."""
+    after_response: list[str | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b"})
+        after_response.append(get_correlation_id())  # where Starlette runs background tasks
+
+    seen: list[tuple[str, bool, str | None]] = []
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b""}
+    scope["headers"] = [(b"x-request-id", b"req-7")]
+
+    async def receive() -> Message:  # pragma: no cover - the app never reads the body
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await CorrelationIdMiddleware(app)(scope, receive, _recording_server_send(seen))
+    assert seen == [
+        ("http.response.start", False, "req-7"),
+        ("http.response.body", True, "req-7"),
+        ("http.response.body", False, None),
+    ]
+    assert after_response == ["req-7"]
+    assert get_correlation_id() is None
+
+
+async def test_last_body_sent_from_a_copied_context_is_sent_as_is() -> None:
+    """A body sent from another task (Starlette streams that way before ASGI spec 2.4) cannot
+    step out of the request's context; it is sent unchanged and the request ends cleanly."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await StreamingResponse(chunks())(scope, receive, send)
+
+    async def receive() -> Message:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    seen: list[tuple[str, bool, str | None]] = []
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b""}
+    scope["headers"] = [(b"x-request-id", b"req-8")]
+    await CorrelationIdMiddleware(app)(scope, receive, _recording_server_send(seen))
+    # The task group's child has a copy of the request's context: the ID is still visible.
+    assert [kind for kind, _, _ in seen] == ["http.response.start", *["http.response.body"] * 2]
+    assert seen[-1] == ("http.response.body", False, "req-8")
+    assert get_correlation_id() is None
+
+
+async def test_nothing_of_the_request_stays_in_the_scope_after_it() -> None:
+    """An idle keep-alive connection keeps its last scope: the header list handed to inner
+    middleware is removed once the request is done (the ID itself, a string, stays)."""
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
+
+    async def receive() -> Message:  # pragma: no cover - the app never reads the body
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await CorrelationIdMiddleware(_echo_app)(scope, receive, _recording_server_send([]))
+    assert RESPONSE_HEADERS_KEY not in scope
+    assert is_valid_correlation_id(scope[SCOPE_KEY])

@@ -17,6 +17,7 @@ from fastapi_resilience._rate_limit_identity import Identity
 from fastapi_resilience._rate_limit_memory import MemoryStorage
 from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
 from fastapi_resilience._rate_limit_routes import rate_limit
+from fastapi_resilience._rate_limiter import SCOPE_KEY as RATE_LIMIT_SCOPE_KEY
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.testing import ManualClock
@@ -378,6 +379,40 @@ async def test_non_http_scopes_pass_through(clock: ManualClock) -> None:
         await middleware({"type": kind, "path": "/", "headers": []}, receive, send)
     assert seen == ["websocket", "lifespan"]
     assert len(storage) == 0
+
+
+async def test_the_outcome_leaves_the_scope_with_the_request(clock: ManualClock) -> None:
+    """Code inside the request reads the outcome from the scope; once the request is done it is
+    removed, allowed or refused, since an idle keep-alive connection keeps its last scope."""
+    during: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        during.append(RATE_LIMIT_SCOPE_KEY in scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = RateLimitMiddleware(
+        app, limiter=RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": "1/minute"})
+    )
+
+    async def receive() -> Message:  # pragma: no cover - the app never reads the body
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    statuses: list[int] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scopes = [
+        {"type": "http", "method": "GET", "path": "/", "headers": [], "client": ("10.0.0.1", 1)}
+        for _ in range(2)
+    ]
+    for scope in scopes:
+        await middleware(scope, receive, send)
+    assert statuses == [200, 429]
+    assert during == [True]
+    assert all(RATE_LIMIT_SCOPE_KEY not in scope for scope in scopes)
 
 
 def test_bad_limit_string_fails_at_declaration() -> None:

@@ -175,13 +175,36 @@ class CorrelationIdMiddleware:
         response_started = False
 
         # A plain function that returns ``send``'s awaitable: the caller awaits it, and no
-        # coroutine of our own is made for each message (two per response).
+        # coroutine of our own is made for the other messages.
         def send_with_id(message: Message) -> Awaitable[None]:
             nonlocal response_started
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 response_started = True
                 message["headers"] = [*message.get("headers", ()), *extra]
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                return send_last(message)
             return send(message)
+
+        # The server's handling of the last body message is the connection's, not the
+        # request's: uvicorn arms its keep-alive timer there, and the timer keeps a copy of the
+        # current context until the connection's next request. Sent with the ID still set, every
+        # idle connection would hold this request's context map; with the ID unset (and an
+        # otherwise empty context) it holds the shared empty map. In a small app under load
+        # those retained maps are what decides how often the collector runs (ADR 0044).
+        # The ID is set again afterwards for background tasks, which run after this send.
+        async def send_last(message: Message) -> None:
+            nonlocal token
+            try:
+                _correlation_id.reset(token)
+            except ValueError:
+                # Sent from a copied context (a streaming body's task group): nothing to unset.
+                await send(message)
+                return
+            try:
+                await send(message)
+            finally:
+                token = _correlation_id.set(correlation_id)
 
         try:
             await self.app(scope, receive, send_with_id)
@@ -192,3 +215,4 @@ class CorrelationIdMiddleware:
             await answer_unhandled(scope, exc, send_with_id, response_started=response_started)
         finally:
             _correlation_id.reset(token)
+            del scope[RESPONSE_HEADERS_KEY]

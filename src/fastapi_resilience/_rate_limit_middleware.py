@@ -114,36 +114,41 @@ class RateLimitMiddleware:
                 await self._answer(scope, receive, send, 503, problem)
                 return
         scope[SCOPE_KEY] = outcome
-        decision = outcome.decision
-        if decision is not None and not decision.allowed and not limiter.shadow:
-            limiter.events.emit(
-                "rate_limit.refused",
-                outcome.plan.tier,
-                level=logging.DEBUG,
-                policies=",".join(outcome.violated()),
-            )
-            status, problem = outcome.problem()
-            await self._answer(scope, receive, send, status, problem)
-            return
-        extra = outcome.headers()
-        if not extra:
-            await self.app(scope, receive, send)
-            return
-        shared: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS_KEY)
-        if shared is not None:
-            # Inside CorrelationIdMiddleware: its one ``send`` wrapper adds these too.
-            shared += extra
-            outcome.added_headers = extra
-            await self.app(scope, receive, send)
-            return
+        # An idle keep-alive connection keeps its last request's scope until the next request
+        # arrives: nothing of this request should stay reachable from it (ADR 0044).
+        try:
+            decision = outcome.decision
+            if decision is not None and not decision.allowed and not limiter.shadow:
+                limiter.events.emit(
+                    "rate_limit.refused",
+                    outcome.plan.tier,
+                    level=logging.DEBUG,
+                    policies=",".join(outcome.violated()),
+                )
+                status, problem = outcome.problem()
+                await self._answer(scope, receive, send, status, problem)
+                return
+            extra = outcome.headers()
+            if not extra:
+                await self.app(scope, receive, send)
+                return
+            shared: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS_KEY)
+            if shared is not None:
+                # Inside CorrelationIdMiddleware: its one ``send`` wrapper adds these too.
+                shared += extra
+                outcome.added_headers = extra
+                await self.app(scope, receive, send)
+                return
 
-        def send_with_headers(message: Message) -> Awaitable[None]:
-            # A route limit the middleware could not see set its own headers: keep one set.
-            if message["type"] == "http.response.start" and OWN_HEADERS_KEY not in scope:
-                message["headers"] = [*message.get("headers", ()), *extra]
-            return send(message)  # awaited by the caller: no coroutine of our own per message
+            def send_with_headers(message: Message) -> Awaitable[None]:
+                # A route limit the middleware could not see set its own headers: keep one set.
+                if message["type"] == "http.response.start" and OWN_HEADERS_KEY not in scope:
+                    message["headers"] = [*message.get("headers", ()), *extra]
+                return send(message)  # awaited by the caller: no coroutine of our own per message
 
-        await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            del scope[SCOPE_KEY]
 
     def _table_for(self, scope: Scope) -> Any:
         from fastapi_resilience._rate_limit_routes import RouteTable
