@@ -278,6 +278,16 @@ async def test_gc_count_app_reports_its_collections_at_shutdown(tmp_path: Path) 
     assert figures["seconds"] > 0  # time from the "start" to the "stop" callback
 
 
+def test_count_growth_reads_the_step_up_per_request_and_the_peak() -> None:
+    """Requests leave 9 objects each until a round ends and frees them: rise 9, peak 27."""
+    from benchmarks.gc_count import count_growth
+
+    counts = [0, 9, 18, 27, 3, 12, 21, 2, 11]
+    assert count_growth(counts) == {"rise": 9, "peak": 27}
+    assert count_growth([5, 5, 1]) == {"rise": 0, "peak": 5}
+    assert count_growth([]) == {"rise": 0, "peak": 0}
+
+
 def test_gc_threshold_option_reaches_the_served_app(monkeypatch: pytest.MonkeyPatch) -> None:
     """BENCH_GC_THRESHOLD sets the gen-0 threshold of the server that builds the app."""
     import gc
