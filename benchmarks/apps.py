@@ -81,9 +81,15 @@ class HttpVariant:
         return factory(env)
 
 
-def tiny_app() -> FastAPI:
-    """Bare FastAPI with the one tiny JSON route; every variant starts from this."""
+def tiny_app(before_routes: Callable[[FastAPI], object] | None = None) -> FastAPI:
+    """Bare FastAPI with the one tiny JSON route; every variant starts from this.
+
+    ``before_routes`` set-up runs before the route is defined, as the README's ``install()``
+    does: what it adds to the app's routes is met first by every request.
+    """
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    if before_routes is not None:
+        before_routes(app)
 
     # ``response_model=None``: no response validation, so a middleware's cost is not hidden
     # behind a heavier route.
@@ -250,14 +256,13 @@ def slowapi_redis_headers(env: BenchEnv) -> ASGIApp:
 def _resilience_full(storage: str, *, headers: bool = True) -> ASGIApp:
     from fastapi_resilience import ResilienceSettings, install
 
-    app = tiny_app()
     settings = ResilienceSettings(
         rate_limit_storage=storage,
         rate_limit_tiers={"anonymous": HUGE_LIMIT},
         rate_limit_headers_enabled=headers,
     )
-    install(app, settings)
-    return app
+    # Before the route, as the README writes it: its health and metrics routes come first.
+    return tiny_app(lambda app: install(app, settings))
 
 
 def resilience_full_memory(env: BenchEnv) -> ASGIApp:

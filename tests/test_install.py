@@ -107,3 +107,64 @@ async def test_ready_is_degraded_while_a_breaker_is_open() -> None:
     assert body["status"] == "degraded"
     assert "install-test-inventory" in body["checks"]["breakers"]["detail"]
     assert after["status"] == "ok"
+
+
+async def test_routes_defined_after_install_keep_its_paths_and_their_own() -> None:
+    """install() before the app's routes, as the README does: the health and metrics paths
+    stay install()'s (a catch-all defined later does not swallow them), every other path
+    reaches the app's routes, and the health routes are still in the OpenAPI schema."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+
+    @app.get("/health/live")
+    async def shadowed() -> dict[str, str]:  # pragma: no cover - never reached
+        return {"status": "mine"}
+
+    @app.get("/{rest:path}")
+    async def catch_all(rest: str) -> dict[str, str]:
+        return {"rest": rest}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        live = await client.get("/health/live")
+        ready = await client.get("/health/ready")
+        metrics = await client.get("/metrics")
+        other = await client.get("/orders/7")
+        post_live = await client.post("/health/live")
+    assert live.json() == {"status": "ok"}
+    assert ready.json()["status"] == "ok"
+    assert metrics.text.startswith("# HELP")
+    assert other.json() == {"rest": "orders/7"}
+    # A path install() owns, with the wrong method: 405 from its route, not the catch-all.
+    assert post_live.status_code == 405
+    assert {"/health/live", "/health/ready"} <= set(app.openapi()["paths"])
+
+
+async def test_health_routes_behind_a_root_path() -> None:
+    """Under ``--root-path /api`` the request path carries the prefix; the routes still match."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+    transport = httpx.ASGITransport(app=app, root_path="/api")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        live = await client.get("/api/health/live")
+    assert live.json() == {"status": "ok"}
+
+
+def test_fixed_route_refuses_other_paths_and_parameters() -> None:
+    """The early refusal only ever answers NONE for a path the route's regex would refuse."""
+    from starlette.routing import Match
+
+    from fastapi_resilience._fixed_routes import FixedPathRoute, add_fixed_route
+
+    async def endpoint() -> None:  # pragma: no cover - only matched, never called
+        return None
+
+    route = FixedPathRoute("/health/live", endpoint, methods=["GET"])
+    scope = {"type": "http", "method": "GET", "root_path": ""}
+    assert route.matches({**scope, "path": "/orders"})[0] is Match.NONE
+    assert route.matches({**scope, "path": "/x/health/live"})[0] is Match.NONE
+    assert route.matches({**scope, "path": "/health/live"})[0] is Match.FULL
+    assert route.matches({**scope, "path": "/health/live", "method": "POST"})[0] is Match.PARTIAL
+    app = FastAPI()
+    with pytest.raises(ValueError, match="no path parameters"):
+        add_fixed_route(app.router, "/items/{item_id}", endpoint)

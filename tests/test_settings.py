@@ -107,3 +107,10 @@ def test_settings_are_immutable() -> None:
     s = ResilienceSettings()
     with pytest.raises(Exception, match="frozen"):
         s.rate_limit_enabled = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["health_path", "metrics_path"])
+def test_health_and_metrics_paths_must_be_fixed(name: str) -> None:
+    """They become fixed-path routes: a template is refused at start-up, naming the setting."""
+    with pytest.raises(ConfigurationError, match=name):
+        ResilienceSettings(**{name: "/status/{part}"})

@@ -11,7 +11,16 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
-__all__ = ["CheckResult", "HealthCheck", "HealthChecks", "HealthStatus", "health_router"]
+from fastapi_resilience._fixed_routes import add_fixed_route
+
+__all__ = [
+    "CheckResult",
+    "HealthCheck",
+    "HealthChecks",
+    "HealthStatus",
+    "add_health_routes",
+    "health_router",
+]
 
 HealthStatus = Literal["ok", "degraded", "unhealthy"]
 _RANK: dict[HealthStatus, int] = {"ok": 0, "degraded": 1, "unhealthy": 2}
@@ -110,13 +119,17 @@ class HealthChecks:
 
 def health_router(checks: HealthChecks, *, prefix: str = "/health") -> APIRouter:
     """``GET {prefix}/live`` (200 while the process serves) and ``GET {prefix}/ready``."""
-    router = APIRouter(prefix=prefix, tags=["health"])
+    router = APIRouter()
+    add_health_routes(router, checks, prefix=prefix)
+    return router
 
-    @router.get("/live", summary="Liveness")
+
+def add_health_routes(router: APIRouter, checks: HealthChecks, *, prefix: str = "/health") -> None:
+    """Add the two health routes to ``router`` (an app's own router: no included router)."""
+
     async def live() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/ready", summary="Readiness", response_model=None)
     async def ready() -> JSONResponse:
         status, results = await checks.run()
         return JSONResponse(
@@ -125,4 +138,7 @@ def health_router(checks: HealthChecks, *, prefix: str = "/health") -> APIRouter
             headers={"Cache-Control": "no-store"},
         )
 
-    return router
+    add_fixed_route(router, f"{prefix}/live", live, summary="Liveness", tags=["health"])
+    add_fixed_route(
+        router, f"{prefix}/ready", ready, summary="Readiness", tags=["health"], response_model=None
+    )

@@ -12,8 +12,12 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._handlers import install_exception_handlers
-from fastapi_resilience._health import HealthChecks, health_router
-from fastapi_resilience._metrics import PrometheusListener, metrics_router, prometheus_available
+from fastapi_resilience._health import HealthChecks, add_health_routes
+from fastapi_resilience._metrics import (
+    PrometheusListener,
+    add_metrics_route,
+    prometheus_available,
+)
 from fastapi_resilience._outbound_fastapi import watch_outbound
 from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
@@ -81,7 +85,9 @@ def install(
     if settings.rate_limit_enabled:
         _install_rate_limiting(app, resilience)
     app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
-    app.include_router(health_router(resilience.health, prefix=settings.health_path))
+    # Straight onto the app's router, as fixed-path routes: routes defined after ``install()``
+    # meet these first on every request (ADR 0045).
+    add_health_routes(app.router, resilience.health, prefix=settings.health_path)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
     if settings.metrics_enabled and prometheus_available():
@@ -130,4 +136,4 @@ def _install_metrics(app: FastAPI, resilience: Resilience, path: str) -> None:
     registry = CollectorRegistry()
     resilience.metrics = PrometheusListener(registry)
     resilience.events.subscribe(resilience.metrics)
-    app.include_router(metrics_router(registry, path=path))
+    add_metrics_route(app.router, registry, path=path)

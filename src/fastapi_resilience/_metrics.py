@@ -12,11 +12,12 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from fastapi_resilience._events import Event
+from fastapi_resilience._fixed_routes import add_fixed_route
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["PrometheusListener", "metrics_router", "prometheus_available"]
+__all__ = ["PrometheusListener", "add_metrics_route", "metrics_router", "prometheus_available"]
 
 
 def prometheus_available() -> bool:
@@ -50,12 +51,16 @@ class PrometheusListener:
 
 def metrics_router(registry: CollectorRegistry, *, path: str = "/metrics") -> APIRouter:
     """``GET /metrics`` in the Prometheus text format."""
+    router = APIRouter()
+    add_metrics_route(router, registry, path=path)
+    return router
+
+
+def add_metrics_route(router: APIRouter, registry: CollectorRegistry, *, path: str) -> None:
+    """Add ``GET {path}`` to ``router`` (an app's own router: no included router)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    router = APIRouter(tags=["metrics"])
-
-    @router.get(path, include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return router
+    add_fixed_route(router, path, metrics, include_in_schema=False, tags=["metrics"])

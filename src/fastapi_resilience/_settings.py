@@ -134,6 +134,13 @@ class ResilienceSettings(BaseSettings):
                 raise ValueError(f"{path!r} must start with '/'")
         return value
 
+    @field_validator("health_path", "metrics_path")
+    @classmethod
+    def _fixed_paths(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError(f"{value!r} must be a fixed path, without '{{...}}' parameters")
+        return value
+
     @model_validator(mode="after")
     def _tiers_known(self) -> ResilienceSettings:
         tiers = self.rate_limit_tiers
