@@ -30,7 +30,7 @@ class FixedPathRoute(APIRoute):
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         path = scope.get("path")
-        if type(path) is str and not path.endswith(self.path_format):
+        if path is not None and not path.endswith(self.path_format):
             return Match.NONE, {}
         return super().matches(scope)
 

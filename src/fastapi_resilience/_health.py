@@ -19,7 +19,6 @@ __all__ = [
     "HealthChecks",
     "HealthStatus",
     "add_health_routes",
-    "health_router",
 ]
 
 HealthStatus = Literal["ok", "degraded", "unhealthy"]
@@ -117,15 +116,9 @@ class HealthChecks:
         return entry
 
 
-def health_router(checks: HealthChecks, *, prefix: str = "/health") -> APIRouter:
-    """``GET {prefix}/live`` (200 while the process serves) and ``GET {prefix}/ready``."""
-    router = APIRouter()
-    add_health_routes(router, checks, prefix=prefix)
-    return router
-
-
 def add_health_routes(router: APIRouter, checks: HealthChecks, *, prefix: str = "/health") -> None:
-    """Add the two health routes to ``router`` (an app's own router: no included router)."""
+    """``GET {prefix}/live`` (200 while the process serves) and ``GET {prefix}/ready``, added
+    to ``router`` (the app's own: an included router costs every other request, ADR 0045)."""
 
     async def live() -> dict[str, str]:
         return {"status": "ok"}

@@ -17,7 +17,7 @@ from fastapi_resilience._fixed_routes import add_fixed_route
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["PrometheusListener", "add_metrics_route", "metrics_router", "prometheus_available"]
+__all__ = ["PrometheusListener", "add_metrics_route", "prometheus_available"]
 
 
 def prometheus_available() -> bool:
@@ -49,15 +49,8 @@ class PrometheusListener:
         self.events.labels(event.kind, event.name).inc()
 
 
-def metrics_router(registry: CollectorRegistry, *, path: str = "/metrics") -> APIRouter:
-    """``GET /metrics`` in the Prometheus text format."""
-    router = APIRouter()
-    add_metrics_route(router, registry, path=path)
-    return router
-
-
 def add_metrics_route(router: APIRouter, registry: CollectorRegistry, *, path: str) -> None:
-    """Add ``GET {path}`` to ``router`` (an app's own router: no included router)."""
+    """``GET {path}`` in the Prometheus text format, added to ``router`` (the app's own)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     async def metrics() -> Response:

@@ -105,6 +105,7 @@ class RateLimitMiddleware:
         # The route table is rebuilt only when the app changes (first request, mounted apps).
         table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
         route: RoutePlan | None = table.match(scope) if table else None
+        # ``limiter.check`` in two steps: the in-process storage answers without a coroutine.
         outcome = limiter.check_local(scope, identity, route)
         if outcome is None:
             try:

@@ -298,6 +298,7 @@ class RateLimiter:
         storage = self.storage
         if type(storage).check is not _MEMORY_CHECK:
             return None
+        # ``plan``'s cache hit, inlined: one call less on every request.
         plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
             identity, route, with_tier=with_tier
         )
@@ -338,9 +339,7 @@ class RateLimiter:
         Raises:
             StorageUnavailableError: the storage is down and ``fail_open`` is off.
         """
-        plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
-            identity, route, with_tier=with_tier
-        )
+        plan = self.plan(identity, route, with_tier=with_tier)
         try:
             decision = await self.storage.check(identity.key, plan.checks)
         except StorageUnavailableError:
@@ -414,11 +413,10 @@ def withdraw_middleware_headers(scope: Scope) -> None:
     A ``rate_limit`` dependency that answers with its own set calls this: one set per response.
     """
     outcome: LimitOutcome | None = scope.get(SCOPE_KEY)
-    added = outcome.added_headers if outcome is not None else None
-    if not added:
+    if outcome is None or not outcome.added_headers:
         return
     shared: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS_KEY)
     if shared is not None:
-        mine = {id(pair) for pair in added}
+        mine = {id(pair) for pair in outcome.added_headers}
         shared[:] = [pair for pair in shared if id(pair) not in mine]
-    outcome.added_headers = None  # type: ignore[union-attr]
+    outcome.added_headers = None
