@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -95,9 +95,20 @@ def server_options() -> list[str]:
 class UvicornServer:
     """``python -m uvicorn <app> --factory`` (one worker) on a free loopback port."""
 
-    def __init__(self, app_factory: str, *, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        app_factory: str,
+        *,
+        env: Mapping[str, str],
+        prefix: Sequence[str] = (),
+        timeout_s: float = 20.0,
+    ) -> None:
         self.port = free_port()
+        #: ``prefix`` runs the server under another program (valgrind); ``timeout_s`` bounds
+        #: its start and its stop.
+        self._timeout_s = timeout_s
         self.argv = [
+            *prefix,
             sys.executable,
             "-m",
             "uvicorn",
@@ -124,9 +135,9 @@ class UvicornServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self._env, cwd=ROOT)
-        wait_for_port(self.port, proc=self.proc, timeout=20.0)
+        wait_for_port(self.port, proc=self.proc, timeout=self._timeout_s)
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            stop_process(self.proc, timeout=self._timeout_s)
             self.proc = None

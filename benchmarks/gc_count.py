@@ -1,16 +1,16 @@
-"""How often CPython's garbage collector runs in a served variant, under wrk.
+"""How often CPython's garbage collector runs in a served variant, under wrk, and why.
 
-Found while measuring the correlation-ID middleware: setting one context variable per request
-costs about 4 % of a bare request under uvicorn with uvloop, and the server then runs the
-collector some twenty times as often while finding almost nothing to collect. This reproduces
-that count for any variant::
+Found while measuring the correlation-ID middleware: a context variable kept set through the
+response made the server run the collector about seventy times as often, finding nothing to
+collect (ADR 0044). This reproduces that count for any variant::
 
     python -m benchmarks.gc_count noop_asgi noop_contextvar resilience_errors_ids
 
 Each variant runs in its own uvicorn process (the harness's options) whose app is wrapped to
-count collections with ``gc.callbacks``; wrk loads it, the server is stopped, and the counts it
-wrote at lifespan shutdown (over its whole life, the 2 s warm-up included) are printed next to
-the number of requests of the measured run.
+count collections and their time with ``gc.callbacks``, and to read the gen-0 count as each
+request starts; wrk loads it, the server is stopped, and the figures it wrote at lifespan
+shutdown (over its whole life, the 2 s warm-up included) are printed next to the number of
+requests of the measured run.
 """
 
 from __future__ import annotations
@@ -82,9 +82,7 @@ def count_growth(counts: Sequence[int]) -> dict[str, int]:
     (700 by default) a few more objects per request mean a collection every round of requests.
     """
     steps = [b - a for a, b in itertools.pairwise(counts) if b > a]
-    if not steps:
-        return {"rise": 0, "peak": max(counts, default=0)}
-    return {"rise": statistics.mode(steps), "peak": max(counts)}
+    return {"rise": statistics.mode(steps) if steps else 0, "peak": max(counts, default=0)}
 
 
 def counting_app(app: ASGIApp, counter: GcCounter, report: Path) -> ASGIApp:

@@ -128,7 +128,7 @@ def check_variant(name: str, spec: HttpVariant, port: int) -> None:
 
 @dataclass(slots=True)
 class RunningServers:
-    """The variants' servers, by name, and the private Redis's version when one was started."""
+    """The variants' servers, by name, and the private Redis's version and pid if one started."""
 
     servers: dict[str, UvicornServer]
     redis_version: str | None = None

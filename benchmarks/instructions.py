@@ -86,12 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = instructions(name, args.warm + args.requests)
         per_request[name] = (loaded - warm) / args.requests
         print(f"{name}: {per_request[name]:,.0f} instructions per request", flush=True)
+    print_table(per_request, "instructions per request")
+    return 0
+
+
+def print_table(per_request: dict[str, float], column: str) -> None:
+    """The Markdown table of instructions per request, against ``bare`` (first row)."""
     bare = per_request["bare"]
-    print("\n| variant | instructions per request | over bare | bare / variant |")
+    print(f"\n| variant | {column} | over bare | bare / variant |")
     print("| :--- | ---: | ---: | ---: |")
     for name, value in per_request.items():
         print(f"| `{name}` | {value:,.0f} | {value - bare:+,.0f} | {bare / value:.3f} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ collector and the kernel-facing calls included (system calls themselves excluded
 same wrk load as the HTTP benchmark: repeatable to a fraction of a percent on any machine.
 
 For each variant: start ``uvicorn benchmarks.apps:create_app`` (the harness's options) under
-callgrind, warm it up with wrk, zero the counters (``callgrind_control -z``), load it with wrk,
-send an exact number of requests over 64 keep-alive connections (a small client here: wrk stops
-with requests in flight, which the server counts and wrk does not), dump the counters
-(``callgrind_control -d``) and divide. Slow (about 40 s per variant)::
+callgrind, warm it up with wrk, zero the counters (``callgrind_control -z``), send an exact
+number of requests over 64 keep-alive connections (a small client here: wrk stops with requests
+in flight, which the server counts and wrk does not), dump the counters
+(``callgrind_control -d``) and divide. Slow (about 50 s per variant)::
 
     python -m benchmarks.server_instructions bare resilience_errors_ids resilience_full_memory
 """
@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks._procs import ROOT, server_options, stop_process
+from benchmarks._procs import UvicornServer
 from benchmarks._wrk import WrkSettings, run_wrk
 from benchmarks.apps import VARIANT_ENV, VARIANTS
-from tests._servers import free_port, wait_for_port
+from benchmarks.instructions import print_table
 
 #: Under callgrind a request takes 50 times as long: wait longer for answers than wrk's default.
 _SETTINGS = WrkSettings(timeout_s=10)
@@ -79,13 +77,19 @@ def _tool(name: str) -> str:
     return path
 
 
-def dumped_instructions(directory: Path) -> int:
-    """The ``totals`` of the dump ``callgrind_control -d`` wrote (``<file>.1``)."""
-    for dump in directory.glob("callgrind.*.1"):
-        for line in dump.read_text(encoding="utf-8").splitlines():
-            if line.startswith("totals:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no callgrind dump with totals in {directory}")
+def dumped_instructions(directory: Path, *, timeout_s: float = 30.0) -> int:
+    """The ``totals`` of the dump ``callgrind_control -d`` asked for (``<file>.1``).
+
+    The server process writes it; wait until its last line, ``totals:``, is there.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for dump in directory.glob("callgrind.*.1"):
+            for line in dump.read_text(encoding="utf-8").splitlines():
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+        time.sleep(0.2)
+    raise RuntimeError(f"no callgrind dump with totals in {directory} after {timeout_s:g} s")
 
 
 def measure(name: str, per_connection: int) -> tuple[int, int]:
@@ -93,37 +97,24 @@ def measure(name: str, per_connection: int) -> tuple[int, int]:
     if VARIANTS[name].needs_redis:
         raise SystemExit(f"{name} needs Redis: not measured here")
     control = _tool("callgrind_control")
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
-        argv = [
-            _tool("valgrind"),
-            "--tool=callgrind",
-            f"--callgrind-out-file={tmp}/callgrind.%p",
-            sys.executable,
-            "-m",
-            "uvicorn",
+        callgrind = [_tool("valgrind"), "-q", "--tool=callgrind"]
+        server = UvicornServer(
             "benchmarks.apps:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *server_options(),
-        ]
-        env = {**os.environ, VARIANT_ENV: name, "PYTHONHASHSEED": "0"}
-        server = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+            env={VARIANT_ENV: name, "PYTHONHASHSEED": "0"},
+            prefix=[*callgrind, f"--callgrind-out-file={tmp}/callgrind.%p"],
+            timeout_s=120.0,
+        )
+        server.start()
         try:
-            wait_for_port(port, proc=server, timeout=120.0)
-            url = f"http://127.0.0.1:{port}/"
-            run_wrk(_SETTINGS, url, duration_s=5)  # imports, caches and the first collections
+            run_wrk(_SETTINGS, server.url, duration_s=5)  # imports, caches, first collections
             time.sleep(1.0)  # the requests wrk left in flight
             subprocess.run([control, "-z", str(server.pid)], check=True, capture_output=True)
-            requests = load(port, per_connection)
+            requests = load(server.port, per_connection)
             subprocess.run([control, "-d", str(server.pid)], check=True, capture_output=True)
-            time.sleep(1.0)
             total = dumped_instructions(Path(tmp))
         finally:
-            stop_process(server, timeout=60.0)
+            server.stop()
     return requests, total
 
 
@@ -138,11 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         requests, total = measure(name, args.per_connection)
         per_request[name] = total / requests
         print(f"{name}: {requests:,} requests, {per_request[name]:,.0f} instructions each")
-    bare = per_request["bare"]
-    print("\n| variant | instructions per request (server) | over bare | bare / variant |")
-    print("| :--- | ---: | ---: | ---: |")
-    for name, value in per_request.items():
-        print(f"| `{name}` | {value:,.0f} | {value - bare:+,.0f} | {bare / value:.3f} |")
+    print_table(per_request, "instructions per request (server)")
     return 0
 
 

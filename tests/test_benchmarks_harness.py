@@ -312,7 +312,7 @@ def test_the_harness_leaves_the_measured_process_context_empty() -> None:
     import sys
 
     code = (
-        "import contextvars, benchmarks.run, benchmarks.gc_count, benchmarks.instructions\n"
+        "import contextvars, benchmarks.run, benchmarks.gc_count, benchmarks.server_instructions\n"
         "print(len(contextvars.copy_context()))"
     )
     done = subprocess.run(
