@@ -65,6 +65,10 @@ def _networks(entries: Iterable[str]) -> tuple[_IPNetwork, ...]:
     return tuple(networks)
 
 
+#: The address of a request whose server gave no client (a Unix socket, a test client).
+UNKNOWN_PEER = "unknown"
+
+
 class ClientAddress:
     """The client's address: the peer, or from ``X-Forwarded-For`` behind trusted proxies.
 
@@ -102,7 +106,7 @@ class ClientAddress:
 
     def __call__(self, scope: Scope) -> str:
         client = scope.get("client")
-        peer: str = client[0] if client else "unknown"
+        peer: str = client[0] if client else UNKNOWN_PEER
         if not self._networks or not self.is_trusted(peer):
             return peer
         forwarded = _header_values(scope, b"x-forwarded-for")
@@ -186,9 +190,9 @@ class DefaultIdentityResolver:
         if self._proxied:
             address = self._address(scope)
         else:
-            # No trusted proxies (the default): the peer, without a call (every request).
+            # ``ClientAddress`` without proxies, inlined (the default; every request): the peer.
             client = scope.get("client")
-            address = client[0] if client else "unknown"
+            address = client[0] if client else UNKNOWN_PEER
         # ``for_address``'s cache hit, inlined: this runs on every limited request.
         return self._ip_cache.get(address) or self.for_address(address)
 
