@@ -21,6 +21,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from starlette.types import ASGIApp
+
 from benchmarks._procs import ROOT
 from benchmarks.apps import VARIANTS, BenchEnv
 from benchmarks.micro import asgi_request
@@ -28,9 +30,17 @@ from benchmarks.micro import asgi_request
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
+def _build(name: str) -> ASGIApp:
+    """A variant's app, or one of ``route_matching``'s probes (apps measured only here)."""
+    from benchmarks.route_matching import ROUTE_PROBES
+
+    probe = ROUTE_PROBES.get(name)
+    return probe() if probe is not None else VARIANTS[name].build(BenchEnv())
+
+
 def drive(name: str, count: int) -> None:
     """Send ``count`` requests through the variant's app, in this process."""
-    call = asgi_request(VARIANTS[name].build(BenchEnv()))
+    call = asgi_request(_build(name))
 
     async def run() -> None:
         for _ in range(count):
@@ -77,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         drive(args.drive[0], int(args.drive[1]))
         return 0
     names = list(dict.fromkeys(["bare", *(n.strip() for n in args.only.split(",") if n)]))
-    unknown = [n for n in names if n not in VARIANTS or VARIANTS[n].needs_redis]
+    from benchmarks.route_matching import ROUTE_PROBES
+
+    unknown = [
+        n for n in names if n not in ROUTE_PROBES and (n not in VARIANTS or VARIANTS[n].needs_redis)
+    ]
     if unknown:
         raise SystemExit(f"not in-process variants: {unknown}")
     per_request = {}

@@ -5,6 +5,12 @@ each of its requests one ``matches`` call. ``install()`` adds health and metrics
 is called, usually before the app's routes (ADR 0045)::
 
     python -m benchmarks.route_matching
+
+``matches`` is not all of it: the router's loop pays for each entry too (ADR 0046). The whole
+cost per request, in instructions, of the app's route behind install()'s three fixed-path
+routes, or behind the one entry that holds them::
+
+    python -m benchmarks.instructions --only routes_three_fixed,routes_one_group
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import timeit
 from fastapi import APIRouter, FastAPI
 from starlette.routing import BaseRoute
 
-from fastapi_resilience._fixed_routes import add_fixed_route
+from benchmarks.apps import tiny_app
+from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
+
+_FIXED_PATHS = ("/health/live", "/health/ready", "/metrics")
 
 
 async def _live() -> dict[str, str]:  # pragma: no cover - matched, never called
@@ -34,6 +43,26 @@ def _first_route(build: str, *, docs: bool) -> BaseRoute:
     else:
         add_fixed_route(app.router, "/health/live", _live)
     return app.router.routes[0]
+
+
+def _three_fixed(app: FastAPI) -> None:
+    for path in _FIXED_PATHS:
+        add_fixed_route(app.router, path, _live)
+
+
+def _one_group(app: FastAPI) -> None:
+    group = FixedPathRoutes()
+    app.router.routes.append(group)
+    for path in _FIXED_PATHS:
+        add_fixed_route(app.router, path, _live, group=group)
+
+
+#: Apps for ``benchmarks.instructions`` (in process only): the benchmark's route behind
+#: install()'s routes as three entries (``health_in_schema=True``) or as one (the default).
+ROUTE_PROBES = {
+    "routes_three_fixed": lambda: tiny_app(_three_fixed),
+    "routes_one_group": lambda: tiny_app(_one_group),
+}
 
 
 def main() -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import Match, NoMatchFound
 
 from fastapi_resilience import (
     ConfigurationError,
@@ -112,7 +114,7 @@ async def test_ready_is_degraded_while_a_breaker_is_open() -> None:
 async def test_routes_defined_after_install_keep_its_paths_and_their_own() -> None:
     """install() before the app's routes, as the README does: the health and metrics paths
     stay install()'s (a catch-all defined later does not swallow them), every other path
-    reaches the app's routes, and the health routes are still in the OpenAPI schema."""
+    reaches the app's routes; the health routes are out of the OpenAPI schema (ADR 0046)."""
     app = FastAPI()
     install(app, ResilienceSettings(rate_limit_enabled=False))
 
@@ -137,7 +139,9 @@ async def test_routes_defined_after_install_keep_its_paths_and_their_own() -> No
     assert other.json() == {"rest": "orders/7"}
     # A path install() owns, with the wrong method: 405 from its route, not the catch-all.
     assert post_live.status_code == 405
-    assert {"/health/live", "/health/ready"} <= set(app.openapi()["paths"])
+    # The app's own ``/health/live`` is listed (shadowed, as it always was); install()'s are not.
+    assert set(app.openapi()["paths"]) == {"/health/live", "/{rest}"}
+    assert app.openapi()["paths"]["/health/live"]["get"]["operationId"].startswith("shadowed")
 
 
 async def test_health_routes_behind_a_root_path() -> None:
@@ -168,3 +172,69 @@ def test_fixed_route_refuses_other_paths_and_parameters() -> None:
     app = FastAPI()
     with pytest.raises(ValueError, match="no path parameters"):
         add_fixed_route(app.router, "/items/{item_id}", endpoint)
+
+
+def test_install_puts_its_fixed_paths_behind_one_route_entry() -> None:
+    """Health and metrics are one entry of the app's routes (ADR 0046), and still reachable
+    by name."""
+    from fastapi_resilience._fixed_routes import FixedPathRoutes
+
+    app = FastAPI()
+    before = len(app.routes)
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+    added = app.routes[before:]
+    assert len(added) == 1
+    assert isinstance(added[0], FixedPathRoutes)
+    assert [route.path for route in added[0].routes] == [
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+    ]
+    assert app.url_path_for("ready") == "/health/ready"
+    assert app.url_path_for("metrics") == "/metrics"
+    with pytest.raises(NoMatchFound):
+        app.url_path_for("no-such-route")
+
+
+def test_fixed_path_group_matches_only_its_paths_under_a_root_path() -> None:
+    from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
+
+    async def endpoint() -> None:  # pragma: no cover - only matched, never called
+        return None
+
+    app = FastAPI()
+    group = FixedPathRoutes()
+    app.router.routes.append(group)
+    add_fixed_route(app.router, "/health/live", endpoint, group=group)
+    assert app.routes[-1] is group
+    scope = {"type": "http", "method": "GET", "root_path": "/api"}
+    assert group.matches({**scope, "path": "/api/health/live"})[0] is Match.FULL
+    assert group.matches({**scope, "path": "/api/health/live", "method": "POST"})[0] is (
+        Match.PARTIAL
+    )
+    # Starlette takes a root path off only at a "/" boundary: "/apix/..." is not under "/api".
+    assert group.matches({**scope, "path": "/apix/health/live"})[0] is Match.NONE
+    assert group.matches({**scope, "path": "/api"})[0] is Match.NONE
+    assert group.matches({**scope, "path": "/orders", "root_path": ""})[0] is Match.NONE
+    assert group.matches({**scope, "path": "/health/live", "root_path": ""})[0] is Match.FULL
+    assert "/health/live" in repr(group)
+    with pytest.raises(ValueError, match="no path parameters"):
+        group.add(APIRoute("/items/{item_id}", endpoint))
+
+
+async def test_health_in_schema_lists_the_health_routes() -> None:
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False, health_in_schema=True))
+
+    @app.get("/orders")
+    async def orders() -> list[int]:
+        return [1]
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        live = await client.get("/health/live")
+        other = await client.get("/orders")
+    assert live.json() == {"status": "ok"}
+    assert other.json() == [1]
+    paths = set(app.openapi()["paths"])
+    assert {"/health/live", "/health/ready", "/orders"} == paths

@@ -1,4 +1,4 @@
-"""Routes at fixed paths that cost other requests one string comparison (ADR 0045).
+"""Routes at fixed paths that cost other requests as little as possible (ADRs 0045, 0046).
 
 ``install()`` adds ``/health/*`` and ``/metrics`` to the app when it is called, which the README
 and most apps do before defining their own routes. Starlette matches routes in order, so every
@@ -6,6 +6,11 @@ request of the app's own routes is first tried against these. With FastAPI 0.165
 off, an included router costs each such request 2.43 µs (it resolves its routes in every
 ``matches``) and a plain ``APIRoute`` 0.75 µs; a ``FixedPathRoute`` turns a request for another
 path away after one ``str.endswith``, 0.28 µs (``python -m benchmarks.route_matching``).
+
+Each entry in the route list also costs the router's own loop: in Python 3.11 it reads
+``Match.FULL`` and ``Match.PARTIAL`` through ``EnumType.__getattr__`` for every route it tries,
+so one more route before the app's costs about 4,500 instructions per request whatever its
+``matches`` does. :class:`FixedPathRoutes` puts several fixed-path routes behind one entry.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi.routing import APIRoute, APIRouter
-from starlette.routing import Match
-from starlette.types import Scope
+from starlette.routing import BaseRoute, Match, NoMatchFound
+from starlette.types import Receive, Scope, Send
 
-__all__ = ["FixedPathRoute", "add_fixed_route"]
+__all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route"]
+
+# Made once: ``Match.NONE`` is an ``EnumType.__getattr__`` lookup in Python 3.11, and the router
+# never reads (or changes) the scope of a route that did not match.
+_NO_MATCH: tuple[Match, Scope] = (Match.NONE, {})
 
 
 class FixedPathRoute(APIRoute):
@@ -35,12 +44,89 @@ class FixedPathRoute(APIRoute):
         return super().matches(scope)
 
 
+class FixedPathRoutes(BaseRoute):
+    """Several fixed-path ``APIRoute``s behind one entry of the app's route list.
+
+    A request for another path costs one dictionary lookup here and one turn of the router's
+    loop, however many routes it holds. A request for one of its paths is matched and handled
+    by that path's own ``APIRoute``, so methods (405), dependencies and responses are the
+    route's. The routes are not in the OpenAPI schema: FastAPI builds it from the app's route
+    list, where only this object is.
+    """
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, APIRoute] = {}
+
+    @property
+    def routes(self) -> list[APIRoute]:
+        """The routes held, in the order they were added."""
+        return list(self._by_path.values())
+
+    def add(self, route: APIRoute) -> None:
+        if "{" in route.path_format:
+            raise ValueError(f"{route.path_format!r}: a fixed route takes no path parameters")
+        self._by_path[route.path_format] = route
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # ``_route_path`` only when there is a root path to take off: this runs on every request.
+        path = _route_path(scope) if scope.get("root_path") else scope["path"]
+        route = self._by_path.get(path)
+        if route is None:
+            return _NO_MATCH
+        # The route's own match sets ``scope["route"]`` (FULL or PARTIAL), which ``handle`` uses.
+        return route.matches(scope)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route: APIRoute = scope["route"]
+        await route.handle(scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> Any:
+        for route in self._by_path.values():
+            try:
+                return route.url_path_for(name, **path_params)
+            except NoMatchFound:
+                continue
+        raise NoMatchFound(name, path_params)
+
+    def __repr__(self) -> str:
+        return f"FixedPathRoutes({list(self._by_path)})"
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app's routes see: ``scope["path"]`` without ``root_path`` (as Starlette's
+    routing takes it off: only at a ``/`` boundary)."""
+    path: str = scope["path"]
+    root_path = scope.get("root_path")
+    if not root_path or not path.startswith(root_path):
+        return path
+    if path == root_path:
+        return ""
+    return path[len(root_path) :] if path[len(root_path)] == "/" else path
+
+
 def add_fixed_route(
-    router: APIRouter, path: str, endpoint: Callable[..., Any], **options: Any
+    router: APIRouter,
+    path: str,
+    endpoint: Callable[..., Any],
+    *,
+    group: FixedPathRoutes | None = None,
+    **options: Any,
 ) -> None:
-    """``router.add_api_route`` for GET at ``path`` (no parameters) as a :class:`FixedPathRoute`."""
+    """``router.add_api_route`` for GET at ``path`` (no parameters).
+
+    With ``group``, the route goes into that :class:`FixedPathRoutes` (which must already be in
+    the router's list where the routes should rank) and stays out of the OpenAPI schema;
+    otherwise it is added to the router as a :class:`FixedPathRoute`.
+    """
     if "{" in path:
         raise ValueError(f"{path!r}: a fixed route takes no path parameters")
     router.add_api_route(
         path, endpoint, methods=["GET"], route_class_override=FixedPathRoute, **options
     )
+    if group is not None:
+        # Built by the router, so the route has the router's settings (dependency overrides,
+        # response class); then moved from the router's list into the group.
+        route = router.routes.pop()
+        if not isinstance(route, APIRoute):  # pragma: no cover - add_api_route appends one
+            raise TypeError(f"expected the APIRoute just added, got {route!r}")
+        group.add(route)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
-from fastapi_resilience._fixed_routes import add_fixed_route
+from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
 
 __all__ = [
     "CheckResult",
@@ -116,9 +116,16 @@ class HealthChecks:
         return entry
 
 
-def add_health_routes(router: APIRouter, checks: HealthChecks, *, prefix: str = "/health") -> None:
+def add_health_routes(
+    router: APIRouter,
+    checks: HealthChecks,
+    *,
+    prefix: str = "/health",
+    group: FixedPathRoutes | None = None,
+) -> None:
     """``GET {prefix}/live`` (200 while the process serves) and ``GET {prefix}/ready``, added
-    to ``router`` (the app's own: an included router costs every other request, ADR 0045)."""
+    to ``router`` (the app's own: an included router costs every other request, ADR 0045), or
+    into ``group`` (one route entry for all, out of the OpenAPI schema: ADR 0046)."""
 
     async def live() -> dict[str, str]:
         return {"status": "ok"}
@@ -131,7 +138,15 @@ def add_health_routes(router: APIRouter, checks: HealthChecks, *, prefix: str = 
             headers={"Cache-Control": "no-store"},
         )
 
-    add_fixed_route(router, f"{prefix}/live", live, summary="Liveness", tags=["health"])
     add_fixed_route(
-        router, f"{prefix}/ready", ready, summary="Readiness", tags=["health"], response_model=None
+        router, f"{prefix}/live", live, group=group, summary="Liveness", tags=["health"]
+    )
+    add_fixed_route(
+        router,
+        f"{prefix}/ready",
+        ready,
+        group=group,
+        summary="Readiness",
+        tags=["health"],
+        response_model=None,
     )

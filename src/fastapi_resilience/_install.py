@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._events import EventBus
+from fastapi_resilience._fixed_routes import FixedPathRoutes
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import HealthChecks, add_health_routes
 from fastapi_resilience._metrics import (
@@ -85,13 +86,17 @@ def install(
     if settings.rate_limit_enabled:
         _install_rate_limiting(app, resilience)
     app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
-    # Straight onto the app's router, as fixed-path routes: routes defined after ``install()``
-    # meet these first on every request (ADR 0045).
-    add_health_routes(app.router, resilience.health, prefix=settings.health_path)
+    # Straight onto the app's router: routes defined after ``install()`` meet these first on
+    # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
+    group: FixedPathRoutes | None = None
+    if not settings.health_in_schema:
+        group = FixedPathRoutes()
+        app.router.routes.append(group)
+    add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
     if settings.metrics_enabled and prometheus_available():
-        _install_metrics(app, resilience, settings.metrics_path)
+        _install_metrics(app, resilience, settings.metrics_path, group)
     return resilience
 
 
@@ -129,11 +134,13 @@ def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:
     app.router.lifespan_context = lifespan
 
 
-def _install_metrics(app: FastAPI, resilience: Resilience, path: str) -> None:
+def _install_metrics(
+    app: FastAPI, resilience: Resilience, path: str, group: FixedPathRoutes | None
+) -> None:
     from prometheus_client import CollectorRegistry
 
     # A registry per app: two apps in one process (tests, mounted sub-apps) never collide.
     registry = CollectorRegistry()
     resilience.metrics = PrometheusListener(registry)
     resilience.events.subscribe(resilience.metrics)
-    add_metrics_route(app.router, registry, path=path)
+    add_metrics_route(app.router, registry, path=path, group=group)

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from fastapi_resilience._events import Event
-from fastapi_resilience._fixed_routes import add_fixed_route
+from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -49,11 +49,18 @@ class PrometheusListener:
         self.events.labels(event.kind, event.name).inc()
 
 
-def add_metrics_route(router: APIRouter, registry: CollectorRegistry, *, path: str) -> None:
-    """``GET {path}`` in the Prometheus text format, added to ``router`` (the app's own)."""
+def add_metrics_route(
+    router: APIRouter,
+    registry: CollectorRegistry,
+    *,
+    path: str,
+    group: FixedPathRoutes | None = None,
+) -> None:
+    """``GET {path}`` in the Prometheus text format, added to ``router`` (the app's own) or
+    into ``group``."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    add_fixed_route(router, path, metrics, include_in_schema=False, tags=["metrics"])
+    add_fixed_route(router, path, metrics, group=group, include_in_schema=False, tags=["metrics"])

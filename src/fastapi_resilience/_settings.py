@@ -64,6 +64,9 @@ class ResilienceSettings(BaseSettings):
 
     # Health and metrics
     health_path: str = "/health"
+    #: List ``/health/live`` and ``/health/ready`` in the OpenAPI schema. Off by default: each
+    #: listed route is one more entry every request of the app's own routes is tried against.
+    health_in_schema: bool = False
     health_check_timeout: float = Field(default=1.0, gt=0)
     metrics_enabled: bool = True
     metrics_path: str = "/metrics"
