@@ -162,6 +162,11 @@ def _flat_routes(routes: Sequence[BaseRoute]) -> list[Any]:
     return list(iter_route_contexts(routes))
 
 
+# Read once: ``Match.FULL`` goes through ``EnumType.__getattr__`` in Python 3.11 (ADR 0046), and
+# ``match`` reads it for every limited route on every request.
+_FULL = Match.FULL
+
+
 class RouteTable:
     """The app's routes that carry ``rate_limit(...)``, in routing order, and a matcher."""
 
@@ -194,11 +199,11 @@ class RouteTable:
     def match(self, scope: Scope) -> RoutePlan | None:
         """The plan of the limited route that will handle ``scope``, if any."""
         for index, route, plan in self._limited:
-            if route.matches(scope)[0] is not Match.FULL:
+            if route.matches(scope)[0] is not _FULL:
                 continue
             # The router takes the first full match: an earlier, unlimited route may win.
             for earlier in self._routes[:index]:
-                if earlier.matches(scope)[0] is Match.FULL:
+                if earlier.matches(scope)[0] is _FULL:
                     return None
             return plan
         return None
