@@ -625,3 +625,44 @@ async def test_exempt_paths_hold_behind_a_root_path(clock: ManualClock) -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         answers = [await c.get("/api/health/live") for _ in range(5)]
     assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in answers)
+
+
+def test_route_table_tries_only_the_limited_routes_a_path_can_reach() -> None:
+    """Per request the table runs a limited route's regex only when the path starts with the
+    route's literal text, root path taken off: an app's other requests skip them all."""
+    from fastapi.routing import APIRoute
+
+    from fastapi_resilience._rate_limit_routes import RouteTable
+
+    tried: list[str] = []
+
+    class SpyRoute(APIRoute):
+        def matches(self, scope: Scope) -> Any:
+            tried.append(scope["path"])
+            return super().matches(scope)
+
+    app = FastAPI()
+    app.router.route_class = SpyRoute
+
+    @app.post("/login", dependencies=[Depends(rate_limit("2/minute"))])
+    async def login() -> None:  # pragma: no cover - only matched, never called
+        return None
+
+    @app.get("/items/{item_id}", dependencies=[Depends(rate_limit("9/minute"))])
+    async def item(item_id: int) -> None:  # pragma: no cover - only matched, never called
+        return None
+
+    table = RouteTable(app.router.routes)
+    base = {"type": "http", "method": "GET", "root_path": ""}
+    assert table.match({**base, "path": "/plain"}) is None
+    assert table.match({**base, "path": "/api/login", "root_path": "/api"}) is None  # a GET
+    assert tried == ["/api/login"]
+    found = table.match({**base, "path": "/api/login", "root_path": "/api", "method": "POST"})
+    assert found is not None
+    assert found.path == "/login"
+    item_plan = table.match({**base, "path": "/items/7"})
+    assert item_plan is not None
+    assert item_plan.path == "/items/{item_id}"
+    # A limited route that matched is then checked against the routes before it (an earlier
+    # route wins): only requests for limited routes pay for that.
+    assert tried == ["/api/login", "/api/login", "/items/7", "/items/7"]

@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute, APIRouter
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route"]
+__all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route", "route_path"]
 
 # Made once: ``Match.NONE`` is an ``EnumType.__getattr__`` lookup in Python 3.11, and the router
 # never reads (or changes) the scope of a route that did not match.
@@ -68,8 +68,8 @@ class FixedPathRoutes(BaseRoute):
         self._by_path[route.path_format] = route
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        # ``_route_path`` only when there is a root path to take off: this runs on every request.
-        path = _route_path(scope) if scope.get("root_path") else scope["path"]
+        # ``route_path`` only when there is a root path to take off: this runs on every request.
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
         route = self._by_path.get(path)
         if route is None:
             return _NO_MATCH
@@ -92,7 +92,7 @@ class FixedPathRoutes(BaseRoute):
         return f"FixedPathRoutes({list(self._by_path)})"
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The path the app's routes see: ``scope["path"]`` without ``root_path`` (as Starlette's
     routing takes it off: only at a ``/`` boundary)."""
     path: str = scope["path"]

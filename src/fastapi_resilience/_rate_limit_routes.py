@@ -10,6 +10,7 @@ mounted sub-app) it checks its own limits itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
+from fastapi_resilience._fixed_routes import route_path
 from fastapi_resilience._limit_string import Limit, parse_limits
 from fastapi_resilience._rate_limiter import (
     OWN_HEADERS_KEY,
@@ -162,6 +164,16 @@ def _flat_routes(routes: Sequence[BaseRoute]) -> list[Any]:
     return list(iter_route_contexts(routes))
 
 
+def _literal_prefix(route: Any) -> str:
+    """The text every path the route matches starts with ("" when it cannot tell)."""
+    path_format = getattr(route, "path_format", None)
+    if not isinstance(path_format, str) or not isinstance(
+        getattr(route, "path_regex", None), re.Pattern
+    ):
+        return ""
+    return path_format.split("{", 1)[0]
+
+
 # Read once: ``Match.FULL`` goes through ``EnumType.__getattr__`` in Python 3.11 (ADR 0046), and
 # ``match`` reads it for every limited route on every request.
 _FULL = Match.FULL
@@ -174,7 +186,7 @@ class RouteTable:
 
     def __init__(self, routes: Sequence[Any]) -> None:
         self._routes = list(routes)
-        self._limited: list[tuple[int, Any, RoutePlan]] = []
+        self._limited: list[tuple[str, int, Any, RoutePlan]] = []
         for index, route in enumerate(self._routes):
             found = list(dict.fromkeys(_rate_limits_of(getattr(route, "dependant", None))))
             if not found:
@@ -182,7 +194,7 @@ class RouteTable:
             limits = tuple((limit, dep.shadow) for dep in found for limit in dep.limits)
             path = str(getattr(route, "path_format", None) or getattr(route, "path", ""))
             plan = RoutePlan(path, limits, max(dep.cost for dep in found), frozenset(found))
-            self._limited.append((index, route, plan))
+            self._limited.append((_literal_prefix(route), index, route, plan))
 
     @classmethod
     def for_app(cls, app: Any) -> RouteTable | None:
@@ -198,8 +210,11 @@ class RouteTable:
 
     def match(self, scope: Scope) -> RoutePlan | None:
         """The plan of the limited route that will handle ``scope``, if any."""
-        for index, route, plan in self._limited:
-            if route.matches(scope)[0] is not _FULL:
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
+        for prefix, index, route, plan in self._limited:
+            # A route's regex starts with its path's literal text, so a path without that
+            # prefix cannot match: most requests skip every limited route's regex this way.
+            if not path.startswith(prefix) or route.matches(scope)[0] is not _FULL:
                 continue
             # The router takes the first full match: an earlier, unlimited route may win.
             for earlier in self._routes[:index]:
