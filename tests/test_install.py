@@ -238,3 +238,21 @@ async def test_health_in_schema_lists_the_health_routes() -> None:
     assert other.json() == [1]
     paths = set(app.openapi()["paths"])
     assert {"/health/live", "/health/ready", "/orders"} == paths
+
+
+async def test_fixed_path_group_under_opentelemetry_instrumentation() -> None:
+    """The instrumentation reads the matched entry's ``path``, PARTIAL (405) included."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+    FastAPIInstrumentor.instrument_app(app)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            live = await client.get("/health/live")
+            wrong_method = await client.post("/health/live")
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)
+    assert live.json() == {"status": "ok"}
+    assert wrong_method.status_code == 405

@@ -54,6 +54,12 @@ class FixedPathRoutes(BaseRoute):
     list, where only this object is.
     """
 
+    #: Read by instrumentation as the matched route's template (``http.route``). The group
+    #: has none of its own, and remembering the last match would be shared state between
+    #: concurrent requests: its requests get no route label.
+    path: str | None = None
+    path_format: str | None = None
+
     def __init__(self) -> None:
         self._by_path: dict[str, APIRoute] = {}
 
