@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextvars
 import gc
 import importlib
+import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
@@ -277,6 +280,59 @@ def resilience_full_redis(env: BenchEnv) -> ASGIApp:
     return _resilience_full(env.require_redis())
 
 
+class FloorLimiterMiddleware:
+    """The least any limiter with the contract's headers can do per request: a reference.
+
+    One fixed-window counter per client address in a dict, the five rate-limit header fields
+    formatted from it and handed to ``CorrelationIdMiddleware``'s list. None of the library's
+    work besides: no tiers or API keys, no route limits, no sliding window, no refusals, no
+    bound on memory, no shadow mode, no storage guard, nothing left in the scope.
+    """
+
+    def __init__(self, app: ASGIApp, *, amount: int = 1_000_000_000, period: int = 3600) -> None:
+        self.app = app
+        self.amount = amount
+        self.period = period
+        self.counts: dict[str, list[float]] = {}
+        self.policy = b'"anonymous";q=%d;w=%d' % (amount, period)
+        self.amount_bytes = b"%d" % amount
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        address = client[0] if client else "-"
+        now = time.monotonic()
+        window = self.counts.get(address)
+        if window is None or window[0] <= now:
+            window = self.counts[address] = [now + self.period, 0]
+        window[1] += 1
+        left = self.amount - int(window[1])
+        reset = math.ceil(window[0] - now)
+        scope[RESPONSE_HEADERS_KEY] += [
+            (b"ratelimit-policy", self.policy),
+            (b"ratelimit", b'"anonymous";r=%d;t=%d' % (left, reset)),
+            (b"x-ratelimit-limit", self.amount_bytes),
+            (b"x-ratelimit-remaining", b"%d" % left),
+            (b"x-ratelimit-reset", b"%d" % reset),
+        ]
+        await self.app(scope, receive, send)
+
+
+def floor_limiter(env: BenchEnv) -> ASGIApp:
+    from fastapi_resilience import ResilienceSettings, install
+
+    def setup(app: FastAPI) -> None:
+        # install() without its limiter (IDs, errors, health), then the floor inside the IDs.
+        install(app, ResilienceSettings(rate_limit_enabled=False))
+        app.user_middleware.append(Middleware(FloorLimiterMiddleware))
+
+    return tiny_app(setup)
+
+
 #: Every variant, by name. ``bare`` is always measured: ratios are to it, in the same run.
 VARIANTS: dict[str, HttpVariant] = {
     # ---- foundation (issue 2)
@@ -320,6 +376,13 @@ VARIANTS: dict[str, HttpVariant] = {
         resilience_full_memory_no_headers,
         "rate_limit",
         expect_headers=("x-request-id",),
+    ),
+    "floor_limiter": HttpVariant(
+        "`install()` without its limiter, plus a minimal limiter adding the five rate-limit "
+        "fields: one fixed-window count per address, nothing else (reference)",
+        floor_limiter,
+        "rate_limit",
+        expect_headers=("x-request-id", "ratelimit-policy"),
     ),
     "resilience_full_redis": HttpVariant(
         "fastapi-resilience `install()`: IDs, errors, rate limit (Redis), headers on",
