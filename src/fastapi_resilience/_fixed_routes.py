@@ -132,7 +132,9 @@ def add_fixed_route(
     if group is not None:
         # Built by the router, so the route has the router's settings (dependency overrides,
         # response class); then moved from the router's list into the group.
-        route = router.routes.pop()
-        if not isinstance(route, APIRoute):  # pragma: no cover - add_api_route appends one
-            raise TypeError(f"expected the APIRoute just added, got {route!r}")
+        route = router.routes[-1]
+        if not isinstance(route, APIRoute) or route.endpoint is not endpoint:  # pragma: no cover
+            # Every FastAPI appends the route it adds; anything else would move the wrong one.
+            raise TypeError(f"expected the route just added for {path!r}, got {route!r}")
+        router.routes.pop()
         group.add(route)
