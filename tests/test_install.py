@@ -156,8 +156,6 @@ async def test_health_routes_behind_a_root_path() -> None:
 
 def test_fixed_route_refuses_other_paths_and_parameters() -> None:
     """The early refusal only ever answers NONE for a path the route's regex would refuse."""
-    from starlette.routing import Match
-
     from fastapi_resilience._fixed_routes import FixedPathRoute, add_fixed_route
 
     async def endpoint() -> None:  # pragma: no cover - only matched, never called
@@ -241,11 +239,18 @@ async def test_health_in_schema_lists_the_health_routes() -> None:
 
 
 async def test_fixed_path_group_under_opentelemetry_instrumentation() -> None:
-    """The instrumentation reads the matched entry's ``path``, PARTIAL (405) included."""
+    """An instrumented app serves the group's paths, 405 included. Tools that read the matched
+    entry's ``path`` (the instrumentation does for a PARTIAL match where FastAPI does not wrap
+    routes in contexts) get ``None`` from the group, not an ``AttributeError``."""
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    from fastapi_resilience._fixed_routes import FixedPathRoutes
 
     app = FastAPI()
     install(app, ResilienceSettings(rate_limit_enabled=False))
+    group = next(route for route in app.routes if isinstance(route, FixedPathRoutes))
+    assert group.path is None
+    assert group.path_format is None
     FastAPIInstrumentor.instrument_app(app)
     try:
         transport = httpx.ASGITransport(app=app)

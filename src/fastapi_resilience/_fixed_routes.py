@@ -42,7 +42,7 @@ class FixedPathRoute(APIRoute):
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         path = scope.get("path")
         if path is not None and not path.endswith(self.path_format):
-            return Match.NONE, {}
+            return _NO_MATCH
         return super().matches(scope)
 
 
@@ -71,9 +71,7 @@ class FixedPathRoutes(BaseRoute):
         return list(self._by_path.values())
 
     def add(self, route: APIRoute) -> None:
-        if "{" in route.path_format:
-            raise ValueError(f"{route.path_format!r}: a fixed route takes no path parameters")
-        self._by_path[route.path_format] = route
+        self._by_path[_fixed(route.path_format)] = route
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         # ``route_path`` only when there is a root path to take off: this runs on every request.
@@ -98,6 +96,12 @@ class FixedPathRoutes(BaseRoute):
 
     def __repr__(self) -> str:
         return f"FixedPathRoutes({list(self._by_path)})"
+
+
+def _fixed(path: str) -> str:
+    if "{" in path:
+        raise ValueError(f"{path!r}: a fixed route takes no path parameters")
+    return path
 
 
 def route_path(scope: Scope) -> str:
@@ -126,10 +130,13 @@ def add_fixed_route(
     the router's list where the routes should rank) and stays out of the OpenAPI schema;
     otherwise it is added to the router as a :class:`FixedPathRoute`.
     """
-    if "{" in path:
-        raise ValueError(f"{path!r}: a fixed route takes no path parameters")
+    # In a group a plain ``APIRoute``: the group has found the exact path before it is asked.
     router.add_api_route(
-        path, endpoint, methods=["GET"], route_class_override=FixedPathRoute, **options
+        _fixed(path),
+        endpoint,
+        methods=["GET"],
+        route_class_override=FixedPathRoute if group is None else APIRoute,
+        **options,
     )
     if group is not None:
         # Built by the router, so the route has the router's settings (dependency overrides,

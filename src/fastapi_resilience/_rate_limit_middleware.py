@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
 from fastapi_resilience._events import EventBus
+from fastapi_resilience._fixed_routes import route_path
 from fastapi_resilience._rate_limit_core import RateLimitStorage, StorageUnavailableError
 from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver, IdentityResolver
 from fastapi_resilience._rate_limiter import (
@@ -82,11 +83,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        path = scope["path"]
-        root_path = scope.get("root_path")
-        if root_path and path.startswith(root_path):
-            # Behind a prefix (``--root-path``) the exempt paths are the app's own paths.
-            path = path[len(root_path) :]
+        # The app's own path: behind a prefix (``--root-path``) exempt paths and route limits
+        # are the app's paths, the prefix taken off as Starlette's routing does.
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
         if path in limiter.exempt_paths or (
             limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
         ):
@@ -104,7 +103,7 @@ class RateLimitMiddleware:
             return
         # The route table is rebuilt only when the app changes (first request, mounted apps).
         table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
-        route: RoutePlan | None = table.match(scope) if table else None
+        route: RoutePlan | None = table.match(scope, path) if table else None
         # ``limiter.check`` in two steps: the in-process storage answers without a coroutine.
         outcome = limiter.check_local(scope, identity, route)
         if outcome is None:

@@ -208,9 +208,13 @@ class RouteTable:
     def __bool__(self) -> bool:
         return bool(self._limited)
 
-    def match(self, scope: Scope) -> RoutePlan | None:
-        """The plan of the limited route that will handle ``scope``, if any."""
-        path = route_path(scope) if scope.get("root_path") else scope["path"]
+    def match(self, scope: Scope, path: str | None = None) -> RoutePlan | None:
+        """The plan of the limited route that will handle ``scope``, if any.
+
+        ``path``: ``route_path(scope)``, when the caller has it already.
+        """
+        if path is None:
+            path = route_path(scope)
         for prefix, index, route, plan in self._limited:
             # A route's regex starts with its path's literal text, so a path without that
             # prefix cannot match: most requests skip every limited route's regex this way.
