@@ -296,10 +296,11 @@ class FloorLimiterMiddleware:
         self.counts: dict[str, list[float]] = {}
         self.policy = b'"anonymous";q=%d;w=%d' % (amount, period)
         self.amount_bytes = b"%d" % amount
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
 
+        self.headers_key = RESPONSE_HEADERS_KEY
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -312,7 +313,7 @@ class FloorLimiterMiddleware:
         window[1] += 1
         left = self.amount - int(window[1])
         reset = math.ceil(window[0] - now)
-        scope[RESPONSE_HEADERS_KEY] += [
+        scope[self.headers_key] += [
             (b"ratelimit-policy", self.policy),
             (b"ratelimit", b'"anonymous";r=%d;t=%d' % (left, reset)),
             (b"x-ratelimit-limit", self.amount_bytes),

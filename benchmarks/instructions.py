@@ -26,14 +26,13 @@ from starlette.types import ASGIApp
 from benchmarks._procs import ROOT
 from benchmarks.apps import VARIANTS, BenchEnv
 from benchmarks.micro import asgi_request
+from benchmarks.route_matching import ROUTE_PROBES
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
 def _build(name: str) -> ASGIApp:
     """A variant's app, or one of ``route_matching``'s probes (apps measured only here)."""
-    from benchmarks.route_matching import ROUTE_PROBES
-
     probe = ROUTE_PROBES.get(name)
     return probe() if probe is not None else VARIANTS[name].build(BenchEnv())
 
@@ -87,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         drive(args.drive[0], int(args.drive[1]))
         return 0
     names = list(dict.fromkeys(["bare", *(n.strip() for n in args.only.split(",") if n)]))
-    from benchmarks.route_matching import ROUTE_PROBES
-
     unknown = [
         n for n in names if n not in ROUTE_PROBES and (n not in VARIANTS or VARIANTS[n].needs_redis)
     ]
