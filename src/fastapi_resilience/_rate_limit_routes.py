@@ -21,6 +21,7 @@ from starlette.types import Scope
 
 from fastapi_resilience._fixed_routes import route_path
 from fastapi_resilience._limit_string import Limit, parse_limits
+from fastapi_resilience._rate_limit_core import StorageUnavailableError
 from fastapi_resilience._rate_limiter import (
     OWN_HEADERS_KEY,
     SCOPE_KEY,
@@ -29,7 +30,11 @@ from fastapi_resilience._rate_limiter import (
     RoutePlan,
     withdraw_middleware_headers,
 )
-from fastapi_resilience.exceptions import ConfigurationError, RateLimitedError
+from fastapi_resilience.exceptions import (
+    ConfigurationError,
+    RateLimitedError,
+    ServiceUnavailableError,
+)
 
 __all__ = ["RateLimit", "RouteTable", "rate_limit"]
 
@@ -100,13 +105,9 @@ async def _check_route_only(
 ) -> LimitOutcome | None:
     # Outside the middleware's view only the route's own limits are checked here: the tier was
     # counted by the middleware already, or there is none.
-    from fastapi_resilience._rate_limit_core import StorageUnavailableError
-
     try:
         return await limiter.check(scope, identity, plan, with_tier=False)
     except StorageUnavailableError as exc:
-        from fastapi_resilience.exceptions import ServiceUnavailableError
-
         problem = limiter.unavailable_problem(scope, identity, plan, exc)
         raise ServiceUnavailableError(
             str(problem["detail"]), extensions=problem["extensions"], headers=problem["headers"]
