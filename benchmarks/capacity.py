@@ -16,6 +16,7 @@ CPU, so for variants that wait the sequential throughput of ``http_bench`` is th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -64,16 +65,24 @@ def can_pin() -> bool:
 
 
 def pin_process(pid: int, cpu: int) -> None:
-    """Pin every thread of ``pid`` to ``cpu``."""
+    """Pin every thread of ``pid`` to ``cpu`` (a thread that ends meanwhile is skipped)."""
     for task in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(task), {cpu})
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), {cpu})
 
 
 def cpu_seconds(pid: int) -> float:
-    """Time on the CPU of every thread of ``pid`` (schedstat: nanoseconds, not clock ticks)."""
+    """Time on the CPU of every thread of ``pid`` (schedstat: nanoseconds, not clock ticks).
+
+    A helper thread (an executor's) may end between listing the threads and reading its
+    figure: it is skipped, and with it the little time it ran.
+    """
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
-        text = Path(f"/proc/{pid}/task/{task}/schedstat").read_text(encoding="ascii")
+        try:
+            text = Path(f"/proc/{pid}/task/{task}/schedstat").read_text(encoding="ascii")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
         total += int(text.split()[0])
     return total / 1e9
 

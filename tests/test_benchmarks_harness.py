@@ -319,3 +319,23 @@ def test_the_harness_leaves_the_measured_process_context_empty() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "0"
+
+
+def test_cpu_seconds_skips_a_thread_that_ended_while_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's helper thread can end between listing its threads and reading its figure:
+    the capacity pass must go on, not fail the run."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import capacity
+
+    real_listdir = os.listdir
+    monkeypatch.setattr(capacity.os, "listdir", lambda path: [*real_listdir(path), "2147483646"])
+    assert capacity.cpu_seconds(os.getpid()) > 0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        capacity.pin_process(child.pid, sorted(os.sched_getaffinity(0))[0])
+    finally:
+        child.kill()
+        child.wait()

@@ -12,6 +12,7 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._fixed_routes import route_path
+from fastapi_resilience._problem import problem_response
 from fastapi_resilience._rate_limit_core import RateLimitStorage, StorageUnavailableError
 from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver, IdentityResolver
 from fastapi_resilience._rate_limiter import (
@@ -161,8 +162,6 @@ class RateLimitMiddleware:
     async def _answer(
         self, scope: Scope, receive: Receive, send: Send, status: int, problem: dict[str, Any]
     ) -> None:
-        from fastapi_resilience._problem import problem_response
-
         response = problem_response(scope, status=status, **problem)
         await response(scope, receive, send)
 
