@@ -236,3 +236,63 @@ async def test_retry_after_waits_for_enough_old_units(
     assert not state.allowed
     assert state.retry_after == 41.0  # the second unit (20 s old) leaves at 61 s
     assert state.reset_after == 31.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lean_path_decides_and_counts_as_the_general_path(seed: int) -> None:
+    """One enforced limit goes through ``try_admit``; a shadow limit beside it takes the general
+    path. The enforced limit's figures are the same either way, request after request."""
+    rng = random.Random(seed)
+    clock = ManualClock(start=rng.uniform(0, 1000))
+    lean, general = MemoryStorage(clock=clock), MemoryStorage(clock=clock)
+    limit = Limit(15, 6)
+    never = LimitCheck("other", Limit(10**9, 6), shadow=True)
+    for _ in range(2000):
+        clock.advance(rng.expovariate(3.0))
+        check = LimitCheck("k", limit, rng.choice([1, 1, 2, 4, 16]))
+        one = lean.check_now([check])
+        both = general.check_now([check, never])
+        assert one.allowed == both.allowed
+        assert one.states[0] == both.states[0]
+
+
+class _SteppingClock(ManualClock):
+    """A clock that can step back, as a wall clock set by hand might."""
+
+    def step(self, seconds: float) -> None:
+        self._now += seconds
+
+
+async def test_clock_stepping_back_counts_into_the_newest_bucket() -> None:
+    """A clock that steps back never reorders buckets or loses a unit, even past an expiry."""
+    clock = _SteppingClock(start=6_000.0)
+    storage = MemoryStorage(clock=clock)
+    # A long-lived window at the front of the LRU order stops the sweep before ours.
+    assert await _admitted(storage, [LimitCheck("other", Limit(3, 86_400))], 1) == 1
+    check = [LimitCheck("k", Limit(3, 60))]
+    assert await _admitted(storage, check, 1) == 1
+    clock.advance(10)
+    assert await _admitted(storage, check, 1) == 1
+    clock.step(-30)  # before both buckets
+    assert await _admitted(storage, check, 2) == 1  # the third unit, then full
+    clock.advance(200)  # everything expired
+    assert await _admitted(storage, check, 1) == 1
+    clock.step(-150)  # back before that bucket's start: counted into it all the same
+    assert await _admitted(storage, check, 3) == 2
+    clock.step(500)  # everything expired; a request too costly for the limit empties the window
+    assert await _admitted(storage, [LimitCheck("k", Limit(3, 60), cost=4)], 1) == 0
+    clock.step(-400)  # back inside the emptied window's last bucket
+    assert await _admitted(storage, check, 4) == 3
+
+
+async def test_bucket_end_rounding_never_opens_a_second_entry_for_one_bucket() -> None:
+    """At 0.35 s a 7 s limit's bucket 2 has ended by ``bucket_end`` (3 * 7/60 == 0.35) though
+    ``0.35 // (7/60)`` is still 2 in floating point: the unit joins bucket 2's entry."""
+    clock = _SteppingClock(start=0.3)
+    storage = MemoryStorage(clock=clock)
+    check = [LimitCheck("k", Limit(5, 7))]
+    assert await _admitted(storage, check, 1) == 1
+    clock.step(3 * (7 / 60) - 0.3)
+    assert clock.monotonic() == 0.35
+    assert await _admitted(storage, check, 1) == 1
+    assert storage._windows[("k", 5, 7)].entries == [2, 2]

@@ -18,6 +18,7 @@ from fastapi_resilience._limit_string import Limit
 __all__ = [
     "DRAFT_VERSION",
     "QUOTA_EXCEEDED_TYPE",
+    "RATE_LIMIT_FIELDS",
     "TEMPORARY_REDUCED_CAPACITY_TYPE",
     "HeaderPlan",
     "PolicyHeader",
@@ -37,6 +38,8 @@ X_RESET = b"x-ratelimit-reset"
 IETF_POLICY = b"ratelimit-policy"
 IETF_LIMIT = b"ratelimit"
 RETRY_AFTER = b"retry-after"
+#: Every field name the rate limiter sets, lower case as they travel in ASGI.
+RATE_LIMIT_FIELDS = frozenset({X_LIMIT, X_REMAINING, X_RESET, IETF_POLICY, IETF_LIMIT, RETRY_AFTER})
 
 
 def sf_string(text: str) -> str:
@@ -66,17 +69,21 @@ class PolicyHeader:
     amount: bytes
     #: ``"premium";r=%d;t=%d``: this policy's item in ``RateLimit``, to format with two numbers.
     limit_item_format: bytes
+    #: ``(x-ratelimit-limit, amount)``: the same pair on every response of this policy.
+    limit_pair: tuple[bytes, bytes]
 
     @classmethod
     def build(cls, name: str, limit: Limit) -> PolicyHeader:
         quoted = sf_string(name).encode("ascii")
+        amount = str(limit.amount).encode("ascii")
         return cls(
             name=name,
             limit=limit,
             policy_item=quoted + b";q=%d;w=%d" % (limit.amount, limit.period),
             quoted_name=quoted,
-            amount=str(limit.amount).encode("ascii"),
+            amount=amount,
             limit_item_format=quoted.replace(b"%", b"%%") + b";r=%d;t=%d",
+            limit_pair=(X_LIMIT, amount),
         )
 
 
@@ -86,10 +93,13 @@ class HeaderPlan:
 
     policies: tuple[PolicyHeader, ...]
     policy_field: bytes
+    #: ``(ratelimit-policy, policy_field)``: the same pair on every response of this plan.
+    policy_pair: tuple[bytes, bytes]
 
     @classmethod
     def build(cls, policies: Sequence[PolicyHeader]) -> HeaderPlan:
-        return cls(tuple(policies), b", ".join(p.policy_item for p in policies))
+        field = b", ".join(p.policy_item for p in policies)
+        return cls(tuple(policies), field, (IETF_POLICY, field))
 
     def one_policy(
         self, remaining: int, reset_after: float, *, legacy: bool = True
@@ -102,15 +112,13 @@ class HeaderPlan:
         left = remaining if remaining > 0 else 0
         # ``ceil_seconds`` inlined: one call less per request.
         reset = math.ceil(reset_after - 1e-9) if reset_after > 0 else 0
+        # The unchanging pairs are shared by every response; only three are built here.
         if not legacy:
-            return [
-                (IETF_POLICY, self.policy_field),
-                (IETF_LIMIT, policy.limit_item_format % (left, reset)),
-            ]
+            return [self.policy_pair, (IETF_LIMIT, policy.limit_item_format % (left, reset))]
         return [
-            (IETF_POLICY, self.policy_field),
+            self.policy_pair,
             (IETF_LIMIT, policy.limit_item_format % (left, reset)),
-            (X_LIMIT, policy.amount),
+            policy.limit_pair,
             (X_REMAINING, b"%d" % left),
             (X_RESET, b"%d" % reset),
         ]
@@ -132,7 +140,7 @@ class HeaderPlan:
             p.quoted_name + b";r=%d;t=%d" % (left, reset)
             for p, left, reset in zip(policies, lefts, resets, strict=True)
         ]
-        out = [(IETF_POLICY, self.policy_field), (IETF_LIMIT, b", ".join(items))]
+        out = [self.policy_pair, (IETF_LIMIT, b", ".join(items))]
         if legacy:
             tight = 0
             for i in range(1, len(policies)):
@@ -141,7 +149,7 @@ class HeaderPlan:
                 ):
                     tight = i
             out += [
-                (X_LIMIT, policies[tight].amount),
+                policies[tight].limit_pair,
                 (X_REMAINING, b"%d" % lefts[tight]),
                 (X_RESET, b"%d" % resets[tight]),
             ]

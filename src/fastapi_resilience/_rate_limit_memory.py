@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock, SystemClock
 from fastapi_resilience._rate_limit_core import (
-    RESOLUTION,
     Decision,
     LimitCheck,
     LimitState,
@@ -35,15 +34,17 @@ class _Window:
     """The units one limit holds for one identity.
 
     ``entries`` is ``[bucket, count, bucket, count, ...]``, oldest first; ``first_expiry`` is when
-    the oldest bucket leaves the window and ``expires`` when the newest does.
+    the oldest bucket leaves the window, ``bucket_end`` when the newest bucket stops taking
+    units, and ``expires`` when the newest bucket leaves the window.
     """
 
-    __slots__ = ("entries", "expires", "first_expiry", "total")
+    __slots__ = ("bucket_end", "entries", "expires", "first_expiry", "total")
 
     def __init__(self) -> None:
         self.entries: list[int] = []
         self.total = 0
         self.first_expiry = 0.0
+        self.bucket_end = 0.0
         self.expires = 0.0
 
     def drop_expired(self, now: float, width: float, period: int) -> None:
@@ -55,6 +56,25 @@ class _Window:
         del entries[:index]
         self.total = total
         self.first_expiry = (entries[0] + 1) * width + period if entries else 0.0
+
+    def add(self, cost: int, now: float, width: float, period: int) -> None:
+        """Count ``cost`` units at ``now``."""
+        self.total += cost
+        entries = self.entries
+        if now < self.bucket_end and entries:
+            # Still the newest bucket (or a clock that stepped back: never reorder buckets).
+            entries[-1] += cost
+            return
+        bucket = int(now // width)
+        if entries and entries[-2] >= bucket:
+            entries[-1] += cost  # ``bucket_end`` rounded the other way: the same bucket
+            return
+        entries.append(bucket)
+        entries.append(cost)
+        self.bucket_end = end = (bucket + 1) * width
+        self.expires = end + period
+        if len(entries) == 2:
+            self.first_expiry = end + period
 
     def retry_after(self, need: int, now: float, width: float, period: int) -> float:
         """Seconds until ``need`` more units have left the window (walks from the oldest)."""
@@ -98,42 +118,62 @@ class MemoryStorage:
 
     def check_now(self, checks: Sequence[LimitCheck]) -> Decision:
         """The synchronous core of ``check``: decide and count ``checks`` at once."""
+        if len(checks) == 1 and not checks[0].shadow:
+            admitted = self.try_admit(checks[0])
+            if admitted is not None:
+                state = new_state(checks[0], True, admitted[0], admitted[1], 0.0)
+                return new_decision(True, (state,))
+            # Refused: ``_check_many`` says why (and counts nothing, as ``try_admit`` did not).
+            return self._check_many(checks, self._monotonic())
         now = self._monotonic()
         if now >= self._next_sweep:
             # Before the check: a window the sweep drops is one the check would not hold.
             self._sweep(now)
-        if len(checks) == 1:
-            return self._check_one(checks[0], now)
         return self._check_many(checks, now)
 
-    def _check_one(self, check: LimitCheck, now: float) -> Decision:
-        # The common case (one tier limit, no route limits), without the lists of
-        # ``_check_many``; ``_held`` and the admitted case of ``_state`` are inlined (this runs
-        # on every request). Same decisions, same counts.
-        limit = check.limit
-        window = self._windows.get(check.window_key)
-        if window is not None and window.first_expiry <= now:
-            window.drop_expired(now, limit.period / RESOLUTION, limit.period)
-        before = 0 if window is None else window.total
-        if before + check.cost > limit.amount:
-            if not check.shadow:
-                return new_decision(False, (self._state(check, window, before, now),))
-            # A shadow limit is counted past its amount, and reported as refusing.
-            window = self._count(check, window, now)
-            return new_decision(True, (self._state(check, window, before, now),))
-        window = self._count(check, window, now)
-        remaining = limit.amount - window.total
-        state = new_state(
-            check, True, remaining if remaining > 0 else 0, window.first_expiry - now, 0.0
-        )
-        return new_decision(True, (state,))
+    def try_admit(self, check: LimitCheck) -> tuple[int, float] | None:
+        """``check_now((check,))`` of one enforced limit that admits the request, lean.
+
+        Returns ``(remaining, reset_after)`` of the admitted request (counted), or ``None`` when
+        the limit would refuse it (nothing counted: ``check_now`` then tells why). Builds no
+        ``Decision``, and the newest bucket's case of ``_Window.add`` is inlined: this is the
+        embedded default's common case, on every request. Same decisions, same counts.
+        """
+        now = self._monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        key = check.window_key
+        windows = self._windows
+        window = windows.get(key)
+        cost = check.cost
+        if window is None:
+            if cost > check.amount:
+                return None
+            if len(windows) >= self.max_keys:
+                self._evict(now)
+            window = windows[key] = _Window()
+            window.add(cost, now, check.width, check.period)
+            return check.amount - cost, window.first_expiry - now
+        if window.first_expiry <= now:
+            window.drop_expired(now, check.width, check.period)
+        total = window.total + cost
+        if total > check.amount:
+            return None
+        windows.move_to_end(key)
+        entries = window.entries
+        if now < window.bucket_end and entries:
+            entries[-1] += cost
+            window.total = total
+        else:
+            window.add(cost, now, check.width, check.period)
+        return check.amount - total, window.first_expiry - now
 
     def _check_many(self, checks: Sequence[LimitCheck], now: float) -> Decision:
         found = [self._held(check, now) for check in checks]
         allowed = True
         for check, window in zip(checks, found, strict=True):
             total = 0 if window is None else window.total
-            if total + check.cost > check.limit.amount and not check.shadow:
+            if total + check.cost > check.amount and not check.shadow:
                 allowed = False
         states = []
         for check, window in zip(checks, found, strict=True):
@@ -145,15 +185,12 @@ class MemoryStorage:
 
     def _held(self, check: LimitCheck, now: float) -> _Window | None:
         """The window of ``check``, its expired buckets dropped; ``None`` when it has none."""
-        limit = check.limit
         window = self._windows.get(check.window_key)
         if window is not None and window.first_expiry <= now:
-            window.drop_expired(now, limit.period / RESOLUTION, limit.period)
+            window.drop_expired(now, check.width, check.period)
         return window
 
     def _count(self, check: LimitCheck, window: _Window | None, now: float) -> _Window:
-        limit = check.limit
-        width = limit.period / RESOLUTION
         windows = self._windows
         key = check.window_key
         if window is None:
@@ -162,37 +199,24 @@ class MemoryStorage:
             window = windows[key] = _Window()
         else:
             windows.move_to_end(key)
-        bucket = int(now // width)
-        entries = window.entries
-        # A clock that stepped back must not reorder buckets: count into the newest one.
-        if entries and entries[-2] >= bucket:
-            entries[-1] += check.cost
-            bucket = entries[-2]
-        else:
-            entries.append(bucket)
-            entries.append(check.cost)
-        if len(entries) == 2:
-            window.first_expiry = (entries[0] + 1) * width + limit.period
-        window.total += check.cost
-        window.expires = (bucket + 1) * width + limit.period
+        window.add(check.cost, now, check.width, check.period)
         return window
 
     @staticmethod
     def _state(check: LimitCheck, window: _Window | None, before: int, now: float) -> LimitState:
-        limit = check.limit
+        amount = check.amount
         cost = check.cost
         if window is None or not window.entries:
-            fits = cost <= limit.amount
-            return new_state(check, fits, limit.amount, 0.0, 0.0 if fits else float(limit.period))
-        remaining = limit.amount - window.total
+            fits = cost <= amount
+            return new_state(check, fits, amount, 0.0, 0.0 if fits else float(check.period))
+        remaining = amount - window.total
         reset = window.first_expiry - now
-        if before + cost <= limit.amount:
+        if before + cost <= amount:
             return new_state(check, True, remaining if remaining > 0 else 0, reset, 0.0)
-        if cost > limit.amount:
-            retry = float(limit.period)
+        if cost > amount:
+            retry = float(check.period)
         else:
-            need = before + cost - limit.amount
-            retry = window.retry_after(need, now, limit.period / RESOLUTION, limit.period)
+            retry = window.retry_after(before + cost - amount, now, check.width, check.period)
         return new_state(check, False, remaining if remaining > 0 else 0, reset, retry)
 
     def _evict(self, now: float) -> None:

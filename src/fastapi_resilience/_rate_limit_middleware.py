@@ -104,7 +104,7 @@ class RateLimitMiddleware:
             return
         # The route table is rebuilt only when the app changes (first request, mounted apps).
         table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
-        route: RoutePlan | None = table.match(scope, path) if table else None
+        route: RoutePlan | None = table.match(scope, path) if table is not None else None
         # ``limiter.check`` in two steps: the in-process storage answers without a coroutine.
         outcome = limiter.check_local(scope, identity, route)
         if outcome is None:
@@ -118,8 +118,8 @@ class RateLimitMiddleware:
         # An idle keep-alive connection keeps its last request's scope until the next request
         # arrives: nothing of this request should stay reachable from it (ADR 0044).
         try:
-            decision = outcome.decision
-            if decision is not None and not decision.allowed and not limiter.shadow:
+            # ``admitted``: the common case, known to be let through without a ``Decision``.
+            if outcome.admitted is None and outcome.refused and not limiter.shadow:
                 limiter.events.emit(
                     "rate_limit.refused",
                     outcome.plan.tier,
@@ -137,25 +137,31 @@ class RateLimitMiddleware:
             if shared is not None:
                 # Inside CorrelationIdMiddleware: its one ``send`` wrapper adds these too.
                 shared += extra
-                outcome.added_headers = extra
                 await self.app(scope, receive, send)
-                return
-
-            def send_with_headers(message: Message) -> Awaitable[None]:
-                # A route limit the middleware could not see set its own headers: keep one set.
-                if message["type"] == "http.response.start" and OWN_HEADERS_KEY not in scope:
-                    message["headers"] = [*message.get("headers", ()), *extra]
-                return send(message)  # awaited by the caller: no coroutine of our own per message
-
-            await self.app(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, self._send_with(scope, send, extra))
         finally:
             del scope[SCOPE_KEY]
+
+    @staticmethod
+    def _send_with(scope: Scope, send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+        # Not a closure in ``__call__``: that would turn its variables into cells on every
+        # request, this wrapper or not.
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            # A route limit the middleware could not see set its own headers: keep one set.
+            if message["type"] == "http.response.start" and OWN_HEADERS_KEY not in scope:
+                message["headers"] = [*message.get("headers", ()), *extra]
+            return send(message)  # awaited by the caller: no coroutine of our own per message
+
+        return send_with_headers
 
     def _table_for(self, scope: Scope) -> Any:
         from fastapi_resilience._rate_limit_routes import RouteTable
 
         app = scope.get("app")
-        self._routes = RouteTable.for_app(app)
+        table = RouteTable.for_app(app)
+        # ``None`` when no route is limited: one test less on every request.
+        self._routes = table if table else None
         self._routes_app = app
         return self._routes
 

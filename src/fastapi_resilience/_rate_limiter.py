@@ -22,9 +22,12 @@ from fastapi_resilience._rate_limit_core import (
     LimitCheck,
     RateLimitStorage,
     StorageUnavailableError,
+    new_decision,
+    new_state,
 )
 from fastapi_resilience._rate_limit_headers import (
     QUOTA_EXCEEDED_TYPE,
+    RATE_LIMIT_FIELDS,
     RETRY_AFTER,
     TEMPORARY_REDUCED_CAPACITY_TYPE,
     HeaderPlan,
@@ -77,24 +80,56 @@ class RoutePlan:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class _Plan:
+    limiter: RateLimiter
     tier: str
     checks: tuple[LimitCheck, ...]
     header: HeaderPlan
     route: RoutePlan | None
+    #: The plan's only check when it has one and it is enforced: the memory storage's
+    #: ``try_admit`` case, where an admitted request builds no ``Decision``.
+    single: LimitCheck | None = None
 
 
-@dataclass(slots=True)
 class LimitOutcome:
-    """What the limiter decided for one request; the middleware leaves it in the scope."""
+    """What the limiter decided for one request; the middleware leaves it in the scope.
 
-    limiter: RateLimiter
-    identity: Identity
-    plan: _Plan
-    decision: Decision | None
-    #: The storage could not answer and the request was let through (fail-open).
-    unavailable: bool = False
-    #: The header pairs the middleware handed to ``CorrelationIdMiddleware``'s list, if any.
-    added_headers: list[tuple[bytes, bytes]] | None = None
+    ``decision`` is ``None`` when the storage could not answer and the request was let through
+    (``unavailable``). An admitted request of one enforced limit carries only its two numbers,
+    ``admitted = (remaining, reset_after)``, and builds ``decision`` when it is first read:
+    the common case then builds no ``Decision`` or ``LimitState`` (it runs on every request).
+    """
+
+    __slots__ = ("_decision", "admitted", "identity", "plan")
+
+    def __init__(
+        self,
+        plan: _Plan,
+        identity: Identity,
+        decision: Decision | None,
+        admitted: tuple[int, float] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.identity = identity
+        self._decision = decision
+        self.admitted = admitted
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.plan.limiter
+
+    @property
+    def unavailable(self) -> bool:
+        """The storage could not answer and the request was let through (fail-open)."""
+        return self._decision is None and self.admitted is None
+
+    @property
+    def decision(self) -> Decision | None:
+        decision = self._decision
+        if decision is None and self.admitted is not None:
+            remaining, reset_after = self.admitted
+            state = new_state(self.plan.checks[0], True, remaining, reset_after, 0.0)
+            decision = self._decision = new_decision(True, (state,))
+        return decision
 
     @property
     def route_sources(self) -> frozenset[object]:
@@ -102,17 +137,25 @@ class LimitOutcome:
 
     @property
     def refused(self) -> bool:
-        return self.decision is not None and not self.decision.allowed
+        decision = self.decision
+        return decision is not None and not decision.allowed
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """The rate-limit header pairs for this response (none when the storage was down)."""
-        decision = self.decision
+        admitted = self.admitted
+        plan = self.plan
+        if admitted is not None:
+            # The common case: one policy, admitted, no ``Decision`` built.
+            if not plan.limiter.headers_enabled:
+                return []
+            return plan.header.one_policy(admitted[0], admitted[1])
+        decision = self._decision
         if decision is None:
             return []
         out: list[tuple[bytes, bytes]] = []
-        if self.limiter.headers_enabled:
+        if plan.limiter.headers_enabled:
             states = decision.states
-            if len(states) == 1:  # one policy: no lists to build (runs on every request)
+            if len(states) == 1:
                 state = states[0]
                 out = self.plan.header.one_policy(state.remaining, state.reset_after)
             else:
@@ -126,11 +169,12 @@ class LimitOutcome:
 
     def violated(self) -> list[str]:
         """The names of the (non-shadow) policies that refused the request."""
-        if self.decision is None:
+        decision = self.decision
+        if decision is None:
             return []
         return [
             policy.name
-            for state, policy in zip(self.decision.states, self.plan.header.policies, strict=True)
+            for state, policy in zip(decision.states, self.plan.header.policies, strict=True)
             if not state.allowed and not state.check.shadow
         ]
 
@@ -280,7 +324,8 @@ class RateLimiter:
                     for limit in limits
                 ]
             header = self._headers[(tier, route, with_tier)] = HeaderPlan.build(policies)
-        return _Plan(tier, tuple(checks), header, route)
+        single = checks[0] if len(checks) == 1 and not checks[0].shadow else None
+        return _Plan(self, tier, tuple(checks), header, route, single)
 
     def check_local(
         self,
@@ -302,6 +347,12 @@ class RateLimiter:
         plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
             identity, route, with_tier=with_tier
         )
+        single = plan.single
+        if single is not None:
+            # One enforced limit, admitted: nothing a shadow report or a refusal needs.
+            admitted = storage.try_admit(single)  # type: ignore[attr-defined]
+            if admitted is not None:
+                return LimitOutcome(plan, identity, None, admitted)
         decision = storage.check_now(plan.checks)  # type: ignore[attr-defined]
         return self._outcome(scope, identity, plan, decision)
 
@@ -345,13 +396,13 @@ class RateLimiter:
         except StorageUnavailableError:
             if not self.fail_open:
                 raise
-            return LimitOutcome(self, identity, plan, None, unavailable=True)
+            return LimitOutcome(plan, identity, None)
         return self._outcome(scope, identity, plan, decision)
 
     def _outcome(
         self, scope: Scope, identity: Identity, plan: _Plan, decision: Decision
     ) -> LimitOutcome:
-        outcome = LimitOutcome(self, identity, plan, decision)
+        outcome = LimitOutcome(plan, identity, decision)
         if self.shadow or plan.route is not None:
             self._report_shadow(scope, outcome)
         return outcome
@@ -411,12 +462,8 @@ def withdraw_middleware_headers(scope: Scope) -> None:
     """Take back the headers the middleware handed to ``CorrelationIdMiddleware``'s list.
 
     A ``rate_limit`` dependency that answers with its own set calls this: one set per response.
+    Only the rate-limit middleware adds these fields to that list, so they go by name.
     """
-    outcome: LimitOutcome | None = scope.get(SCOPE_KEY)
-    if outcome is None or not outcome.added_headers:
-        return
     shared: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS_KEY)
     if shared is not None:
-        mine = {id(pair) for pair in outcome.added_headers}
-        shared[:] = [pair for pair in shared if id(pair) not in mine]
-    outcome.added_headers = None
+        shared[:] = [pair for pair in shared if pair[0] not in RATE_LIMIT_FIELDS]
