@@ -235,3 +235,32 @@ def test_bad_tiers_fail_at_construction() -> None:
         TieredBulkhead("t", {"free": (1, 0)}, default_tier="gold", registry=None)
     with pytest.raises(ConfigurationError, match="max_concurrent, max_waiting"):
         TieredBulkhead("t", {"free": 3}, registry=None)  # type: ignore[dict-item]
+
+
+async def test_installed_rate_limiter_picks_the_tier_compartment() -> None:
+    """Under ``install()``, the compartment is the tier the rate limiter resolved (API key)."""
+    from fastapi_resilience import ResilienceSettings, install
+
+    registry = BulkheadRegistry()
+    TieredBulkhead("api", {"free": (1, 0), "premium": (5, 0)}, registry=registry)
+    app = FastAPI()
+    install(
+        app,
+        ResilienceSettings(
+            rate_limit_tiers={"anonymous": "100/minute", "premium": "1000/minute"},
+            rate_limit_api_keys={"pk-1": "premium"},
+        ),
+    )
+
+    @app.get("/which")
+    async def which(
+        bulkhead: Bulkhead = Depends(bulkhead_dependency("api", registry=registry)),  # noqa: B008
+    ) -> dict[str, str]:
+        return {"compartment": bulkhead.name}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        premium = await client.get("/which", headers={"X-API-Key": "pk-1"})
+        anonymous = await client.get("/which")
+    assert premium.json() == {"compartment": "api:premium"}
+    assert anonymous.json() == {"compartment": "api:free"}

@@ -37,8 +37,12 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: The ASGI scope key where the rate limiter leaves the request's tier.
+#: An ASGI scope key where a custom middleware may put the request's tier; when it is absent
+#: the tier comes from the rate limiter's outcome for the request.
 TIER_SCOPE_KEY = "fastapi_resilience.rate_limit_tier"
+#: Where ``RateLimitMiddleware`` leaves its outcome (``_rate_limiter.SCOPE_KEY``; not imported:
+#: the bulkhead does not need the rate limiter to load).
+RATE_LIMIT_SCOPE_KEY = "fastapi_resilience.rate_limit"
 
 BULKHEAD_FULL_DETAIL = "Bulkhead {name!r} is full: {active} running, {waiting} waiting."
 BULKHEAD_WAIT_TIMEOUT_DETAIL = "Bulkhead {name!r}: no slot freed within {timeout:g}s."
@@ -243,8 +247,15 @@ class Bulkhead(EventSource):
 
 
 def tier_from_scope(scope: Mapping[str, Any], default: str) -> str:
-    """The rate-limit tier the rate limiter put in the scope, or ``default``."""
+    """The request's rate-limit tier, or ``default``.
+
+    ``TIER_SCOPE_KEY`` when something put a tier there (a custom middleware); otherwise the
+    tier of the rate limiter's outcome for this request.
+    """
     tier = scope.get(TIER_SCOPE_KEY)
+    if tier is None:
+        outcome = scope.get(RATE_LIMIT_SCOPE_KEY)
+        tier = getattr(getattr(outcome, "plan", None), "tier", None)
     return tier if isinstance(tier, str) and tier else default
 
 
