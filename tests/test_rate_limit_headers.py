@@ -76,3 +76,21 @@ def test_a_percent_sign_in_a_policy_name_is_sent_as_is() -> None:
     policy = PolicyHeader.build("50%off", Limit(10, 60))
     headers = dict(HeaderPlan.build([policy]).one_policy(3, 12.5))
     assert headers[b"ratelimit"] == b'"50%off";r=3;t=13'
+
+
+@pytest.mark.parametrize("reset_after", [0.0, 0.2, 59.5, 3661.0, 3661.5, 86_400.0])
+def test_one_policy_figures_for_short_and_long_windows(reset_after: float) -> None:
+    """``t`` and X-RateLimit-Reset are the reset rounded up, for any window length."""
+    plan = HeaderPlan.build([PolicyHeader.build("daily", Limit(10_000, 86_400))])
+    reset = ceil_seconds(reset_after)
+    assert dict(plan.one_policy(9_999, reset_after)) == {
+        b"ratelimit-policy": b'"daily";q=10000;w=86400',
+        b"ratelimit": b'"daily";r=9999;t=%d' % reset,
+        b"x-ratelimit-limit": b"10000",
+        b"x-ratelimit-remaining": b"9999",
+        b"x-ratelimit-reset": b"%d" % reset,
+    }
+    assert plan.one_policy(-3, reset_after, legacy=False) == [
+        (b"ratelimit-policy", b'"daily";q=10000;w=86400'),
+        (b"ratelimit", b'"daily";r=0;t=%d' % reset),
+    ]

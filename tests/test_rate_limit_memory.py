@@ -203,7 +203,7 @@ async def test_requests_in_one_bucket_share_one_entry(storage: MemoryStorage) ->
     """Memory per window grows with time buckets (at most 61), not with requests."""
     check = [LimitCheck("k", Limit(5, 60))]
     assert await _admitted(storage, check, 5) == 5
-    assert storage._windows[("k", 5, 60)].entries == [6000, 5]
+    assert storage._windows["k@5/60"].entries == [6000, 5]
 
 
 def test_max_keys_must_be_positive() -> None:
@@ -295,4 +295,4 @@ async def test_bucket_end_rounding_never_opens_a_second_entry_for_one_bucket() -
     clock.step(3 * (7 / 60) - 0.3)
     assert clock.monotonic() == 0.35
     assert await _admitted(storage, check, 1) == 1
-    assert storage._windows[("k", 5, 7)].entries == [2, 2]
+    assert storage._windows["k@5/7"].entries == [2, 2]

@@ -80,8 +80,9 @@ class LimitCheck:
     limit: Limit
     cost: int = 1
     shadow: bool = False
-    #: ``(key, amount, period)``: the memory storage's key for this limit, built once.
-    window_key: tuple[str, int, int] = field(init=False, repr=False, compare=False)
+    #: ``"{key}@{amount}/{period}"``: the memory storage's key for this limit, built once (a
+    #: string caches its hash; a tuple would hash its items on every lookup).
+    window_key: str = field(init=False, repr=False, compare=False)
     #: ``limit.amount``, ``limit.period`` and the bucket width, read once per request each:
     #: one attribute read instead of two (the memory storage runs on every request).
     amount: int = field(init=False, repr=False, compare=False)
@@ -92,7 +93,7 @@ class LimitCheck:
         if self.cost < 1:
             raise ConfigurationError(f"rate-limit cost must be >= 1, got {self.cost!r}")
         limit = self.limit
-        object.__setattr__(self, "window_key", (self.key, limit.amount, limit.period))
+        object.__setattr__(self, "window_key", f"{self.key}@{limit.amount}/{limit.period}")
         object.__setattr__(self, "amount", limit.amount)
         object.__setattr__(self, "period", limit.period)
         object.__setattr__(self, "width", limit.period / RESOLUTION)

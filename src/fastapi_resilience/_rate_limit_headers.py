@@ -38,6 +38,10 @@ X_RESET = b"x-ratelimit-reset"
 IETF_POLICY = b"ratelimit-policy"
 IETF_LIMIT = b"ratelimit"
 RETRY_AFTER = b"retry-after"
+#: The digits of the seconds an hour's window can report, formatted once (``t`` and
+#: ``X-RateLimit-Reset`` on every response): a list lookup instead of formatting an int.
+_DIGITS_KEPT = 3662
+_DIGITS = [b"%d" % seconds for seconds in range(_DIGITS_KEPT)]
 #: Every field name the rate limiter sets, lower case as they travel in ASGI.
 RATE_LIMIT_FIELDS = frozenset({X_LIMIT, X_REMAINING, X_RESET, IETF_POLICY, IETF_LIMIT, RETRY_AFTER})
 
@@ -69,6 +73,8 @@ class PolicyHeader:
     amount: bytes
     #: ``"premium";r=%d;t=%d``: this policy's item in ``RateLimit``, to format with two numbers.
     limit_item_format: bytes
+    #: ``"premium";r=``: the start of that item, to join with the two numbers' digits.
+    remaining_prefix: bytes
     #: ``(x-ratelimit-limit, amount)``: the same pair on every response of this policy.
     limit_pair: tuple[bytes, bytes]
 
@@ -83,6 +89,7 @@ class PolicyHeader:
             quoted_name=quoted,
             amount=amount,
             limit_item_format=quoted.replace(b"%", b"%%") + b";r=%d;t=%d",
+            remaining_prefix=quoted + b";r=",
             limit_pair=(X_LIMIT, amount),
         )
 
@@ -112,15 +119,18 @@ class HeaderPlan:
         left = remaining if remaining > 0 else 0
         # ``ceil_seconds`` inlined: one call less per request.
         reset = math.ceil(reset_after - 1e-9) if reset_after > 0 else 0
+        left_digits = b"%d" % left
+        reset_digits = _DIGITS[reset] if reset < _DIGITS_KEPT else b"%d" % reset
+        item = b"".join((policy.remaining_prefix, left_digits, b";t=", reset_digits))
         # The unchanging pairs are shared by every response; only three are built here.
         if not legacy:
-            return [self.policy_pair, (IETF_LIMIT, policy.limit_item_format % (left, reset))]
+            return [self.policy_pair, (IETF_LIMIT, item)]
         return [
             self.policy_pair,
-            (IETF_LIMIT, policy.limit_item_format % (left, reset)),
+            (IETF_LIMIT, item),
             policy.limit_pair,
-            (X_REMAINING, b"%d" % left),
-            (X_RESET, b"%d" % reset),
+            (X_REMAINING, left_digits),
+            (X_RESET, reset_digits),
         ]
 
     def headers(

@@ -105,7 +105,7 @@ class MemoryStorage:
         # The system clock's method only calls ``time.monotonic``: call it directly.
         self._monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self.max_keys = max_keys
-        self._windows: OrderedDict[tuple[str, int, int], _Window] = OrderedDict()
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
         self._next_sweep = 0.0
         #: Live windows evicted because of ``max_keys`` (a flood of identities), for metrics.
         self.evictions = 0

@@ -81,6 +81,8 @@ class RoutePlan:
 @dataclass(frozen=True, slots=True, eq=False)
 class _Plan:
     limiter: RateLimiter
+    #: The tier the identity named (``tier`` is the default tier when it named an unknown one).
+    identity_tier: str
     tier: str
     checks: tuple[LimitCheck, ...]
     header: HeaderPlan
@@ -243,7 +245,12 @@ class RateLimiter:
     ) -> None:
         if not tiers:
             raise ConfigurationError("rate_limit_tiers: at least one tier is needed")
-        self.storage = storage
+        self._storage = storage
+        #: The storage when it is the in-process one (``MemoryStorage``'s own ``check``; a
+        #: subclass overriding it is awaited): it answers without a coroutine.
+        self._memory: MemoryStorage | None = (
+            storage if type(storage).check is _MEMORY_CHECK else None  # type: ignore[assignment]
+        )
         self.tiers: dict[str, tuple[Limit, ...]] = {
             name: parse_limits(spec) if isinstance(spec, str) else tuple(spec)
             for name, spec in tiers.items()
@@ -278,6 +285,14 @@ class RateLimiter:
         # Keyed by the identity's fields, not the object: a tuple of strings hashes in C,
         # a dataclass calls its generated ``__hash__``.
         self._plans: dict[tuple[str, str, RoutePlan | None, bool], _Plan] = {}
+        #: The plans of the tier alone (no route limit: most requests), by identity key, whose
+        #: hash a string keeps; the plan's ``identity_tier`` is checked on every hit.
+        self._tier_plans: dict[str, _Plan] = {}
+
+    @property
+    def storage(self) -> RateLimitStorage:
+        """Where counts live; fixed at construction."""
+        return self._storage
 
     def tier_policy_names(self, tier: str) -> frozenset[str]:
         return self._tier_names.get(tier, frozenset())
@@ -294,6 +309,13 @@ class RateLimiter:
         self, identity: Identity, route: RoutePlan | None = None, *, with_tier: bool = True
     ) -> _Plan:
         """The checks and header bytes of ``identity``'s requests to ``route`` (cached)."""
+        if route is None and with_tier:
+            plan = self._tier_plans.get(identity.key)
+            if plan is None or plan.identity_tier != identity.tier:
+                if len(self._tier_plans) >= _PLAN_CACHE_SIZE:
+                    self._tier_plans.clear()
+                plan = self._tier_plans[identity.key] = self._build_plan(identity, None, True)
+            return plan
         cache_key = (identity.key, identity.tier, route, with_tier)
         plan = self._plans.get(cache_key)
         if plan is None:
@@ -325,7 +347,7 @@ class RateLimiter:
                 ]
             header = self._headers[(tier, route, with_tier)] = HeaderPlan.build(policies)
         single = checks[0] if len(checks) == 1 and not checks[0].shadow else None
-        return _Plan(self, tier, tuple(checks), header, route, single)
+        return _Plan(self, identity.tier, tier, tuple(checks), header, route, single)
 
     def check_local(
         self,
@@ -340,20 +362,25 @@ class RateLimiter:
         Only for ``MemoryStorage``'s own ``check`` (a subclass overriding it is awaited by
         ``check``): the in-process storage never waits, and this runs on every request.
         """
-        storage = self.storage
-        if type(storage).check is not _MEMORY_CHECK:
+        storage = self._memory
+        if storage is None:
             return None
-        # ``plan``'s cache hit, inlined: one call less on every request.
-        plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
-            identity, route, with_tier=with_tier
-        )
+        # ``plan``'s cache hits, inlined: one call less on every request.
+        if route is None and with_tier:
+            plan = self._tier_plans.get(identity.key)
+            if plan is None or plan.identity_tier != identity.tier:
+                plan = self.plan(identity)
+        else:
+            plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
+                identity, route, with_tier=with_tier
+            )
         single = plan.single
         if single is not None:
             # One enforced limit, admitted: nothing a shadow report or a refusal needs.
-            admitted = storage.try_admit(single)  # type: ignore[attr-defined]
+            admitted = storage.try_admit(single)
             if admitted is not None:
                 return LimitOutcome(plan, identity, None, admitted)
-        decision = storage.check_now(plan.checks)  # type: ignore[attr-defined]
+        decision = storage.check_now(plan.checks)
         return self._outcome(scope, identity, plan, decision)
 
     async def check(
@@ -392,7 +419,7 @@ class RateLimiter:
         """
         plan = self.plan(identity, route, with_tier=with_tier)
         try:
-            decision = await self.storage.check(identity.key, plan.checks)
+            decision = await self._storage.check(identity.key, plan.checks)
         except StorageUnavailableError:
             if not self.fail_open:
                 raise
@@ -441,7 +468,7 @@ class RateLimiter:
         }
 
     async def aclose(self) -> None:
-        await self.storage.aclose()
+        await self._storage.aclose()
 
     def __repr__(self) -> str:
         return (
