@@ -2,7 +2,8 @@
 
 On a shared machine wall-clock ratios spread widely; the number of instructions one request
 executes does not depend on the neighbours. For each HTTP variant the app is driven in process
-(no server, no network: the ASGI request of ``micro.asgi_request``), once with ``warm`` requests
+(no server, no network: the ASGI request of ``micro.asgi_request``, after the app's lifespan
+start-up, as a server sends it), once with ``warm`` requests
 and once with ``warm + requests``; the difference divided by ``requests`` is the app's cost per
 request. What it leaves out: system calls (``os.urandom``) and the server's own work, so use it
 to compare middleware, and wrk for throughput. Slow (about a minute per run)::
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from starlette.types import ASGIApp
 
@@ -38,14 +40,36 @@ def _build(name: str) -> ASGIApp:
 
 
 def drive(name: str, count: int) -> None:
-    """Send ``count`` requests through the variant's app, in this process."""
-    call = asgi_request(_build(name))
+    """Start the variant's app (its lifespan, as a server does), then send ``count`` requests
+    through it, in this process."""
+    app = _build(name)
+    call = asgi_request(app)
 
     async def run() -> None:
-        for _ in range(count):
-            await call()
+        async with lifespan(app):
+            for _ in range(count):
+                await call()
 
     asyncio.run(run())
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
+    """The app's lifespan start-up on entry and its shutdown on exit, as uvicorn sends them."""
+    inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.ensure_future(app(scope, inbox.get, outbox.put))  # type: ignore[arg-type]
+    await inbox.put({"type": "lifespan.startup"})
+    started = await outbox.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"the app did not start: {started}")
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
 
 
 def instructions(name: str, count: int) -> int:

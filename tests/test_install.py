@@ -261,3 +261,111 @@ async def test_fixed_path_group_under_opentelemetry_instrumentation() -> None:
         FastAPIInstrumentor.uninstrument_app(app)
     assert live.json() == {"status": "ok"}
     assert wrong_method.status_code == 405
+
+
+async def _started(app: FastAPI) -> list[str]:
+    """Run the app's lifespan start-up and shutdown, as a server does; the route order at
+    start-up, by class name (``FixedPathRoutes`` is the group)."""
+    order: list[str] = []
+    async with app.router.lifespan_context(app):
+        order = [type(route).__name__ for route in app.router.routes]
+    return order
+
+
+async def test_group_moves_behind_the_app_routes_at_start_up() -> None:
+    """Routes defined after install() no longer meet the group first (ADR 0047); health and
+    the app's routes answer as before, and the group's names still resolve."""
+    app = FastAPI(openapi_url=None)
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+
+    @app.get("/orders")
+    async def orders() -> list[int]:
+        return [1]
+
+    @app.post("/health/other")
+    async def other() -> str:
+        return "other"
+
+    assert [type(r).__name__ for r in app.router.routes][-3:] == [
+        "FixedPathRoutes",
+        "APIRoute",
+        "APIRoute",
+    ]
+    assert (await _started(app))[-1] == "FixedPathRoutes"
+    assert app.url_path_for("live") == "/health/live"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/orders")).json() == [1]
+        assert (await client.get("/health/live")).json() == {"status": "ok"}
+        assert (await client.post("/health/live")).status_code == 405
+        assert (await client.post("/health/other")).json() == "other"
+
+
+@pytest.mark.parametrize("blocker", ["catch_all", "same_path", "same_name", "mount", "own_match"])
+async def test_group_stops_before_a_route_that_might_serve_its_paths(blocker: str) -> None:
+    """The group never moves past a route that could answer one of its paths or names, nor
+    past one whose matching it cannot judge: what answers /health/live is unchanged."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+
+    @app.get("/orders")
+    async def orders() -> list[int]:
+        return [1]
+
+    async def shadowing() -> str:
+        return "app's"
+
+    if blocker == "catch_all":
+        app.add_api_route("/{rest:path}", shadowing)
+    elif blocker == "same_path":
+        app.add_api_route("/health/live", shadowing, methods=["POST"])
+    elif blocker == "same_name":
+        app.add_api_route("/elsewhere", shadowing, name="ready")
+    elif blocker == "mount":
+        app.mount("/static", FastAPI())
+    else:
+
+        class OwnMatch(APIRoute):
+            def matches(self, scope):  # type: ignore[no-untyped-def]
+                return super().matches(scope)
+
+        app.router.routes.append(OwnMatch("/elsewhere", shadowing))
+
+    @app.get("/after")
+    async def after() -> str:
+        return "after"
+
+    order = await _started(app)
+    assert order[-3:] == ["FixedPathRoutes", order[-2], "APIRoute"]
+    assert order[-4] == "APIRoute"  # moved past /orders
+    assert app.url_path_for("ready") == "/health/ready"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/health/live")).json() == {"status": "ok"}
+
+
+async def test_app_with_install_mounted_inside_another() -> None:
+    """A sub-app with its own install(), mounted in an app with one: one ID for both (the
+    outer's), each app's limits apply, and nothing fails when the request ends."""
+    outer = FastAPI()
+    install(outer, ResilienceSettings(rate_limit_tiers={"anonymous": "100/minute"}))
+    inner = FastAPI()
+    install(inner, ResilienceSettings(rate_limit_tiers={"anonymous": "1/minute"}))
+
+    @inner.get("/x")
+    async def x() -> dict[str, str | None]:
+        from fastapi_resilience import get_correlation_id
+
+        return {"id": get_correlation_id()}
+
+    outer.mount("/sub", inner)
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = await client.get("/sub/x", headers={"X-Request-ID": "outer-1"})
+        second = await client.get("/sub/x", headers={"X-Request-ID": "outer-2"})
+    assert first.status_code == 200
+    assert first.json() == {"id": "outer-1"}
+    assert first.headers.get_list("x-request-id") == ["outer-1"]
+    assert second.status_code == 429  # the inner app's own limit
+    assert second.headers.get_list("x-request-id") == ["outer-2"]
+    assert second.json()["correlation_id"] == "outer-2"

@@ -666,3 +666,101 @@ def test_route_table_tries_only_the_limited_routes_a_path_can_reach() -> None:
     # A limited route that matched is then checked against the routes before it (an earlier
     # route wins): only requests for limited routes pay for that.
     assert tried == ["/api/login", "/api/login", "/items/7", "/items/7"]
+
+
+async def test_one_layer_under_correlation_ids_leaves_nothing_in_the_scope(
+    clock: ManualClock,
+) -> None:
+    """``CorrelationIdMiddleware(rate_limiter=...)`` (what install() builds): an admitted
+    request skips the rate-limit middleware's coroutine, yet carries its headers and outcome;
+    a refused one and a failing one are answered as before; the scope keeps nothing after."""
+    from fastapi_resilience import CorrelationIdMiddleware
+
+    during: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        during.append(RATE_LIMIT_SCOPE_KEY in scope)
+        if scope["path"] == "/fail":
+            raise RuntimeError("boom")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    limiter = RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": "2/minute"})
+    middleware = CorrelationIdMiddleware(app, rate_limiter=limiter)
+
+    async def receive() -> Message:  # pragma: no cover - the app never reads the body
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    starts: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            starts.append(message)
+
+    scopes = [
+        {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
+        for path in ("/", "/fail", "/")
+    ]
+    for scope in scopes:
+        await middleware(scope, receive, send)
+    assert [start["status"] for start in starts] == [200, 500, 429]
+    assert during == [True, True]
+    for start in starts:
+        names = [name for name, _ in start["headers"]]
+        assert names.count(b"x-request-id") == 1
+        assert names.count(b"x-ratelimit-remaining") == 1
+        assert names.count(b"ratelimit") == 1
+    assert all(RATE_LIMIT_SCOPE_KEY not in scope for scope in scopes)
+    assert all("fastapi_resilience.response_headers" not in scope for scope in scopes)
+
+
+@pytest.mark.parametrize("case", ["exempt", "custom_resolver", "two_limits", "refused", "guarded"])
+async def test_lean_admission_declines_without_counting(case: str, clock: ManualClock) -> None:
+    """``RateLimitMiddleware.admit`` says no, and counts and changes nothing, whenever the
+    middleware's full path must decide; then that path counts the request once."""
+    from fastapi_resilience import CorrelationIdMiddleware
+    from fastapi_resilience._rate_limit_guard import GuardedStorage
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def resolver(scope: Scope) -> Identity:
+        return Identity("ip:10.0.0.1", "anonymous")
+
+    memory = MemoryStorage(clock=clock)
+    tiers = {"anonymous": "1/minute; 5/hour" if case == "two_limits" else "1/minute"}
+    limiter = RateLimiter(
+        GuardedStorage(memory, clock=clock) if case == "guarded" else memory,
+        tiers=tiers,
+        exempt_paths=["/health"],
+        resolver=resolver if case == "custom_resolver" else None,
+    )
+    middleware = CorrelationIdMiddleware(app, rate_limiter=limiter)
+    path = "/health" if case == "exempt" else "/"
+    if case == "refused":
+        await middleware(_scope(path), _receive, _ignore)
+    before = len(memory), [w.total for w in memory._windows.values()]
+    scope = {**_scope(path), "fastapi_resilience.response_headers": []}
+    limits = middleware._limits
+    assert limits is not None
+    assert limits.admit(scope) is False
+    assert scope == {**_scope(path), "fastapi_resilience.response_headers": []}
+    assert (len(memory), [w.total for w in memory._windows.values()]) == before
+    await middleware(_scope(path), _receive, _ignore)
+    expected = (
+        0 if case == "exempt" else (1 if case == "refused" else len(tiers["anonymous"].split(";")))
+    )
+    assert sum(w.total for w in memory._windows.values()) == expected
+
+
+def _scope(path: str) -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
+
+
+async def _receive() -> Message:  # pragma: no cover - the apps never read the body
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _ignore(message: Message) -> None:
+    pass

@@ -8,8 +8,13 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
+    from fastapi_resilience._rate_limiter import RateLimiter
 
 __all__ = [
     "RESPONSE_HEADERS_KEY",
@@ -99,12 +104,19 @@ class CorrelationIdMiddleware:
     exception itself while the response has not started, logs it once with its traceback and
     the ID, and answers the 500 problem+json carrying the ID in header and body.
 
+    Inside another ``CorrelationIdMiddleware`` (an app with its own, mounted in an app with
+    one) it steps aside: the outer one's ID, response headers and 500s serve the request.
+
     Args:
         app: the ASGI app to wrap.
         header_name: the header read and echoed.
         generator: makes a new ID; must return a valid one.
         update_request_header: also put a generated ID into the request's headers, so code
             reading the header directly sees the same ID.
+        rate_limiter: also rate-limit every request with it, in the same layer: the same as a
+            ``RateLimitMiddleware(limiter=rate_limiter)`` placed just inside this middleware,
+            which it builds, minus one coroutine per request on the common path (a request the
+            in-process storage admits). ``install`` uses it.
     """
 
     def __init__(
@@ -114,9 +126,20 @@ class CorrelationIdMiddleware:
         header_name: str = "X-Request-ID",
         generator: Callable[[], str] = generate_correlation_id,
         update_request_header: bool = True,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         if not _VALID_HEADER_NAME.fullmatch(header_name):
             raise ValueError(f"header_name: {header_name!r} is not a valid HTTP header name")
+        #: The rate-limit middleware inside this one, when ``rate_limiter`` was given.
+        self._limits: RateLimitMiddleware | None = None
+        if rate_limiter is not None:
+            # Imported here: the rate limiter's modules import this one.
+            from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
+            from fastapi_resilience._rate_limiter import SCOPE_KEY as LIMIT_KEY
+
+            self._limits = RateLimitMiddleware(app, limiter=rate_limiter)
+            self._limit_key = LIMIT_KEY
+            app = self._limits
         self.app = app
         self.header_name = header_name
         self._header = header_name.lower().encode("latin-1")
@@ -125,7 +148,9 @@ class CorrelationIdMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
-        if scope_type != "http" and scope_type != "websocket":
+        if (scope_type != "http" and scope_type != "websocket") or RESPONSE_HEADERS_KEY in scope:
+            # Not a request; or one that a correlation middleware outside this one (an app
+            # mounted inside another that has one) has given its ID, header list and 500s.
             await self.app(scope, receive, send)
             return
 
@@ -206,8 +231,17 @@ class CorrelationIdMiddleware:
             finally:
                 token = _correlation_id.set(correlation_id)
 
+        limits = self._limits
         try:
-            await self.app(scope, receive, send_with_id)
+            if limits is not None and limits.admit(scope):
+                # Admitted on the rate limiter's lean path: its middleware's coroutine skipped.
+                try:
+                    await limits.app(scope, receive, send_with_id)
+                finally:
+                    # ``pop``: a rate limiter of an app mounted inside may have removed it.
+                    scope.pop(self._limit_key, None)
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception as exc:
             # Imported here: the renderer pulls in the error handlers, which need this module.
             from fastapi_resilience._problem import answer_unhandled

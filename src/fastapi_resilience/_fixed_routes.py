@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi.routing import APIRoute, APIRouter
-from starlette.routing import BaseRoute, Match, NoMatchFound
+from fastapi.routing import APIRoute, APIRouter, APIWebSocketRoute
+from starlette.routing import BaseRoute, Match, NoMatchFound, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 __all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route", "route_path"]
@@ -86,6 +86,39 @@ class FixedPathRoutes(BaseRoute):
         route: APIRoute = scope["route"]
         await route.handle(scope, receive, send)
 
+    def settle(self, routes: list[BaseRoute]) -> int:
+        """Move this group back in ``routes`` past every later route that cannot serve its paths.
+
+        Called at start-up, when the app's routes are known (ADR 0047). The router tries routes
+        in order, so a request for one of the group's paths meets the same routes before it as
+        before (none of those it moved past can match that path, nor answers ``url_path_for``
+        for one of its route names), while every request for the app's other routes no longer
+        pays a turn of the router's loop for the group. It stops at the first route that might
+        serve one of its paths, and at any route whose matching it cannot judge from the path
+        alone (a ``Mount``, a ``Host``, a class with its own ``matches``). Returns how many
+        routes it moved past.
+        """
+        start = next((i for i, route in enumerate(routes) if route is self), None)
+        if start is None:
+            return 0
+        names = {route.name for route in self._by_path.values()}
+        end = start + 1
+        while end < len(routes) and self._cannot_serve(routes[end], names):
+            end += 1
+        if end > start + 1:
+            routes.insert(end, self)
+            del routes[start]
+        return end - start - 1
+
+    def _cannot_serve(self, route: BaseRoute, names: set[str]) -> bool:
+        if type(route).matches not in _PATH_ONLY_MATCHES or getattr(route, "name", None) in names:
+            return False
+        for path in self._by_path:
+            probe = {"type": "http", "path": path, "root_path": "", "method": "GET", "headers": []}
+            if route.matches(probe)[0] is not Match.NONE:
+                return False
+        return True
+
     def url_path_for(self, name: str, /, **path_params: Any) -> Any:
         for route in self._by_path.values():
             try:
@@ -96,6 +129,19 @@ class FixedPathRoutes(BaseRoute):
 
     def __repr__(self) -> str:
         return f"FixedPathRoutes({list(self._by_path)})"
+
+
+#: ``matches`` of the route classes whose answer depends only on the request's type, path and
+#: method: ``FixedPathRoutes.settle`` can tell from a probe that one serves none of its paths.
+_PATH_ONLY_MATCHES = frozenset(
+    {
+        Route.matches,
+        APIRoute.matches,
+        FixedPathRoute.matches,
+        WebSocketRoute.matches,
+        APIWebSocketRoute.matches,
+    }
+)
 
 
 def _fixed(path: str) -> str:

@@ -20,7 +20,6 @@ from fastapi_resilience._metrics import (
     prometheus_available,
 )
 from fastapi_resilience._outbound_fastapi import watch_outbound
-from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._settings import ResilienceSettings
@@ -83,15 +82,18 @@ def install(
     )
     # ``add_middleware`` puts each new middleware outside the previous ones, so the innermost
     # is added first and the correlation middleware, outermost, last.
-    if settings.rate_limit_enabled:
-        _install_rate_limiting(app, resilience)
-    app.add_middleware(CorrelationIdMiddleware, header_name=settings.correlation_header)
+    limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
+    # One layer for both: the correlation middleware runs the rate limiter inside it.
+    app.add_middleware(
+        CorrelationIdMiddleware, header_name=settings.correlation_header, rate_limiter=limiter
+    )
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
     group: FixedPathRoutes | None = None
     if not settings.health_in_schema:
         group = FixedPathRoutes()
         app.router.routes.append(group)
+        _settle_on_startup(app, group)
     add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
@@ -104,11 +106,10 @@ def install(
 RATE_LIMIT_CHECK = "rate_limit_storage"
 
 
-def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> None:
+def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
     settings = resilience.settings
     limiter = limiter_from_settings(settings, events=resilience.events, clock=resilience.clock)
     resilience.rate_limiter = limiter
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
     storage_health = getattr(limiter.storage, "health", None)
     if storage_health is not None:
         # Failing open, a dead storage degrades the service; failing closed, it stops it.
@@ -116,6 +117,22 @@ def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> None:
             RATE_LIMIT_CHECK, storage_health, critical=not settings.rate_limit_fail_open
         )
     _close_on_shutdown(app, limiter)
+    return limiter
+
+
+def _settle_on_startup(app: FastAPI, group: FixedPathRoutes) -> None:
+    # At start-up the app's routes are known: the group moves back past those that cannot
+    # serve its paths, so their requests stop paying for it (ADR 0047). After the user's own
+    # start-up code, which may add routes too.
+    original: Callable[[Any], AbstractAsyncContextManager[Any]] = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with original(app_) as state:
+            group.settle(app.router.routes)
+            yield state
+
+    app.router.lifespan_context = lifespan
 
 
 def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:

@@ -141,7 +141,8 @@ class RateLimitMiddleware:
             else:
                 await self.app(scope, receive, self._send_with(scope, send, extra))
         finally:
-            del scope[SCOPE_KEY]
+            # ``pop``: a rate limiter of an app mounted inside may have removed it.
+            scope.pop(SCOPE_KEY, None)
 
     @staticmethod
     def _send_with(scope: Scope, send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -154,6 +155,38 @@ class RateLimitMiddleware:
             return send(message)  # awaited by the caller: no coroutine of our own per message
 
         return send_with_headers
+
+    def admit(self, scope: Scope) -> bool:
+        """``__call__``'s common case without its coroutine, for ``CorrelationIdMiddleware``.
+
+        For an HTTP request inside ``CorrelationIdMiddleware(rate_limiter=...)`` (``install``
+        builds that): when the in-process storage admits it on its lean path (the built-in
+        resolver, one enforced limit), its rate-limit headers go into the correlation
+        middleware's list and its outcome into the scope, and ``True`` is returned: the caller
+        runs ``self.app`` and deletes ``scope[SCOPE_KEY]`` when it is done. Otherwise nothing
+        is counted or changed, and ``False``: the caller runs this middleware as usual.
+        """
+        limiter = self.limiter
+        resolver = limiter.resolver
+        if limiter._memory is None or type(resolver) is not DefaultIdentityResolver:
+            return False
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
+        if path in limiter.exempt_paths or (
+            limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
+        ):
+            return False
+        identity = resolver.resolve(scope)
+        table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
+        route: RoutePlan | None = table.match(scope, path) if table is not None else None
+        outcome = limiter.admit_local(identity, route)
+        if outcome is None:
+            return False
+        if limiter.headers_enabled:
+            # ``outcome.headers()``'s admitted case, inlined (every request).
+            remaining, reset_after = outcome.admitted  # type: ignore[misc]
+            scope[RESPONSE_HEADERS_KEY] += outcome.plan.header.one_policy(remaining, reset_after)
+        scope[SCOPE_KEY] = outcome
+        return True
 
     def _table_for(self, scope: Scope) -> Any:
         from fastapi_resilience._rate_limit_routes import RouteTable

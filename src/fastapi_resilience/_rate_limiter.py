@@ -349,6 +349,33 @@ class RateLimiter:
         single = checks[0] if len(checks) == 1 and not checks[0].shadow else None
         return _Plan(self, identity.tier, tier, tuple(checks), header, route, single)
 
+    def admit_local(
+        self, identity: Identity, route: RoutePlan | None = None, *, with_tier: bool = True
+    ) -> LimitOutcome | None:
+        """``check``'s answer when the in-process storage admits a request of one enforced limit.
+
+        ``None``, with nothing counted, in every other case (another storage, several limits, a
+        shadow limit, a refusal): then ``check_local`` or ``check`` decides. The common case of
+        the embedded default, on every request: no coroutine, no ``Decision`` built.
+        """
+        storage = self._memory
+        if storage is None:
+            return None
+        # ``plan``'s cache hits, inlined: one call less on every request.
+        if route is None and with_tier:
+            plan = self._tier_plans.get(identity.key)
+            if plan is None or plan.identity_tier != identity.tier:
+                plan = self.plan(identity)
+        else:
+            plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
+                identity, route, with_tier=with_tier
+            )
+        single = plan.single
+        if single is None:
+            return None
+        admitted = storage.try_admit(single)
+        return None if admitted is None else LimitOutcome(plan, identity, None, admitted)
+
     def check_local(
         self,
         scope: Scope,
@@ -365,23 +392,11 @@ class RateLimiter:
         storage = self._memory
         if storage is None:
             return None
-        # ``plan``'s cache hits, inlined: one call less on every request.
-        if route is None and with_tier:
-            plan = self._tier_plans.get(identity.key)
-            if plan is None or plan.identity_tier != identity.tier:
-                plan = self.plan(identity)
-        else:
-            plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
-                identity, route, with_tier=with_tier
-            )
-        single = plan.single
-        if single is not None:
-            # One enforced limit, admitted: nothing a shadow report or a refusal needs.
-            admitted = storage.try_admit(single)
-            if admitted is not None:
-                return LimitOutcome(plan, identity, None, admitted)
-        decision = storage.check_now(plan.checks)
-        return self._outcome(scope, identity, plan, decision)
+        outcome = self.admit_local(identity, route, with_tier=with_tier)
+        if outcome is not None:
+            return outcome
+        plan = self.plan(identity, route, with_tier=with_tier)
+        return self._outcome(scope, identity, plan, storage.check_now(plan.checks))
 
     async def check(
         self,
