@@ -23,7 +23,8 @@ from fastapi_resilience.exceptions import ConfigurationError
 
 __all__ = ["DEFAULT_MAX_KEYS", "MemoryStorage"]
 
-#: Windows kept at most (one per identity and limit); about 44 MB at the cap (docs/rate-limit-storage.md).
+#: Windows kept at most (one per identity and limit): about 44 MB at the cap, measured
+#: (docs/rate-limit-storage.md).
 DEFAULT_MAX_KEYS = 100_000
 
 #: Expired windows dropped from the front of the LRU order per call, so cleanup outpaces growth.
