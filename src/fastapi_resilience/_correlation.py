@@ -132,6 +132,7 @@ class CorrelationIdMiddleware:
             raise ValueError(f"header_name: {header_name!r} is not a valid HTTP header name")
         #: The rate-limit middleware inside this one, when ``rate_limiter`` was given.
         self._limits: RateLimitMiddleware | None = None
+        self._limit_key = ""
         if rate_limiter is not None:
             # Imported here: the rate limiter's modules import this one.
             from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware

@@ -71,9 +71,8 @@ class PolicyHeader:
     #: ``"premium"``: the start of this policy's item in ``RateLimit``.
     quoted_name: bytes
     amount: bytes
-    #: ``"premium";r=%d;t=%d``: this policy's item in ``RateLimit``, to format with two numbers.
-    limit_item_format: bytes
-    #: ``"premium";r=``: the start of that item, to join with the two numbers' digits.
+    #: ``"premium";r=``: the start of this policy's item in ``RateLimit``, to join with its two
+    #: numbers' digits (``"premium";r=7;t=42``).
     remaining_prefix: bytes
     #: ``(x-ratelimit-limit, amount)``: the same pair on every response of this policy.
     limit_pair: tuple[bytes, bytes]
@@ -88,7 +87,6 @@ class PolicyHeader:
             policy_item=quoted + b";q=%d;w=%d" % (limit.amount, limit.period),
             quoted_name=quoted,
             amount=amount,
-            limit_item_format=quoted.replace(b"%", b"%%") + b";r=%d;t=%d",
             remaining_prefix=quoted + b";r=",
             limit_pair=(X_LIMIT, amount),
         )

@@ -168,6 +168,7 @@ class RateLimitMiddleware:
         """
         limiter = self.limiter
         resolver = limiter.resolver
+        # ``_memory``: read directly, a property would cost a call on every request.
         if limiter._memory is None or type(resolver) is not DefaultIdentityResolver:
             return False
         path = route_path(scope) if scope.get("root_path") else scope["path"]

@@ -159,9 +159,9 @@ class LimitOutcome:
             states = decision.states
             if len(states) == 1:
                 state = states[0]
-                out = self.plan.header.one_policy(state.remaining, state.reset_after)
+                out = plan.header.one_policy(state.remaining, state.reset_after)
             else:
-                out = self.plan.header.headers(
+                out = plan.header.headers(
                     [s.remaining for s in states], [s.reset_after for s in states]
                 )
         if not decision.allowed:
