@@ -286,10 +286,13 @@ async def test_group_moves_behind_the_app_routes_at_start_up() -> None:
     async def other() -> str:
         return "other"
 
-    assert [type(r).__name__ for r in app.router.routes][-3:] == [
+    app.mount("/static", FastAPI())
+
+    assert [type(r).__name__ for r in app.router.routes][-4:] == [
         "FixedPathRoutes",
         "APIRoute",
         "APIRoute",
+        "Mount",
     ]
     assert (await _started(app))[-1] == "FixedPathRoutes"
     assert app.url_path_for("live") == "/health/live"
@@ -301,7 +304,9 @@ async def test_group_moves_behind_the_app_routes_at_start_up() -> None:
         assert (await client.post("/health/other")).json() == "other"
 
 
-@pytest.mark.parametrize("blocker", ["catch_all", "same_path", "same_name", "mount", "own_match"])
+@pytest.mark.parametrize(
+    "blocker", ["catch_all", "same_path", "same_name", "root_mount", "named_in_mount", "own_match"]
+)
 async def test_group_stops_before_a_route_that_might_serve_its_paths(blocker: str) -> None:
     """The group never moves past a route that could answer one of its paths or names, nor
     past one whose matching it cannot judge: what answers /health/live is unchanged."""
@@ -321,8 +326,12 @@ async def test_group_stops_before_a_route_that_might_serve_its_paths(blocker: st
         app.add_api_route("/health/live", shadowing, methods=["POST"])
     elif blocker == "same_name":
         app.add_api_route("/elsewhere", shadowing, name="ready")
-    elif blocker == "mount":
-        app.mount("/static", FastAPI())
+    elif blocker == "root_mount":
+        app.mount("/", FastAPI())
+    elif blocker == "named_in_mount":
+        sub = FastAPI()
+        sub.add_api_route("/r", shadowing, name="ready")
+        app.mount("/sub", sub)
     else:
 
         class OwnMatch(APIRoute):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi.routing import APIRoute, APIRouter, APIWebSocketRoute
-from starlette.routing import BaseRoute, Match, NoMatchFound, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 __all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route", "route_path"]
@@ -94,9 +94,9 @@ class FixedPathRoutes(BaseRoute):
         before (none of those it moved past can match that path, nor answers ``url_path_for``
         for one of its route names), while every request for the app's other routes no longer
         pays a turn of the router's loop for the group. It stops at the first route that might
-        serve one of its paths, and at any route whose matching it cannot judge from the path
-        alone (a ``Mount``, a ``Host``, a class with its own ``matches``). Returns how many
-        routes it moved past.
+        serve one of its paths or names, and at any route whose matching it cannot judge from
+        the path alone (a ``Host``, a class with its own ``matches``). Returns how many routes
+        it moved past.
         """
         start = next((i for i, route in enumerate(routes) if route is self), None)
         if start is None:
@@ -111,7 +111,16 @@ class FixedPathRoutes(BaseRoute):
         return end - start - 1
 
     def _cannot_serve(self, route: BaseRoute, names: set[str]) -> bool:
-        if type(route).matches not in _PATH_ONLY_MATCHES or getattr(route, "name", None) in names:
+        if type(route).matches not in _PATH_ONLY_MATCHES:
+            return False
+        for name in names:
+            # ``url_path_for(name)`` tries routes in order: one that answers must stay behind.
+            try:
+                route.url_path_for(name)
+            except NoMatchFound:
+                continue
+            except Exception:  # a route that cannot even answer that: do not judge it
+                return False
             return False
         for path in self._by_path:
             probe = {"type": "http", "path": path, "root_path": "", "method": "GET", "headers": []}
@@ -137,6 +146,7 @@ _PATH_ONLY_MATCHES = frozenset(
     {
         Route.matches,
         APIRoute.matches,
+        Mount.matches,
         FixedPathRoute.matches,
         WebSocketRoute.matches,
         APIWebSocketRoute.matches,
