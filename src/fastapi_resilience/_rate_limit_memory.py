@@ -124,8 +124,14 @@ class MemoryStorage:
             if admitted is not None:
                 state = new_state(checks[0], True, admitted[0], admitted[1], 0.0)
                 return new_decision(True, (state,))
-            # Refused: ``_check_many`` says why (and counts nothing, as ``try_admit`` did not).
-            return self._check_many(checks, self._monotonic())
+        return self.check_many(checks)
+
+    def check_many(self, checks: Sequence[LimitCheck]) -> Decision:
+        """``check_now`` without its lean case: any checks, and the states of every limit.
+
+        Also what a caller uses right after ``try_admit`` refused (nothing was counted then):
+        it says why, without trying the lean case a second time.
+        """
         now = self._monotonic()
         if now >= self._next_sweep:
             # Before the check: a window the sweep drops is one the check would not hold.
@@ -136,7 +142,7 @@ class MemoryStorage:
         """``check_now((check,))`` of one enforced limit that admits the request, lean.
 
         Returns ``(remaining, reset_after)`` of the admitted request (counted), or ``None`` when
-        the limit would refuse it (nothing counted: ``check_now`` then tells why). Builds no
+        the limit would refuse it (nothing counted: ``check_many`` then tells why). Builds no
         ``Decision``, and the newest bucket's case of ``_Window.add`` is inlined: this is the
         embedded default's common case, on every request. Same decisions, same counts.
         """
@@ -150,10 +156,7 @@ class MemoryStorage:
         if window is None:
             if cost > check.amount:
                 return None
-            if len(windows) >= self.max_keys:
-                self._evict(now)
-            window = windows[key] = _Window()
-            window.add(cost, now, check.width, check.period)
+            window = self._count(check, None, now)
             return check.amount - cost, window.first_expiry - now
         if window.first_expiry <= now:
             window.drop_expired(now, check.width, check.period)

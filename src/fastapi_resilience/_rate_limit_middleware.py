@@ -87,9 +87,7 @@ class RateLimitMiddleware:
         # The app's own path: behind a prefix (``--root-path``) exempt paths and route limits
         # are the app's paths, the prefix taken off as Starlette's routing does.
         path = route_path(scope) if scope.get("root_path") else scope["path"]
-        if path in limiter.exempt_paths or (
-            limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
-        ):
+        if limiter.is_exempt(path):
             await self.app(scope, receive, send)
             return
         resolver = limiter.resolver
@@ -172,6 +170,7 @@ class RateLimitMiddleware:
         if limiter._memory is None or type(resolver) is not DefaultIdentityResolver:
             return False
         path = route_path(scope) if scope.get("root_path") else scope["path"]
+        # ``limiter.is_exempt``, inlined: this is the path of every request under ``install``.
         if path in limiter.exempt_paths or (
             limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
         ):
@@ -182,10 +181,7 @@ class RateLimitMiddleware:
         outcome = limiter.admit_local(identity, route)
         if outcome is None:
             return False
-        if limiter.headers_enabled:
-            # ``outcome.headers()``'s admitted case, inlined (every request).
-            remaining, reset_after = outcome.admitted  # type: ignore[misc]
-            scope[RESPONSE_HEADERS_KEY] += outcome.plan.header.one_policy(remaining, reset_after)
+        scope[RESPONSE_HEADERS_KEY] += outcome.headers()
         scope[SCOPE_KEY] = outcome
         return True
 

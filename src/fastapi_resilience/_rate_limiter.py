@@ -361,15 +361,13 @@ class RateLimiter:
         storage = self._memory
         if storage is None:
             return None
-        # ``plan``'s cache hits, inlined: one call less on every request.
         if route is None and with_tier:
+            # ``plan``'s cache hit for the tier alone, inlined: one call less on most requests.
             plan = self._tier_plans.get(identity.key)
             if plan is None or plan.identity_tier != identity.tier:
                 plan = self.plan(identity)
         else:
-            plan = self._plans.get((identity.key, identity.tier, route, with_tier)) or self.plan(
-                identity, route, with_tier=with_tier
-            )
+            plan = self.plan(identity, route, with_tier=with_tier)
         single = plan.single
         if single is None:
             return None
@@ -395,8 +393,9 @@ class RateLimiter:
         outcome = self.admit_local(identity, route, with_tier=with_tier)
         if outcome is not None:
             return outcome
+        # Refused, or not the lean case: ``admit_local`` has tried ``try_admit`` where it applies.
         plan = self.plan(identity, route, with_tier=with_tier)
-        return self._outcome(scope, identity, plan, storage.check_now(plan.checks))
+        return self._outcome(scope, identity, plan, storage.check_many(plan.checks))
 
     async def check(
         self,
