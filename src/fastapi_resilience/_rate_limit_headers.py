@@ -68,9 +68,6 @@ class PolicyHeader:
     limit: Limit
     #: ``"premium";q=1000;w=60``: one item of ``RateLimit-Policy``.
     policy_item: bytes
-    #: ``"premium"``: the start of this policy's item in ``RateLimit``.
-    quoted_name: bytes
-    amount: bytes
     #: ``"premium";r=``: the start of this policy's item in ``RateLimit``, to join with its two
     #: numbers' digits (``"premium";r=7;t=42``).
     remaining_prefix: bytes
@@ -85,8 +82,6 @@ class PolicyHeader:
             name=name,
             limit=limit,
             policy_item=quoted + b";q=%d;w=%d" % (limit.amount, limit.period),
-            quoted_name=quoted,
-            amount=amount,
             remaining_prefix=quoted + b";r=",
             limit_pair=(X_LIMIT, amount),
         )
@@ -97,14 +92,13 @@ class HeaderPlan:
     """The headers of one combination of policies (a tier, plus a route's limits)."""
 
     policies: tuple[PolicyHeader, ...]
-    policy_field: bytes
-    #: ``(ratelimit-policy, policy_field)``: the same pair on every response of this plan.
+    #: ``(ratelimit-policy, every policy's item)``: the same pair on every response of this plan.
     policy_pair: tuple[bytes, bytes]
 
     @classmethod
     def build(cls, policies: Sequence[PolicyHeader]) -> HeaderPlan:
         field = b", ".join(p.policy_item for p in policies)
-        return cls(tuple(policies), field, (IETF_POLICY, field))
+        return cls(tuple(policies), (IETF_POLICY, field))
 
     def one_policy(
         self, remaining: int, reset_after: float, *, legacy: bool = True
@@ -145,7 +139,7 @@ class HeaderPlan:
         resets = [ceil_seconds(r) for r in reset_after]
         lefts = [max(0, r) for r in remaining]
         items = [
-            p.quoted_name + b";r=%d;t=%d" % (left, reset)
+            p.remaining_prefix + b"%d;t=%d" % (left, reset)
             for p, left, reset in zip(policies, lefts, resets, strict=True)
         ]
         out = [self.policy_pair, (IETF_LIMIT, b", ".join(items))]
