@@ -86,7 +86,7 @@ class FixedPathRoutes(BaseRoute):
         route: APIRoute = scope["route"]
         await route.handle(scope, receive, send)
 
-    def settle(self, routes: list[BaseRoute]) -> int:
+    def settle(self, routes: list[BaseRoute]) -> None:
         """Move this group back in ``routes`` past every later route that cannot serve its paths.
 
         Called at start-up, when the app's routes are known (ADR 0047). The router tries routes
@@ -95,38 +95,30 @@ class FixedPathRoutes(BaseRoute):
         for one of its route names), while every request for the app's other routes no longer
         pays a turn of the router's loop for the group. It stops at the first route that might
         serve one of its paths or names, and at any route whose matching it cannot judge from
-        the path alone (a ``Host``, a class with its own ``matches``). Returns how many routes
-        it moved past.
+        the path alone (a ``Host``, a class with its own ``matches``).
         """
         start = next((i for i, route in enumerate(routes) if route is self), None)
         if start is None:
-            return 0
-        names = {route.name for route in self._by_path.values()}
+            return
         end = start + 1
-        while end < len(routes) and self._cannot_serve(routes[end], names):
+        while end < len(routes) and self._cannot_serve(routes[end]):
             end += 1
-        if end > start + 1:
-            routes.insert(end, self)
-            del routes[start]
-        return end - start - 1
+        routes.insert(end, self)
+        del routes[start]
 
-    def _cannot_serve(self, route: BaseRoute, names: set[str]) -> bool:
+    def _cannot_serve(self, route: BaseRoute) -> bool:
         if type(route).matches not in _PATH_ONLY_MATCHES:
             return False
-        for name in names:
-            # ``url_path_for(name)`` tries routes in order: one that answers must stay behind.
-            try:
-                route.url_path_for(name)
-            except NoMatchFound:
-                continue
-            except Exception:  # a route that cannot even answer that: do not judge it
-                return False
+        # ``url_path_for`` tries routes in order: one that answers a name must stay behind.
+        if any(_answers(route, held.name) for held in self._by_path.values()):
             return False
-        for path in self._by_path:
-            probe = {"type": "http", "path": path, "root_path": "", "method": "GET", "headers": []}
-            if route.matches(probe)[0] is not Match.NONE:
-                return False
-        return True
+        return all(
+            route.matches(
+                {"type": "http", "path": path, "root_path": "", "method": "GET", "headers": []}
+            )[0]
+            is Match.NONE
+            for path in self._by_path
+        )
 
     def url_path_for(self, name: str, /, **path_params: Any) -> Any:
         for route in self._by_path.values():
@@ -138,6 +130,17 @@ class FixedPathRoutes(BaseRoute):
 
     def __repr__(self) -> str:
         return f"FixedPathRoutes({list(self._by_path)})"
+
+
+def _answers(route: BaseRoute, name: str) -> bool:
+    """Whether ``route.url_path_for(name)`` gives a path (or fails other than "no match")."""
+    try:
+        route.url_path_for(name)
+    except NoMatchFound:
+        return False
+    except Exception:  # a route that cannot even answer that: do not judge it
+        return True
+    return True
 
 
 #: ``matches`` of the route classes whose answer depends only on the request's type, path and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -124,29 +124,36 @@ def _settle_on_startup(app: FastAPI, group: FixedPathRoutes) -> None:
     # At start-up the app's routes are known: the group moves back past those that cannot
     # serve its paths, so their requests stop paying for it (ADR 0047). After the user's own
     # start-up code, which may add routes too.
-    original: Callable[[Any], AbstractAsyncContextManager[Any]] = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app_: Any) -> AsyncIterator[Any]:
-        async with original(app_) as state:
-            group.settle(app.router.routes)
-            yield state
-
-    app.router.lifespan_context = lifespan
+    _around_lifespan(app, started=lambda: group.settle(app.router.routes))
 
 
 def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:
-    # Wrapping the router's lifespan keeps the user's own ``lifespan=`` (or on_event handlers)
-    # running as before, and closes the storage's connections after them.
+    _around_lifespan(app, stopped=limiter.aclose)
+
+
+def _around_lifespan(
+    app: FastAPI,
+    *,
+    started: Callable[[], None] | None = None,
+    stopped: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run ``started`` after the app's own start-up and ``stopped`` after its own shutdown.
+
+    Wrapping the router's lifespan keeps the user's ``lifespan=`` (or on_event handlers)
+    running as before; ``stopped`` runs even when they fail.
+    """
     original: Callable[[Any], AbstractAsyncContextManager[Any]] = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(app_: Any) -> AsyncIterator[Any]:
         try:
             async with original(app_) as state:
+                if started is not None:
+                    started()
                 yield state
         finally:
-            await limiter.aclose()
+            if stopped is not None:
+                await stopped()
 
     app.router.lifespan_context = lifespan
 
