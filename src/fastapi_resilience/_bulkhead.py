@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import to_seconds
 from fastapi_resilience._events import EventBus, EventSource
+from fastapi_resilience._rate_limiter import SCOPE_KEY as RATE_LIMIT_SCOPE_KEY
+from fastapi_resilience._rate_limiter import LimitOutcome
 from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
 
 __all__ = [
@@ -40,9 +42,6 @@ T = TypeVar("T")
 #: An ASGI scope key where a custom middleware may put the request's tier; when it is absent
 #: the tier comes from the rate limiter's outcome for the request.
 TIER_SCOPE_KEY = "fastapi_resilience.rate_limit_tier"
-#: Where ``RateLimitMiddleware`` leaves its outcome (``_rate_limiter.SCOPE_KEY``; not imported:
-#: the bulkhead does not need the rate limiter to load).
-RATE_LIMIT_SCOPE_KEY = "fastapi_resilience.rate_limit"
 
 BULKHEAD_FULL_DETAIL = "Bulkhead {name!r} is full: {active} running, {waiting} waiting."
 BULKHEAD_WAIT_TIMEOUT_DETAIL = "Bulkhead {name!r}: no slot freed within {timeout:g}s."
@@ -254,8 +253,8 @@ def tier_from_scope(scope: Mapping[str, Any], default: str) -> str:
     """
     tier = scope.get(TIER_SCOPE_KEY)
     if tier is None:
-        outcome = scope.get(RATE_LIMIT_SCOPE_KEY)
-        tier = getattr(getattr(outcome, "plan", None), "tier", None)
+        outcome: LimitOutcome | None = scope.get(RATE_LIMIT_SCOPE_KEY)
+        tier = outcome.plan.tier if outcome is not None else None
     return tier if isinstance(tier, str) and tier else default
 
 
