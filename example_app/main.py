@@ -12,6 +12,8 @@ Run it with ``make run`` (127.0.0.1:8000, in-memory defaults, no Redis needed), 
     curl -i 127.0.0.1:8000/inventory/tea-earl-grey   # through breaker, retry, bulkhead, cache
     curl -X POST 127.0.0.1:8001/_control -H 'content-type: application/json' \\
          -d '{"failure_rate": 1.0}'                 # make the upstream fail: answers go stale
+    curl -i 127.0.0.1:8000/exports/orders.csv  # 503 feature_unavailable when started with
+                                               # RESILIENCE_DISABLED_FEATURES='["exports"]'
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from example_app import rate_limits
@@ -34,6 +37,7 @@ from fastapi_resilience import (
     ResilienceSettings,
     get_correlation_id,
     install,
+    requires_feature,
 )
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(correlation_id)s] %(name)s: %(message)s"
@@ -76,6 +80,9 @@ class OrderStore:
             raise NotFoundError(
                 f"order {order_id} does not exist", extensions={"order_id": order_id}
             ) from None
+
+    def all(self) -> list[Order]:
+        return [self._orders[key] for key in sorted(self._orders)]
 
     def add(self, order: OrderIn) -> Order:
         new = Order(id=max(self._orders, default=0) + 1, **order.model_dump())
@@ -133,6 +140,15 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     app.include_router(outbound_router)
     # POST /login: 5 a minute per client, on top of the tier's limit.
     app.include_router(rate_limits.router)
+
+    # Degraded mode: a feature the service can do without, switched off by hand
+    # (resilience.degraded.disable("exports")) or from the environment at start-up.
+    resilience.degraded.feature("exports", paths=["/exports"])
+
+    @app.get("/exports/orders.csv", dependencies=[Depends(requires_feature("exports"))])
+    async def export_orders() -> PlainTextResponse:
+        rows = [f"{o.id},{o.sku},{o.quantity},{o.status}" for o in store.all()]
+        return PlainTextResponse("\n".join(["id,sku,quantity,status", *rows]) + "\n")
 
     @app.get("/whoami")
     async def whoami() -> dict[str, str | None]:

@@ -31,7 +31,7 @@ async def test_live_and_ready_with_no_checks() -> None:
     assert ready.status_code == 200
     body = ready.json()
     assert body["status"] == "ok"
-    assert body["checks"].keys() == {"breakers"}
+    assert body["checks"].keys() == {"breakers", "features"}
     assert body["checks"]["breakers"]["status"] == "ok"
     assert ready.headers["cache-control"] == "no-store"
 

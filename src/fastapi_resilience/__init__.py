@@ -31,6 +31,13 @@ from fastapi_resilience._dead_letter import (
     dead_letter_on_failure,
 )
 from fastapi_resilience._deadline import deadline, remaining, timeout, with_timeout
+from fastapi_resilience._degraded import (
+    DegradedMode,
+    DegradedModeMiddleware,
+    Feature,
+    FeatureStatus,
+    requires_feature,
+)
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._fallback import fallback, with_fallback
 from fastapi_resilience._handlers import install_exception_handlers
@@ -134,8 +141,12 @@ __all__ = [
     "DeadLetterQueue",
     "Decision",
     "DefaultIdentityResolver",
+    "DegradedMode",
+    "DegradedModeMiddleware",
     "Event",
     "EventBus",
+    "Feature",
+    "FeatureStatus",
     "FeatureUnavailableError",
     "GuardedStorage",
     "HealthChecks",
@@ -201,6 +212,7 @@ __all__ = [
     "rate_limit",
     "record_cache_status",
     "remaining",
+    "requires_feature",
     "resilient_client",
     "storage_from_url",
     "timeout",

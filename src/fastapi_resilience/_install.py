@@ -8,8 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import CorrelationIdMiddleware
+from fastapi_resilience._degraded import DegradedMode
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._fixed_routes import FixedPathRoutes
 from fastapi_resilience._handlers import install_exception_handlers
@@ -31,10 +33,8 @@ APP_STATE_NAME = "resilience"
 
 
 class Resilience:
-    """What ``install`` set up for one app: settings, the event bus, health checks.
-
-    Later pieces (rate limiter, breakers, bulkheads, degraded mode) hang off this object.
-    """
+    """What ``install`` set up for one app: settings, the event bus, health checks, the rate
+    limiter and the degraded mode (``degraded``, where the app's features are declared)."""
 
     def __init__(
         self,
@@ -49,6 +49,14 @@ class Resilience:
         self.health = HealthChecks(default_timeout=settings.health_check_timeout)
         #: The app's rate limiter; ``None`` when ``rate_limit_enabled`` is off.
         self.rate_limiter: RateLimiter | None = None
+        #: The app's switchable features; the breakers they name are the default registry's.
+        self.degraded = DegradedMode(
+            breakers=default_registry,
+            events=self.events,
+            clock=clock,
+            notice_header=settings.degraded_header,
+            disabled=settings.disabled_features,
+        )
         self.metrics: PrometheusListener | None = None
 
     def __repr__(self) -> str:
@@ -83,10 +91,17 @@ def install(
     # ``add_middleware`` puts each new middleware outside the previous ones, so the innermost
     # is added first and the correlation middleware, outermost, last.
     limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
-    # One layer for both: the correlation middleware runs the rate limiter inside it.
+    # One layer for all three: the correlation middleware runs the rate limiter and degraded
+    # mode inside it (ADR 0048, ADR 0049).
     app.add_middleware(
-        CorrelationIdMiddleware, header_name=settings.correlation_header, rate_limiter=limiter
+        CorrelationIdMiddleware,
+        header_name=settings.correlation_header,
+        rate_limiter=limiter,
+        degraded_mode=resilience.degraded,
     )
+    resilience.health.add(FEATURES_CHECK, resilience.degraded.health_check, critical=False)
+    # Features are declared after install(): what they name is checked once the app is built.
+    _around_lifespan(app, started=lambda: resilience.degraded.validate(app.router.routes))
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
     group: FixedPathRoutes | None = None
@@ -102,6 +117,8 @@ def install(
     return resilience
 
 
+#: Name of the degraded mode's readiness check.
+FEATURES_CHECK = "features"
 #: Name of the rate-limit storage's readiness check.
 RATE_LIMIT_CHECK = "rate_limit_storage"
 

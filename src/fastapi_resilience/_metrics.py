@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from fastapi_resilience._degraded import DEGRADED_ENTERED, DEGRADED_LEFT
 from fastapi_resilience._events import Event
 from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
 
@@ -29,13 +30,15 @@ def prometheus_available() -> bool:
 
 
 class PrometheusListener:
-    """Counts every event as ``fastapi_resilience_events_total{kind, name}``.
+    """Counts every event as ``fastapi_resilience_events_total{kind, name}``, and keeps
+    ``fastapi_resilience_degraded`` at 1 while the app is in degraded mode (0 otherwise), so an
+    alert can read the state rather than count changes.
 
     One listener per registry: pass a fresh ``CollectorRegistry`` in tests.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        from prometheus_client import REGISTRY, Counter
+        from prometheus_client import REGISTRY, Counter, Gauge
 
         self.registry = registry if registry is not None else REGISTRY
         self.events = Counter(
@@ -44,9 +47,18 @@ class PrometheusListener:
             ["kind", "name"],
             registry=self.registry,
         )
+        self.degraded = Gauge(
+            "fastapi_resilience_degraded",
+            "1 while a feature of the app is switched off (degraded mode), else 0.",
+            registry=self.registry,
+        )
 
     def __call__(self, event: Event) -> None:
         self.events.labels(event.kind, event.name).inc()
+        if event.kind == DEGRADED_ENTERED:
+            self.degraded.set(1)
+        elif event.kind == DEGRADED_LEFT:
+            self.degraded.set(0)
 
 
 def add_metrics_route(

@@ -62,6 +62,13 @@ class ResilienceSettings(BaseSettings):
     rate_limit_headers_enabled: bool = True
     rate_limit_fallback: bool = True
 
+    # Degraded mode
+    #: Lists the features that are off on every response while the app is degraded; ``""``
+    #: sends none.
+    degraded_header: str = "X-Degraded"
+    #: Features that start switched off (a kill switch that survives a restart).
+    disabled_features: list[str] = Field(default_factory=list)
+
     # Health and metrics
     health_path: str = "/health"
     #: List ``/health/live`` and ``/health/ready`` in the OpenAPI schema. Off by default: each
@@ -91,6 +98,13 @@ class ResilienceSettings(BaseSettings):
     def _header_name(cls, value: str) -> str:
         if not _HEADER_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid HTTP header name")
+        return value
+
+    @field_validator("degraded_header")
+    @classmethod
+    def _optional_header_name(cls, value: str) -> str:
+        if value and not _HEADER_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid HTTP header name (or '' for none)")
         return value
 
     @field_validator("problem_type_base")
