@@ -24,6 +24,7 @@ from fastapi_resilience import (
     ResilienceSettings,
     install,
     install_exception_handlers,
+    rate_limit,
     requires_feature,
 )
 from fastapi_resilience._breaker import default_registry
@@ -463,14 +464,25 @@ async def test_install_without_rate_limiting_still_runs_degraded_mode(clock: Man
 async def test_refused_by_the_rate_limiter_before_degraded_mode(clock: ManualClock) -> None:
     """Contract order: rate limiting runs outside degraded mode, so a shed request is counted
     and an over-limit request gets 429, not 503."""
-    settings = ResilienceSettings(rate_limit_tiers={"anonymous": "2/minute"})
+    settings = ResilienceSettings(rate_limit_tiers={"anonymous": "3/minute"})
     app, resilience = build(clock, settings)
     resilience.degraded.feature("recs", paths=["/recommendations"])
+
+    @app.get("/recommendations/top", dependencies=[Depends(rate_limit("1/minute"))])
+    async def top() -> None: ...
+
     resilience.degraded.disable("recs")
     async with client_for(app) as client:
+        # A route limit: the rate limiter's general path, then degraded mode.
+        limited = [await client.get("/recommendations/top") for _ in range(2)]
+        # The tier limit alone: its lean path, then degraded mode.
         answers = [await client.get("/recommendations") for _ in range(3)]
     assert [a.status_code for a in answers] == [503, 503, 429]
     assert answers[0].headers["x-ratelimit-remaining"] == "1"
+    assert answers[0].headers["x-degraded"] == "recs"
+    assert [a.status_code for a in limited] == [503, 429]
+    assert limited[0].headers["x-degraded"] == "recs"
+    assert limited[0].json()["code"] == "feature_unavailable"
 
 
 async def test_example_app_exports_feature() -> None:
