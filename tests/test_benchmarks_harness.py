@@ -237,6 +237,29 @@ def test_instructions_driver_sends_requests_in_process() -> None:
     drive("resilience_errors_ids", 5)
 
 
+def test_limiter_parts_drives_every_part_in_its_own_process() -> None:
+    """Each part's app serves requests; the patching stays in the child process."""
+    import subprocess
+    import sys
+
+    from benchmarks.limiter_parts import PARTS
+
+    code = (
+        "from benchmarks.limiter_parts import drive\n"
+        "import sys\n"
+        "drive(sys.argv[1], 3)\n"
+    )
+    for part in PARTS:
+        done = subprocess.run(
+            [sys.executable, "-c", code, part], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "nothing"], capture_output=True, text=True, timeout=60
+    )
+    assert "unknown part 'nothing'" in bad.stderr
+
+
 @pytest.mark.anyio
 async def test_gc_count_app_reports_its_collections_at_shutdown(tmp_path: Path) -> None:
     """The served app writes the collector's counts when the lifespan completes its shutdown."""

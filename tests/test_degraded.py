@@ -333,6 +333,8 @@ def test_declaring_and_switching_reject_mistakes() -> None:
         mode.feature("with space")
     with pytest.raises(ValueError, match="must start with '/'"):
         mode.feature("export", paths=["export"])
+    with pytest.raises(TypeError, match="lists of strings"):
+        mode.feature("export", paths="/export")
     with pytest.raises(LookupError, match=r"'serch'.*declared: search"):
         mode.disable("serch")
     with pytest.raises(LookupError, match="'serch'"):

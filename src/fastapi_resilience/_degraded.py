@@ -171,11 +171,14 @@ class DegradedMode(EventSource):
         Raises:
             ValueError: the name is taken or not 1 to 64 characters of ``[A-Za-z0-9._-]``,
                 or a path does not start with ``/``.
+            TypeError: ``paths`` or ``depends_on`` is a string rather than a list.
         """
         if not _FEATURE_NAME.fullmatch(name):
             raise ValueError(f"feature name {name!r}: use 1 to 64 characters of [A-Za-z0-9._-]")
         if name in self._features:
             raise ValueError(f"feature {name!r} is already declared")
+        if isinstance(paths, str) or isinstance(depends_on, str):
+            raise TypeError(f"feature {name!r}: paths and depends_on take lists of strings")
         for path in paths:
             if not path.startswith("/"):
                 raise ValueError(f"feature {name!r}: path {path!r} must start with '/'")

@@ -1,0 +1,144 @@
+"""What each part of the rate limiter's lean path costs, in instructions per request.
+
+``benchmarks.instructions`` counts whole variants. This counts the full memory stack
+(``resilience_full_memory``) again with one part of the limiter's per-request work replaced by
+the answer it gave on the first request (a constant), so the difference to the unchanged stack
+is what that part costs:
+
+- ``resolve``: identity resolution (the API-key header scan and the client address);
+- ``headers``: formatting the five rate-limit header fields;
+- ``admit_local``: counting in the sliding window, the plan lookup and the outcome object;
+- ``limiter``: all of the limiter's work (``admit`` admits without doing anything), leaving
+  the correlation layer, errors, degraded-mode test and app.
+
+Same method as ``benchmarks.instructions`` (callgrind, in process, after the lifespan
+start-up; ``warm`` requests subtracted). About 1.5 minutes per part::
+
+    python -m benchmarks.limiter_parts
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from starlette.types import ASGIApp
+
+from benchmarks._procs import ROOT
+from benchmarks.apps import VARIANTS, BenchEnv
+from benchmarks.instructions import lifespan
+from benchmarks.micro import asgi_request
+
+_COLLECTED = re.compile(r"Collected : (\d+)")
+PARTS = ("none", "resolve", "headers", "admit_local", "limiter")
+
+
+def _first_answer(owner: type, name: str) -> None:
+    """Replace ``owner.name`` by a method that returns what the original returned first."""
+    original: Callable[..., Any] = getattr(owner, name)
+    kept: list[Any] = []
+
+    def constant(self: object, *args: object) -> Any:
+        if not kept:
+            kept.append(original(self, *args))
+        return kept[0]
+
+    setattr(owner, name, constant)
+
+
+def build(part: str) -> ASGIApp:
+    from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver
+    from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
+    from fastapi_resilience._rate_limiter import LimitOutcome, RateLimiter
+
+    app = VARIANTS["resilience_full_memory"].build(BenchEnv())
+    if part == "resolve":
+        _first_answer(DefaultIdentityResolver, "resolve")
+    elif part == "headers":
+        _first_answer(LimitOutcome, "headers")
+    elif part == "admit_local":
+        _first_answer(RateLimiter, "admit_local")
+    elif part == "limiter":
+
+        def admit(self: RateLimitMiddleware, scope: object) -> bool:
+            return True
+
+        RateLimitMiddleware.admit = admit  # type: ignore[method-assign]
+    elif part != "none":
+        raise SystemExit(f"unknown part {part!r}; one of {', '.join(PARTS)}")
+    return app
+
+
+def drive(part: str, count: int) -> None:
+    app = build(part)
+    call = asgi_request(app)
+
+    async def run() -> None:
+        async with lifespan(app):
+            for _ in range(count):
+                await call()
+
+    asyncio.run(run())
+
+
+def instructions(part: str, count: int) -> int:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    done = subprocess.run(
+        [
+            valgrind,
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-m",
+            "benchmarks.limiter_parts",
+            "--drive",
+            part,
+            str(count),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        capture_output=True,
+        text=True,
+    )
+    found = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind failed for {part}: {done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.limiter_parts")
+    parser.add_argument("--only", default=",".join(PARTS))
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--warm", type=int, default=200)
+    parser.add_argument("--drive", nargs=2, metavar=("PART", "COUNT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.drive:
+        drive(args.drive[0], int(args.drive[1]))
+        return 0
+    parts = list(dict.fromkeys(["none", *(p.strip() for p in args.only.split(",") if p)]))
+    per_request: dict[str, float] = {}
+    for part in parts:
+        warm = instructions(part, args.warm)
+        loaded = instructions(part, args.warm + args.requests)
+        per_request[part] = (loaded - warm) / args.requests
+        print(f"{part}: {per_request[part]:,.0f} instructions per request", flush=True)
+    whole = per_request["none"]
+    print("\n| part made constant | instructions per request | the part's cost |")
+    print("| :--- | ---: | ---: |")
+    for part, value in per_request.items():
+        print(f"| `{part}` | {value:,.0f} | {whole - value:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
