@@ -244,11 +244,7 @@ def test_limiter_parts_drives_every_part_in_its_own_process() -> None:
 
     from benchmarks.limiter_parts import PARTS
 
-    code = (
-        "from benchmarks.limiter_parts import drive\n"
-        "import sys\n"
-        "drive(sys.argv[1], 3)\n"
-    )
+    code = "from benchmarks.limiter_parts import drive\nimport sys\ndrive(sys.argv[1], 3)\n"
     for part in PARTS:
         done = subprocess.run(
             [sys.executable, "-c", code, part], capture_output=True, text=True, timeout=60
