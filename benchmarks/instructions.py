@@ -27,15 +27,19 @@ from starlette.types import ASGIApp
 
 from benchmarks._procs import ROOT
 from benchmarks.apps import VARIANTS, BenchEnv
+from benchmarks.flood import FLOOD_PROBES
 from benchmarks.micro import asgi_request
 from benchmarks.route_matching import ROUTE_PROBES
+
+#: Apps measured only here, by name: route-matching probes and apps that refuse every request.
+PROBES = {**ROUTE_PROBES, **FLOOD_PROBES}
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
 def _build(name: str) -> ASGIApp:
-    """A variant's app, or one of ``route_matching``'s probes (apps measured only here)."""
-    probe = ROUTE_PROBES.get(name)
+    """A variant's app, or one of the probes (apps measured only here)."""
+    probe = PROBES.get(name)
     return probe() if probe is not None else VARIANTS[name].build(BenchEnv())
 
 
@@ -111,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     names = list(dict.fromkeys(["bare", *(n.strip() for n in args.only.split(",") if n)]))
     unknown = [
-        n for n in names if n not in ROUTE_PROBES and (n not in VARIANTS or VARIANTS[n].needs_redis)
+        n for n in names if n not in PROBES and (n not in VARIANTS or VARIANTS[n].needs_redis)
     ]
     if unknown:
         raise SystemExit(f"not in-process variants: {unknown}")

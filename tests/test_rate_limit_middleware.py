@@ -712,6 +712,8 @@ async def test_one_layer_under_correlation_ids_leaves_nothing_in_the_scope(
         assert names.count(b"ratelimit") == 1
     assert all(RATE_LIMIT_SCOPE_KEY not in scope for scope in scopes)
     assert all("fastapi_resilience.response_headers" not in scope for scope in scopes)
+    # The refused request's findings, handed from ``admit`` to ``__call__``, are gone too.
+    assert all("fastapi_resilience.rate_limit_found" not in scope for scope in scopes)
 
 
 @pytest.mark.parametrize("case", ["exempt", "custom_resolver", "two_limits", "refused", "guarded"])
@@ -745,6 +747,9 @@ async def test_lean_admission_declines_without_counting(case: str, clock: Manual
     limits = middleware._limits
     assert limits is not None
     assert limits.admit(scope) is False
+    # What it found, it leaves for ``__call__`` only when it resolved the request.
+    found = scope.pop("fastapi_resilience.rate_limit_found", None)
+    assert (found is not None) == (case in {"two_limits", "refused"})
     assert scope == {**_scope(path), "fastapi_resilience.response_headers": []}
     assert (len(memory), [w.total for w in memory._windows.values()]) == before
     await middleware(_scope(path), _receive, _ignore)

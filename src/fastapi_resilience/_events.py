@@ -40,6 +40,9 @@ EventListener = Callable[[Event], None]
 
 def log_event(event: Event) -> None:
     """The default listener: one log record per event, with the correlation ID."""
+    if not logger.isEnabledFor(event.level):
+        # Per-request events (a refusal is DEBUG) must not format what nobody will read.
+        return
     attrs = " ".join(f"{k}={v}" for k, v in event.attributes.items())
     logger.log(
         event.level,

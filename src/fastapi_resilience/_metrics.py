@@ -6,7 +6,7 @@ is used and ``install`` mounts no route.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 from starlette.responses import Response
@@ -47,6 +47,7 @@ class PrometheusListener:
             ["kind", "name"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str], Any] = {}
         self.degraded = Gauge(
             "fastapi_resilience_degraded",
             "1 while a feature of the app is switched off (degraded mode), else 0.",
@@ -54,7 +55,13 @@ class PrometheusListener:
         )
 
     def __call__(self, event: Event) -> None:
-        self.events.labels(event.kind, event.name).inc()
+        # ``labels`` validates, locks and looks up on every call; a refusal under a flood
+        # comes here once per request, so each (kind, name) child is looked up once.
+        key = (event.kind, event.name)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.events.labels(*key)
+        child.inc()
         if event.kind == DEGRADED_ENTERED:
             self.degraded.set(1)
         elif event.kind == DEGRADED_LEFT:

@@ -14,7 +14,11 @@ from fastapi_resilience._events import EventBus
 from fastapi_resilience._fixed_routes import route_path
 from fastapi_resilience._problem import problem_response
 from fastapi_resilience._rate_limit_core import RateLimitStorage, StorageUnavailableError
-from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver, IdentityResolver
+from fastapi_resilience._rate_limit_identity import (
+    DefaultIdentityResolver,
+    Identity,
+    IdentityResolver,
+)
 from fastapi_resilience._rate_limiter import (
     OWN_HEADERS_KEY,
     SCOPE_KEY,
@@ -23,6 +27,10 @@ from fastapi_resilience._rate_limiter import (
 )
 
 __all__ = ["RateLimitMiddleware"]
+
+#: What ``admit`` found for a request it did not admit (its path, identity and route), for
+#: ``__call__`` to take over instead of finding it again; removed by ``__call__`` at once.
+_FOUND_KEY = "fastapi_resilience.rate_limit_found"
 
 
 class RateLimitMiddleware:
@@ -84,27 +92,37 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        # The app's own path: behind a prefix (``--root-path``) exempt paths and route limits
-        # are the app's paths, the prefix taken off as Starlette's routing does.
-        path = route_path(scope) if scope.get("root_path") else scope["path"]
-        if limiter.is_exempt(path):
-            await self.app(scope, receive, send)
-            return
-        resolver = limiter.resolver
-        # The built-in resolver never waits: call it without a coroutine (every request).
-        identity = (
-            resolver.resolve(scope)
-            if type(resolver) is DefaultIdentityResolver
-            else await resolver(scope)
-        )
-        if identity is None:
-            await self.app(scope, receive, send)
-            return
-        # The route table is rebuilt only when the app changes (first request, mounted apps).
-        table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
-        route: RoutePlan | None = table.match(scope, path) if table is not None else None
-        # ``limiter.check`` in two steps: the in-process storage answers without a coroutine.
-        outcome = limiter.check_local(scope, identity, route)
+        found: tuple[Identity, RoutePlan | None] | None = scope.pop(_FOUND_KEY, None)
+        if found is not None:
+            # ``admit`` resolved this request and its lean path did not admit it (a refusal,
+            # mostly: under a flood, most requests): the general path takes over from there.
+            identity, route = found
+            outcome = limiter.check_local(scope, identity, route, lean_tried=True)
+        else:
+            # The app's own path: behind a prefix (``--root-path``) exempt paths and route
+            # limits are the app's paths, the prefix taken off as Starlette's routing does.
+            path = route_path(scope) if scope.get("root_path") else scope["path"]
+            if limiter.is_exempt(path):
+                await self.app(scope, receive, send)
+                return
+            resolver = limiter.resolver
+            # The built-in resolver never waits: call it without a coroutine (every request).
+            maybe = (
+                resolver.resolve(scope)
+                if type(resolver) is DefaultIdentityResolver
+                else await resolver(scope)
+            )
+            if maybe is None:
+                await self.app(scope, receive, send)
+                return
+            identity = maybe
+            # The route table is rebuilt only when the app changes (first request, mounted
+            # apps).
+            table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
+            route = table.match(scope, path) if table is not None else None
+            # ``limiter.check`` in two steps: the in-process storage answers without a
+            # coroutine.
+            outcome = limiter.check_local(scope, identity, route)
         if outcome is None:
             try:
                 outcome = await limiter.check_storage(scope, identity, route)
@@ -118,13 +136,13 @@ class RateLimitMiddleware:
         try:
             # ``admitted``: the common case, known to be let through without a ``Decision``.
             if outcome.admitted is None and outcome.refused and not limiter.shadow:
+                status, problem = outcome.problem()
                 limiter.events.emit(
                     "rate_limit.refused",
                     outcome.plan.tier,
                     level=logging.DEBUG,
-                    policies=",".join(outcome.violated()),
+                    policies=",".join(problem["extensions"]["violated-policies"]),
                 )
-                status, problem = outcome.problem()
                 await self._answer(scope, receive, send, status, problem)
                 return
             extra = outcome.headers()
@@ -162,7 +180,8 @@ class RateLimitMiddleware:
         resolver, one enforced limit), its rate-limit headers go into the correlation
         middleware's list and its outcome into the scope, and ``True`` is returned: the caller
         runs ``self.app`` and deletes ``scope[SCOPE_KEY]`` when it is done. Otherwise nothing
-        is counted or changed, and ``False``: the caller runs this middleware as usual.
+        is counted and ``False``: the caller runs this middleware as usual, which takes over
+        the identity and route found here when there are some (a private scope key it removes).
         """
         limiter = self.limiter
         resolver = limiter.resolver
@@ -180,6 +199,8 @@ class RateLimitMiddleware:
         route: RoutePlan | None = table.match(scope, path) if table is not None else None
         outcome = limiter.admit_local(identity, route)
         if outcome is None:
+            # Not admitted here: ``__call__``, which the caller runs next, takes these over.
+            scope[_FOUND_KEY] = (identity, route)
             return False
         scope[RESPONSE_HEADERS_KEY] += outcome.headers()
         scope[SCOPE_KEY] = outcome

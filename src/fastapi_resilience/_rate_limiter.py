@@ -381,18 +381,22 @@ class RateLimiter:
         route: RoutePlan | None = None,
         *,
         with_tier: bool = True,
+        lean_tried: bool = False,
     ) -> LimitOutcome | None:
         """``check`` without a coroutine when the storage is in-process; else ``None``.
 
         Only for ``MemoryStorage``'s own ``check`` (a subclass overriding it is awaited by
         ``check``): the in-process storage never waits, and this runs on every request.
+        ``lean_tried``: ``admit_local`` has just said ``None`` for this request (nothing
+        counted); go straight to the general path.
         """
         storage = self._memory
         if storage is None:
             return None
-        outcome = self.admit_local(identity, route, with_tier=with_tier)
-        if outcome is not None:
-            return outcome
+        if not lean_tried:
+            outcome = self.admit_local(identity, route, with_tier=with_tier)
+            if outcome is not None:
+                return outcome
         # Refused, or not the lean case: ``admit_local`` has tried ``try_admit`` where it applies.
         plan = self.plan(identity, route, with_tier=with_tier)
         return self._outcome(scope, identity, plan, storage.check_many(plan.checks))
