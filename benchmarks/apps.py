@@ -221,7 +221,11 @@ def asgi_correlation_id(env: BenchEnv) -> ASGIApp:
 
 
 def _slowapi_app(
-    *, storage_uri: str, headers_enabled: bool = False, asgi_middleware: bool = False
+    *,
+    storage_uri: str,
+    headers_enabled: bool = False,
+    asgi_middleware: bool = False,
+    limit: str = HUGE_LIMIT,
 ) -> ASGIApp:
     from slowapi import Limiter, _rate_limit_exceeded_handler
     from slowapi.errors import RateLimitExceeded
@@ -231,7 +235,7 @@ def _slowapi_app(
     app = tiny_app()
     app.state.limiter = Limiter(
         key_func=get_remote_address,
-        default_limits=[HUGE_LIMIT],
+        default_limits=[limit],
         storage_uri=storage_uri,
         headers_enabled=headers_enabled,
     )

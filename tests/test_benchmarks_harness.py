@@ -239,19 +239,20 @@ def test_instructions_driver_sends_requests_in_process() -> None:
 
 @pytest.mark.anyio
 async def test_flood_probe_refuses_every_request_after_the_first() -> None:
-    """``refused_memory`` measures refusals: its second and later requests get 429."""
+    """The flood probes measure refusals: their second and later requests get 429."""
     import httpx
 
     from benchmarks.flood import FLOOD_PROBES
     from benchmarks.instructions import PROBES, lifespan
 
-    app = FLOOD_PROBES["refused_memory"]()
-    assert PROBES["refused_memory"] is FLOOD_PROBES["refused_memory"]
-    async with lifespan(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            statuses = [(await client.get("/")).status_code for _ in range(3)]
-    assert statuses == [200, 429, 429]
+    for name, build in FLOOD_PROBES.items():
+        assert PROBES[name] is build
+        app = build()
+        async with lifespan(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                statuses = [(await client.get("/")).status_code for _ in range(3)]
+        assert statuses == [200, 429, 429], name
 
 
 def test_limiter_parts_drives_every_part_in_its_own_process() -> None:

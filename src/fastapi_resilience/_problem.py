@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -145,16 +145,23 @@ def problem_response(
     type_uri: str | None = None,
     extensions: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
+    raw_headers: Sequence[tuple[bytes, bytes]] = (),
     config: ProblemConfig | None = None,
 ) -> Response:
-    """Build the problem+json answer; every error path in the library ends here."""
+    """Build the problem+json answer; every error path in the library ends here.
+
+    ``raw_headers``: header fields as lower-case byte pairs, added as they are (no round
+    trip through strings).
+    """
     config = config or config_for(scope)
     out_headers = dict(headers or {})
     correlation_id, add_header = _correlation(scope)
     if add_header:
         out_headers[config.correlation_header] = correlation_id
     if status in _NO_BODY_STATUSES or status < 200:
-        return Response(status_code=status, headers=out_headers)
+        response = Response(status_code=status, headers=out_headers)
+        response.raw_headers += raw_headers
+        return response
     body: dict[str, Any] = {
         k: v for k, v in (extensions or {}).items() if k not in _STANDARD_MEMBERS
     }
@@ -167,7 +174,9 @@ def problem_response(
         code=code,
         correlation_id=correlation_id,
     )
-    return ProblemResponse(body, status_code=status, headers=out_headers)
+    response = ProblemResponse(body, status_code=status, headers=out_headers)
+    response.raw_headers += raw_headers
+    return response
 
 
 def app_error_response(scope: Scope, exc: AppError) -> Response:

@@ -28,7 +28,7 @@ from fastapi_resilience._rate_limiter import (
 
 __all__ = ["RateLimitMiddleware"]
 
-#: What ``admit`` found for a request it did not admit (its path, identity and route), for
+#: What ``admit`` found for a request it did not admit (its identity and route), for
 #: ``__call__`` to take over instead of finding it again; removed by ``__call__`` at once.
 _FOUND_KEY = "fastapi_resilience.rate_limit_found"
 
@@ -136,7 +136,7 @@ class RateLimitMiddleware:
         try:
             # ``admitted``: the common case, known to be let through without a ``Decision``.
             if outcome.admitted is None and outcome.refused and not limiter.shadow:
-                status, problem = outcome.problem()
+                status, problem = outcome.problem(raw_headers=True)
                 limiter.events.emit(
                     "rate_limit.refused",
                     outcome.plan.tier,

@@ -180,8 +180,13 @@ class LimitOutcome:
             if not state.allowed and not state.check.shadow
         ]
 
-    def problem(self) -> tuple[int, dict[str, Any]]:
-        """Status and ``problem_response`` keyword arguments for a refused request."""
+    def problem(self, *, raw_headers: bool = False) -> tuple[int, dict[str, Any]]:
+        """Status and ``problem_response`` keyword arguments for a refused request.
+
+        ``raw_headers``: the header fields as the byte pairs they are made as
+        (``raw_headers=``), not as a ``headers`` mapping of strings: the middleware's
+        answer to every refused request, under a flood most of them.
+        """
         violated = self.violated()
         policies = self.plan.header.policies
         first = next(p for p in policies if p.name in violated) if violated else policies[0]
@@ -192,8 +197,9 @@ class LimitOutcome:
             else f"Rate limit {first.limit} of {self.plan.route.path if self.plan.route else ''}"
             f" exceeded for tier {tier!r}"
         )
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers()}
-        return 429, {
+        pairs = self.headers()
+        retry_after = next((v for k, v in pairs if k == RETRY_AFTER), b"1")
+        problem: dict[str, Any] = {
             "code": "rate_limited",
             "title": "Too Many Requests",
             "detail": detail,
@@ -203,10 +209,14 @@ class LimitOutcome:
                 "limit": str(first.limit),
                 "policy": first.name,
                 "violated-policies": violated,
-                "retry_after": int(headers.get("retry-after", "1")),
+                "retry_after": int(retry_after),
             },
-            "headers": headers,
         }
+        if raw_headers:
+            problem["raw_headers"] = pairs
+        else:
+            problem["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in pairs}
+        return 429, problem
 
 
 class RateLimiter:
