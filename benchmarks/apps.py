@@ -68,6 +68,8 @@ class HttpVariant:
         needs_redis: start the harness's private redis-server and pass its URL.
         expect_headers: response headers (lower case) that prove the variant is active; the
             harness checks them on one request before measuring.
+        refuses: every request after the first is refused (429): a flood, measured by what
+            each refusal costs. Its non-2xx answers are the point, not errors.
     """
 
     description: str
@@ -75,6 +77,7 @@ class HttpVariant:
     group: str
     needs_redis: bool = False
     expect_headers: tuple[str, ...] = ()
+    refuses: bool = False
 
     def build(self, env: BenchEnv) -> ASGIApp:
         factory = self.factory
@@ -338,6 +341,19 @@ def floor_limiter(env: BenchEnv) -> ASGIApp:
     return tiny_app(setup)
 
 
+def refused_memory(env: BenchEnv) -> ASGIApp:
+    from fastapi_resilience import ResilienceSettings, install
+
+    settings = ResilienceSettings(rate_limit_tiers={"anonymous": "1/hour"})
+    return tiny_app(lambda app: install(app, settings))
+
+
+def slowapi_refused_memory(env: BenchEnv) -> ASGIApp:
+    return _slowapi_app(
+        storage_uri="memory://", headers_enabled=True, asgi_middleware=True, limit="1/hour"
+    )
+
+
 #: Every variant, by name. ``bare`` is always measured: ratios are to it, in the same run.
 VARIANTS: dict[str, HttpVariant] = {
     # ---- foundation (issue 2)
@@ -417,6 +433,23 @@ VARIANTS: dict[str, HttpVariant] = {
         needs_redis=True,
         expect_headers=("x-ratelimit-limit", "x-ratelimit-remaining"),
     ),
+    # ---- a flood: every request after the first refused (what a refusal costs)
+    "refused_memory": HttpVariant(
+        "fastapi-resilience `install()`, memory storage, a limit of 1/hour: every request "
+        "after the first answered 429 problem+json with its headers",
+        refused_memory,
+        "flood",
+        expect_headers=("x-request-id", "ratelimit-policy"),
+        refuses=True,
+    ),
+    "slowapi_refused_memory": HttpVariant(
+        "slowapi, memory storage, headers on, `SlowAPIASGIMiddleware`, a limit of 1/hour: "
+        "every request after the first answered 429 (peer)",
+        slowapi_refused_memory,
+        "flood",
+        expect_headers=("x-ratelimit-limit",),
+        refuses=True,
+    ),
     # ---- further groups (degraded mode, admin, ...) add a section here.
 }
 
@@ -424,6 +457,7 @@ VARIANTS: dict[str, HttpVariant] = {
 GROUP_TITLES: dict[str, str] = {
     "foundation": "Correlation IDs and error handling",
     "rate_limit": "Rate limiting",
+    "flood": "Under a flood: every request refused (ratios to bare FastAPI serving 200)",
 }
 
 

@@ -27,12 +27,11 @@ from starlette.types import ASGIApp
 
 from benchmarks._procs import ROOT
 from benchmarks.apps import VARIANTS, BenchEnv
-from benchmarks.flood import FLOOD_PROBES
 from benchmarks.micro import asgi_request
 from benchmarks.route_matching import ROUTE_PROBES
 
-#: Apps measured only here, by name: route-matching probes and apps that refuse every request.
-PROBES = {**ROUTE_PROBES, **FLOOD_PROBES}
+#: Apps measured only here, by name.
+PROBES = ROUTE_PROBES
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
