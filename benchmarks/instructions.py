@@ -45,7 +45,11 @@ def _build(name: str) -> ASGIApp:
 def drive(name: str, count: int) -> None:
     """Start the variant's app (its lifespan, as a server does), then send ``count`` requests
     through it, in this process."""
-    app = _build(name)
+    drive_app(_build(name), count)
+
+
+def drive_app(app: ASGIApp, count: int) -> None:
+    """``app``'s lifespan start-up, then ``count`` requests through it, in this process."""
     call = asgi_request(app)
 
     async def run() -> None:
@@ -75,7 +79,9 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
         await task
 
 
-def instructions(name: str, count: int) -> int:
+def instructions(name: str, count: int, *, module: str = "benchmarks.instructions") -> int:
+    """Instructions of one process that drives ``name`` with ``count`` requests:
+    ``python -m {module} --drive name count`` under callgrind."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -86,7 +92,7 @@ def instructions(name: str, count: int) -> int:
             "--callgrind-out-file=/dev/null",
             sys.executable,
             "-m",
-            "benchmarks.instructions",
+            module,
             "--drive",
             name,
             str(count),
@@ -100,6 +106,19 @@ def instructions(name: str, count: int) -> int:
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"callgrind failed for {name}: {done.stderr[-2000:]}")
     return int(found.group(1))
+
+
+def per_request(
+    names: Sequence[str], *, warm: int, requests: int, module: str = "benchmarks.instructions"
+) -> dict[str, float]:
+    """Instructions per request of each name: ``warm + requests`` requests less ``warm``."""
+    counts: dict[str, float] = {}
+    for name in names:
+        before = instructions(name, warm, module=module)
+        loaded = instructions(name, warm + requests, module=module)
+        counts[name] = (loaded - before) / requests
+        print(f"{name}: {counts[name]:,.0f} instructions per request", flush=True)
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,13 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if unknown:
         raise SystemExit(f"not in-process variants: {unknown}")
-    per_request = {}
-    for name in names:
-        warm = instructions(name, args.warm)
-        loaded = instructions(name, args.warm + args.requests)
-        per_request[name] = (loaded - warm) / args.requests
-        print(f"{name}: {per_request[name]:,.0f} instructions per request", flush=True)
-    print_table(per_request, "instructions per request")
+    print_table(
+        per_request(names, warm=args.warm, requests=args.requests), "instructions per request"
+    )
     return 0
 
 

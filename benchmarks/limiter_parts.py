@@ -20,23 +20,14 @@ start-up; ``warm`` requests subtracted). About 1.5 minutes per part::
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp
 
-from benchmarks._procs import ROOT
 from benchmarks.apps import VARIANTS, BenchEnv
-from benchmarks.instructions import lifespan
-from benchmarks.micro import asgi_request
+from benchmarks.instructions import drive_app, per_request
 
-_COLLECTED = re.compile(r"Collected : (\d+)")
 PARTS = ("none", "resolve", "headers", "admit_local", "limiter")
 
 
@@ -77,42 +68,7 @@ def build(part: str) -> ASGIApp:
 
 
 def drive(part: str, count: int) -> None:
-    app = build(part)
-    call = asgi_request(app)
-
-    async def run() -> None:
-        async with lifespan(app):
-            for _ in range(count):
-                await call()
-
-    asyncio.run(run())
-
-
-def instructions(part: str, count: int) -> int:
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
-    done = subprocess.run(
-        [
-            valgrind,
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            "-m",
-            "benchmarks.limiter_parts",
-            "--drive",
-            part,
-            str(count),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-        capture_output=True,
-        text=True,
-    )
-    found = _COLLECTED.search(done.stderr)
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(f"callgrind failed for {part}: {done.stderr[-2000:]}")
-    return int(found.group(1))
+    drive_app(build(part), count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,16 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         drive(args.drive[0], int(args.drive[1]))
         return 0
     parts = list(dict.fromkeys(["none", *(p.strip() for p in args.only.split(",") if p)]))
-    per_request: dict[str, float] = {}
-    for part in parts:
-        warm = instructions(part, args.warm)
-        loaded = instructions(part, args.warm + args.requests)
-        per_request[part] = (loaded - warm) / args.requests
-        print(f"{part}: {per_request[part]:,.0f} instructions per request", flush=True)
-    whole = per_request["none"]
+    counts = per_request(
+        parts, warm=args.warm, requests=args.requests, module="benchmarks.limiter_parts"
+    )
+    whole = counts["none"]
     print("\n| part made constant | instructions per request | the part's cost |")
     print("| :--- | ---: | ---: |")
-    for part, value in per_request.items():
+    for part, value in counts.items():
         print(f"| `{part}` | {value:,.0f} | {whole - value:,.0f} |")
     return 0
 
