@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextvars
+
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -239,28 +241,49 @@ async def test_health_in_schema_lists_the_health_routes() -> None:
 
 
 async def test_fixed_path_group_under_opentelemetry_instrumentation() -> None:
-    """An instrumented app serves the group's paths, 405 included. Tools that read the matched
-    entry's ``path`` (the instrumentation does for a PARTIAL match where FastAPI does not wrap
-    routes in contexts) get ``None`` from the group, not an ``AttributeError``."""
+    """An instrumented app serves the group's paths, 405 included, and its spans carry the
+    matched route's template as ``http.route``, as for any route; the group itself has no
+    template outside a request that it matched."""
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from fastapi_resilience._fixed_routes import FixedPathRoutes
 
     app = FastAPI()
     install(app, ResilienceSettings(rate_limit_enabled=False))
+
+    @app.get("/orders/{order_id}")
+    async def order(order_id: int) -> int:
+        return order_id
+
     group = next(route for route in app.routes if isinstance(route, FixedPathRoutes))
     assert group.path is None
     assert group.path_format is None
-    FastAPIInstrumentor.instrument_app(app)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             live = await client.get("/health/live")
+            ready = await client.get("/health/ready")
             wrong_method = await client.post("/health/live")
+            other = await client.get("/orders/7")
     finally:
         FastAPIInstrumentor.uninstrument_app(app)
     assert live.json() == {"status": "ok"}
+    assert ready.status_code == 200
     assert wrong_method.status_code == 405
+    assert other.json() == 7
+    servers = [span for span in exporter.get_finished_spans() if span.kind.name == "SERVER"]
+    routes = [(span.attributes or {}).get("http.route") for span in servers]
+    assert routes == ["/health/live", "/health/ready", "/health/live", "/orders/{order_id}"]
+    # In a context of its own (a server runs each request in a task with a fresh copy of its
+    # context), nothing of those requests' matches is seen.
+    assert contextvars.Context().run(lambda: group.path) is None
 
 
 async def _started(app: FastAPI) -> list[str]:

@@ -18,6 +18,7 @@ routes_three_fixed,routes_one_group``, ADR 0046).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi.routing import APIRoute, APIRouter, APIWebSocketRoute
@@ -28,7 +29,12 @@ __all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route", "route_path"]
 
 # Made once: ``Match.NONE`` is an ``EnumType.__getattr__`` lookup in Python 3.11, and the router
 # never reads (or changes) the scope of a route that did not match.
-_NO_MATCH: tuple[Match, Scope] = (Match.NONE, {})
+_NONE = Match.NONE
+_NO_MATCH: tuple[Match, Scope] = (_NONE, {})
+#: The group and route that matched the current request, for the group's ``path``.
+_MATCHED: ContextVar[tuple[FixedPathRoutes, APIRoute] | None] = ContextVar(
+    "fastapi_resilience_fixed_route", default=None
+)
 
 
 class FixedPathRoute(APIRoute):
@@ -56,14 +62,24 @@ class FixedPathRoutes(BaseRoute):
     list, where only this object is.
     """
 
-    #: Read by instrumentation as the matched route's template (``http.route``). The group
-    #: has none of its own, and remembering the last match would be shared state between
-    #: concurrent requests: its requests get no route label.
-    path: str | None = None
-    path_format: str | None = None
-
     def __init__(self) -> None:
         self._by_path: dict[str, APIRoute] = {}
+
+    @property
+    def path(self) -> str | None:
+        """The template of the route this group matched for the current request, else ``None``.
+
+        Instrumentation reads it as the request's ``http.route`` right after ``matches``
+        answered: the match is kept in a context variable, so concurrent requests (each its
+        own task and context) never see each other's.
+        """
+        matched = _MATCHED.get()
+        return matched[1].path if matched is not None and matched[0] is self else None
+
+    @property
+    def path_format(self) -> str | None:
+        matched = _MATCHED.get()
+        return matched[1].path_format if matched is not None and matched[0] is self else None
 
     @property
     def routes(self) -> list[APIRoute]:
@@ -80,7 +96,12 @@ class FixedPathRoutes(BaseRoute):
         if route is None:
             return _NO_MATCH
         # The route's own match sets ``scope["route"]`` (FULL or PARTIAL), which ``handle`` uses.
-        return route.matches(scope)
+        found = route.matches(scope)
+        if found[0] is not _NONE:
+            # Only the group's own paths (health, metrics) get here: the app's requests pay
+            # nothing for the label.
+            _MATCHED.set((self, route))
+        return found
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         route: APIRoute = scope["route"]
