@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, WebSocket
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
@@ -769,3 +769,55 @@ async def _receive() -> Message:  # pragma: no cover - the apps never read the b
 
 async def _ignore(message: Message) -> None:
     pass
+
+
+async def test_websocket_connections_counted_with_the_app_limiter() -> None:
+    """The documented pattern for what the middleware does not see: a WebSocket route counts
+    each connection with ``identify`` and ``check``; over the tier's limit it is closed with
+    1008, and an API key counts against its own tier."""
+    settings = ResilienceSettings(
+        rate_limit_tiers={"anonymous": "2/minute", "premium": "100/minute"},
+        rate_limit_api_keys={"key-1": "premium"},
+    )
+    app = FastAPI()
+    install(app, settings)
+
+    @app.websocket("/live")
+    async def live(websocket: WebSocket) -> None:
+        limiter = websocket.app.state.resilience.rate_limiter
+        identity = await limiter.identify(websocket.scope)
+        if identity is not None:
+            outcome = await limiter.check(websocket.scope, identity)
+            if outcome.refused:
+                await websocket.close(code=1008, reason="rate limited")
+                return
+        await websocket.accept()
+        await websocket.close()
+
+    async def connect(headers: list[tuple[bytes, bytes]]) -> Message:
+        sent: list[Message] = []
+        messages = iter([{"type": "websocket.connect"}])
+
+        async def receive() -> Message:
+            return next(messages, {"type": "websocket.disconnect", "code": 1000})
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "websocket",
+            "path": "/live",
+            "root_path": "",
+            "headers": headers,
+            "client": ("10.0.0.9", 5000),
+            "query_string": b"",
+            "subprotocols": [],
+        }
+        await app(scope, receive, send)
+        return sent[0]
+
+    first = [await connect([]) for _ in range(3)]
+    keyed = await connect([(b"x-api-key", b"key-1")])
+    assert [m["type"] for m in first] == ["websocket.accept", "websocket.accept", "websocket.close"]
+    assert first[2]["code"] == 1008
+    assert keyed["type"] == "websocket.accept"

@@ -313,6 +313,12 @@ class RateLimiter:
         )
 
     async def identify(self, scope: Scope) -> Identity | None:
+        """The identity and tier of ``scope``'s client, as the middleware resolves them.
+
+        With :meth:`check`, limits what the middleware does not see, such as WebSocket
+        connections: ``outcome = await limiter.check(scope, await limiter.identify(scope))``.
+        ``None`` when a custom resolver leaves the request unlimited.
+        """
         return await self.resolver(scope)
 
     def plan(
