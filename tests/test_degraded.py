@@ -513,3 +513,20 @@ async def test_example_app_exports_feature() -> None:
     assert refused.status_code == 503
     assert refused.json()["feature"] == "exports"
     assert refused.headers["x-degraded"] == "exports"
+
+
+def test_a_mode_that_is_gone_stops_listening(breaker: CircuitBreaker) -> None:
+    """Breakers outlive the apps (and modes) that watch them: a collected mode's listener
+    removes itself at the breaker's next change instead of piling up."""
+    import gc
+
+    before = len(breaker._listeners)
+    mode = DegradedMode(events=EventBus(log=False))
+    mode.feature("recs", depends_on=[breaker.name])
+    assert len(breaker._listeners) == before + 1
+    breaker.force_open()
+    assert mode.active
+    del mode
+    gc.collect()
+    breaker.force_closed()
+    assert len(breaker._listeners) == before

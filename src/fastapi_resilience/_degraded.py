@@ -305,9 +305,21 @@ class DegradedMode(EventSource):
     def _watch(self, breaker: CircuitBreaker) -> None:
         # A listener on the breaker itself, not the event bus: a breaker reports on the bus of
         # the first app that bound it, and a mode must see its breakers whatever bus that is.
-        if breaker not in self._watched:
-            self._watched.add(breaker)
-            breaker.add_listener(lambda _breaker, _old, _new: self.refresh())
+        # Breakers are process-wide and modes per app: the listener holds the mode weakly
+        # and removes itself once the mode is gone (apps built per test, say).
+        if breaker in self._watched:
+            return
+        self._watched.add(breaker)
+        mode = weakref.ref(self)
+
+        def on_change(_breaker: CircuitBreaker, _old: str, _new: str) -> None:
+            watcher = mode()
+            if watcher is None:
+                remove()
+            else:
+                watcher.refresh()
+
+        remove = breaker.add_listener(on_change)
 
     def refresh(self) -> None:
         """Look at every feature again and publish what changed."""
