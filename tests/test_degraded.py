@@ -370,7 +370,7 @@ def test_paths_are_owned_by_segment() -> None:
 
 async def test_the_middleware_on_its_own(clock: ManualClock) -> None:
     """DegradedModeMiddleware and requires_feature(mode=...) without install: the notice header
-    through its own send wrapper, streaming bodies untouched, websockets not shed."""
+    through its own send wrapper, streaming bodies untouched, websockets shed by path."""
     mode = DegradedMode(events=EventBus(log=False), clock=clock)
     mode.feature("export", paths=["/export"])
     app = FastAPI()
@@ -414,9 +414,25 @@ async def test_the_middleware_on_its_own(clock: ManualClock) -> None:
     async def no_send(message: Message) -> None:
         raise AssertionError("not sent")
 
+    # A WebSocket to a path the feature owns is refused before it is accepted (1013: try
+    # again later); one to another path passes.
+    connects = iter([{"type": "websocket.connect"}])
+
+    async def connect() -> Message:
+        return next(connects)
+
+    closed: list[Message] = []
+
+    async def record(message: Message) -> None:
+        closed.append(message)
+
     ws_scope = {"type": "websocket", "path": "/export/live", "headers": []}
-    await DegradedModeMiddleware(websocket_app, mode=mode)(ws_scope, nothing, no_send)
-    assert reached == ["/export/live"]
+    await DegradedModeMiddleware(websocket_app, mode=mode)(ws_scope, connect, record)
+    assert reached == []
+    assert closed == [{"type": "websocket.close", "code": 1013, "reason": "feature unavailable"}]
+    other_scope = {"type": "websocket", "path": "/chat", "headers": []}
+    await DegradedModeMiddleware(websocket_app, mode=mode)(other_scope, nothing, no_send)
+    assert reached == ["/chat"]
 
     bare = FastAPI()
     bare.add_middleware(DegradedModeMiddleware, mode=mode)
@@ -530,3 +546,28 @@ def test_a_mode_that_is_gone_stops_listening(breaker: CircuitBreaker) -> None:
     gc.collect()
     breaker.force_closed()
     assert len(breaker._listeners) == before
+
+
+async def test_websocket_shed_under_install(clock: ManualClock) -> None:
+    """Under install() a WebSocket connection reaches degraded mode through the correlation
+    and rate-limit layers, and is refused with 1013 while its feature is off."""
+    app, resilience = build(clock)
+    resilience.degraded.feature("recs", paths=["/recommendations"])
+    resilience.degraded.disable("recs")
+    connects = iter([{"type": "websocket.connect"}])
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return next(connects, {"type": "websocket.disconnect", "code": 1000})
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/recommendations/live",
+        "headers": [],
+        "query_string": b"",
+    }
+    await app(scope, receive, send)
+    assert [(m["type"], m.get("code")) for m in sent] == [("websocket.close", 1013)]

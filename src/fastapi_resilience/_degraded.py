@@ -421,7 +421,8 @@ class DegradedModeMiddleware:
 
     While nothing is off it costs one attribute test per request. ``install`` runs it inside
     the rate limiter (contract order: correlation IDs, rate limiting, degraded mode), in the
-    correlation middleware's layer (ADR 0049). WebSocket connections pass untouched.
+    correlation middleware's layer (ADR 0049). A WebSocket connection to a path it sheds is
+    closed with code 1013 (try again later) before it is accepted; other connections pass.
     """
 
     def __init__(self, app: ASGIApp, *, mode: DegradedMode) -> None:
@@ -429,10 +430,28 @@ class DegradedModeMiddleware:
         self.mode = mode
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.mode.active or scope["type"] != "http":
+        if not self.mode.active:
             await self.app(scope, receive, send)
             return
-        await self.degraded(scope, receive, send)
+        kind = scope["type"]
+        if kind == "http":
+            await self.degraded(scope, receive, send)
+        elif kind == "websocket":
+            await self.degraded_websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def degraded_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket connection while degraded: refused with close code 1013 (try again
+        later) before it is accepted when a feature that is off owns its path."""
+        mode = self.mode
+        mode.refresh()
+        if mode.shed(scope["path"]) is None:
+            await self.app(scope, receive, send)
+            return
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1013, "reason": "feature unavailable"})
 
     async def degraded(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One request while the app is (or just was) degraded."""
