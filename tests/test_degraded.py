@@ -323,6 +323,25 @@ async def test_start_up_names_what_is_misconfigured(clock: ManualClock) -> None:
     await _start(app)  # all declared: starts
 
 
+async def test_start_up_checks_routes_of_included_routers(clock: ManualClock) -> None:
+    """A ``requires_feature`` on a route of an included router is checked too (FastAPI keeps
+    those routes inside one entry of the app's route list)."""
+    from fastapi import APIRouter
+
+    app, resilience = build(clock)
+    resilience.degraded.feature("recs")
+    router = APIRouter(prefix="/api")
+
+    @router.get("/export", dependencies=[Depends(requires_feature("exprots"))])
+    async def export() -> None: ...
+
+    app.include_router(router)
+    with pytest.raises(
+        ConfigurationError, match=r"route /api/export: requires_feature\('exprots'\)"
+    ):
+        await _start(app)
+
+
 def test_declaring_and_switching_reject_mistakes() -> None:
     """Bad names and paths fail at declaration; switching an unknown feature raises."""
     mode = DegradedMode(events=EventBus(log=False))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from starlette.requests import Request
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience._breaker import OPEN, BreakerRegistry, CircuitBreaker, default_registry
@@ -24,6 +25,7 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
+from fastapi_resilience._route_walk import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import ConfigurationError, FeatureUnavailableError
 
 __all__ = [
@@ -196,7 +198,7 @@ class DegradedMode(EventSource):
     def __contains__(self, name: object) -> bool:
         return name in self._features
 
-    def validate(self, routes: Iterable[Any] = ()) -> None:
+    def validate(self, routes: Sequence[BaseRoute] = ()) -> None:
         """Check what can only be checked once the app is assembled (``install`` runs it at
         start-up): every ``depends_on`` names a registered breaker, every name in
         ``disabled_features`` and every ``requires_feature`` of ``routes`` a declared feature.
@@ -530,16 +532,11 @@ def mode_of(request: Request) -> DegradedMode:
     return mode
 
 
-def _required_features(routes: Iterable[Any]) -> Iterable[tuple[str, str]]:
-    """``(path, feature)`` for every ``requires_feature`` in the routes' dependency trees."""
-    for route in routes:
-        dependant = getattr(route, "dependant", None)
-        if dependant is None:
-            continue
-        stack = [dependant]
-        while stack:
-            node = stack.pop()
-            name = getattr(node.call, _FEATURE_ATTR, None)
+def _required_features(routes: Sequence[BaseRoute]) -> Iterator[tuple[str, str]]:
+    """``(path, feature)`` for every ``requires_feature`` in the routes' dependency trees,
+    included routers' routes too."""
+    for route in flat_routes(routes):
+        for call in dependency_calls(getattr(route, "dependant", None)):
+            name = getattr(call, _FEATURE_ATTR, None)
             if name is not None:
                 yield getattr(route, "path", "?"), name
-            stack.extend(node.dependencies)

@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match
+from starlette.routing import Match
 from starlette.types import Scope
 
 from fastapi_resilience._fixed_routes import route_path
@@ -30,6 +30,7 @@ from fastapi_resilience._rate_limiter import (
     RoutePlan,
     withdraw_middleware_headers,
 )
+from fastapi_resilience._route_walk import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import (
     ConfigurationError,
     RateLimitedError,
@@ -148,21 +149,7 @@ def rate_limit(
 
 
 def _rate_limits_of(dependant: Any) -> Iterator[RateLimit]:
-    if dependant is None:
-        return
-    call = getattr(dependant, "call", None)
-    if isinstance(call, RateLimit):
-        yield call
-    for sub in getattr(dependant, "dependencies", ()) or ():
-        yield from _rate_limits_of(sub)
-
-
-def _flat_routes(routes: Sequence[BaseRoute]) -> list[Any]:
-    try:  # FastAPI >= 0.16x includes routers lazily; this flattens them with their dependencies.
-        from fastapi.routing import iter_route_contexts  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # pragma: no cover - older FastAPI keeps included routes flat
-        return list(routes)
-    return list(iter_route_contexts(routes))
+    return (call for call in dependency_calls(dependant) if isinstance(call, RateLimit))
 
 
 def _literal_prefix(route: Any) -> str:
@@ -203,7 +190,7 @@ class RouteTable:
         routes = getattr(getattr(app, "router", None), "routes", None)
         if not routes:
             return None
-        table = cls(_flat_routes(routes))
+        table = cls(flat_routes(routes))
         return table if table._limited else None
 
     def __bool__(self) -> bool:
