@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from fastapi_resilience._rate_limiter import RateLimiter
 
 __all__ = [
+    "HEADER_NAME",
     "RESPONSE_HEADERS_KEY",
     "SCOPE_KEY",
     "CorrelationIdFilter",
@@ -34,7 +35,8 @@ SCOPE_KEY = "fastapi_resilience.correlation_id"
 RESPONSE_HEADERS_KEY = "fastapi_resilience.response_headers"
 
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-_VALID_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
+#: An HTTP header name (an RFC 9110 token): every header name a setting or argument gives.
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
 
 _correlation_id: ContextVar[str | None] = ContextVar(
     "fastapi_resilience_correlation_id", default=None
@@ -133,7 +135,7 @@ class CorrelationIdMiddleware:
         rate_limiter: RateLimiter | None = None,
         degraded_mode: DegradedMode | None = None,
     ) -> None:
-        if not _VALID_HEADER_NAME.fullmatch(header_name):
+        if not HEADER_NAME.fullmatch(header_name):
             raise ValueError(f"header_name: {header_name!r} is not a valid HTTP header name")
         #: The degraded-mode middleware inside this one (and inside the rate limiter).
         self._degraded: DegradedModeMiddleware | None = None

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience._breaker import OPEN, BreakerRegistry, CircuitBreaker, default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
+from fastapi_resilience._correlation import HEADER_NAME, RESPONSE_HEADERS_KEY
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
 from fastapi_resilience._route_walk import dependency_calls, flat_routes
@@ -48,7 +48,6 @@ DEGRADED_LEFT = "degraded.left"
 
 #: Feature names go into a response header and metric labels: keep them tokens.
 _FEATURE_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
 #: The detail of a refusal. Reasons (breaker names, an operator's words) stay in the logs and
 #: on the readiness page; the client learns which feature and, when known, when to come back.
 UNAVAILABLE_DETAIL = "The feature {name!r} is temporarily unavailable."
@@ -141,7 +140,7 @@ class DegradedMode(EventSource):
         notice_header: str = "X-Degraded",
         disabled: Iterable[str] = (),
     ) -> None:
-        if notice_header and not _HEADER_NAME.fullmatch(notice_header):
+        if notice_header and not HEADER_NAME.fullmatch(notice_header):
             raise ValueError(f"notice_header: {notice_header!r} is not a valid HTTP header name")
         self.breakers = breakers if breakers is not None else default_registry
         self.clock = clock

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from fastapi_resilience._correlation import HEADER_NAME
 from fastapi_resilience._limit_string import parse_limits
 from fastapi_resilience._problem import DEFAULT_TYPE_BASE
 from fastapi_resilience.exceptions import ConfigurationError
@@ -17,7 +18,6 @@ from fastapi_resilience.exceptions import ConfigurationError
 __all__ = ["ENV_PREFIX", "ResilienceSettings"]
 
 ENV_PREFIX = "RESILIENCE_"
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
 _STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 
 DEFAULT_TIERS = {
@@ -96,14 +96,14 @@ class ResilienceSettings(BaseSettings):
     @field_validator("correlation_header", "rate_limit_api_key_header")
     @classmethod
     def _header_name(cls, value: str) -> str:
-        if not _HEADER_NAME.fullmatch(value):
+        if not HEADER_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid HTTP header name")
         return value
 
     @field_validator("degraded_header")
     @classmethod
     def _optional_header_name(cls, value: str) -> str:
-        if value and not _HEADER_NAME.fullmatch(value):
+        if value and not HEADER_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid HTTP header name (or '' for none)")
         return value
 
