@@ -88,9 +88,7 @@ def install(
         expose_error_details=settings.expose_error_details,
         correlation_header=settings.correlation_header,
     )
-    # ``add_middleware`` puts each new middleware outside the previous ones, so the innermost
-    # is added first and the correlation middleware, outermost, last.
-    limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
+    limiter = _install_rate_limiting(resilience) if settings.rate_limit_enabled else None
     # One layer for all three: the correlation middleware runs the rate limiter and degraded
     # mode inside it (ADR 0048, ADR 0049).
     app.add_middleware(
@@ -100,20 +98,27 @@ def install(
         degraded_mode=resilience.degraded,
     )
     resilience.health.add(FEATURES_CHECK, resilience.degraded.health_check, critical=False)
-    # Features are declared after install(): what they name is checked once the app is built.
-    _around_lifespan(app, started=lambda: resilience.degraded.validate(app.router.routes))
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
     group: FixedPathRoutes | None = None
     if not settings.health_in_schema:
         group = FixedPathRoutes()
         app.router.routes.append(group)
-        _settle_on_startup(app, group)
     add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
     if settings.metrics_enabled and prometheus_available():
         _install_metrics(app, resilience, settings.metrics_path, group)
+
+    def started() -> None:
+        # Once the app is built, after the user's own start-up code (which may add routes):
+        # what the features name is checked (they are declared after install()), and the
+        # group moves back past the routes that cannot serve its paths (ADR 0047).
+        resilience.degraded.validate(app.router.routes)
+        if group is not None:
+            group.settle(app.router.routes)
+
+    _around_lifespan(app, started=started, stopped=limiter.aclose if limiter is not None else None)
     return resilience
 
 
@@ -123,7 +128,7 @@ FEATURES_CHECK = "features"
 RATE_LIMIT_CHECK = "rate_limit_storage"
 
 
-def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
+def _install_rate_limiting(resilience: Resilience) -> RateLimiter:
     settings = resilience.settings
     limiter = limiter_from_settings(settings, events=resilience.events, clock=resilience.clock)
     resilience.rate_limiter = limiter
@@ -133,19 +138,7 @@ def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
         resilience.health.add(
             RATE_LIMIT_CHECK, storage_health, critical=not settings.rate_limit_fail_open
         )
-    _close_on_shutdown(app, limiter)
     return limiter
-
-
-def _settle_on_startup(app: FastAPI, group: FixedPathRoutes) -> None:
-    # At start-up the app's routes are known: the group moves back past those that cannot
-    # serve its paths, so their requests stop paying for it (ADR 0047). After the user's own
-    # start-up code, which may add routes too.
-    _around_lifespan(app, started=lambda: group.settle(app.router.routes))
-
-
-def _close_on_shutdown(app: FastAPI, limiter: RateLimiter) -> None:
-    _around_lifespan(app, stopped=limiter.aclose)
 
 
 def _around_lifespan(
