@@ -246,28 +246,24 @@ class CorrelationIdMiddleware:
                 token = _correlation_id.set(correlation_id)
 
         limits = self._limits
-        degraded = self._degraded
+        admitted = False
         try:
-            if limits is not None and limits.admit(scope):
-                # Admitted on the rate limiter's lean path: its middleware's coroutine skipped,
-                # and the degraded-mode one too while nothing is off.
-                inner = limits.app
-                if degraded is not None and not degraded.mode.active:
-                    inner = degraded.app
-                try:
-                    await inner(scope, receive, send_with_id)
-                finally:
-                    # ``pop``: a rate limiter of an app mounted inside may have removed it.
-                    scope.pop(self._limit_key, None)
-            elif limits is None and degraded is not None and not degraded.mode.active:
-                await degraded.app(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
+            admitted = limits is not None and limits.admit(scope)
+            # Admitted on the rate limiter's lean path: its middleware's coroutine is skipped.
+            inner = limits.app if limits is not None and admitted else self.app
+            degraded = self._degraded
+            if inner is degraded and not degraded.mode.active:
+                # Nothing is off: the degraded-mode middleware's coroutine is skipped too.
+                inner = degraded.app
+            await inner(scope, receive, send_with_id)
         except Exception as exc:
             # Imported here: the renderer pulls in the error handlers, which need this module.
             from fastapi_resilience._problem import answer_unhandled
 
             await answer_unhandled(scope, exc, send_with_id, response_started=response_started)
         finally:
+            if admitted:
+                # ``pop``: a rate limiter of an app mounted inside may have removed it.
+                scope.pop(self._limit_key, None)
             _correlation_id.reset(token)
             del scope[RESPONSE_HEADERS_KEY]
