@@ -274,12 +274,8 @@ class DegradedMode(EventSource):
             FeatureUnavailableError: with ``Retry-After`` when the wait is known.
             LookupError: no feature of that name is declared.
         """
-        if not self.active:
-            self._get(name)
-            return
-        status = self.status(name)
-        if not status.available:
-            raise unavailable_error(status)
+        if not self.available(name):
+            raise unavailable_error(self._off[name])
 
     def unavailable(self) -> list[FeatureStatus]:
         """The features off now, by name."""
@@ -288,9 +284,14 @@ class DegradedMode(EventSource):
 
     def shed(self, path: str) -> FeatureUnavailableError | None:
         """The refusal for a request to ``path`` when a feature that is off owns it."""
+        status = self.owner_off(path)
+        return None if status is None else unavailable_error(status)
+
+    def owner_off(self, path: str) -> FeatureStatus | None:
+        """The status of the feature that is off and owns ``path``, if there is one."""
         for status in self._off.values():
             if self._features[status.name].owns(path):
-                return unavailable_error(status)
+                return status
         return None
 
     async def health_check(self) -> CheckResult:
@@ -447,7 +448,7 @@ class DegradedModeMiddleware:
         later) before it is accepted when a feature that is off owns its path."""
         mode = self.mode
         mode.refresh()
-        if mode.shed(scope["path"]) is None:
+        if mode.owner_off(scope["path"]) is None:
             await self.app(scope, receive, send)
             return
         message = await receive()

@@ -73,13 +73,17 @@ class FixedPathRoutes(BaseRoute):
         answered: the match is kept in a context variable, so concurrent requests (each its
         own task and context) never see each other's.
         """
-        matched = _MATCHED.get()
-        return matched[1].path if matched is not None and matched[0] is self else None
+        route = self._matched()
+        return None if route is None else route.path
 
     @property
     def path_format(self) -> str | None:
+        route = self._matched()
+        return None if route is None else route.path_format
+
+    def _matched(self) -> APIRoute | None:
         matched = _MATCHED.get()
-        return matched[1].path_format if matched is not None and matched[0] is self else None
+        return matched[1] if matched is not None and matched[0] is self else None
 
     @property
     def routes(self) -> list[APIRoute]:

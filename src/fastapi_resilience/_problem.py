@@ -158,23 +158,23 @@ def problem_response(
     correlation_id, add_header = _correlation(scope)
     if add_header:
         out_headers[config.correlation_header] = correlation_id
+    response: Response
     if status in _NO_BODY_STATUSES or status < 200:
         response = Response(status_code=status, headers=out_headers)
-        response.raw_headers += raw_headers
-        return response
-    body: dict[str, Any] = {
-        k: v for k, v in (extensions or {}).items() if k not in _STANDARD_MEMBERS
-    }
-    body.update(
-        type=config.type_for(code, type_uri),
-        title=title,
-        status=status,
-        detail=detail,
-        instance=scope.get("path", ""),
-        code=code,
-        correlation_id=correlation_id,
-    )
-    response = ProblemResponse(body, status_code=status, headers=out_headers)
+    else:
+        body: dict[str, Any] = {
+            k: v for k, v in (extensions or {}).items() if k not in _STANDARD_MEMBERS
+        }
+        body.update(
+            type=config.type_for(code, type_uri),
+            title=title,
+            status=status,
+            detail=detail,
+            instance=scope.get("path", ""),
+            code=code,
+            correlation_id=correlation_id,
+        )
+        response = ProblemResponse(body, status_code=status, headers=out_headers)
     response.raw_headers += raw_headers
     return response
 

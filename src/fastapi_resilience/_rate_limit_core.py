@@ -157,6 +157,13 @@ def new_decision(allowed: bool, states: tuple[LimitState, ...]) -> Decision:
     return _tuple_new(Decision, (allowed, states, False))
 
 
+def admitted_decision(check: LimitCheck, admitted: tuple[int, float]) -> Decision:
+    """The ``Decision`` of one limit that admitted a request, from what ``try_admit`` returns:
+    ``(remaining, reset_after)``."""
+    state = new_state(check, True, admitted[0], admitted[1], 0.0)
+    return new_decision(True, (state,))
+
+
 class StorageUnavailableError(Exception):
     """Raised when the rate-limit storage cannot answer within its timeout, or is down.
 

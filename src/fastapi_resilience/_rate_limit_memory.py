@@ -16,6 +16,7 @@ from fastapi_resilience._rate_limit_core import (
     Decision,
     LimitCheck,
     LimitState,
+    admitted_decision,
     new_decision,
     new_state,
 )
@@ -122,8 +123,7 @@ class MemoryStorage:
         if len(checks) == 1 and not checks[0].shadow:
             admitted = self.try_admit(checks[0])
             if admitted is not None:
-                state = new_state(checks[0], True, admitted[0], admitted[1], 0.0)
-                return new_decision(True, (state,))
+                return admitted_decision(checks[0], admitted)
         return self.check_many(checks)
 
     def check_many(self, checks: Sequence[LimitCheck]) -> Decision:

@@ -22,8 +22,7 @@ from fastapi_resilience._rate_limit_core import (
     LimitCheck,
     RateLimitStorage,
     StorageUnavailableError,
-    new_decision,
-    new_state,
+    admitted_decision,
 )
 from fastapi_resilience._rate_limit_headers import (
     QUOTA_EXCEEDED_TYPE,
@@ -128,9 +127,7 @@ class LimitOutcome:
     def decision(self) -> Decision | None:
         decision = self._decision
         if decision is None and self.admitted is not None:
-            remaining, reset_after = self.admitted
-            state = new_state(self.plan.checks[0], True, remaining, reset_after, 0.0)
-            decision = self._decision = new_decision(True, (state,))
+            decision = self._decision = admitted_decision(self.plan.checks[0], self.admitted)
         return decision
 
     @property
