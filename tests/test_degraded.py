@@ -29,6 +29,7 @@ from fastapi_resilience import (
 )
 from fastapi_resilience._breaker import default_registry
 from fastapi_resilience.testing import ManualClock
+from tests._asgi import websocket_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -435,18 +436,9 @@ async def test_the_middleware_on_its_own(clock: ManualClock) -> None:
 
     # A WebSocket to a path the feature owns is refused before it is accepted (1013: try
     # again later); one to another path passes.
-    connects = iter([{"type": "websocket.connect"}])
-
-    async def connect() -> Message:
-        return next(connects)
-
-    closed: list[Message] = []
-
-    async def record(message: Message) -> None:
-        closed.append(message)
-
-    ws_scope = {"type": "websocket", "path": "/export/live", "headers": []}
-    await DegradedModeMiddleware(websocket_app, mode=mode)(ws_scope, connect, record)
+    closed = await websocket_connect(
+        DegradedModeMiddleware(websocket_app, mode=mode), "/export/live"
+    )
     assert reached == []
     assert closed == [{"type": "websocket.close", "code": 1013, "reason": "feature unavailable"}]
     other_scope = {"type": "websocket", "path": "/chat", "headers": []}
@@ -573,20 +565,5 @@ async def test_websocket_shed_under_install(clock: ManualClock) -> None:
     app, resilience = build(clock)
     resilience.degraded.feature("recs", paths=["/recommendations"])
     resilience.degraded.disable("recs")
-    connects = iter([{"type": "websocket.connect"}])
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return next(connects, {"type": "websocket.disconnect", "code": 1000})
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "websocket",
-        "path": "/recommendations/live",
-        "headers": [],
-        "query_string": b"",
-    }
-    await app(scope, receive, send)
+    sent = await websocket_connect(app, "/recommendations/live")
     assert [(m["type"], m.get("code")) for m in sent] == [("websocket.close", 1013)]

@@ -21,6 +21,7 @@ from fastapi_resilience._rate_limiter import SCOPE_KEY as RATE_LIMIT_SCOPE_KEY
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.testing import ManualClock
+from tests._asgi import websocket_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -794,30 +795,8 @@ async def test_websocket_connections_counted_with_the_app_limiter() -> None:
         await websocket.accept()
         await websocket.close()
 
-    async def connect(headers: list[tuple[bytes, bytes]]) -> Message:
-        sent: list[Message] = []
-        messages = iter([{"type": "websocket.connect"}])
-
-        async def receive() -> Message:
-            return next(messages, {"type": "websocket.disconnect", "code": 1000})
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "websocket",
-            "path": "/live",
-            "root_path": "",
-            "headers": headers,
-            "client": ("10.0.0.9", 5000),
-            "query_string": b"",
-            "subprotocols": [],
-        }
-        await app(scope, receive, send)
-        return sent[0]
-
-    first = [await connect([]) for _ in range(3)]
-    keyed = await connect([(b"x-api-key", b"key-1")])
+    first = [(await websocket_connect(app, "/live"))[0] for _ in range(3)]
+    keyed = (await websocket_connect(app, "/live", headers=[(b"x-api-key", b"key-1")]))[0]
     assert [m["type"] for m in first] == ["websocket.accept", "websocket.accept", "websocket.close"]
     assert first[2]["code"] == 1008
     assert keyed["type"] == "websocket.accept"
