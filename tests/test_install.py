@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import contextvars
+import logging
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, NoMatchFound
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience import (
     ConfigurationError,
@@ -401,3 +406,99 @@ async def test_app_with_install_mounted_inside_another() -> None:
     assert second.status_code == 429  # the inner app's own limit
     assert second.headers.get_list("x-request-id") == ["outer-2"]
     assert second.json()["correlation_id"] == "outer-2"
+
+
+def _raising_middleware(app: ASGIApp) -> ASGIApp:
+    """Pure ASGI middleware that fails before the app answers."""
+
+    async def fail(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raise RuntimeError("outer middleware failed")
+        await app(scope, receive, send)
+
+    return fail
+
+
+async def test_starlette_error_layer_is_idle_in_front_of_installs_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """install()'s layer answers every error itself, so Starlette's layer outside it passes
+    requests through (ADR 0050); it is still the layer tools look for, and errors are still
+    answered once, with the ID."""
+    app = FastAPI()
+    install(app, ResilienceSettings())
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret")
+
+    caplog.set_level(logging.INFO)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/boom", headers={"X-Request-ID": "idle-1"})
+    assert response.status_code == 500
+    assert response.json()["correlation_id"] == "idle-1"
+    assert response.headers["x-request-id"] == "idle-1"
+    assert [r.correlation_id for r in caplog.records if r.exc_info] == ["idle-1"]
+    stack = app.middleware_stack
+    assert isinstance(stack, ServerErrorMiddleware)
+    assert type(stack) is not ServerErrorMiddleware
+
+
+async def test_mounted_app_error_is_answered_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sub-app with install() mounted in an app with one: its route's error is answered by
+    the outer layer, once, with the outer ID (the sub-app's Starlette layer used to answer and
+    log it too, then re-raise it to the outer one)."""
+    outer = FastAPI()
+    install(outer, ResilienceSettings())
+    inner = FastAPI()
+    install(inner, ResilienceSettings())
+
+    @inner.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret")
+
+    outer.mount("/sub", inner)
+    caplog.set_level(logging.INFO)
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/sub/boom", headers={"X-Request-ID": "outer-500"})
+    assert response.status_code == 500
+    assert response.json()["correlation_id"] == "outer-500"
+    assert response.headers.get_list("x-request-id") == ["outer-500"]
+    assert [r.correlation_id for r in caplog.records if r.exc_info] == ["outer-500"]
+
+
+@pytest.mark.parametrize("setup", ["middleware_after_install", "debug", "own_500_handler"])
+async def test_starlette_error_layer_stays_when_it_has_work(setup: str) -> None:
+    """Starlette's layer keeps catching where install()'s does not reach or the app asks for
+    its own answers: middleware added after install(), debug tracebacks, a 500 handler of the
+    user's. An error in middleware outside install()'s layer still gets an answer."""
+    app = FastAPI()
+    install(app, ResilienceSettings())
+
+    @app.get("/ok")
+    async def ok() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if setup == "middleware_after_install":
+        app.add_middleware(_raising_middleware)
+    elif setup == "debug":
+        app.debug = True
+    else:
+
+        @app.exception_handler(Exception)
+        async def own(request: Request, exc: Exception) -> Response:
+            return PlainTextResponse("ours", status_code=500)
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/ok")
+    assert type(app.middleware_stack) is ServerErrorMiddleware
+    if setup == "middleware_after_install":
+        assert response.status_code == 500
+        assert response.json()["code"] == "internal_error"
+    else:
+        assert response.status_code == 200

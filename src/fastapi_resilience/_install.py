@@ -7,6 +7,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
@@ -14,7 +17,7 @@ from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._degraded import DegradedMode
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._fixed_routes import FixedPathRoutes
-from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience._handlers import install_exception_handlers, unhandled_exception_handler
 from fastapi_resilience._health import HealthChecks, add_health_routes
 from fastapi_resilience._metrics import (
     PrometheusListener,
@@ -97,6 +100,7 @@ def install(
         rate_limiter=limiter,
         degraded_mode=resilience.degraded,
     )
+    _idle_error_layer(app, app.user_middleware[0])
     resilience.health.add(FEATURES_CHECK, resilience.degraded.health_check, critical=False)
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
@@ -166,6 +170,46 @@ def _around_lifespan(
                 await stopped()
 
     app.router.lifespan_context = lifespan
+
+
+class _IdleServerErrorMiddleware(ServerErrorMiddleware):
+    """Starlette's outermost layer, where our correlation layer answers every error inside it.
+
+    It passes each call through, without a coroutine or a ``send`` wrapper of its own. A
+    subclass with the same handler and debug flag: tools that rebuild the stack around this
+    layer (OpenTelemetry's FastAPI instrumentation) still find the one they expect.
+    """
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:  # type: ignore[override]
+        return self.app(scope, receive, send)
+
+
+def _idle_error_layer(app: FastAPI, ours: Middleware) -> None:
+    """Build ``app``'s stack with Starlette's ``ServerErrorMiddleware`` idle (ADR 0050).
+
+    Our correlation layer catches every exception of the app inside it and answers the 500
+    itself, so the layer Starlette puts outside it only costs a coroutine and a ``send`` wrapper
+    per request. It is made idle only while the stack is the expected one: its outermost layer
+    is that middleware, without debug tracebacks and with our own 500 handler, and our layer is
+    the outermost user middleware. Anything else (``app.debug``, a 500 handler of the user's,
+    middleware added after ``install()``, another construction order) keeps it as it is.
+    """
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        stack = build()
+        if (
+            type(stack) is ServerErrorMiddleware
+            and not stack.debug
+            and stack.handler is unhandled_exception_handler
+            and app.user_middleware
+            and app.user_middleware[0] is ours
+        ):
+            return _IdleServerErrorMiddleware(stack.app, handler=stack.handler, debug=False)
+        return stack
+
+    # An instance attribute: Starlette builds the stack on the first request by this name.
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
 def _install_metrics(
