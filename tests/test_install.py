@@ -419,6 +419,20 @@ def _raising_middleware(app: ASGIApp) -> ASGIApp:
     return fail
 
 
+async def _answered_once_with_id(
+    app: FastAPI, path: str, request_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``path`` fails: one 500 problem+json carrying ``request_id``, and one log record of it."""
+    caplog.set_level(logging.INFO)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get(path, headers={"X-Request-ID": request_id})
+    assert response.status_code == 500
+    assert response.json()["correlation_id"] == request_id
+    assert response.headers.get_list("x-request-id") == [request_id]
+    assert [r.correlation_id for r in caplog.records if r.exc_info] == [request_id]
+
+
 async def test_starlette_error_layer_is_idle_in_front_of_installs_own(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -432,14 +446,7 @@ async def test_starlette_error_layer_is_idle_in_front_of_installs_own(
     async def boom() -> None:
         raise RuntimeError("secret")
 
-    caplog.set_level(logging.INFO)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        response = await client.get("/boom", headers={"X-Request-ID": "idle-1"})
-    assert response.status_code == 500
-    assert response.json()["correlation_id"] == "idle-1"
-    assert response.headers["x-request-id"] == "idle-1"
-    assert [r.correlation_id for r in caplog.records if r.exc_info] == ["idle-1"]
+    await _answered_once_with_id(app, "/boom", "idle-1", caplog)
     stack = app.middleware_stack
     assert isinstance(stack, ServerErrorMiddleware)
     assert type(stack) is not ServerErrorMiddleware
@@ -461,14 +468,7 @@ async def test_mounted_app_error_is_answered_and_logged_once(
         raise RuntimeError("secret")
 
     outer.mount("/sub", inner)
-    caplog.set_level(logging.INFO)
-    transport = httpx.ASGITransport(app=outer)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        response = await client.get("/sub/boom", headers={"X-Request-ID": "outer-500"})
-    assert response.status_code == 500
-    assert response.json()["correlation_id"] == "outer-500"
-    assert response.headers.get_list("x-request-id") == ["outer-500"]
-    assert [r.correlation_id for r in caplog.records if r.exc_info] == ["outer-500"]
+    await _answered_once_with_id(outer, "/sub/boom", "outer-500", caplog)
 
 
 @pytest.mark.parametrize("setup", ["middleware_after_install", "debug", "own_500_handler"])
