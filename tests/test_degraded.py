@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -475,6 +477,14 @@ def test_requires_feature_returns_one_callable_per_name() -> None:
     """The same callable each time, so dependency_overrides can replace it."""
     assert requires_feature("recs") is requires_feature("recs")
     assert requires_feature("recs") is not requires_feature("search")
+    mode = DegradedMode()
+    assert requires_feature("recs", mode=mode) is requires_feature("recs", mode=mode)
+    assert requires_feature("recs", mode=mode) is not requires_feature("recs")
+    # The mode's dependencies do not keep it alive (apps built per test, say).
+    gone = weakref.ref(mode)
+    del mode
+    gc.collect()
+    assert gone() is None
 
 
 async def test_install_without_rate_limiting_still_runs_degraded_mode(clock: ManualClock) -> None:

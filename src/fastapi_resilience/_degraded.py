@@ -156,6 +156,9 @@ class DegradedMode(EventSource):
         #: The notice header's value while degraded: the features off, comma-separated.
         self.notice = b""
         self._events = events
+        #: ``requires_feature(name, mode=self)``'s dependencies, one per name: kept here, so
+        #: they go when the mode goes.
+        self.feature_dependencies: dict[str, Callable[[Request], Awaitable[None]]] = {}
 
     # -- declaring ---------------------------------------------------------------------
 
@@ -491,7 +494,8 @@ def _adding_header(send: Send, pair: tuple[bytes, bytes]) -> Send:
 
 #: The attribute that marks a ``requires_feature`` dependency with its feature's name.
 _FEATURE_ATTR = "__fastapi_resilience_feature__"
-_feature_deps: dict[tuple[str, int], Callable[[Request], Awaitable[None]]] = {}
+#: ``requires_feature(name)``'s dependencies (the app's mode, found per request), by name.
+_app_mode_deps: dict[str, Callable[[Request], Awaitable[None]]] = {}
 
 
 def requires_feature(
@@ -506,8 +510,8 @@ def requires_feature(
     same callable is returned for the same name every time, so ``app.dependency_overrides``
     can replace it. ``install`` checks at start-up that the feature is declared.
     """
-    key = (name, id(mode))
-    dependency = _feature_deps.get(key)
+    made = _app_mode_deps if mode is None else mode.feature_dependencies
+    dependency = made.get(name)
     if dependency is None:
 
         async def dependency(request: Request) -> None:
@@ -516,7 +520,7 @@ def requires_feature(
         dependency.__name__ = f"requires_feature_{name}"
         dependency.__qualname__ = dependency.__name__
         setattr(dependency, _FEATURE_ATTR, name)
-        _feature_deps[key] = dependency
+        made[name] = dependency
     return dependency
 
 
