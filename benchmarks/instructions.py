@@ -21,7 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from starlette.types import ASGIApp
 
@@ -121,17 +121,45 @@ def per_request(
     return counts
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
-    parser.add_argument("--only", default="bare,noop_asgi,resilience_errors_ids")
-    parser.add_argument("--requests", type=int, default=2000)
+def counted_names(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    first: str,
+    only: str,
+    requests: int,
+    drive: Callable[[str, int], None],
+) -> tuple[list[str], argparse.Namespace] | None:
+    """The command line every instruction counter shares.
+
+    ``--only`` names what to count (``first``, the reference, always counted first),
+    ``--requests`` and ``--warm`` how many requests; the hidden ``--drive NAME COUNT`` is what
+    each counted process runs: it calls ``drive`` and returns ``None``.
+    """
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--only", default=only)
+    parser.add_argument("--requests", type=int, default=requests)
     parser.add_argument("--warm", type=int, default=200)
-    parser.add_argument("--drive", nargs=2, metavar=("VARIANT", "COUNT"), help=argparse.SUPPRESS)
+    parser.add_argument("--drive", nargs=2, metavar=("NAME", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drive:
         drive(args.drive[0], int(args.drive[1]))
+        return None
+    return list(dict.fromkeys([first, *(n.strip() for n in args.only.split(",") if n)])), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    counted = counted_names(
+        argv,
+        prog="python -m benchmarks.instructions",
+        first="bare",
+        only="bare,noop_asgi,resilience_errors_ids",
+        requests=2000,
+        drive=drive,
+    )
+    if counted is None:
         return 0
-    names = list(dict.fromkeys(["bare", *(n.strip() for n in args.only.split(",") if n)]))
+    names, args = counted
     unknown = [
         n for n in names if n not in PROBES and (n not in VARIANTS or VARIANTS[n].needs_redis)
     ]

@@ -19,14 +19,13 @@ start-up; ``warm`` requests subtracted). About 1.5 minutes per part::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp
 
 from benchmarks.apps import VARIANTS, BenchEnv
-from benchmarks.instructions import drive_app, per_request
+from benchmarks.instructions import counted_names, drive_app, per_request
 
 PARTS = ("none", "resolve", "headers", "admit_local", "limiter")
 
@@ -72,16 +71,17 @@ def drive(part: str, count: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.limiter_parts")
-    parser.add_argument("--only", default=",".join(PARTS))
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--warm", type=int, default=200)
-    parser.add_argument("--drive", nargs=2, metavar=("PART", "COUNT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.drive:
-        drive(args.drive[0], int(args.drive[1]))
+    counted = counted_names(
+        argv,
+        prog="python -m benchmarks.limiter_parts",
+        first="none",
+        only=",".join(PARTS),
+        requests=1000,
+        drive=drive,
+    )
+    if counted is None:
         return 0
-    parts = list(dict.fromkeys(["none", *(p.strip() for p in args.only.split(",") if p)]))
+    parts, args = counted
     counts = per_request(
         parts, warm=args.warm, requests=args.requests, module="benchmarks.limiter_parts"
     )
