@@ -189,7 +189,9 @@ async def test_keys_are_prefixed_hash_tagged_and_expire(
     elapsed_ms = (time.monotonic() - started) * 1000
     log, total = storage.keys_for("ip:9", checks[0])
     assert 60_000 - elapsed_ms - 1 < ttls[log] <= 61_000
-    assert ttls[log] - ttls[total] in (0, 1)
+    # Both are set by one script with the same TTL, yet a CI run read the log's at 60,812 and
+    # the total's at 60,813: the server's clock can tick between the script's commands.
+    assert abs(ttls[log] - ttls[total]) <= 1
     short_log, _ = storage.keys_for("ip:9", checks[1])
     assert 0 < ttls[short_log] <= 1_016
 
