@@ -197,14 +197,19 @@ class RateLimitMiddleware:
         identity = resolver.resolve(scope)
         table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
         route: RoutePlan | None = table.match(scope, path) if table is not None else None
-        outcome = limiter.admit_local(identity, route)
-        if outcome is None:
-            # Not admitted here: ``__call__``, which the caller runs next, takes these over.
-            scope[_FOUND_KEY] = (identity, route)
-            return False
-        scope[RESPONSE_HEADERS_KEY] += outcome.headers()
-        scope[SCOPE_KEY] = outcome
-        return True
+        if route is None:
+            # Most requests: their tier's limit alone, counted and formatted in one call.
+            if limiter.admit_tier(scope, identity, scope[RESPONSE_HEADERS_KEY]):
+                return True
+        else:
+            outcome = limiter.admit_local(identity, route)
+            if outcome is not None:
+                scope[RESPONSE_HEADERS_KEY] += outcome.headers()
+                scope[SCOPE_KEY] = outcome
+                return True
+        # Not admitted here: ``__call__``, which the caller runs next, takes these over.
+        scope[_FOUND_KEY] = (identity, route)
+        return False
 
     def _table_for(self, scope: Scope) -> Any:
         from fastapi_resilience._rate_limit_routes import RouteTable
