@@ -760,6 +760,33 @@ async def test_lean_admission_declines_without_counting(case: str, clock: Manual
     assert sum(w.total for w in memory._windows.values()) == expected
 
 
+@pytest.mark.parametrize("tier_limit", ["40/second", "5000/hour"])
+async def test_lean_admission_gives_what_the_general_check_gives(
+    tier_limit: str, clock: ManualClock
+) -> None:
+    """``RateLimiter.admit_tier`` (the middleware's common case under ``install``) counts and
+    formats exactly as ``check``: the same header bytes request after request, across bucket
+    edges, with the units left above and below the digits table's 3,662, until both refuse."""
+    lean = RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": tier_limit})
+    general = RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": tier_limit})
+    identity = Identity("ip:10.0.0.1", "anonymous")
+    amount = int(tier_limit.split("/")[0])
+    for request in range(amount + 1):
+        clock.advance(0.013 if tier_limit.endswith("second") else 0.3)
+        headers: list[tuple[bytes, bytes]] = []
+        scope: dict[str, Any] = {}
+        admitted = lean.admit_tier(scope, identity, headers)
+        expected = await general.check(scope, identity)
+        assert admitted == (not expected.refused), request
+        if admitted:
+            assert headers == expected.headers(), request
+            assert scope[RATE_LIMIT_SCOPE_KEY].decision == expected.decision
+        else:
+            assert headers == []
+            assert RATE_LIMIT_SCOPE_KEY not in scope
+    assert admitted is False  # the limit was reached: the last request is refused by both
+
+
 def _scope(path: str) -> dict[str, Any]:
     return {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
 
