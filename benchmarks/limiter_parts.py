@@ -6,8 +6,11 @@ the answer it gave on the first request (a constant), so the difference to the u
 is what that part costs:
 
 - ``resolve``: identity resolution (the API-key header scan and the client address);
-- ``headers``: formatting the five rate-limit header fields;
-- ``admit_local``: counting in the sliding window, the plan lookup and the outcome object;
+- ``try_admit``: counting in the sliding window (``MemoryStorage.try_admit``);
+- ``headers``: the five rate-limit header fields, formatted and carried to the response (the
+  limiter built with ``headers_enabled=False``; in process, no server checks them);
+- ``admit_tier``: all of the tier-only lean path (``RateLimiter.admit_tier``): plan lookup,
+  counting, the outcome object and the header fields (it appends the pairs it made first);
 - ``limiter``: all of the limiter's work (``admit`` admits without doing anything), leaving
   the correlation layer, errors, degraded-mode test and app.
 
@@ -27,7 +30,7 @@ from starlette.types import ASGIApp
 from benchmarks.apps import VARIANTS, BenchEnv
 from benchmarks.instructions import counted_names, drive_app, per_request
 
-PARTS = ("none", "resolve", "headers", "admit_local", "limiter")
+PARTS = ("none", "resolve", "try_admit", "headers", "admit_tier", "limiter")
 
 
 def _first_answer(owner: type, name: str) -> None:
@@ -43,25 +46,57 @@ def _first_answer(owner: type, name: str) -> None:
     setattr(owner, name, constant)
 
 
+def _first_admission(owner: type) -> None:
+    """Replace ``owner.admit_tier`` by one that writes what the original wrote first."""
+    from fastapi_resilience._rate_limiter import SCOPE_KEY
+
+    original: Callable[..., bool] = owner.admit_tier  # type: ignore[attr-defined]
+    kept: list[Any] = []
+
+    def constant(self: object, scope: Any, identity: object, headers: list[Any]) -> bool:
+        if not kept:
+            made: list[Any] = []
+            original(self, scope, identity, made)
+            kept.extend((scope[SCOPE_KEY], made))
+        scope[SCOPE_KEY] = kept[0]
+        headers += kept[1]
+        return True
+
+    owner.admit_tier = constant  # type: ignore[attr-defined]
+
+
+def _headers_off(owner: type) -> None:
+    """Build every ``owner`` (a ``RateLimiter``) with ``headers_enabled=False``."""
+    original: Callable[..., None] = owner.__init__  # type: ignore[misc]
+
+    def init(self: object, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **{**kwargs, "headers_enabled": False})
+
+    owner.__init__ = init  # type: ignore[misc]
+
+
 def build(part: str) -> ASGIApp:
     from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver
+    from fastapi_resilience._rate_limit_memory import MemoryStorage
     from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
-    from fastapi_resilience._rate_limiter import LimitOutcome, RateLimiter
+    from fastapi_resilience._rate_limiter import RateLimiter
 
+    if part == "headers":
+        _headers_off(RateLimiter)
     app = VARIANTS["resilience_full_memory"].build(BenchEnv())
     if part == "resolve":
         _first_answer(DefaultIdentityResolver, "resolve")
-    elif part == "headers":
-        _first_answer(LimitOutcome, "headers")
-    elif part == "admit_local":
-        _first_answer(RateLimiter, "admit_local")
+    elif part == "try_admit":
+        _first_answer(MemoryStorage, "try_admit")
+    elif part == "admit_tier":
+        _first_admission(RateLimiter)
     elif part == "limiter":
 
         def admit(self: RateLimitMiddleware, scope: object) -> bool:
             return True
 
         RateLimitMiddleware.admit = admit  # type: ignore[method-assign]
-    elif part != "none":
+    elif part not in ("none", "headers"):
         raise SystemExit(f"unknown part {part!r}; one of {', '.join(PARTS)}")
     return app
 
