@@ -143,6 +143,48 @@ async def test_switched_off_by_hand_refuses_its_routes_and_marks_every_answer(
     ]
 
 
+async def test_a_request_while_degraded_looks_at_the_features_once(clock: ManualClock) -> None:
+    """While degraded, the middleware looks at every feature again for each request; a
+    ``requires_feature`` of that request decides on that look instead of taking another. Off
+    stays off and on stays on: only the second look is saved."""
+    app, resilience = build(clock)
+    mode = resilience.degraded
+    mode.feature("recs")
+    mode.feature("search")
+
+    @app.get("/search", dependencies=[Depends(requires_feature("search"))])
+    async def search() -> dict[str, str]:
+        return {"found": "tea"}
+
+    looks: list[None] = []
+    refresh = mode.refresh
+
+    def counted_refresh() -> None:
+        looks.append(None)
+        refresh()
+
+    mode.refresh = counted_refresh  # type: ignore[method-assign]
+    mode.disable("recs", reason="migration", duration=60)
+    async with client_for(app) as client:
+        looks.clear()
+        refused = await client.get("/recommendations")
+        assert (refused.status_code, len(looks)) == (503, 1)
+        looks.clear()
+        found = await client.get("/search")
+        assert (found.status_code, len(looks)) == (200, 1)
+        assert found.headers["x-degraded"] == "recs"
+        clock.advance(61)  # the switch-off ends: the middleware's look notices it
+        looks.clear()
+        back = await client.get("/recommendations")
+        assert (back.status_code, len(looks)) == (200, 1)
+        assert "x-degraded" not in back.headers
+    # Outside a request (a route's own code, a background job) the mode still looks first.
+    mode.disable("search", reason="reindexing")
+    looks.clear()
+    assert mode.available("search") is False
+    assert len(looks) == 1
+
+
 async def test_timed_switch_off_gives_retry_after_and_ends_by_itself(clock: ManualClock) -> None:
     """disable(duration=...): Retry-After counts down, and the feature comes back when it ends."""
     app, resilience = build(clock)

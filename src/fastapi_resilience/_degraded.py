@@ -46,6 +46,9 @@ FEATURE_ENABLED = "feature.enabled"
 DEGRADED_ENTERED = "degraded.entered"
 DEGRADED_LEFT = "degraded.left"
 
+#: Where ``DegradedModeMiddleware`` leaves the mode whose features it has just looked at for
+#: this request, so a ``requires_feature`` of the request decides on that look.
+_LOOKED_KEY = "fastapi_resilience.degraded_looked"
 #: Feature names go into a response header and metric labels: keep them tokens.
 _FEATURE_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 #: The detail of a refusal. Reasons (breaker names, an operator's words) stay in the logs and
@@ -270,14 +273,22 @@ class DegradedMode(EventSource):
             return True
         return self.status(name).available
 
-    def require(self, name: str) -> None:
+    def require(self, name: str, *, looked: bool = False) -> None:
         """Return when ``name`` is on; raise ``FeatureUnavailableError`` (503) when not.
+
+        ``looked``: every feature was looked at again during this request already (by
+        ``DegradedModeMiddleware``): decide on that look instead of taking another.
 
         Raises:
             FeatureUnavailableError: with ``Retry-After`` when the wait is known.
             LookupError: no feature of that name is declared.
         """
-        if not self.available(name):
+        if looked:
+            self._get(name)
+            status = self._off.get(name)
+            if status is not None:
+                raise unavailable_error(status)
+        elif not self.available(name):
             raise unavailable_error(self._off[name])
 
     def unavailable(self) -> list[FeatureStatus]:
@@ -472,7 +483,14 @@ class DegradedModeMiddleware:
                 send = _adding_header(send, notice)
         error = mode.shed(scope["path"])
         if error is None:
-            await self.app(scope, receive, send)
+            # The route's ``requires_feature`` decides on this look (one look per request,
+            # which an outage makes every request pay).
+            scope[_LOOKED_KEY] = mode
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                # ``pop``: nothing of the request stays in its scope (ADR 0044).
+                scope.pop(_LOOKED_KEY, None)
             return
         # Imported here: the renderer pulls in the error handlers, which need this module's
         # neighbours.
@@ -515,7 +533,8 @@ def requires_feature(
     if dependency is None:
 
         async def dependency(request: Request) -> None:
-            (mode if mode is not None else mode_of(request)).require(name)
+            found = mode if mode is not None else mode_of(request)
+            found.require(name, looked=request.scope.get(_LOOKED_KEY) is found)
 
         dependency.__name__ = f"requires_feature_{name}"
         dependency.__qualname__ = dependency.__name__
