@@ -128,8 +128,9 @@ class FixedPathRoutes(BaseRoute):
         end = start + 1
         while end < len(routes) and self._cannot_serve(routes[end]):
             end += 1
-        routes.insert(end, self)
-        del routes[start]
+        if end > start + 1:  # otherwise it stays where it is, and the list is left alone
+            routes.insert(end, self)
+            del routes[start]
 
     def _cannot_serve(self, route: BaseRoute) -> bool:
         if type(route).matches not in _PATH_ONLY_MATCHES:
