@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +26,14 @@ from pathlib import Path
 
 from benchmarks._procs import UvicornServer
 from benchmarks._wrk import WrkSettings, finish_wrk, start_wrk
-from benchmarks.http_bench import BASELINE, HttpSummary, round_order, started_servers
+from benchmarks.apps import VARIANT_ENV
+from benchmarks.http_bench import (
+    APP_FACTORY,
+    BASELINE,
+    HttpSummary,
+    round_order,
+    started_servers,
+)
 
 SERVER_CPU = 0
 LOAD_CPU = 1
@@ -97,28 +105,39 @@ def run_capacity(
     settings: WrkSettings,
     rounds: int,
     warmup_s: int,
+    idle: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[CapacitySample]:
     """Each variant loaded at the same time as ``bare``, in pairs, ``rounds`` times.
 
     Every pair has its own round number, so each variant's ratio is taken against the ``bare``
-    that ran beside it.
+    that ran beside it. ``idle``: that many more ``bare`` servers are started on the servers'
+    CPU and never loaded (an experiment: do a run's idle servers move the ratios?).
     """
     if not can_pin():
         raise RuntimeError("capacity needs two CPUs and sched_setaffinity")
     samples: list[CapacitySample] = []
-    with started_servers(names, log=log) as running:
+    with started_servers(names, log=log) as running, contextlib.ExitStack() as idlers:
         servers = running.servers
         for server in servers.values():
             pin_process(server.pid, SERVER_CPU)
+        for _ in range(idle):
+            extra = UvicornServer(APP_FACTORY, env={VARIANT_ENV: BASELINE})
+            idlers.callback(extra.stop)
+            extra.start()
+            pin_process(extra.pid, SERVER_CPU)
         if running.redis_pid is not None:
             pin_process(running.redis_pid, LOAD_CPU)
         others = [name for name in servers if name != BASELINE]
+        # The variants not in a pair are stopped (SIGSTOP) while it runs, so their idle wake-ups
+        # on the shared core do not land on the pair: they raise every ratio (ADR 0051).
+        idlers.callback(_resume, [server.pid for server in servers.values()])
         pair_id = 0
         for round_ in range(-1, rounds):  # round -1 warms every pair up
             duration = warmup_s if round_ < 0 else settings.duration_s
             for name in round_order(others, max(round_, 0)) if others else []:
                 pair = {BASELINE: servers[BASELINE], name: servers[name]}
+                _only_running(servers, pair)
                 measured = _load_at_once(pair, settings, duration, pair_id)
                 pair_id += 1
                 if round_ < 0:
@@ -132,6 +151,20 @@ def run_capacity(
                     + (f"  ERRORS {errors} (non-2xx or socket)" if errors else "")
                 )
     return samples
+
+
+def _only_running(servers: dict[str, UvicornServer], pair: dict[str, UvicornServer]) -> None:
+    """Continue the pair's servers and stop every other one."""
+    running = {server.pid for server in pair.values()}
+    for server in servers.values():
+        os.kill(server.pid, signal.SIGCONT if server.pid in running else signal.SIGSTOP)
+
+
+def _resume(pids: Sequence[int]) -> None:
+    """Continue every server, so that it can be shut down as usual."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _load_at_once(

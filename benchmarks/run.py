@@ -103,6 +103,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--write-doc", action="store_true", help="rewrite the doc after --quick/--only"
     )
     parser.add_argument("--no-doc", action="store_true", help="never rewrite the doc")
+    parser.add_argument(
+        "--idle-servers",
+        type=int,
+        default=0,
+        help="capacity: start this many more bare servers on the servers' CPU, never loaded",
+    )
     parser.add_argument("--doc", type=Path, default=DOC_PATH, help="the Markdown file to rewrite")
     parser.add_argument("--list", action="store_true", help="list every registered name and exit")
     args = parser.parse_args(argv)
@@ -110,6 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.idle_servers < 0:
+        parser.error("--idle-servers must be at least 0")
     return args
 
 
@@ -227,12 +235,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings=settings,
                 rounds=capacity_rounds,
                 warmup_s=profile.warmup_s,
+                idle=args.idle_servers,
                 log=_log,
             )
             summaries = with_capacity(summaries, summarize_capacity(capacity_samples))
             info["capacity"] = (
                 f"servers pinned to CPU {SERVER_CPU}, one wrk per server pinned to CPU {LOAD_CPU}, "
                 f"each variant loaded at the same time as bare, {capacity_rounds} rounds"
+                + (
+                    f", {args.idle_servers} idle bare servers beside them"
+                    if args.idle_servers
+                    else ""
+                )
             )
         else:
             info["capacity"] = "not measured: needs two CPUs and sched_setaffinity"

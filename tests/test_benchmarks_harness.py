@@ -361,3 +361,16 @@ def test_cpu_seconds_skips_a_thread_that_ended_while_read(monkeypatch: pytest.Mo
     finally:
         child.kill()
         child.wait()
+
+
+def test_idle_servers_option_defaults_to_none_and_rejects_negatives(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--idle-servers`` (the capacity experiment) starts no extra server unless asked."""
+    from benchmarks.run import parse_args
+
+    assert parse_args([]).idle_servers == 0
+    assert parse_args(["--idle-servers", "13"]).idle_servers == 13
+    with pytest.raises(SystemExit):
+        parse_args(["--idle-servers", "-1"])
+    assert "--idle-servers must be at least 0" in capsys.readouterr().err
