@@ -5,7 +5,8 @@ ratios of runs taken one after another spread too widely to tell 0.95 from 0.90 
 Here a variant's server and ``bare``'s are pinned to the same core and loaded *at the same
 time*, each by its own wrk pinned to the other core; the scheduler interleaves the two every few
 milliseconds, so a slow spell of the machine lands on both alike. Pairs, not all variants at
-once: with eleven servers on one core the ratios spread two to ten times wider (ADR 0031).
+once: with eleven servers on one core the ratios spread two to ten times wider (ADR 0031); and
+while a pair runs the other variants' servers are stopped (ADR 0051).
 Each server's CPU time is read from ``/proc/<pid>/task/*/schedstat`` (nanoseconds on the CPU)
 around the run; ``requests / CPU seconds`` is its capacity, and its ratio to the ``bare`` beside
 it is what a single CPU-bound worker's throughput ratio would be.
@@ -111,8 +112,9 @@ def run_capacity(
     """Each variant loaded at the same time as ``bare``, in pairs, ``rounds`` times.
 
     Every pair has its own round number, so each variant's ratio is taken against the ``bare``
-    that ran beside it. ``idle``: that many more ``bare`` servers are started on the servers'
-    CPU and never loaded (an experiment: do a run's idle servers move the ratios?).
+    that ran beside it; the other variants' servers are stopped meanwhile. ``idle``: that many
+    more ``bare`` servers are started on the servers' CPU, never loaded nor stopped (an
+    experiment: do idle servers move the ratios? ADR 0051).
     """
     if not can_pin():
         raise RuntimeError("capacity needs two CPUs and sched_setaffinity")
@@ -129,8 +131,8 @@ def run_capacity(
         if running.redis_pid is not None:
             pin_process(running.redis_pid, LOAD_CPU)
         others = [name for name in servers if name != BASELINE]
-        # The variants not in a pair are stopped (SIGSTOP) while it runs, so their idle wake-ups
-        # on the shared core do not land on the pair: they raise every ratio (ADR 0051).
+        # The variants not in a pair are stopped (SIGSTOP) while it runs, so that nothing idle
+        # shares the core with the pair (ADR 0051).
         idlers.callback(_resume, [server.pid for server in servers.values()])
         pair_id = 0
         for round_ in range(-1, rounds):  # round -1 warms every pair up
