@@ -42,7 +42,7 @@ IETF_LIMIT = b"ratelimit"
 RETRY_AFTER = b"retry-after"
 #: The digits of the numbers below ``DIGITS_KEPT``, formatted once: the seconds an hour's window
 #: can report (``t`` and ``X-RateLimit-Reset``, on every response), and the units left of
-#: most limits. A list lookup costs about a tenth of formatting an int.
+#: most limits. A list lookup instead of formatting an int.
 DIGITS_KEPT = 3662
 DIGITS = [b"%d" % number for number in range(DIGITS_KEPT)]
 #: Every field name the rate limiter sets, lower case as they travel in ASGI.
