@@ -363,7 +363,7 @@ def test_cpu_seconds_skips_a_thread_that_ended_while_read(monkeypatch: pytest.Mo
         child.wait()
 
 
-def test_idle_servers_option_defaults_to_none_and_rejects_negatives(
+def test_idle_servers_option_defaults_to_zero_and_rejects_negatives(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """``--idle-servers`` (the capacity experiment) starts no extra server unless asked."""
