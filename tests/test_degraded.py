@@ -619,3 +619,24 @@ async def test_websocket_shed_under_install(clock: ManualClock) -> None:
     resilience.degraded.disable("recs")
     sent = await websocket_connect(app, "/recommendations/live")
     assert [(m["type"], m.get("code")) for m in sent] == [("websocket.close", 1013)]
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+def test_shedding_sees_the_path_without_the_servers_root_path(root_path: str) -> None:
+    """Behind ``--root-path /api`` a feature that is off still sheds its paths (it served them)."""
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    resilience = install(app)
+    resilience.degraded.feature("exports", paths=["/exports"])
+
+    @app.get("/exports/orders.csv")
+    async def export() -> str:
+        return "ok"
+
+    resilience.degraded.disable("exports", reason="test")
+    client = TestClient(app, root_path=root_path)
+    shed = client.get(f"{root_path}/exports/orders.csv")
+    assert shed.status_code == 503
+    assert shed.json()["code"] == "feature_unavailable"
+    assert shed.headers["x-degraded"] == "exports"

@@ -17,6 +17,7 @@ from fastapi_resilience import (
     NotFoundError,
     RateLimitedError,
     ServiceUnavailableError,
+    install,
     install_exception_handlers,
 )
 from fastapi_resilience._problem import INTERNAL_ERROR_DETAIL, PROBLEM_CONTENT_TYPE
@@ -302,3 +303,51 @@ async def test_type_base_is_configurable() -> None:
 def test_app_error_root_is_500() -> None:
     """A bare AppError is an internal error."""
     assert AppError("x").status_code == 500
+
+
+async def test_a_bare_rate_limited_error_says_when_to_come_back() -> None:
+    """``raise RateLimitedError("too many")`` with no figure: 429 with ``Retry-After: 1``."""
+    assert RateLimitedError("too many").headers == {"Retry-After": "1"}
+    assert RateLimitedError(retry_after=7.2).headers == {"Retry-After": "8"}
+    assert RateLimitedError(headers={"retry-after": "30"}).headers == {"retry-after": "30"}
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    @app.get("/busy")
+    async def busy() -> None:
+        raise RateLimitedError("too many")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answer = await client.get("/busy")
+    assert answer.status_code == 429
+    assert answer.headers["retry-after"] == "1"
+
+
+async def test_the_unhandled_error_log_line_escapes_the_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``%0A`` in a path cannot forge a log line: control characters are escaped."""
+
+    class Boom:
+        # Fails for every path (a route's pattern would not match a line feed).
+        def __init__(self, app: object) -> None:
+            self.app = app
+
+        async def __call__(self, scope: object, receive: object, send: object) -> None:
+            raise RuntimeError("boom")
+
+    app = FastAPI()
+    app.add_middleware(Boom)
+    install(app)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with caplog.at_level(logging.ERROR, logger="fastapi_resilience.errors"):
+            answer = await client.get("/x%0AINFO forged line%0D%1B[31m")
+    assert answer.status_code == 500
+    (record,) = caplog.records
+    line = record.getMessage()
+    assert "\n" not in line
+    assert "\r" not in line
+    assert "\x1b" not in line
+    assert line.endswith("/x\\x0aINFO forged line\\x0d\\x1b[31m")

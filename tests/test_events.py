@@ -42,3 +42,26 @@ def test_listeners_subscribe_unsubscribe_and_cannot_break_the_publisher(
     bus.emit("storage.up", "redis")
     assert [e.kind for e in seen] == ["storage.down"]
     assert any("listener" in r.getMessage() for r in caplog.records)
+
+
+def test_a_shadow_refusal_logs_the_path_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    """The shadow-refusal event's log line writes the client's path with control characters
+    escaped, so a ``%0A`` cannot start a forged line."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from fastapi_resilience import ResilienceSettings, install
+
+    app = FastAPI()
+    install(
+        app,
+        ResilienceSettings(rate_limit_shadow=True, rate_limit_tiers={"anonymous": "1/minute"}),
+    )
+    client = TestClient(app)
+    with caplog.at_level(logging.INFO, logger="fastapi_resilience.events"):
+        for _ in range(2):
+            client.get("/x%0AERROR forged%1B")
+    (line,) = [r.getMessage() for r in caplog.records if "shadow_refused" in r.getMessage()]
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert "path=/x\\x0aERROR forged\\x1b" in line

@@ -502,3 +502,121 @@ async def test_starlette_error_layer_stays_when_it_has_work(setup: str) -> None:
         assert response.json()["code"] == "internal_error"
     else:
         assert response.status_code == 200
+
+
+def _cors_app(cors: str) -> FastAPI:
+    from starlette.middleware.cors import CORSMiddleware
+
+    app = FastAPI()
+    if cors == "before":
+        app.add_middleware(
+            CORSMiddleware, allow_origins=["https://ui.example"], allow_methods=["*"]
+        )
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "2/minute"}))
+    if cors == "after":
+        app.add_middleware(
+            CORSMiddleware, allow_origins=["https://ui.example"], allow_methods=["*"]
+        )
+
+    @app.get("/orders")
+    async def orders() -> list[int]:
+        return []
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    return app
+
+
+@pytest.mark.parametrize("cors", ["before", "after"])
+def test_cors_headers_on_429_and_500_and_preflights_never_counted(cors: str) -> None:
+    """CORSMiddleware added before or after install(): a browser can read the 429 and the
+    500 (both carry Access-Control-Allow-Origin), and preflights use none of the budget."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(_cors_app(cors), raise_server_exceptions=False)
+    origin = {"Origin": "https://ui.example"}
+    preflight = {**origin, "Access-Control-Request-Method": "GET"}
+    assert [client.options("/orders", headers=preflight).status_code for _ in range(3)] == [
+        200,
+        200,
+        200,
+    ]
+    failed = client.get("/boom", headers=origin)
+    assert failed.status_code == 500
+    assert failed.headers["access-control-allow-origin"] == "https://ui.example"
+    assert failed.headers["content-type"] == "application/problem+json"
+    assert client.get("/orders", headers=origin).status_code == 200
+    refused = client.get("/orders", headers=origin)
+    assert refused.status_code == 429
+    assert refused.headers["access-control-allow-origin"] == "https://ui.example"
+    assert "x-request-id" in refused.headers
+
+
+def test_install_twice_is_refused() -> None:
+    app = FastAPI()
+    install(app)
+    with pytest.raises(ConfigurationError, match=r"install\(\) was already called"):
+        install(app)
+    assert len(app.user_middleware) == 1
+
+
+def test_documentation_routes_are_not_counted_by_default() -> None:
+    from fastapi.testclient import TestClient
+
+    app = FastAPI(docs_url="/api-docs")
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "1/minute"}))
+    client = TestClient(app)
+    for path in ["/openapi.json", "/api-docs", "/redoc", "/docs/oauth2-redirect"] * 2:
+        answer = client.get(path)
+        assert answer.status_code == 200, path
+        assert "x-ratelimit-remaining" not in answer.headers
+    counted = FastAPI()
+    install(
+        counted,
+        ResilienceSettings(
+            rate_limit_tiers={"anonymous": "1/minute"}, rate_limit_exempt_docs=False
+        ),
+    )
+    answers = [TestClient(counted).get("/openapi.json").status_code for _ in range(2)]
+    assert answers == [200, 429]
+
+
+def test_test_client_raises_the_routes_exception_after_the_500() -> None:
+    """Under install() TestClient raises a route's exception, as Starlette's own error layer
+    makes it do; ``raise_server_exceptions=False`` gets the 500 problem+json instead."""
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    install(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise LookupError("the route's own error")
+
+    with pytest.raises(LookupError, match="the route's own error"):
+        TestClient(app).get("/boom")
+    answer = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert answer.status_code == 500
+    assert answer.json()["code"] == "internal_error"
+
+
+async def test_a_real_server_is_not_handed_the_exception_unless_asked() -> None:
+    """Outside TestClient the 500 is the end of it; ``raise_server_exceptions=True`` hands the
+    exception on after answering, for servers or tools that want it."""
+    for setting, raised in [(None, False), (True, True)]:
+        app = FastAPI()
+        install(app, ResilienceSettings(raise_server_exceptions=setting))
+
+        @app.get("/boom")
+        async def boom() -> None:
+            raise LookupError("boom")
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            if raised:
+                with pytest.raises(LookupError):
+                    await client.get("/boom")
+            else:
+                assert (await client.get("/boom")).status_code == 500

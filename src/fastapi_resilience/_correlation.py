@@ -118,6 +118,11 @@ class CorrelationIdMiddleware:
         generator: makes a new ID; must return a valid one.
         update_request_header: also put a generated ID into the request's headers, so code
             reading the header directly sees the same ID.
+        raise_server_exceptions: after answering an unhandled exception's 500, raise it again
+            to the server, as Starlette's own error middleware does. ``None`` (the default):
+            only for Starlette's ``TestClient``, so a failing route fails the test that calls
+            it (``TestClient(app, raise_server_exceptions=False)`` gets the 500 instead); a
+            real server is not handed the exception, which it would log a second time.
         rate_limiter: also rate-limit every request with it, in the same layer: the same as a
             ``RateLimitMiddleware(limiter=rate_limiter)`` placed just inside this middleware,
             which it builds, minus one coroutine per request on the common path (a request the
@@ -134,6 +139,7 @@ class CorrelationIdMiddleware:
         header_name: str = "X-Request-ID",
         generator: Callable[[], str] = generate_correlation_id,
         update_request_header: bool = True,
+        raise_server_exceptions: bool | None = None,
         rate_limiter: RateLimiter | None = None,
         degraded_mode: DegradedMode | None = None,
     ) -> None:
@@ -161,6 +167,13 @@ class CorrelationIdMiddleware:
         self._header = header_name.lower().encode("latin-1")
         self._generate = generator
         self._update_request_header = update_request_header
+        self.raise_server_exceptions = raise_server_exceptions
+
+    def _reraise(self, scope: Scope) -> bool:
+        if self.raise_server_exceptions is not None:
+            return self.raise_server_exceptions
+        # Starlette's TestClient asks every app for its debug messages; servers do not.
+        return "http.response.debug" in scope.get("extensions", ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -263,6 +276,8 @@ class CorrelationIdMiddleware:
             from fastapi_resilience._problem import answer_unhandled
 
             await answer_unhandled(scope, exc, send_with_id, response_started=response_started)
+            if self._reraise(scope):
+                raise
         finally:
             if admitted:
                 # ``pop``: a rate limiter of an app mounted inside may have removed it.

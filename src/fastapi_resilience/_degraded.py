@@ -25,6 +25,7 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import HEADER_NAME, RESPONSE_HEADERS_KEY
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
+from fastapi_resilience._request_path import route_path
 from fastapi_resilience._route_walk import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import ConfigurationError, FeatureUnavailableError
 
@@ -462,7 +463,7 @@ class DegradedModeMiddleware:
         later) before it is accepted when a feature that is off owns its path."""
         mode = self.mode
         mode.refresh()
-        if mode.owner_off(scope["path"]) is None:
+        if mode.owner_off(route_path(scope)) is None:
             await self.app(scope, receive, send)
             return
         message = await receive()
@@ -481,7 +482,7 @@ class DegradedModeMiddleware:
                 extra.append(notice)
             else:
                 send = _adding_header(send, notice)
-        error = mode.shed(scope["path"])
+        error = mode.shed(route_path(scope))
         if error is None:
             # The route's ``requires_feature`` decides on this look (one look per request,
             # which an outage makes every request pay).

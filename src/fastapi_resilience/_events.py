@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi_resilience._correlation import get_correlation_id
+from fastapi_resilience._log_text import printable
 
 __all__ = ["FALLBACK_EVENTS", "Event", "EventBus", "EventListener", "EventSource"]
 
@@ -43,12 +44,13 @@ def log_event(event: Event) -> None:
     if not logger.isEnabledFor(event.level):
         # Per-request events (a refusal is DEBUG) must not format what nobody will read.
         return
-    attrs = " ".join(f"{k}={v}" for k, v in event.attributes.items())
+    # Names and figures can come from a request (a path, an identity): escaped for the line.
+    attrs = " ".join(f"{k}={printable(v)}" for k, v in event.attributes.items())
     logger.log(
         event.level,
         "%s %s%s",
         event.kind,
-        event.name,
+        printable(event.name),
         f" {attrs}" if attrs else "",
         extra={"correlation_id": event.correlation_id or "-", "event_kind": event.kind},
     )

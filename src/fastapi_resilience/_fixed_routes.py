@@ -25,7 +25,9 @@ from fastapi.routing import APIRoute, APIRouter, APIWebSocketRoute
 from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route", "route_path"]
+from fastapi_resilience._request_path import route_path
+
+__all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route"]
 
 # Made once: ``Match.NONE`` is an ``EnumType.__getattr__`` lookup in Python 3.11, and the router
 # never reads (or changes) the scope of a route that did not match.
@@ -187,18 +189,6 @@ def _fixed(path: str) -> str:
     if "{" in path:
         raise ValueError(f"{path!r}: a fixed route takes no path parameters")
     return path
-
-
-def route_path(scope: Scope) -> str:
-    """The path the app's routes see: ``scope["path"]`` without ``root_path`` (as Starlette's
-    routing takes it off: only at a ``/`` boundary)."""
-    path: str = scope["path"]
-    root_path = scope.get("root_path")
-    if not root_path or not path.startswith(root_path):
-        return path
-    if path == root_path:
-        return ""
-    return path[len(root_path) :] if path[len(root_path)] == "/" else path
 
 
 def add_fixed_route(

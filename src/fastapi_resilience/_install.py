@@ -7,8 +7,16 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exception_handlers import http_exception_handler as fastapi_http_exception_handler
+from fastapi.exception_handlers import (
+    request_validation_exception_handler as fastapi_validation_handler,
+)
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience._breaker import default_registry
@@ -17,7 +25,13 @@ from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._degraded import DegradedMode
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._fixed_routes import FixedPathRoutes
-from fastapi_resilience._handlers import install_exception_handlers, unhandled_exception_handler
+from fastapi_resilience._handlers import (
+    http_exception_handler as problem_http_handler,
+)
+from fastapi_resilience._handlers import (
+    install_exception_handlers,
+    unhandled_exception_handler,
+)
 from fastapi_resilience._health import HealthChecks, add_health_routes
 from fastapi_resilience._metrics import (
     PrometheusListener,
@@ -28,6 +42,7 @@ from fastapi_resilience._outbound_fastapi import watch_outbound
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience.exceptions import AppError, ConfigurationError
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
 
@@ -81,6 +96,11 @@ def install(
     Raises:
         ConfigurationError: a setting is invalid; the message names it.
     """
+    if isinstance(getattr(app.state, APP_STATE_NAME, None), Resilience):
+        # A second call would stack a second limiter, counting every request twice.
+        raise ConfigurationError(
+            "install() was already called on this app; call it once, with all the settings"
+        )
     settings = settings if settings is not None else ResilienceSettings()
     resilience = Resilience(settings, clock=clock)
     setattr(app.state, APP_STATE_NAME, resilience)
@@ -91,16 +111,20 @@ def install(
         expose_error_details=settings.expose_error_details,
         correlation_header=settings.correlation_header,
     )
-    limiter = _install_rate_limiting(resilience) if settings.rate_limit_enabled else None
+    limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
     # One layer for all three: the correlation middleware runs the rate limiter and degraded
     # mode inside it (ADR 0048, ADR 0049).
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name=settings.correlation_header,
+        raise_server_exceptions=settings.raise_server_exceptions,
         rate_limiter=limiter,
         degraded_mode=resilience.degraded,
     )
-    _idle_error_layer(app, app.user_middleware[0])
+    ours = app.user_middleware[0]
+    _cors_outside(app)
+    _idle_error_layer(app, ours)
+    _cover_mounted_apps(app, settings)
     resilience.health.add(FEATURES_CHECK, resilience.degraded.health_check, critical=False)
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
@@ -121,6 +145,7 @@ def install(
         resilience.degraded.validate(app.router.routes)
         if group is not None:
             group.settle(app.router.routes)
+        _cover_mounted_apps(app, settings)
 
     _around_lifespan(app, started=started, stopped=limiter.aclose if limiter is not None else None)
     return resilience
@@ -132,9 +157,14 @@ FEATURES_CHECK = "features"
 RATE_LIMIT_CHECK = "rate_limit_storage"
 
 
-def _install_rate_limiting(resilience: Resilience) -> RateLimiter:
+def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
     settings = resilience.settings
-    limiter = limiter_from_settings(settings, events=resilience.events, clock=resilience.clock)
+    limiter = limiter_from_settings(
+        settings,
+        events=resilience.events,
+        clock=resilience.clock,
+        exempt_paths=_docs_paths(app) if settings.rate_limit_exempt_docs else (),
+    )
     resilience.rate_limiter = limiter
     storage_health = getattr(limiter.storage, "health", None)
     if storage_health is not None:
@@ -143,6 +173,69 @@ def _install_rate_limiting(resilience: Resilience) -> RateLimiter:
             RATE_LIMIT_CHECK, storage_health, critical=not settings.rate_limit_fail_open
         )
     return limiter
+
+
+def _docs_paths(app: FastAPI) -> list[str]:
+    """FastAPI's own documentation routes: the schema, Swagger UI and its OAuth2 redirect,
+    ReDoc. A browser loads them with their assets; they are not the API being protected."""
+    paths = [app.openapi_url, app.redoc_url]
+    if app.docs_url:
+        paths += [app.docs_url, app.swagger_ui_oauth2_redirect_url]
+    return [path for path in paths if path]
+
+
+def _cors_outside(app: FastAPI) -> None:
+    """Move every ``CORSMiddleware`` added before ``install()`` outside the library's layer.
+
+    The library's layer answers 429, 503 and 500 itself; only a CORS layer outside it adds
+    ``Access-Control-Allow-Origin`` to those answers, so a browser shows the page the 429
+    rather than a CORS error; and it answers preflights before they are counted.
+    """
+    stack = app.user_middleware
+    cors = [entry for entry in stack[1:] if _is_cors(entry)]
+    for entry in cors:
+        stack.remove(entry)
+    stack[0:0] = cors
+
+
+def _is_cors(entry: Middleware) -> bool:
+    return isinstance(entry.cls, type) and issubclass(entry.cls, CORSMiddleware)
+
+
+def _cover_mounted_apps(app: Starlette, settings: ResilienceSettings) -> None:
+    """Give every mounted Starlette/FastAPI sub-app without its own ``install()`` the problem
+    handlers, so its errors (a route limit's 429, a 404, a 422, a 500) answer like the app's.
+
+    Handlers the sub-app registered itself stay; only FastAPI's defaults are replaced.
+    Called by ``install()`` and again at start-up, for sub-apps mounted after it.
+    """
+    for route in getattr(app.router, "routes", ()):
+        sub = getattr(route, "app", None)
+        if not isinstance(route, Mount) or not isinstance(sub, Starlette):
+            continue
+        if not isinstance(getattr(sub.state, APP_STATE_NAME, None), Resilience):
+            _add_problem_handlers(sub, settings)
+        _cover_mounted_apps(sub, settings)
+
+
+def _add_problem_handlers(sub: Starlette, settings: ResilienceSettings) -> None:
+    handlers = sub.exception_handlers
+    if AppError in handlers or handlers.get(HTTPException) is problem_http_handler:
+        return  # its own, or covered already
+    own = {
+        key: handler
+        for key, handler in handlers.items()
+        if handler not in (fastapi_http_exception_handler, fastapi_validation_handler)
+    }
+    install_exception_handlers(
+        sub,  # type: ignore[arg-type]
+        type_base=settings.problem_type_base,
+        expose_error_details=settings.expose_error_details,
+        correlation_header=settings.correlation_header,
+    )
+    handlers.update(own)
+    # Its stack is built at its first request: rebuilt if it was, to take the handlers in.
+    sub.middleware_stack = None
 
 
 def _around_lifespan(
@@ -202,14 +295,23 @@ def _idle_error_layer(app: FastAPI, ours: Middleware) -> None:
             type(stack) is ServerErrorMiddleware
             and not stack.debug
             and stack.handler is unhandled_exception_handler
-            and app.user_middleware
-            and app.user_middleware[0] is ours
+            and _outermost_but_cors(app.user_middleware, ours)
         ):
             return _IdleServerErrorMiddleware(stack.app, handler=stack.handler, debug=False)
         return stack
 
     # An instance attribute: Starlette builds the stack on the first request by this name.
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+
+
+def _outermost_but_cors(stack: list[Middleware], ours: Middleware) -> bool:
+    """``ours`` is in ``stack`` with only ``CORSMiddleware`` outside it, which never raises."""
+    for entry in stack:
+        if entry is ours:
+            return True
+        if not _is_cors(entry):
+            return False
+    return False
 
 
 def _install_metrics(

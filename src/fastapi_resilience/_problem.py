@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from fastapi_resilience._correlation import (
     generate_correlation_id,
     get_correlation_id,
 )
+from fastapi_resilience._log_text import printable
 from fastapi_resilience.exceptions import AppError
 
 __all__ = [
@@ -37,6 +39,8 @@ APP_STATE_KEY = "fastapi_resilience_problems"
 #: The only text of an unhandled exception's answer unless details are exposed.
 INTERNAL_ERROR_DETAIL = "The server failed to answer this request. It has been logged."
 
+#: Set on an exception once it has been logged.
+_LOGGED = "_fastapi_resilience_logged"
 _STANDARD_MEMBERS = ("type", "title", "status", "detail", "instance", "code", "correlation_id")
 _NO_BODY_STATUSES = frozenset({204, 205, 304})
 
@@ -213,15 +217,25 @@ def unhandled_response(scope: Scope, exc: BaseException) -> Response:
 
 
 def log_unhandled(scope: Scope, exc: BaseException) -> None:
-    """Log an unhandled exception once, with its traceback and the correlation ID."""
+    """Log an unhandled exception once, with its traceback and the correlation ID.
+
+    Once: an exception that passes two of the library's layers (a mounted sub-app's error
+    handler, then the app's correlation layer) is logged by the first only. The method and path
+    are the client's text: control characters in them are escaped.
+    """
+    if getattr(exc, _LOGGED, False):
+        return
     logger.error(
         "unhandled %s on %s %s",
         type(exc).__name__,
-        scope.get("method", "-"),
-        scope.get("path", "-"),
+        printable(scope.get("method", "-")),
+        printable(scope.get("path", "-")),
         exc_info=(type(exc), exc, exc.__traceback__),
         extra={"correlation_id": get_correlation_id() or scope.get(SCOPE_KEY) or "-"},
     )
+    with contextlib.suppress(AttributeError, TypeError):
+        # An exception type without a ``__dict__`` is logged again if it passes twice.
+        setattr(exc, _LOGGED, True)
 
 
 async def answer_unhandled(

@@ -14,15 +14,16 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
-from fastapi_resilience._fixed_routes import route_path
 from fastapi_resilience._limit_string import Limit, parse_limits
 from fastapi_resilience._rate_limit_core import StorageUnavailableError
 from fastapi_resilience._rate_limiter import (
+    EXEMPT_KEY,
     OWN_HEADERS_KEY,
     SCOPE_KEY,
     LimitOutcome,
@@ -30,6 +31,7 @@ from fastapi_resilience._rate_limiter import (
     RoutePlan,
     withdraw_middleware_headers,
 )
+from fastapi_resilience._request_path import app_path, mount_prefix, route_path
 from fastapi_resilience._route_walk import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import (
     ConfigurationError,
@@ -37,7 +39,14 @@ from fastapi_resilience.exceptions import (
     ServiceUnavailableError,
 )
 
-__all__ = ["RateLimit", "RouteTable", "rate_limit"]
+__all__ = [
+    "RateLimit",
+    "RouteLimitRefused",
+    "RouteLimitUnavailable",
+    "RouteTable",
+    "rate_limit",
+    "route_plan",
+]
 
 
 class RateLimit:
@@ -56,7 +65,7 @@ class RateLimit:
             self.limits = tuple(limits)
         self.cost = cost
         self.shadow = shadow
-        self._plans: dict[str, RoutePlan] = {}
+        self._plans: dict[tuple[int, str], tuple[object, RoutePlan]] = {}
 
     def __repr__(self) -> str:
         spec = "; ".join(str(limit) for limit in self.limits)
@@ -64,41 +73,92 @@ class RateLimit:
 
     async def __call__(self, request: Request, response: Response) -> None:
         scope = request.scope
+        if EXEMPT_KEY in scope:
+            return  # the middleware let this request pass unlimited (an exempt path)
         outcome: LimitOutcome | None = scope.get(SCOPE_KEY)
         if outcome is not None and self in outcome.route_sources:
             return  # the middleware checked this route's limits with the tier's
+        checked: frozenset[object] | None = scope.get(OWN_HEADERS_KEY)
+        if checked is not None and self in checked:
+            return  # another rate_limit of this route checked the route's limits, these too
         if not self.limits:
             return  # a cost only: it applies where the middleware sees the route
         limiter = outcome.limiter if outcome is not None else _limiter_of(request)
         if limiter is None:
             return  # rate limiting is disabled for this app
+        if outcome is None and limiter.is_exempt(route_path(scope)):
+            return  # this app's limiter exempts the path, middleware or not
         identity = outcome.identity if outcome is not None else await limiter.resolver(scope)
         if identity is None:
             return
-        route = scope.get("route")
-        path = getattr(route, "path_format", None) or getattr(route, "path", None) or scope["path"]
-        plan = self._plans.get(path)
-        if plan is None:
-            if len(self._plans) >= 1024:  # raw paths if no route is known: keep it bounded
-                self._plans.clear()
-            plan = self._plans[path] = RoutePlan(
-                path,
-                tuple((limit, self.shadow) for limit in self.limits),
-                self.cost,
-                frozenset({self}),
-            )
+        plan = self._plan_for(scope)
+        scope[OWN_HEADERS_KEY] = plan.sources
         own = await _check_route_only(limiter, scope, identity, plan)
         if own is None or own.decision is None:
             return
-        scope[OWN_HEADERS_KEY] = True
         withdraw_middleware_headers(scope)
         if own.refused:
             _, problem = own.problem()
-            raise RateLimitedError(
+            raise RouteLimitRefused(
                 problem["detail"], extensions=problem["extensions"], headers=problem["headers"]
             )
         for name, value in own.headers():
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
+
+    def _plan_for(self, scope: Scope) -> RoutePlan:
+        """The plan of every ``rate_limit`` of the matched route, keyed by its full template.
+
+        All of the route's limits are checked together, once, whichever of its dependencies
+        runs first: the same limit declared on a router and on the route counts once.
+        """
+        route = scope.get("route")
+        prefix = mount_prefix(scope)
+        # By the route's id (routes do not hash), with the route kept to tell a reused id.
+        cache_key = (id(route), prefix if route is not None else app_path(scope))
+        cached = self._plans.get(cache_key)
+        if cached is not None and cached[0] is route:
+            return cached[1]
+        if len(self._plans) >= 1024:  # raw paths if no route is known: keep it bounded
+            self._plans.clear()
+        plan = route_plan(route, prefix) if route is not None else None
+        if plan is None or self not in plan.sources:
+            # No route (a call outside routing) or one this dependency is not declared on.
+            plan = _plan_of([self], app_path(scope))
+        self._plans[cache_key] = (route, plan)
+        return plan
+
+
+class _AlsoHTTPException(HTTPException):
+    """Starlette's ``HTTPException`` as a second base of an ``AppError``.
+
+    ``AppError`` keeps ``status_code``, ``detail`` and ``headers`` as ``HTTPException`` names
+    them; this base only takes ``AppError``'s cooperative ``super().__init__(detail)`` call,
+    which ``HTTPException.__init__`` would read as a status code.
+    """
+
+    def __init__(self, *args: object) -> None:
+        Exception.__init__(self, *args)
+
+
+class RouteLimitRefused(RateLimitedError, _AlsoHTTPException):  # type: ignore[misc]
+    """A route limit's refusal: a ``RateLimitedError`` that is also Starlette's ``HTTPException``.
+
+    Where the library's handlers are installed it is rendered as problem+json like any
+    ``AppError`` (``AppError`` comes first in its method resolution order). In an app without
+    them (``Depends(rate_limit(...))`` alone) the app's own ``HTTPException`` handler answers
+    it: a 429 with ``Retry-After`` in the app's own error format, never a 500.
+    """
+
+    __str__ = RateLimitedError.__str__
+    __repr__ = RateLimitedError.__repr__
+
+
+class RouteLimitUnavailable(ServiceUnavailableError, _AlsoHTTPException):  # type: ignore[misc]
+    """The fail-closed 503 of a route limit whose storage is down; answered like
+    :class:`RouteLimitRefused` in an app without the library's handlers."""
+
+    __str__ = ServiceUnavailableError.__str__
+    __repr__ = ServiceUnavailableError.__repr__
 
 
 async def _check_route_only(
@@ -110,7 +170,7 @@ async def _check_route_only(
         return await limiter.check(scope, identity, plan, with_tier=False)
     except StorageUnavailableError as exc:
         problem = limiter.unavailable_problem(scope, identity, plan, exc)
-        raise ServiceUnavailableError(
+        raise RouteLimitUnavailable(
             str(problem["detail"]), extensions=problem["extensions"], headers=problem["headers"]
         ) from None
 
@@ -152,6 +212,28 @@ def _rate_limits_of(dependant: Any) -> Iterator[RateLimit]:
     return (call for call in dependency_calls(dependant) if isinstance(call, RateLimit))
 
 
+def route_plan(route: Any, prefix: str = "") -> RoutePlan | None:
+    """The plan of ``route``'s ``rate_limit`` dependencies, ``None`` when it has none.
+
+    ``prefix``: the mounts' prefix in front of the route's template (``mount_prefix``).
+    """
+    found = list(dict.fromkeys(_rate_limits_of(getattr(route, "dependant", None))))
+    if not found:
+        return None
+    path = str(getattr(route, "path_format", None) or getattr(route, "path", ""))
+    return _plan_of(found, prefix + path)
+
+
+def _plan_of(found: Sequence[RateLimit], path: str) -> RoutePlan:
+    # The same limit declared twice (on a router and on its route, say) is one constraint:
+    # counted once, and enforced unless every declaration of it is a shadow.
+    limits: dict[Limit, bool] = {}
+    for dep in found:
+        for limit in dep.limits:
+            limits[limit] = limits.get(limit, True) and dep.shadow
+    return RoutePlan(path, tuple(limits.items()), max(dep.cost for dep in found), frozenset(found))
+
+
 def _literal_prefix(route: Any) -> str:
     """The text every path the route matches starts with ("" when it cannot tell)."""
     path_format = getattr(route, "path_format", None)
@@ -172,25 +254,25 @@ class RouteTable:
 
     __slots__ = ("_limited", "_routes")
 
-    def __init__(self, routes: Sequence[Any]) -> None:
+    def __init__(self, routes: Sequence[Any], prefix: str = "") -> None:
         self._routes = list(routes)
         self._limited: list[tuple[str, int, Any, RoutePlan]] = []
         for index, route in enumerate(self._routes):
-            found = list(dict.fromkeys(_rate_limits_of(getattr(route, "dependant", None))))
-            if not found:
-                continue
-            limits = tuple((limit, dep.shadow) for dep in found for limit in dep.limits)
-            path = str(getattr(route, "path_format", None) or getattr(route, "path", ""))
-            plan = RoutePlan(path, limits, max(dep.cost for dep in found), frozenset(found))
-            self._limited.append((_literal_prefix(route), index, route, plan))
+            plan = route_plan(route, prefix)
+            if plan is not None:
+                self._limited.append((_literal_prefix(route), index, route, plan))
 
     @classmethod
-    def for_app(cls, app: Any) -> RouteTable | None:
-        """The table of ``app`` (a Starlette/FastAPI app), or ``None`` when no route is limited."""
+    def for_app(cls, app: Any, prefix: str = "") -> RouteTable | None:
+        """The table of ``app`` (a Starlette/FastAPI app), or ``None`` when no route is limited.
+
+        ``prefix``: where ``app`` is mounted (``/v2``), so its routes' budgets are keyed by
+        their full template and never shared with the parent's routes of the same path.
+        """
         routes = getattr(getattr(app, "router", None), "routes", None)
         if not routes:
             return None
-        table = cls(flat_routes(routes))
+        table = cls(flat_routes(routes), prefix)
         return table if table._limited else None
 
     def __bool__(self) -> bool:

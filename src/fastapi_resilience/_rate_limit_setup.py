@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
@@ -23,8 +24,12 @@ def limiter_from_settings(
     resolver: IdentityResolver | None = None,
     events: EventBus | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    exempt_paths: Iterable[str] = (),
 ) -> RateLimiter:
     """The limiter ``settings`` describe (``ResilienceSettings()`` when ``None``).
+
+    ``exempt_paths``: exempt besides ``rate_limit_exempt_paths`` (``install`` adds the app's
+    documentation routes).
 
     The storage comes from ``rate_limit_storage`` unless given; a Redis storage is wrapped in
     the guard, so that a dead or stalled Redis costs at most one timeout before the breaker opens.
@@ -54,7 +59,7 @@ def limiter_from_settings(
             api_key_header=settings.rate_limit_api_key_header,
             trusted_proxies=settings.trusted_proxies,
         ),
-        exempt_paths=settings.rate_limit_exempt_paths,
+        exempt_paths=[*settings.rate_limit_exempt_paths, *exempt_paths],
         fail_open=settings.rate_limit_fail_open,
         shadow=settings.rate_limit_shadow,
         headers_enabled=settings.rate_limit_headers_enabled,

@@ -47,6 +47,7 @@ from fastapi_resilience._rate_limit_memory import MemoryStorage
 from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
 
 __all__ = [
+    "EXEMPT_KEY",
     "OWN_HEADERS_KEY",
     "SCOPE_KEY",
     "LimitOutcome",
@@ -57,8 +58,12 @@ __all__ = [
 
 #: Where the middleware leaves the request's :class:`LimitOutcome` in the ASGI scope.
 SCOPE_KEY = "fastapi_resilience.rate_limit"
-#: Set by a ``rate_limit`` dependency that checked (and set the headers of) its own limits.
+#: Set by a ``rate_limit`` dependency that checked (and set the headers of) its route's limits:
+#: the dependency objects whose limits it checked.
 OWN_HEADERS_KEY = "fastapi_resilience.rate_limit_own_headers"
+#: Set by the middleware while it lets a request pass unlimited (an exempt path, or a resolver
+#: that gave no identity): the route's own ``rate_limit`` then counts nothing either.
+EXEMPT_KEY = "fastapi_resilience.rate_limit_exempt"
 _MEMORY_CHECK = MemoryStorage.check
 #: Bound on cached per-identity plans: a flood of identities cannot grow it without limit.
 _PLAN_CACHE_SIZE = 10_000

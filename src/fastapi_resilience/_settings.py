@@ -42,6 +42,9 @@ class ResilienceSettings(BaseSettings):
     # Errors and correlation IDs
     correlation_header: str = "X-Request-ID"
     expose_error_details: bool = False
+    #: Raise an unhandled exception again after its 500 is answered, as Starlette does;
+    #: ``None``: only under Starlette's ``TestClient``.
+    raise_server_exceptions: bool | None = None
     problem_type_base: str = DEFAULT_TYPE_BASE
 
     # Rate limiting
@@ -54,6 +57,8 @@ class ResilienceSettings(BaseSettings):
     rate_limit_exempt_paths: list[str] = Field(
         default_factory=lambda: ["/health/live", "/health/ready", "/metrics"]
     )
+    #: Also exempt the app's documentation routes (``/openapi.json``, ``/docs``, ``/redoc``).
+    rate_limit_exempt_docs: bool = True
     trusted_proxies: list[str] = Field(default_factory=list)
     rate_limit_api_key_header: str = "X-API-Key"
     rate_limit_storage_timeout: float = Field(default=0.25, gt=0, le=5.0)

@@ -167,6 +167,19 @@ class RateLimitedError(ClientError):
     retryable = True
     type_uri = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        extensions: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(detail, extensions=extensions, headers=headers, retry_after=retry_after)
+        if not any(name.lower() == "retry-after" for name in self.headers):
+            # Every 429 says when to come back; with no figure given, the shortest wait.
+            self.headers["Retry-After"] = retry_after_header(0)
+
 
 class ServerError(AppError):
     """The server or something behind it failed (5xx)."""

@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience._problem import problem_response
+from fastapi_resilience._request_path import route_path
 from fastapi_resilience.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ class FaultRule:
             self.methods = frozenset(m.upper() for m in self.methods)
 
     def matches(self, scope: Scope) -> bool:
-        if not str(scope.get("path", "")).startswith(self.path_prefix):
+        if not route_path(scope).startswith(self.path_prefix):
             return False
         return self.methods is None or scope.get("method", "GET") in self.methods
 
