@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -133,6 +133,7 @@ class UvicornProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         stderr: IO[bytes] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         full_env = {**os.environ, **(env or {})}
@@ -149,6 +150,7 @@ class UvicornProcess:
                 "--log-level",
                 "warning",
                 "--no-access-log",
+                *args,
             ],
             env=full_env,
             cwd=str(cwd) if cwd else None,

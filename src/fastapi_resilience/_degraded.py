@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fastapi_resilience._app_state import resilience_of
 from fastapi_resilience._breaker import OPEN, BreakerRegistry, CircuitBreaker, default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import HEADER_NAME, RESPONSE_HEADERS_KEY
@@ -545,9 +546,9 @@ def requires_feature(
 
 
 def mode_of(request: Request) -> DegradedMode:
-    """The degraded mode ``install`` set up for the request's app."""
-    resilience = getattr(request.app.state, "resilience", None)
-    mode = getattr(resilience, "degraded", None)
+    """The degraded mode ``install`` set up for the request's app (or the app it is
+    mounted in)."""
+    mode = getattr(resilience_of(request.app), "degraded", None)
     if not isinstance(mode, DegradedMode):
         raise LookupError(
             "requires_feature: this app has no degraded mode; call install(app) first, "

@@ -19,6 +19,7 @@ from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fastapi_resilience._app_state import APP_STATE_NAME, OUTER_STATE_NAME
 from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import CorrelationIdMiddleware
@@ -45,9 +46,6 @@ from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import AppError, ConfigurationError
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
-
-#: ``app.state.resilience`` holds the ``Resilience`` object after ``install``.
-APP_STATE_NAME = "resilience"
 
 
 class Resilience:
@@ -124,7 +122,7 @@ def install(
     ours = app.user_middleware[0]
     _cors_outside(app)
     _idle_error_layer(app, ours)
-    _cover_mounted_apps(app, settings)
+    _cover_mounted_apps(app, resilience)
     resilience.health.add(FEATURES_CHECK, resilience.degraded.health_check, critical=False)
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
@@ -142,10 +140,10 @@ def install(
         # Once the app is built, after the user's own start-up code (which may add routes):
         # what the features name is checked (they are declared after install()), and the
         # group moves back past the routes that cannot serve its paths (ADR 0047).
-        resilience.degraded.validate(app.router.routes)
+        for covered in [app, *_cover_mounted_apps(app, resilience)]:
+            resilience.degraded.validate(covered.router.routes)
         if group is not None:
             group.settle(app.router.routes)
-        _cover_mounted_apps(app, settings)
 
     _around_lifespan(app, started=started, stopped=limiter.aclose if limiter is not None else None)
     return resilience
@@ -202,20 +200,35 @@ def _is_cors(entry: Middleware) -> bool:
     return isinstance(entry.cls, type) and issubclass(entry.cls, CORSMiddleware)
 
 
-def _cover_mounted_apps(app: Starlette, settings: ResilienceSettings) -> None:
-    """Give every mounted Starlette/FastAPI sub-app without its own ``install()`` the problem
-    handlers, so its errors (a route limit's 429, a 404, a 422, a 500) answer like the app's.
+def _cover_mounted_apps(app: Starlette, resilience: Resilience) -> list[Starlette]:
+    """Serve every mounted Starlette/FastAPI sub-app without its own ``install()`` as part of
+    ``app``: the problem handlers, so its errors (a route limit's 429, a 404, a 422, a 500)
+    answer like the app's; and ``resilience``, so its ``requires_feature`` and ``rate_limit``
+    find the app's degraded mode and limiter. Returns the sub-apps covered.
 
     Handlers the sub-app registered itself stay; only FastAPI's defaults are replaced.
     Called by ``install()`` and again at start-up, for sub-apps mounted after it.
     """
+    covered: list[Starlette] = []
     for route in getattr(app.router, "routes", ()):
         sub = getattr(route, "app", None)
         if not isinstance(route, Mount) or not isinstance(sub, Starlette):
             continue
-        if not isinstance(getattr(sub.state, APP_STATE_NAME, None), Resilience):
-            _add_problem_handlers(sub, settings)
-        _cover_mounted_apps(sub, settings)
+        own = getattr(sub.state, APP_STATE_NAME, None)
+        if not isinstance(own, Resilience):
+            setattr(sub.state, OUTER_STATE_NAME, resilience)
+            _add_problem_handlers(sub, resilience.settings)
+            covered.append(sub)
+            covered += _cover_mounted_apps(sub, resilience)
+        elif (
+            own.rate_limiter is not None
+            and resilience.rate_limiter is not None
+            and "{" not in route.path
+        ):
+            # A sub-app with its own limiter limits its own requests: one limiter, one set of
+            # headers per request (ADR 0052).
+            resilience.rate_limiter.exempt([f"{route.path}/*"])
+    return covered
 
 
 def _add_problem_handlers(sub: Starlette, settings: ResilienceSettings) -> None:

@@ -141,6 +141,8 @@ class RateLimitMiddleware:
             # ``limiter.check`` in two steps: the in-process storage answers without a
             # coroutine.
             outcome = limiter.check_local(scope, identity, route)
+        # An app this one is mounted in may have left the request to it (ADR 0052).
+        scope.pop(EXEMPT_KEY, None)
         if outcome is None:
             try:
                 outcome = await limiter.check_storage(scope, identity, route)

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
+from fastapi_resilience._app_state import resilience_of
 from fastapi_resilience._limit_string import Limit, parse_limits
 from fastapi_resilience._rate_limit_core import StorageUnavailableError
 from fastapi_resilience._rate_limiter import (
@@ -176,7 +177,7 @@ async def _check_route_only(
 
 
 def _limiter_of(request: Request) -> RateLimiter | None:
-    resilience = getattr(request.app.state, "resilience", None)
+    resilience = resilience_of(request.app)
     if resilience is not None:
         return getattr(resilience, "rate_limiter", None)
     from fastapi_resilience._rate_limit_setup import standalone_limiter
