@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 
 import httpx
 import pytest
@@ -94,6 +95,32 @@ async def test_metrics_can_be_switched_off() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.get("/metrics")).status_code == 404
+
+
+async def test_missing_prometheus_extra_is_named_once_at_install(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without prometheus-client, metrics on (the default) logs one warning naming the extra,
+    instead of a silent 404 at /metrics; with metrics off, nothing is said."""
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # unimportable
+    caplog.set_level(logging.WARNING, logger="fastapi_resilience")
+    app = FastAPI()
+    resilience = install(app, ResilienceSettings(rate_limit_enabled=False))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "pip install 'fastapi-resilience[prometheus]'" in message
+    assert "metrics_enabled" in message
+    assert "/metrics" in message
+    assert resilience.metrics is None
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/metrics")).status_code == 404
+        assert (await client.get("/health/live")).status_code == 200
+
+    caplog.clear()
+    install(FastAPI(), ResilienceSettings(rate_limit_enabled=False, metrics_enabled=False))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_ready_is_degraded_while_a_breaker_is_open() -> None:

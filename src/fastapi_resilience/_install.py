@@ -23,6 +23,7 @@ from fastapi_resilience._metrics import (
     PrometheusListener,
     add_metrics_route,
     prometheus_available,
+    warn_prometheus_missing,
 )
 from fastapi_resilience._outbound_fastapi import watch_outbound
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
@@ -111,8 +112,11 @@ def install(
     add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
-    if settings.metrics_enabled and prometheus_available():
-        _install_metrics(app, resilience, settings.metrics_path, group)
+    if settings.metrics_enabled:
+        if prometheus_available():
+            _install_metrics(app, resilience, settings.metrics_path, group)
+        else:
+            warn_prometheus_missing(settings.metrics_path)
 
     def started() -> None:
         # Once the app is built, after the user's own start-up code (which may add routes):
