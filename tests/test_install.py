@@ -408,6 +408,81 @@ async def test_group_stops_before_a_route_that_might_serve_its_paths(blocker: st
         assert (await client.get("/health/live")).json() == {"status": "ok"}
 
 
+async def _mine() -> str:  # pragma: no cover - the app refuses to start, nothing is served
+    return "mine"
+
+
+@pytest.mark.parametrize("in_schema", [False, True], ids=["grouped", "in_schema"])
+@pytest.mark.parametrize("when", ["before_install", "after_install"])
+@pytest.mark.parametrize(
+    ("path", "setting"),
+    [
+        ("/metrics", "metrics_path"),
+        ("/health/live", "health_path"),
+        ("/health/ready", "health_path"),
+    ],
+)
+async def test_app_route_at_a_fixed_path_is_refused_at_start_up(
+    when: str, path: str, setting: str, in_schema: bool
+) -> None:
+    """An app's own GET route at a path install() serves would be shadowed (or shadow ours):
+    refused, naming the setting and how to move install()'s route: at install() for a route
+    defined before it, at start-up for one defined after."""
+    app = FastAPI()
+    settings = ResilienceSettings(rate_limit_enabled=False, health_in_schema=in_schema)
+    if when == "before_install":
+        app.add_api_route(path, _mine)
+        with pytest.raises(ConfigurationError) as info:
+            install(app, settings)
+    else:
+        install(app, settings)
+        app.add_api_route(path, _mine)
+        with pytest.raises(ConfigurationError) as info:
+            await _started(app)
+    message = str(info.value)
+    for name in (setting, f"RESILIENCE_{setting.upper()}=", repr(path), "_mine"):
+        assert name in message
+
+
+async def test_app_mount_at_the_metrics_path_is_refused_at_start_up() -> None:
+    """prometheus_client's own ``app.mount("/metrics", make_asgi_app())`` is an app route there."""
+    from prometheus_client import make_asgi_app
+
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+    app.mount("/metrics", make_asgi_app())
+    with pytest.raises(ConfigurationError, match="RESILIENCE_METRICS_PATH="):
+        await _started(app)
+
+
+async def test_app_keeps_its_own_metrics_route_when_install_moves_away() -> None:
+    """With metrics_path moved (or metrics off), the app's /metrics and install()'s both serve;
+    a route at the path for another method only (POST /health/live) is no conflict."""
+    app = FastAPI()
+
+    @app.get("/metrics")
+    async def mine() -> str:
+        return "mine"
+
+    install(app, ResilienceSettings(rate_limit_enabled=False, metrics_path="/internal/metrics"))
+
+    @app.post("/health/live")
+    async def post_live() -> str:
+        return "posted"
+
+    await _started(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/metrics")).json() == "mine"
+        assert (await client.get("/internal/metrics")).text.startswith("# HELP")
+        assert (await client.get("/health/live")).json() == {"status": "ok"}
+        assert (await client.post("/health/live")).json() == "posted"
+    off = FastAPI()
+    off.add_api_route("/metrics", mine)
+    install(off, ResilienceSettings(rate_limit_enabled=False, metrics_enabled=False))
+    await _started(off)
+
+
 async def test_app_with_install_mounted_inside_another() -> None:
     """A sub-app with its own install(), mounted in an app with one: one ID for both (the
     outer's), each app's limits apply, and nothing fails when the request ends."""
