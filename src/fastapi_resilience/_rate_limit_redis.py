@@ -26,7 +26,7 @@ try:
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import NoScriptError, RedisError, ResponseError
-except ModuleNotFoundError as exc:  # redis is the optional ``redis`` extra
+except ModuleNotFoundError as exc:  # pragma: no cover - tested in a subprocess without redis
     if exc.name is None or exc.name.partition(".")[0] != "redis":
         raise
     # Still an ImportError, so ``except ImportError`` around an optional import keeps working.
