@@ -7,6 +7,7 @@ LINTED := $(wildcard src tests example_app benchmarks)
 BENCH_STAMP := $(VENV)/.bench-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+UPSTREAM_PORT ?= 8001
 
 .PHONY: install run test check lint format typecheck bench clean
 
@@ -18,11 +19,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## Start the example app on 127.0.0.1:8000 with in-memory storage (no Redis needed),
-## and the flaky inventory upstream it calls on 127.0.0.1:8001.
+## and the flaky inventory upstream it calls on 127.0.0.1:8001. A port already in use stops it,
+## naming a free one: make run PORT=8010 UPSTREAM_PORT=8011
 run: install
-	@$(PY) -m example_app.upstream --host $(HOST) --port 8001 & up=$$!; \
-	trap 'kill $$up 2>/dev/null' EXIT INT TERM; \
-	$(VENV)/bin/uvicorn example_app.main:app --host $(HOST) --port $(PORT)
+	$(PY) -m example_app.run --host $(HOST) --port $(PORT) --upstream-port $(UPSTREAM_PORT)
 
 ## The whole test suite, with coverage of src/ reported.
 test: install

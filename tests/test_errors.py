@@ -351,3 +351,43 @@ async def test_the_unhandled_error_log_line_escapes_the_path(
     assert "\r" not in line
     assert "\x1b" not in line
     assert line.endswith("/x\\x0aINFO forged line\\x0d\\x1b[31m")
+
+
+class _UnprintableError(Exception):
+    """An exception whose message cannot be rendered: ``str()`` and ``repr()`` raise."""
+
+    def __str__(self) -> str:
+        raise ValueError("no message for you")
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr either")
+
+
+async def test_exposed_details_survive_an_exception_whose_str_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With expose_error_details on, an exception whose __str__ raises still gets the
+    problem+json 500 with its ID (a fallback detail naming the class), and it is logged once
+    with its traceback."""
+    app = FastAPI()
+    fr.install(app, fr.ResilienceSettings(expose_error_details=True))
+
+    @app.get("/unprintable")
+    async def unprintable() -> None:
+        raise _UnprintableError
+
+    caplog.set_level(logging.INFO)
+    async with _client_no_raise(app) as client:
+        response = await client.get("/unprintable", headers={"X-Request-ID": "req-str"})
+    body = _problem(response, 500, "internal_error")
+    assert response.headers["x-request-id"] == "req-str"
+    assert body["correlation_id"] == "req-str"
+    assert body["exception_type"].endswith("._UnprintableError")
+    assert body["detail"].startswith("_UnprintableError")
+    assert "no message for you" not in response.text
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1
+    assert logged[0].correlation_id == "req-str"
+    # Formatting the record (as every handler does) renders the traceback without raising.
+    assert "_UnprintableError" in caplog.text
+    assert "Traceback (most recent call last)" in caplog.text

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 
 import httpx
 import pytest
@@ -94,6 +95,32 @@ async def test_metrics_can_be_switched_off() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.get("/metrics")).status_code == 404
+
+
+async def test_missing_prometheus_extra_is_named_once_at_install(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without prometheus-client, metrics on (the default) logs one warning naming the extra,
+    instead of a silent 404 at /metrics; with metrics off, nothing is said."""
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # unimportable
+    caplog.set_level(logging.WARNING, logger="fastapi_resilience")
+    app = FastAPI()
+    resilience = install(app, ResilienceSettings(rate_limit_enabled=False))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "pip install 'fastapi-resilience[prometheus]'" in message
+    assert "metrics_enabled" in message
+    assert "/metrics" in message
+    assert resilience.metrics is None
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/metrics")).status_code == 404
+        assert (await client.get("/health/live")).status_code == 200
+
+    caplog.clear()
+    install(FastAPI(), ResilienceSettings(rate_limit_enabled=False, metrics_enabled=False))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_ready_is_degraded_while_a_breaker_is_open() -> None:
@@ -379,6 +406,81 @@ async def test_group_stops_before_a_route_that_might_serve_its_paths(blocker: st
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.get("/health/live")).json() == {"status": "ok"}
+
+
+async def _mine() -> str:  # pragma: no cover - the app refuses to start, nothing is served
+    return "mine"
+
+
+@pytest.mark.parametrize("in_schema", [False, True], ids=["grouped", "in_schema"])
+@pytest.mark.parametrize("when", ["before_install", "after_install"])
+@pytest.mark.parametrize(
+    ("path", "setting"),
+    [
+        ("/metrics", "metrics_path"),
+        ("/health/live", "health_path"),
+        ("/health/ready", "health_path"),
+    ],
+)
+async def test_app_route_at_a_fixed_path_is_refused_at_start_up(
+    when: str, path: str, setting: str, in_schema: bool
+) -> None:
+    """An app's own GET route at a path install() serves would be shadowed (or shadow ours):
+    refused, naming the setting and how to move install()'s route: at install() for a route
+    defined before it, at start-up for one defined after."""
+    app = FastAPI()
+    settings = ResilienceSettings(rate_limit_enabled=False, health_in_schema=in_schema)
+    if when == "before_install":
+        app.add_api_route(path, _mine)
+        with pytest.raises(ConfigurationError) as info:
+            install(app, settings)
+    else:
+        install(app, settings)
+        app.add_api_route(path, _mine)
+        with pytest.raises(ConfigurationError) as info:
+            await _started(app)
+    message = str(info.value)
+    for name in (setting, f"RESILIENCE_{setting.upper()}=", repr(path), "_mine"):
+        assert name in message
+
+
+async def test_app_mount_at_the_metrics_path_is_refused_at_start_up() -> None:
+    """prometheus_client's own ``app.mount("/metrics", make_asgi_app())`` is an app route there."""
+    from prometheus_client import make_asgi_app
+
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+    app.mount("/metrics", make_asgi_app())
+    with pytest.raises(ConfigurationError, match="RESILIENCE_METRICS_PATH="):
+        await _started(app)
+
+
+async def test_app_keeps_its_own_metrics_route_when_install_moves_away() -> None:
+    """With metrics_path moved (or metrics off), the app's /metrics and install()'s both serve;
+    a route at the path for another method only (POST /health/live) is no conflict."""
+    app = FastAPI()
+
+    @app.get("/metrics")
+    async def mine() -> str:
+        return "mine"
+
+    install(app, ResilienceSettings(rate_limit_enabled=False, metrics_path="/internal/metrics"))
+
+    @app.post("/health/live")
+    async def post_live() -> str:
+        return "posted"
+
+    await _started(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/metrics")).json() == "mine"
+        assert (await client.get("/internal/metrics")).text.startswith("# HELP")
+        assert (await client.get("/health/live")).json() == {"status": "ok"}
+        assert (await client.post("/health/live")).json() == "posted"
+    off = FastAPI()
+    off.add_api_route("/metrics", mine)
+    install(off, ResilienceSettings(rate_limit_enabled=False, metrics_enabled=False))
+    await _started(off)
 
 
 async def test_app_with_install_mounted_inside_another() -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fastapi_resilience import ConfigurationError, Limit, parse_limits
@@ -39,3 +41,28 @@ def test_bad_strings_are_named_in_the_error(text: str) -> None:
     """A bad limit string raises ConfigurationError quoting the string."""
     with pytest.raises(ConfigurationError, match="invalid limit string"):
         parse_limits(text)
+
+
+def _days_said(page: str, pattern: str) -> int:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
+    found = re.search(pattern, " ".join(text.split()))
+    assert found is not None, f"docs/{page} does not say {pattern!r}"
+    return int(found[1])
+
+
+def test_docs_say_how_long_a_month_and_a_year_are() -> None:
+    """docs/rate-limiting.md says what `1/month` and `1/year` are here, and parse_limits
+    agrees; docs/migrating-from-slowapi.md says what `limits` (under slowapi) counts a year
+    as, and `limits` agrees."""
+    year = _days_said("rate-limiting.md", r"`1/year` is (\d+) days")
+    month = _days_said("rate-limiting.md", r"`1/month` is (\d+) days")
+    assert parse_limits("1/year") == (Limit(1, year * 86400),)
+    assert parse_limits("1/month") == (Limit(1, month * 86400),)
+    assert (year, month) == (365, 30)
+    theirs = _days_said("migrating-from-slowapi.md", r"`limits` counts `1/year` as (\d+) days")
+    here = _days_said("migrating-from-slowapi.md", r"here `1/year` is (\d+) days")
+    assert here == year
+    limits = pytest.importorskip("limits")
+    assert limits.parse("1/year").GRANULARITY.seconds == theirs * 86400

@@ -114,3 +114,49 @@ def test_health_and_metrics_paths_must_be_fixed(name: str) -> None:
     """They become fixed-path routes: a template is refused at start-up, naming the setting."""
     with pytest.raises(ConfigurationError, match=name):
         ResilienceSettings(**{name: "/status/{part}"})
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"RESILIENCE_METRICS_PATH": "/health/live"}, ["metrics_path", "/health/live"]),
+        ({"RESILIENCE_METRICS_PATH": "/health/ready"}, ["metrics_path", "/health/ready"]),
+        (
+            {"RESILIENCE_HEALTH_PATH": "/status", "RESILIENCE_METRICS_PATH": "/status/ready"},
+            ["metrics_path", "/status/ready", "health_path"],
+        ),
+        (
+            {"RESILIENCE_HEALTH_PATH": "/metrics", "RESILIENCE_METRICS_PATH": "/metrics/live"},
+            ["metrics_path", "/metrics/live", "health_path"],
+        ),
+    ],
+)
+def test_metrics_path_may_not_be_a_health_route(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], names: list[str]
+) -> None:
+    """Metrics on a health route would replace it: refused at start-up, naming the setting."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigurationError) as info:
+        ResilienceSettings()
+    for name in [*names, "RESILIENCE_METRICS_PATH"]:
+        assert name in str(info.value)
+
+
+def test_metrics_path_next_to_the_health_routes_is_fine() -> None:
+    s = ResilienceSettings(health_path="/health", metrics_path="/health/metrics")
+    assert s.metrics_path == "/health/metrics"
+
+
+@pytest.mark.parametrize("name", ["health_path", "metrics_path", "rate_limit_exempt_paths"])
+@pytest.mark.parametrize(
+    "path", ["/metrics?format=text", "/metrics#top", "/my metrics", "/metrics ", "/a\tb", "/a\x00"]
+)
+def test_paths_with_a_query_fragment_or_space_are_refused(name: str, path: str) -> None:
+    """A route path never holds a query, a fragment or whitespace: such a setting would never
+    match a request, so it is refused at start-up, naming the setting."""
+    value: object = [path] if name == "rate_limit_exempt_paths" else path
+    with pytest.raises(ConfigurationError) as info:
+        ResilienceSettings(**{name: value})
+    assert name in str(info.value)
+    assert repr(path) in str(info.value)

@@ -17,7 +17,7 @@ routes_three_fixed,routes_one_group``, ADR 0046).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._request_path import route_path
 
-__all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route"]
+__all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route", "route_at"]
 
 # Made once: ``Match.NONE`` is an ``EnumType.__getattr__`` lookup in Python 3.11, and the router
 # never reads (or changes) the scope of a route that did not match.
@@ -183,6 +183,26 @@ _PATH_ONLY_MATCHES = frozenset(
         APIWebSocketRoute.matches,
     }
 )
+
+
+def route_at(routes: Iterable[BaseRoute], path: str) -> BaseRoute | None:
+    """The first of ``routes`` written for a GET of exactly ``path``: a route with that path
+    that answers GET, or a ``Mount`` there (``/metrics`` then redirects into it).
+
+    Routes with parameters (a catch-all) and ``Mount``s elsewhere do not count: they serve
+    what no route was written for, and the router keeps the fixed paths ahead of the
+    catch-alls defined after ``install()`` (ADR 0047).
+    """
+    for route in routes:
+        if isinstance(route, Mount) and route.path == path:
+            return route
+        if (
+            isinstance(route, Route)
+            and route.path == path
+            and (route.methods is None or "GET" in route.methods)
+        ):
+            return route
+    return None
 
 
 def _fixed(path: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.errors import ServerErrorMiddleware
-from starlette.routing import Mount
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience._app_state import APP_STATE_NAME, OUTER_STATE_NAME
@@ -25,7 +25,7 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._degraded import DegradedMode
 from fastapi_resilience._events import EventBus
-from fastapi_resilience._fixed_routes import FixedPathRoutes
+from fastapi_resilience._fixed_routes import FixedPathRoutes, route_at
 from fastapi_resilience._handlers import (
     http_exception_handler as problem_http_handler,
 )
@@ -38,11 +38,12 @@ from fastapi_resilience._metrics import (
     PrometheusListener,
     add_metrics_route,
     prometheus_available,
+    warn_prometheus_missing,
 )
 from fastapi_resilience._outbound_fastapi import watch_outbound
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
 from fastapi_resilience._rate_limiter import RateLimiter
-from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience._settings import ENV_PREFIX, ResilienceSettings
 from fastapi_resilience.exceptions import AppError, ConfigurationError
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
@@ -100,6 +101,9 @@ def install(
             "install() was already called on this app; call it once, with all the settings"
         )
     settings = settings if settings is not None else ResilienceSettings()
+    fixed_paths = _fixed_paths(settings)
+    # The app's routes so far; those defined later are checked at start-up.
+    _refuse_app_routes_at(app.router.routes, fixed_paths)
     resilience = Resilience(settings, clock=clock)
     setattr(app.state, APP_STATE_NAME, resilience)
 
@@ -119,13 +123,14 @@ def install(
         rate_limiter=limiter,
         degraded_mode=resilience.degraded,
     )
-    ours = app.user_middleware[0]
+    our_layer = app.user_middleware[0]
     _cors_outside(app)
-    _idle_error_layer(app, ours)
+    _idle_error_layer(app, our_layer)
     _cover_mounted_apps(app, resilience)
     resilience.health.add(FEATURES_CHECK, resilience.degraded.health_check, critical=False)
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
+    first_of_ours = len(app.router.routes)
     group: FixedPathRoutes | None = None
     if not settings.health_in_schema:
         group = FixedPathRoutes()
@@ -133,8 +138,12 @@ def install(
     add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
-    if settings.metrics_enabled and prometheus_available():
-        _install_metrics(app, resilience, settings.metrics_path, group)
+    if settings.metrics_enabled:
+        if prometheus_available():
+            _install_metrics(app, resilience, settings.metrics_path, group)
+        else:
+            warn_prometheus_missing(settings.metrics_path)
+    ours = app.router.routes[first_of_ours:]
 
     def started() -> None:
         # Once the app is built, after the user's own start-up code (which may add routes):
@@ -142,6 +151,7 @@ def install(
         # group moves back past the routes that cannot serve its paths (ADR 0047).
         for covered in [app, *_cover_mounted_apps(app, resilience)]:
             resilience.degraded.validate(covered.router.routes)
+        _refuse_app_routes_at(app.router.routes, fixed_paths, ours=ours)
         if group is not None:
             group.settle(app.router.routes)
 
@@ -153,6 +163,51 @@ def install(
 FEATURES_CHECK = "features"
 #: Name of the rate-limit storage's readiness check.
 RATE_LIMIT_CHECK = "rate_limit_storage"
+
+
+#: For each setting that places a fixed-path route: what it serves, and how to move it.
+_MOVE_FIXED_PATH = {
+    "health_path": ("health routes", "/_health", ""),
+    "metrics_path": (
+        "Prometheus metrics",
+        "/_metrics",
+        " or metrics_enabled=False to serve only the app's,",
+    ),
+}
+
+
+def _fixed_paths(settings: ResilienceSettings) -> dict[str, str]:
+    """The paths ``install()`` serves, each with the setting that moves it."""
+    paths = {f"{settings.health_path}{end}": "health_path" for end in ("/live", "/ready")}
+    if settings.metrics_enabled and prometheus_available():
+        paths[settings.metrics_path] = "metrics_path"
+    return paths
+
+
+def _refuse_app_routes_at(
+    routes: list[BaseRoute], fixed_paths: dict[str, str], *, ours: Sequence[BaseRoute] = ()
+) -> None:
+    """Refuse an app route written for one of ``install()``'s paths (ADR 0062).
+
+    The router serves whichever comes first, so the other one would never answer, in silence.
+    ``ours``: the entries ``install()`` added to ``routes``.
+
+    Raises:
+        ConfigurationError: naming the setting that moves ``install()``'s route.
+    """
+    apps = [route for route in routes if not any(route is mine for mine in ours)]
+    for path, setting in fixed_paths.items():
+        route = route_at(apps, path)
+        if route is None:
+            continue
+        what, elsewhere, or_off = _MOVE_FIXED_PATH[setting]
+        env = f"{ENV_PREFIX}{setting.upper()}"
+        raise ConfigurationError(
+            f"{setting} (env {env}): the app has its own route at {path!r} "
+            f"({type(route).__name__} {getattr(route, 'name', None)!r}), where install() serves "
+            f"its {what}; one would hide the other. Move install()'s with "
+            f"{setting}={elsewhere!r} ({env}={elsewhere}),{or_off} or move the app's route."
+        )
 
 
 def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:

@@ -1,11 +1,12 @@
 """Metrics: a Prometheus listener on the event bus, and the ``/metrics`` route.
 
 Everything is optional: without ``prometheus-client`` (the ``prometheus`` extra) nothing here
-is used and ``install`` mounts no route.
+is used and ``install`` mounts no route; it says so in one warning when metrics are on.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
@@ -18,15 +19,32 @@ from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["PrometheusListener", "add_metrics_route", "prometheus_available"]
+__all__ = [
+    "PrometheusListener",
+    "add_metrics_route",
+    "prometheus_available",
+    "warn_prometheus_missing",
+]
+
+logger = logging.getLogger("fastapi_resilience.metrics")
 
 
 def prometheus_available() -> bool:
     try:
         import prometheus_client  # noqa: F401
-    except ImportError:  # pragma: no cover - exercised only without the extra
+    except ImportError:
         return False
     return True
+
+
+def warn_prometheus_missing(path: str) -> None:
+    """Say why ``path`` answers 404: metrics are on, but their extra is not installed."""
+    logger.warning(
+        "metrics_enabled is on but prometheus-client is not installed, so %s is not served: "
+        "pip install 'fastapi-resilience[prometheus]' (or set metrics_enabled=False, "
+        "RESILIENCE_METRICS_ENABLED=false, to say you do not want it)",
+        path,
+    )
 
 
 class PrometheusListener:

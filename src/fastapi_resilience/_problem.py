@@ -204,7 +204,7 @@ def unhandled_response(scope: Scope, exc: BaseException) -> Response:
     detail = INTERNAL_ERROR_DETAIL
     if config.expose_error_details:
         extensions["exception_type"] = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        detail = str(exc) or INTERNAL_ERROR_DETAIL
+        detail = _exposed_detail(exc)
     return problem_response(
         scope,
         status=500,
@@ -214,6 +214,19 @@ def unhandled_response(scope: Scope, exc: BaseException) -> Response:
         extensions=extensions,
         config=config,
     )
+
+
+def _exposed_detail(exc: BaseException) -> str:
+    """The exception's message for a development 500; its class name if ``str()`` fails.
+
+    ``str(exc)`` runs the exception's own code: if it raised here, the 500 itself would fail
+    and the client would get a bare answer without problem details or ID.
+    """
+    try:
+        message = str(exc)
+    except Exception:
+        return f"{type(exc).__qualname__} (its message could not be rendered: str() raised)"
+    return message or INTERNAL_ERROR_DETAIL
 
 
 def log_unhandled(scope: Scope, exc: BaseException) -> None:

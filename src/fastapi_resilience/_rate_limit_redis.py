@@ -20,11 +20,20 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+try:
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
+except ModuleNotFoundError as exc:  # pragma: no cover - tested in a subprocess without redis
+    if exc.name is None or exc.name.partition(".")[0] != "redis":
+        raise
+    # Still an ImportError, so ``except ImportError`` around an optional import keeps working.
+    raise ModuleNotFoundError(
+        "RedisStorage needs the redis extra: pip install 'fastapi-resilience[redis]'",
+        name=exc.name,
+    ) from exc
 
 from fastapi_resilience._rate_limit_core import (
     DEFAULT_STORAGE_TIMEOUT,

@@ -19,6 +19,10 @@ __all__ = ["ENV_PREFIX", "ResilienceSettings"]
 
 ENV_PREFIX = "RESILIENCE_"
 _STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+#: What a route path never holds: a query, a fragment, whitespace or a control character.
+_NOT_IN_A_PATH = re.compile(r"[?#\s\x00-\x1f\x7f]")
+#: The routes ``install()`` serves under ``health_path``.
+_HEALTH_ROUTES = ("/live", "/ready")
 
 DEFAULT_TIERS = {
     "anonymous": "10/minute",
@@ -154,6 +158,9 @@ class ResilienceSettings(BaseSettings):
         for path in value if isinstance(value, list) else [value]:
             if not path.startswith("/"):
                 raise ValueError(f"{path!r} must start with '/'")
+            if _NOT_IN_A_PATH.search(path):
+                # Requests are matched on their path alone: such a value would never match.
+                raise ValueError(f"{path!r} must be a path without a query, fragment or spaces")
         return value
 
     @field_validator("health_path", "metrics_path")
@@ -162,6 +169,18 @@ class ResilienceSettings(BaseSettings):
         if "{" in value or "}" in value:
             raise ValueError(f"{value!r} must be a fixed path, without '{{...}}' parameters")
         return value
+
+    @model_validator(mode="after")
+    def _metrics_off_the_health_routes(self) -> ResilienceSettings:
+        # Both are served by the same fixed-path routes: one would replace the other.
+        health = {f"{self.health_path}{route}" for route in _HEALTH_ROUTES}
+        if self.metrics_path in health:
+            raise ValueError(
+                f"metrics_path (env {ENV_PREFIX}METRICS_PATH): {self.metrics_path!r} is a health "
+                f"route (health_path {self.health_path!r} serves {', '.join(sorted(health))}); "
+                "choose another metrics_path, e.g. '/metrics'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tiers_known(self) -> ResilienceSettings:
