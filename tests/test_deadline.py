@@ -62,6 +62,28 @@ def test_nested_deadlines_only_shrink() -> None:
         assert remaining() == 1.0
 
 
+async def test_deadline_works_with_async_with_as_with_with() -> None:
+    """deadline() serves ``async with`` as well as ``with``: the same deadline, nested either
+    way, and the outer one back after the block, also when the block raises."""
+    clock = ManualClock()
+    async with deadline(2.0, clock=clock) as outer:
+        assert outer is current_deadline()
+        assert remaining() == 2.0
+        with deadline(5.0, clock=clock):
+            assert remaining() == 2.0
+        async with deadline(0.5, clock=clock):
+            assert remaining() == 0.5
+            clock.advance(1.0)
+            with pytest.raises(UpstreamTimeoutError):  # spent: the call does not start
+                async with timeout(10.0):
+                    pytest.fail("started after the deadline")
+        with pytest.raises(RuntimeError):
+            async with deadline(0.25, clock=clock):
+                raise RuntimeError("boom")
+        assert current_deadline() is outer
+    assert remaining() is None
+
+
 def test_negative_deadline_is_a_configuration_error() -> None:
     """A negative or NaN budget fails loudly, naming the argument."""
     with pytest.raises(ConfigurationError, match="deadline seconds"), deadline(-1):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar, Token
 from datetime import timedelta
+from types import TracebackType
 from typing import TypeVar
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
@@ -21,6 +22,7 @@ from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutErr
 __all__ = [
     "DEADLINE_EXCEEDED_DETAIL",
     "Deadline",
+    "DeadlineScope",
     "current_deadline",
     "deadline",
     "remaining",
@@ -84,32 +86,67 @@ def _check_seconds(value: float | timedelta | None, argument: str) -> float | No
     return seconds
 
 
-@contextmanager
-def deadline(
-    seconds: float | timedelta | None, *, clock: Clock = SYSTEM_CLOCK
-) -> Iterator[Deadline | None]:
+def deadline(seconds: float | timedelta | None, *, clock: Clock = SYSTEM_CLOCK) -> DeadlineScope:
     """Give the code inside a deadline ``seconds`` from now; nested deadlines only shrink.
 
-    An inner ``deadline(10)`` inside an outer one with 2 s left keeps the 2 s: a callee never
-    gets more time than its caller has. ``None`` keeps whatever is already set.
+    Works with ``with`` and with ``async with``. An inner ``deadline(10)`` inside an outer one
+    with 2 s left keeps the 2 s: a callee never gets more time than its caller has. ``None``
+    keeps whatever is already set.
 
     Raises:
         ConfigurationError: ``seconds`` is negative or NaN.
     """
-    seconds = _check_seconds(seconds, "deadline seconds")
-    outer = _DEADLINE.get()
-    if seconds is None:
-        yield outer
-        return
-    at = clock.monotonic() + seconds
-    if outer is not None:
-        # Compare on one time line: the outer deadline may use another clock.
-        at = min(at, clock.monotonic() + outer.remaining())
-    token = _DEADLINE.set(Deadline(at, clock))
-    try:
-        yield _DEADLINE.get()
-    finally:
-        _DEADLINE.reset(token)
+    return DeadlineScope(_check_seconds(seconds, "deadline seconds"), clock)
+
+
+class DeadlineScope:
+    """What :func:`deadline` returns: sets the deadline on entry, restores the outer on exit.
+
+    Both forms set the same context variable in the current task, so ``async with`` costs
+    nothing more than ``with``.
+    """
+
+    __slots__ = ("_clock", "_seconds", "_token")
+
+    def __init__(self, seconds: float | None, clock: Clock) -> None:
+        self._seconds = seconds
+        self._clock = clock
+        self._token: Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline | None:
+        outer = _DEADLINE.get()
+        seconds = self._seconds
+        if seconds is None:
+            return outer
+        now = self._clock.monotonic()
+        at = now + seconds
+        if outer is not None:
+            # Compare on one time line: the outer deadline may use another clock.
+            at = min(at, now + outer.remaining())
+        current = Deadline(at, self._clock)
+        self._token = _DEADLINE.set(current)
+        return current
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            _DEADLINE.reset(self._token)
+            self._token = None
+
+    async def __aenter__(self) -> Deadline | None:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
 
 def effective_timeout(seconds: float | None) -> tuple[float | None, bool]:
