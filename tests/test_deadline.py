@@ -24,6 +24,7 @@ from fastapi_resilience._outbound_fastapi import (
     RequestDeadlineMiddleware,
     deadline_dependency,
 )
+from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
 from fastapi_resilience.testing import ManualClock
 
@@ -191,6 +192,98 @@ async def test_middleware_sets_the_request_deadline() -> None:
         assert longer.json() == {"remaining": 2.0}
         junk = await client.get("/left", headers={"X-Request-Timeout": "soon"})
         assert junk.json() == {"remaining": 2.0}
+
+
+async def test_a_client_asking_for_less_than_the_floor_gets_the_floor() -> None:
+    """X-Request-Timeout below the floor (0.1 s by default, or header_floor) is raised to it,
+    never above the server's budget; 0 is the floor too."""
+    clock = ManualClock()
+    async with client_for(deadline_app(timeout=2.0, clock=clock)) as client:
+        for asked in ("0.000001", "1e-300", "0", "0.1"):
+            answer = await client.get("/left", headers={"X-Request-Timeout": asked})
+            assert answer.json()["remaining"] == pytest.approx(0.1), asked
+    async with client_for(deadline_app(timeout=2.0, clock=clock, header_floor=0.5)) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.2"})
+        assert answer.json()["remaining"] == pytest.approx(0.5)
+    async with client_for(deadline_app(timeout=0.3, clock=clock, header_floor=0.5)) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.2"})
+        assert answer.json()["remaining"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "soon",
+        "",
+        " ",
+        "-1",
+        "nan",
+        "inf",
+        "-inf",
+        "1e999",
+        "0x10",
+        "1,5",
+        "½".encode(),
+        b"\xff\xfe",
+        "9" * 5000,
+    ],
+)
+async def test_a_malformed_timeout_header_never_fails_the_request(junk: str | bytes) -> None:
+    """Anything that is not a number of seconds >= 0 is ignored: the server's budget applies."""
+    async with client_for(deadline_app(timeout=2.0, clock=ManualClock())) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": junk})
+    assert answer.status_code == 200
+    assert answer.json()["remaining"] == pytest.approx(2.0)
+
+
+async def test_the_client_header_can_be_switched_off() -> None:
+    """header=None or "" (or the setting request_deadline_header="") ignores the header."""
+    settings = ResilienceSettings(request_deadline_header="")
+    for options in ({"header": None}, {"header": ""}, {"settings": settings}):
+        app = deadline_app(timeout=2.0, clock=ManualClock(), **options)
+        async with client_for(app) as client:
+            answer = await client.get("/left", headers={"X-Request-Timeout": "0.5"})
+        assert answer.json()["remaining"] == pytest.approx(2.0), options
+
+
+async def test_header_and_floor_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unless given as arguments, the header and its floor are the settings': from
+    ``settings=`` or, without it, from the RESILIENCE_* environment."""
+    settings = ResilienceSettings(
+        request_deadline_header="X-Budget", request_deadline_header_floor=0.25
+    )
+    app = deadline_app(timeout=2.0, clock=ManualClock(), settings=settings)
+    async with client_for(app) as client:
+        named = await client.get("/left", headers={"X-Budget": "0.01"})
+        other = await client.get("/left", headers={"X-Request-Timeout": "0.5"})
+    assert named.json()["remaining"] == pytest.approx(0.25)
+    assert other.json() == {"remaining": 2.0}
+
+    monkeypatch.setenv("RESILIENCE_REQUEST_DEADLINE_HEADER_FLOOR", "0.75")
+    async with client_for(deadline_app(timeout=2.0, clock=ManualClock())) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.01"})
+    assert answer.json()["remaining"] == pytest.approx(0.75)
+    app = deadline_app(timeout=2.0, clock=ManualClock(), header_floor=0.2)
+    async with client_for(app) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.01"})
+    assert answer.json()["remaining"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_a_bad_floor_fails_at_start_up_naming_it(bad: float) -> None:
+    """The floor must be a finite number of seconds > 0, as argument and as setting."""
+    with pytest.raises(ConfigurationError, match="header_floor"):
+        RequestDeadlineMiddleware(_no_app, header_floor=bad)
+    with pytest.raises(ConfigurationError, match="request_deadline_header_floor"):
+        ResilienceSettings(request_deadline_header_floor=bad)
+
+
+def test_a_bad_header_name_fails_at_start_up_naming_it() -> None:
+    """The header must be a valid HTTP header name, as argument and as setting."""
+    with pytest.raises(ConfigurationError, match="header"):
+        RequestDeadlineMiddleware(_no_app, header="X Timeout")
+    with pytest.raises(ConfigurationError, match="request_deadline_header"):
+        ResilienceSettings(request_deadline_header="X Timeout")
 
 
 async def test_middleware_without_budget_sets_nothing() -> None:

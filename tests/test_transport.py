@@ -266,6 +266,22 @@ async def test_request_deadline_bounds_every_attempt(upstream: Upstream) -> None
     assert elapsed < 0.3 + 0.1
 
 
+async def test_a_spent_deadline_sends_nothing_and_answers_upstream_timeout(
+    upstream: Upstream,
+) -> None:
+    """With the request's deadline spent, no attempt is made and none retried: the caller
+    gets UpstreamTimeoutError (504), not RetryExhaustedError, and the breaker stays closed."""
+    clock = ManualClock()
+    async with client(upstream, attempts=3, failure_threshold=1) as http:
+        with deadline(1.0, clock=clock):
+            clock.advance(1.0)
+            for _ in range(3):
+                with pytest.raises(UpstreamTimeoutError):
+                    await http.get("/item")
+        assert (await http.get("/item")).status_code == 200
+    assert upstream.hits == 1
+
+
 async def test_outage_amplification_with_and_without_budget(upstream: Upstream) -> None:
     """1000 calls into a total outage: <= 1.2 upstream calls per call with the budget, 3 without."""
     upstream.script(503)

@@ -30,7 +30,12 @@ from fastapi_resilience._adaptive_throttle import AdaptiveThrottle
 from fastapi_resilience._breaker import CircuitBreaker, default_registry
 from fastapi_resilience._bulkhead import Bulkhead, default_bulkhead_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, effective_timeout, remaining
+from fastapi_resilience._deadline import (
+    DEADLINE_EXCEEDED_DETAIL,
+    effective_timeout,
+    remaining,
+    timeout_error,
+)
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._hedging import Hedge
 from fastapi_resilience._outbound_headers import inject_outbound_headers
@@ -447,7 +452,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if limit is None:
                 response = await self._roundtrip(request)
             elif limit <= 0:
-                raise UpstreamTimeoutError(DEADLINE_EXCEEDED_DETAIL, extensions={"upstream": host})
+                raise timeout_error(
+                    DEADLINE_EXCEEDED_DETAIL,
+                    started=False,
+                    by_deadline=by_deadline,
+                    extensions={"upstream": host},
+                )
             else:
                 # The wrapped transport enforces the limit on every phase (connect, write,
                 # read, pool) at no extra cost; a request deadline is also a hard bound on the
@@ -466,12 +476,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 if by_deadline
                 else f"Upstream {host} did not answer within {limit:g}s."
             )
-            raise UpstreamTimeoutError(
-                detail, extensions={"upstream": host, "timeout": limit}
+            raise timeout_error(
+                detail,
+                started=True,
+                by_deadline=by_deadline,
+                extensions={"upstream": host, "timeout": limit},
             ) from exc
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(
-                f"Upstream {host} timed out ({type(exc).__name__}).", extensions={"upstream": host}
+            # httpx's phase timeouts were capped at ``limit``; waiting for a pooled connection
+            # is a call that has not reached the upstream yet.
+            raise timeout_error(
+                f"Upstream {host} timed out ({type(exc).__name__}).",
+                started=not (by_deadline and isinstance(exc, httpx.PoolTimeout)),
+                by_deadline=by_deadline,
+                extensions={"upstream": host},
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError(
