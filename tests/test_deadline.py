@@ -19,6 +19,7 @@ from fastapi_resilience._deadline import (
     with_timeout,
 )
 from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience._install import install
 from fastapi_resilience._outbound_fastapi import (
     DEADLINE_SCOPE_KEY,
     RequestDeadlineMiddleware,
@@ -304,6 +305,23 @@ async def test_middleware_cuts_off_an_overrunning_route_with_504() -> None:
     assert body["code"] == "upstream_timeout"
     assert body["detail"] == DEADLINE_EXCEEDED_DETAIL
     assert body["deadline"] == 0.05
+
+
+@pytest.mark.parametrize("header", ["X-Request-ID", "X-Trace"])
+async def test_the_504_of_a_middleware_added_after_install_carries_the_id(header: str) -> None:
+    """Added after install(), the deadline middleware sits outside the correlation layer, which
+    has finished by the time the 504 is sent: the answer still carries the request's ID (the
+    configured header) in header and body, once."""
+    app = deadline_app(timeout=None)
+    install(app, ResilienceSettings(rate_limit_enabled=False, correlation_header=header))
+    app.add_middleware(RequestDeadlineMiddleware, timeout=0.05)
+    async with client_for(app) as client:
+        given = await client.get("/hang", headers={header: "abc-123"})
+        made = await client.get("/hang")
+    assert (given.status_code, made.status_code) == (504, 504)
+    assert given.headers.get_list(header) == ["abc-123"]
+    assert given.json()["correlation_id"] == "abc-123"
+    assert made.headers.get_list(header) == [made.json()["correlation_id"]]
 
 
 async def test_middleware_does_not_cut_a_started_answer() -> None:

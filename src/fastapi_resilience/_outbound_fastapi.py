@@ -159,8 +159,8 @@ class RequestDeadlineMiddleware:
 
     With ``enforce=True`` (the default) a request still running when the budget is spent,
     and that has not started its answer, is cancelled and answered 504 ``upstream_timeout``
-    (problem+json); an answer already started is left to finish. Place it inside the
-    correlation middleware so the 504 carries the ID.
+    (problem+json) that carries the correlation ID, inside or outside the correlation
+    middleware; an answer already started is left to finish.
 
     Args:
         app: the ASGI app.
