@@ -56,6 +56,10 @@ class Upstream:
         self.headers: list[dict[str, str]] = []
         self.url = ""
         self.on_hit: Callable[[], None] | None = None
+        #: Extra response header fields, e.g. ``[("vary", "X-Tenant")]``.
+        self.response_headers: list[tuple[str, str]] = []
+        #: A request header whose value the body repeats as ``"echo"``.
+        self.echo: str | None = None
 
     def script(self, status: int = 200, *, retry_after: str | None = None) -> None:
         self.status = status
@@ -71,8 +75,12 @@ class Upstream:
             pass
         if self.hang:
             await self.released.wait()
-        body = json.dumps({"hit": self.hits}, separators=(",", ":")).encode()
+        answer: dict[str, Any] = {"hit": self.hits}
+        if self.echo is not None:
+            answer["echo"] = self.headers[-1].get(self.echo.lower())
+        body = json.dumps(answer, separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in self.response_headers]
         if self.retry_after:
             headers.append((b"retry-after", self.retry_after.encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
@@ -347,6 +355,111 @@ async def test_cache_keeps_callers_with_different_credentials_apart(upstream: Up
         alice_again = await http.get("/item", headers={"Authorization": "Bearer alice"})
     assert (alice.json(), bob.json(), alice_again.json()) == ({"hit": 1}, {"hit": 2}, {"hit": 1})
     assert upstream.hits == 2
+
+
+async def test_cache_keeps_callers_with_different_api_keys_apart(upstream: Upstream) -> None:
+    """X-API-Key (this library's own credential header) is part of the key: one key's answer
+    never serves another key."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-API-Key"
+    async with client(upstream, cache=cache) as http:
+        answers = [
+            (await http.get("/item", headers={"X-API-Key": key})).json()
+            for key in ("alice", "bob", "alice", "bob")
+        ]
+    assert [a["echo"] for a in answers] == ["alice", "bob", "alice", "bob"]
+    assert [a["hit"] for a in answers] == [1, 2, 1, 2]
+    assert upstream.hits == 2
+
+
+async def test_configured_credential_headers_join_the_key(upstream: Upstream) -> None:
+    """credential_headers adds headers of one's own to the four that are always in the key."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-Tenant"
+    async with client(upstream, cache=cache, credential_headers=["X-Tenant"]) as http:
+        a = await http.get("/item", headers={"X-Tenant": "a", "Authorization": "Bearer t"})
+        b = await http.get("/item", headers={"X-Tenant": "b", "Authorization": "Bearer t"})
+        other = await http.get("/item", headers={"X-Tenant": "a", "Authorization": "Bearer u"})
+        again = await http.get("/item", headers={"X-Tenant": "a", "Authorization": "Bearer t"})
+    assert [r.json() for r in (a, b, other, again)] == [
+        {"hit": 1, "echo": "a"},
+        {"hit": 2, "echo": "b"},
+        {"hit": 3, "echo": "a"},
+        {"hit": 1, "echo": "a"},
+    ]
+
+
+async def test_the_upstreams_vary_splits_the_entry_per_named_header(upstream: Upstream) -> None:
+    """Vary: X-Tenant makes X-Tenant part of that entry's key: each tenant gets its own answer,
+    and the answer that taught the cache the Vary is not stored under a key without it."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-Tenant"
+    upstream.response_headers = [("Vary", "Accept-Language, x-tenant")]
+    async with client(upstream, cache=cache) as http:
+        answers = [
+            (await http.get("/item", headers={"X-Tenant": tenant})).json()
+            for tenant in ("a", "b", "a", "b", "a")
+        ]
+        bare = (await http.get("/item")).json()
+    assert [a["echo"] for a in answers] == ["a", "b", "a", "b", "a"]
+    assert [a["hit"] for a in answers] == [1, 2, 3, 2, 3]
+    assert bare == {"hit": 4, "echo": None}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Vary", "*")],
+        [("Cache-Control", "private")],
+        [("Cache-Control", 'max-age=60, Private="Set-Cookie"')],
+        [("Cache-Control", "public"), ("Cache-Control", "no-store")],
+        [("Cache-Control", "no-cache")],
+        [("Set-Cookie", "session=abc")],
+    ],
+    ids=["vary-star", "private", "private-fields", "no-store", "no-cache", "set-cookie"],
+)
+async def test_answers_meant_for_one_caller_are_never_cached(
+    upstream: Upstream, headers: list[tuple[str, str]]
+) -> None:
+    """Vary: *, Cache-Control private / no-store / no-cache, and an answer that sets a cookie
+    are not stored: every call reaches the upstream."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.response_headers = headers
+    async with client(upstream, cache=cache) as http:
+        answers = [(await http.get("/item")).json() for _ in range(3)]
+    assert answers == [{"hit": 1}, {"hit": 2}, {"hit": 3}]
+    assert upstream.hits == 3
+
+
+async def test_a_caller_waiting_on_another_never_gets_its_unstored_answer(
+    upstream: Upstream,
+) -> None:
+    """Two callers for one URL at once share one call, but when that answer is not stored
+    (here: it varies on a header the key did not hold yet) the second caller makes its own
+    call and gets its own answer."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-Tenant"
+    upstream.response_headers = [("Vary", "X-Tenant")]
+    upstream.hang = True
+    async with client(upstream, cache=cache) as http:
+        arrived = asyncio.Event()
+        upstream.on_hit = arrived.set
+        first = asyncio.create_task(http.get("/item", headers={"X-Tenant": "a"}))
+        await arrived.wait()
+        second = asyncio.create_task(http.get("/item", headers={"X-Tenant": "b"}))
+        for _ in range(20):
+            await asyncio.sleep(0)  # let the second caller join the first's call
+        upstream.released.set()
+        a, b = await asyncio.gather(first, second)
+    assert (a.json()["echo"], b.json()["echo"]) == ("a", "b")
+    assert upstream.hits == 2
+
+
+@pytest.mark.parametrize("bad", ["X-Tenant", ["X Tenant"], [""]])
+def test_bad_credential_headers_fail_at_construction(bad: Any) -> None:
+    """credential_headers must be a list of header names (a bare string is refused)."""
+    with pytest.raises(ConfigurationError, match="credential_headers"):
+        ResilientTransport(credential_headers=bad)
 
 
 async def test_hedging_through_the_transport(upstream: Upstream) -> None:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import math
 import random as _random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack, cast
 
 import httpx
@@ -29,6 +28,7 @@ import httpx
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle
 from fastapi_resilience._breaker import CircuitBreaker, default_registry
 from fastapi_resilience._bulkhead import Bulkhead, default_bulkhead_registry
+from fastapi_resilience._cache_sharing import SharingRules, credential_headers
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import (
     DEADLINE_EXCEEDED_DETAIL,
@@ -104,19 +104,6 @@ class _NotCacheable(ClientError):
 
 
 _PHASES = ("connect", "read", "write", "pool")
-#: Request headers that make an answer someone's own: they are part of the cache key.
-_PRIVATE_HEADERS = ("authorization", "cookie", "proxy-authorization")
-
-
-def _cache_key(request: httpx.Request) -> str:
-    """Method and URL, plus a digest of the credentials, so one caller's answer never serves
-    another's."""
-    key = f"{request.method} {request.url}"
-    private = [request.headers.get(name) for name in _PRIVATE_HEADERS]
-    if any(private):
-        digest = hashlib.blake2b(repr(private).encode(), digest_size=16).hexdigest()
-        key = f"{key} {digest}"
-    return key
 
 
 def _tighten_timeouts(request: httpx.Request, limit: float) -> None:
@@ -171,6 +158,7 @@ class PolicyOptions(TypedDict, total=False):
     hedge_percentile: float | None
     cache: ResponseCache | None
     cache_ttl: float | None
+    credential_headers: Sequence[str]
 
 
 _DEFAULTS: PolicyOptions = {
@@ -194,6 +182,7 @@ _DEFAULTS: PolicyOptions = {
     "hedge_percentile": None,
     "cache": None,
     "cache_ttl": None,
+    "credential_headers": (),
 }
 
 
@@ -202,7 +191,12 @@ class HostPolicy:
     """The guards for one upstream host; any may be ``None`` (off).
 
     Build one yourself to share a breaker with the rest of the app, or let the transport
-    build one per host from its options.
+    build one per host from its options. ``credential_headers`` are request headers that
+    make a cached answer someone's own, added to ``Authorization``, ``Cookie``,
+    ``Proxy-Authorization`` and ``X-API-Key``, which always are.
+
+    Raises:
+        ConfigurationError: ``credential_headers`` is not a list of header names.
     """
 
     retry: Retry | None = None
@@ -213,6 +207,20 @@ class HostPolicy:
     hedge: Hedge | None = None
     cache: ResponseCache | None = None
     cache_ttl: float | None = None
+    credential_headers: Sequence[str] = ()
+    #: Who may share the cache's answers; built from the above.
+    sharing: SharingRules | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        credential_headers(self.credential_headers)  # a bad name fails here, at start-up
+
+    def sharing_rules(self) -> SharingRules:
+        """Who may share the cache's answers: built on first use, then kept."""
+        if self.sharing is None:
+            max_urls = self.cache.max_entries if self.cache is not None else 1
+            names = credential_headers(self.credential_headers)
+            self.sharing = SharingRules(names, max_urls=max_urls)
+        return self.sharing
 
     @classmethod
     def build(
@@ -289,7 +297,15 @@ class HostPolicy:
         if o["timeout"] is not None and (math.isnan(o["timeout"]) or o["timeout"] < 0):
             raise ConfigurationError(f"timeout must be >= 0 seconds or None, got {o['timeout']!r}")
         return cls(
-            retry, breaker, bulkhead, o["timeout"], throttle, hedge, o["cache"], o["cache_ttl"]
+            retry,
+            breaker,
+            bulkhead,
+            o["timeout"],
+            throttle,
+            hedge,
+            o["cache"],
+            o["cache_ttl"],
+            o["credential_headers"],
         )
 
 
@@ -526,28 +542,34 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def _cached(
         self, policy: HostPolicy, host: str, request: httpx.Request
     ) -> httpx.Response:
-        cache = policy.cache
+        cache, sharing = policy.cache, policy.sharing_rules()
         assert cache is not None
+        key = sharing.key(request)
+        if key is None:
+            return await self._send(policy, host, request)  # the upstream said Vary: *
+        made_here = False
 
         async def fetch() -> dict[str, Any]:
+            nonlocal made_here
+            made_here = True
             # Always raise on 5xx here, so that a failure can be answered from the stale entry.
             response = await self._send_or_raise(policy, host, request)
             await response.aread()
-            if not 200 <= response.status_code < 300 or "no-store" in response.headers.get(
-                "cache-control", ""
-            ):
+            if not sharing.storable(key, response):
                 raise _NotCacheable(response)
             return snapshot_response(response)
 
         try:
-            result = await cache.call(_cache_key(request), fetch, ttl=policy.cache_ttl)
+            result = await cache.call(key.key, fetch, ttl=policy.cache_ttl)
         except _NotCacheable as exc:
-            return exc.response
+            # An answer that was not stored may be meant for its caller alone: a caller that
+            # waited on another's call makes its own.
+            return exc.response if made_here else await self._send(policy, host, request)
         except UpstreamError as exc:
             answer = self._answer_instead(exc)
             if answer is None:
                 raise
-            return answer
+            return answer if made_here else await self._send(policy, host, request)
         response = restore_response(result.value, request)
         response.headers[CACHE_STATUS_HEADER] = result.cache_status()
         return response
