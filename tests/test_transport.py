@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._breaker import default_registry
+from fastapi_resilience._bulkhead import default_bulkhead_registry
 from fastapi_resilience._correlation import CorrelationIdMiddleware, set_correlation_id
 from fastapi_resilience._deadline import deadline
 from fastapi_resilience._events import Event, EventBus
@@ -25,6 +26,7 @@ from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._outbound_fastapi import RequestDeadlineMiddleware
 from fastapi_resilience._response_cache import ResponseCache
 from fastapi_resilience._transport import (
+    DEFAULT_MAX_HOSTS,
     HostPolicy,
     ResilientTransport,
     UpstreamStatusError,
@@ -32,6 +34,7 @@ from fastapi_resilience._transport import (
     resilient_client,
 )
 from fastapi_resilience.exceptions import (
+    BulkheadFullError,
     CircuitOpenError,
     ConfigurationError,
     RetryExhaustedError,
@@ -117,11 +120,14 @@ async def _upstream() -> AsyncIterator[Upstream]:
 
 @pytest.fixture(autouse=True)
 def _clean_registry() -> Any:
-    """Breakers built per host register by name; forget them between tests."""
+    """Breakers and bulkheads built per host register by name; forget them between tests."""
     yield
     for name in list(default_registry.names()):
         if name.startswith("upstream:"):
             default_registry.unregister(name)
+    for bulkhead in list(default_bulkhead_registry):
+        if bulkhead.name.startswith("upstream:"):
+            default_bulkhead_registry.unregister(bulkhead.name)
 
 
 def client(upstream: Upstream, **options: Any) -> httpx.AsyncClient:
@@ -533,6 +539,68 @@ def test_per_host_policies_are_separate() -> None:
     assert transport.policy_for("pay.internal:443") is mine
     assert transport.policy_for("slow.internal").timeout == 30
     assert transport.policy_for("a.internal") is a
+
+
+async def test_per_host_state_stays_bounded_but_keeps_what_is_in_use(upstream: Upstream) -> None:
+    """A client calling 60 hosts with max_hosts=8 keeps at most 8 hosts' breakers and bulkheads
+    registered; a host whose breaker is open keeps failing fast, and a host whose bulkhead
+    holds a call still refuses a second one."""
+    port = upstream.url.rsplit(":", 1)[1]
+    # Loopback addresses other than 127.0.0.1: nothing listens there, a call is refused at once.
+    refused = [f"http://127.0.0.{n}:{port}/item" for n in range(2, 60)]
+    sick = refused[0]
+    arrived = asyncio.Event()
+    upstream.on_hit = arrived.set
+    upstream.hang = True
+    http = resilient_client(
+        attempts=1, failure_threshold=2, max_concurrent=1, max_hosts=8, clock=ManualClock()
+    )
+    async with http:
+        for _ in range(2):
+            with pytest.raises(UpstreamError):
+                await http.get(sick)
+        held = asyncio.create_task(http.get(f"{upstream.url}/item"))
+        await arrived.wait()
+        for url in refused[1:]:
+            with pytest.raises(UpstreamError):
+                await http.get(url)
+        breakers = [n for n in default_registry.names() if n.endswith(f":{port}")]
+        bulkheads = [b.name for b in default_bulkhead_registry if b.name.endswith(f":{port}")]
+        assert len(breakers) <= 8
+        assert len(bulkheads) <= 8
+        assert f"upstream:127.0.0.2:{port}" in breakers
+        with pytest.raises(CircuitOpenError):
+            await http.get(sick)
+        with pytest.raises(BulkheadFullError):
+            await http.get(f"{upstream.url}/item")
+        upstream.released.set()
+        assert (await held).status_code == 200
+    assert upstream.hits == 1
+
+
+def test_a_transport_keeps_the_most_recently_used_hosts_by_default() -> None:
+    """Beyond DEFAULT_MAX_HOSTS hosts the least recently used idle one is forgotten, breaker
+    and bulkhead registration included; a host used again counts as new."""
+    transport = ResilientTransport(max_concurrent=2)
+    for i in range(DEFAULT_MAX_HOSTS):
+        transport.policy_for(f"h{i}.example:443")
+    first = transport.policy_for("h0.example:443")
+    for i in range(DEFAULT_MAX_HOSTS, DEFAULT_MAX_HOSTS + 100):
+        transport.policy_for(f"h{i}.example:443")
+    breakers = [n for n in default_registry.names() if n.endswith(".example:443")]
+    bulkheads = [b.name for b in default_bulkhead_registry if b.name.endswith(".example:443")]
+    assert len(breakers) == len(bulkheads) == DEFAULT_MAX_HOSTS
+    assert "upstream:h0.example:443" in breakers
+    assert "upstream:h1.example:443" not in breakers
+    assert transport.policy_for("h0.example:443") is first
+    assert transport.policy_for("h1.example:443").breaker is not None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_max_hosts_fails_at_construction(bad: Any) -> None:
+    """max_hosts must be a whole number of hosts >= 1 (or None)."""
+    with pytest.raises(ConfigurationError, match="max_hosts"):
+        ResilientTransport(max_hosts=bad)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import asyncio
 import email.utils
 import math
 import random as _random
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack, cast
@@ -26,8 +27,8 @@ from typing import Any, TypedDict, Unpack, cast
 import httpx
 
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle
-from fastapi_resilience._breaker import CircuitBreaker, default_registry
-from fastapi_resilience._bulkhead import Bulkhead, default_bulkhead_registry
+from fastapi_resilience._breaker import CLOSED, BreakerRegistry, CircuitBreaker, default_registry
+from fastapi_resilience._bulkhead import Bulkhead, BulkheadRegistry, default_bulkhead_registry
 from fastapi_resilience._cache_sharing import SharingRules, credential_headers
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import (
@@ -309,6 +310,26 @@ class HostPolicy:
         )
 
 
+#: How many hosts a transport keeps policies for, unless told otherwise.
+DEFAULT_MAX_HOSTS = 1024
+#: Policies looked at for an idle one to forget, per new host beyond ``max_hosts``.
+_EVICTION_SCAN = 16
+
+
+def _busy(policy: HostPolicy) -> bool:
+    """Forgetting it would lose something: an open or half-open breaker (the next call would
+    reach a sick upstream), or a bulkhead with calls in it (more would be let in)."""
+    breaker, bulkhead = policy.breaker, policy.bulkhead
+    if breaker is not None and breaker.state != CLOSED:
+        return True
+    return bulkhead is not None and (bulkhead.active > 0 or bulkhead.waiting > 0)
+
+
+def _registered(registry: BreakerRegistry | BulkheadRegistry, name: str, guard: object) -> bool:
+    """Whether ``registry`` holds ``guard`` itself under ``name``."""
+    return name in registry and registry.get(name) is guard
+
+
 class ResilientTransport(httpx.AsyncBaseTransport):
     """An httpx async transport that guards every upstream host on its own.
 
@@ -329,8 +350,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         read_body: read the whole body inside the guards (default), so the timeout covers it
             and a failing read is retried; ``False`` streams a 2xx body to the caller.
         header_name: the correlation ID header forwarded upstream.
+        max_hosts: how many hosts' policies (breaker, bulkhead, retry budget...) to keep;
+            beyond it the least recently used idle one is forgotten (ADR 0058). A policy whose
+            breaker is open or half-open, whose bulkhead is in use, or that ``hosts`` gave,
+            is never forgotten. ``None``: keep every host (only for a fixed set of hosts).
         clock, random, events: injectable time, jitter source and event bus.
         **options: the default :class:`PolicyOptions` for every host.
+
+    Raises:
+        ConfigurationError: an option is unknown or out of range; the message names it.
 
     .. versionadded:: 0.1.0
     """
@@ -343,11 +371,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         raise_for_5xx: bool = True,
         read_body: bool = True,
         header_name: str = "X-Request-ID",
+        max_hosts: int | None = DEFAULT_MAX_HOSTS,
         clock: Clock = SYSTEM_CLOCK,
         random: Callable[[], float] = _random.random,
         events: EventBus | None = None,
         **options: Unpack[PolicyOptions],
     ) -> None:
+        if max_hosts is not None and (
+            isinstance(max_hosts, bool) or not isinstance(max_hosts, int) or max_hosts < 1
+        ):
+            raise ConfigurationError(f"max_hosts must be an int >= 1 or None, got {max_hosts!r}")
+        self.max_hosts = max_hosts
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self.raise_for_5xx = raise_for_5xx
         self.read_body = read_body
@@ -359,37 +393,80 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         HostPolicy.build("options-check", options, clock=clock, register=False)
         self._options = options
         self._explicit = dict(hosts or {})
-        self._policies: dict[str, HostPolicy] = {}
+        # Least recently used first; the hosts whose policy ``hosts`` gave are never dropped.
+        self._policies: OrderedDict[str, HostPolicy] = OrderedDict()
+        self._given: set[str] = set()
         self._by_origin: dict[tuple[bytes, int | None], tuple[HostPolicy, str]] = {}
+        self._origin_of: dict[str, tuple[bytes, int | None]] = {}
 
     def policy_for(self, host: str) -> HostPolicy:
         """The policy used for ``host`` (``host`` or ``host:port``), built on first use."""
         policy = self._policies.get(host)
-        if policy is None:
-            bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-            explicit = self._explicit.get(host, self._explicit.get(bare))
-            if isinstance(explicit, HostPolicy):
-                policy = explicit
-            else:
-                options: PolicyOptions = {**self._options, **(explicit or {})}
-                policy = HostPolicy.build(
-                    host, options, clock=self._clock, events=self._events, random=self._random
-                )
-            self._policies[host] = policy
+        if policy is not None:
+            self._policies.move_to_end(host)
+            return policy
+        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        explicit = self._explicit.get(host, self._explicit.get(bare))
+        if isinstance(explicit, HostPolicy):
+            policy = explicit
+            self._given.add(host)
+        else:
+            options: PolicyOptions = {**self._options, **(explicit or {})}
+            policy = HostPolicy.build(
+                host, options, clock=self._clock, events=self._events, random=self._random
+            )
+        self._policies[host] = policy
+        self._forget_idle(host)
         return policy
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inject_outbound_headers(request.headers, header_name=self._header_name)
         url = request.url
-        policy, host = self._by_origin.get((url.raw_host, url.port)) or self._origin(url)
+        found = self._by_origin.get((url.raw_host, url.port))
+        if found is None:
+            found = self._origin(url)
+        else:
+            self._policies.move_to_end(found[1])
+        policy, host = found
         if policy.cache is not None and request.method == "GET":
             return await self._cached(policy, host, request)
         return await self._send(policy, host, request)
 
     def _origin(self, url: httpx.URL) -> tuple[HostPolicy, str]:
         host = url.netloc.decode("ascii")
-        found = self._by_origin[(url.raw_host, url.port)] = (self.policy_for(host), host)
+        origin = (url.raw_host, url.port)
+        found = self._by_origin[origin] = (self.policy_for(host), host)
+        self._origin_of[host] = origin
         return found
+
+    def _forget_idle(self, newest: str) -> None:
+        """Beyond ``max_hosts``, forget least recently used idle policies; a busy one counts
+        as used now. At most ``_EVICTION_SCAN`` are looked at per new host, so a table full
+        of busy hosts costs each new one a bounded scan; it shrinks as they fall idle."""
+        if self.max_hosts is None:
+            return
+        policies = self._policies
+        for _ in range(_EVICTION_SCAN):
+            if len(policies) <= self.max_hosts:
+                return
+            host, policy = next(iter(policies.items()))
+            if host == newest or host in self._given or _busy(policy):
+                policies.move_to_end(host)
+            else:
+                self._forget(host, policy)
+
+    def _forget(self, host: str, policy: HostPolicy) -> None:
+        del self._policies[host]
+        origin = self._origin_of.pop(host, None)
+        if origin is not None:
+            del self._by_origin[origin]
+        # The registries hold the newest object per name: another client's may be there.
+        name = f"upstream:{host}"
+        breaker, bulkhead = policy.breaker, policy.bulkhead
+        if breaker is not None and _registered(default_registry, name, breaker):
+            default_registry.unregister(name)
+        if bulkhead is not None and _registered(default_bulkhead_registry, name, bulkhead):
+            default_bulkhead_registry.unregister(name)
 
     async def _send(self, policy: HostPolicy, host: str, request: httpx.Request) -> httpx.Response:
         try:
@@ -584,6 +661,7 @@ def resilient_client(
     transport: httpx.AsyncBaseTransport | None = None,
     hosts: Mapping[str, HostPolicy | PolicyOptions] | None = None,
     raise_for_5xx: bool = True,
+    max_hosts: int | None = DEFAULT_MAX_HOSTS,
     events: EventBus | None = None,
     clock: Clock = SYSTEM_CLOCK,
     client_options: Mapping[str, Any] | None = None,
@@ -594,7 +672,8 @@ def resilient_client(
     ``client = resilient_client("https://inventory.internal", attempts=3, timeout=2.0)``;
     options are :class:`PolicyOptions`, applied per host; ``client_options`` go to
     ``httpx.AsyncClient`` (headers, auth, ...). Close it with ``await client.aclose()`` or
-    ``async with``.
+    ``async with``. ``max_hosts`` bounds the hosts it keeps state for (see
+    :class:`ResilientTransport`): keep it for a client that calls URLs its users supply.
 
     .. versionadded:: 0.1.0
     """
@@ -602,6 +681,7 @@ def resilient_client(
         transport,
         hosts=hosts,
         raise_for_5xx=raise_for_5xx,
+        max_hosts=max_hosts,
         events=events,
         clock=clock,
         **options,
