@@ -3,12 +3,14 @@ from __future__ import annotations
 import pytest
 
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle, ThrottledError, is_overload
+from fastapi_resilience._deadline import deadline, timeout
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._retry import Retry
 from fastapi_resilience.exceptions import (
     ConfigurationError,
     NotFoundError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from fastapi_resilience.testing import ManualClock
 
@@ -55,6 +57,27 @@ async def test_refusing_upstream_gets_about_k_times_its_accepts() -> None:
     # With zero accepts, p = n / (n + 1): only a handful of calls get through.
     assert reached < 60
     assert outcomes["throttled"] > 900
+
+
+async def test_calls_the_callers_deadline_ended_are_no_refusals() -> None:
+    """Calls a spent request deadline stopped before they started never raise the drop
+    probability: the upstream refused nothing."""
+    clock = ManualClock()
+    throttle = AdaptiveThrottle(min_requests=1, clock=clock, random=lambda: 0.0)
+    started = 0
+
+    async def guarded() -> None:
+        nonlocal started
+        async with timeout(5.0):
+            started += 1
+
+    with deadline(1.0, clock=clock):
+        clock.advance(1.0)
+        for _ in range(50):
+            with pytest.raises(UpstreamTimeoutError):
+                await throttle.call(guarded)
+    assert started == 0
+    assert throttle.probability() == 0.0
 
 
 async def test_recovers_when_the_window_forgets_the_outage() -> None:

@@ -12,12 +12,14 @@ from redis.asyncio import Redis
 
 from fastapi_resilience._breaker import BreakerRegistry, CircuitBreaker
 from fastapi_resilience._breaker_redis import RedisBreakerStore
+from fastapi_resilience._deadline import deadline, timeout
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ConfigurationError,
     NotFoundError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
@@ -215,6 +217,38 @@ async def test_async_with_and_ignored_trials_use_shared_permits(pair: Any) -> No
             async with b.breaker:
                 pytest.fail("the permit is held by the other instance")
     await b.store.refresh(b.breaker)
+    assert (a.breaker.state, b.breaker.state) == ("closed", "closed")
+
+
+async def test_a_trial_the_deadline_stopped_hands_its_shared_permit_back(
+    pair: Any, bus: tuple[EventBus, list[Event]]
+) -> None:
+    """A half-open trial that the request's deadline stopped before it started is neither a
+    failure (no instance opens the breaker again) nor a success: the shared permit goes back
+    and the other instance's trial closes the breaker."""
+    make, clock = pair
+    a = make(failure_threshold=1, recovery_timeout=0.0)
+    b = make(failure_threshold=1, recovery_timeout=0.0)
+    await a.fail(1)
+    await b.store.refresh(b.breaker)
+    assert b.breaker.state == "half_open"
+    opened = [e.kind for e in bus[1]].count("breaker.opened")
+    started = 0
+
+    async def guarded() -> None:
+        nonlocal started
+        async with timeout(5.0):
+            started += 1
+
+    with deadline(1.0, clock=clock):
+        clock.advance(1.0)
+        with pytest.raises(UpstreamTimeoutError):
+            await a.breaker.call(guarded)
+    await a.store.refresh(a.breaker)
+    assert started == 0
+    assert [e.kind for e in bus[1]].count("breaker.opened") == opened
+    assert await b.breaker.call(_ok) == "ok"
+    await a.store.refresh(a.breaker)
     assert (a.breaker.state, b.breaker.state) == ("closed", "closed")
 
 

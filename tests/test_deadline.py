@@ -19,11 +19,13 @@ from fastapi_resilience._deadline import (
     with_timeout,
 )
 from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience._install import install
 from fastapi_resilience._outbound_fastapi import (
     DEADLINE_SCOPE_KEY,
     RequestDeadlineMiddleware,
     deadline_dependency,
 )
+from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
 from fastapi_resilience.testing import ManualClock
 
@@ -60,6 +62,28 @@ def test_nested_deadlines_only_shrink() -> None:
             assert kept is current_deadline()
             assert remaining() == 1.0
         assert remaining() == 1.0
+
+
+async def test_deadline_works_with_async_with_as_with_with() -> None:
+    """deadline() serves ``async with`` as well as ``with``: the same deadline, nested either
+    way, and the outer one back after the block, also when the block raises."""
+    clock = ManualClock()
+    async with deadline(2.0, clock=clock) as outer:
+        assert outer is current_deadline()
+        assert remaining() == 2.0
+        with deadline(5.0, clock=clock):
+            assert remaining() == 2.0
+        async with deadline(0.5, clock=clock):
+            assert remaining() == 0.5
+            clock.advance(1.0)
+            with pytest.raises(UpstreamTimeoutError):  # spent: the call does not start
+                async with timeout(10.0):
+                    pytest.fail("started after the deadline")
+        with pytest.raises(RuntimeError):
+            async with deadline(0.25, clock=clock):
+                raise RuntimeError("boom")
+        assert current_deadline() is outer
+    assert remaining() is None
 
 
 def test_negative_deadline_is_a_configuration_error() -> None:
@@ -171,6 +195,98 @@ async def test_middleware_sets_the_request_deadline() -> None:
         assert junk.json() == {"remaining": 2.0}
 
 
+async def test_a_client_asking_for_less_than_the_floor_gets_the_floor() -> None:
+    """X-Request-Timeout below the floor (0.1 s by default, or header_floor) is raised to it,
+    never above the server's budget; 0 is the floor too."""
+    clock = ManualClock()
+    async with client_for(deadline_app(timeout=2.0, clock=clock)) as client:
+        for asked in ("0.000001", "1e-300", "0", "0.1"):
+            answer = await client.get("/left", headers={"X-Request-Timeout": asked})
+            assert answer.json()["remaining"] == pytest.approx(0.1), asked
+    async with client_for(deadline_app(timeout=2.0, clock=clock, header_floor=0.5)) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.2"})
+        assert answer.json()["remaining"] == pytest.approx(0.5)
+    async with client_for(deadline_app(timeout=0.3, clock=clock, header_floor=0.5)) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.2"})
+        assert answer.json()["remaining"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "soon",
+        "",
+        " ",
+        "-1",
+        "nan",
+        "inf",
+        "-inf",
+        "1e999",
+        "0x10",
+        "1,5",
+        "½".encode(),
+        b"\xff\xfe",
+        "9" * 5000,
+    ],
+)
+async def test_a_malformed_timeout_header_never_fails_the_request(junk: str | bytes) -> None:
+    """Anything that is not a number of seconds >= 0 is ignored: the server's budget applies."""
+    async with client_for(deadline_app(timeout=2.0, clock=ManualClock())) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": junk})
+    assert answer.status_code == 200
+    assert answer.json()["remaining"] == pytest.approx(2.0)
+
+
+async def test_the_client_header_can_be_switched_off() -> None:
+    """header=None or "" (or the setting request_deadline_header="") ignores the header."""
+    settings = ResilienceSettings(request_deadline_header="")
+    for options in ({"header": None}, {"header": ""}, {"settings": settings}):
+        app = deadline_app(timeout=2.0, clock=ManualClock(), **options)
+        async with client_for(app) as client:
+            answer = await client.get("/left", headers={"X-Request-Timeout": "0.5"})
+        assert answer.json()["remaining"] == pytest.approx(2.0), options
+
+
+async def test_header_and_floor_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unless given as arguments, the header and its floor are the settings': from
+    ``settings=`` or, without it, from the RESILIENCE_* environment."""
+    settings = ResilienceSettings(
+        request_deadline_header="X-Budget", request_deadline_header_floor=0.25
+    )
+    app = deadline_app(timeout=2.0, clock=ManualClock(), settings=settings)
+    async with client_for(app) as client:
+        named = await client.get("/left", headers={"X-Budget": "0.01"})
+        other = await client.get("/left", headers={"X-Request-Timeout": "0.5"})
+    assert named.json()["remaining"] == pytest.approx(0.25)
+    assert other.json() == {"remaining": 2.0}
+
+    monkeypatch.setenv("RESILIENCE_REQUEST_DEADLINE_HEADER_FLOOR", "0.75")
+    async with client_for(deadline_app(timeout=2.0, clock=ManualClock())) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.01"})
+    assert answer.json()["remaining"] == pytest.approx(0.75)
+    app = deadline_app(timeout=2.0, clock=ManualClock(), header_floor=0.2)
+    async with client_for(app) as client:
+        answer = await client.get("/left", headers={"X-Request-Timeout": "0.01"})
+    assert answer.json()["remaining"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_a_bad_floor_fails_at_start_up_naming_it(bad: float) -> None:
+    """The floor must be a finite number of seconds > 0, as argument and as setting."""
+    with pytest.raises(ConfigurationError, match="header_floor"):
+        RequestDeadlineMiddleware(_no_app, header_floor=bad)
+    with pytest.raises(ConfigurationError, match="request_deadline_header_floor"):
+        ResilienceSettings(request_deadline_header_floor=bad)
+
+
+def test_a_bad_header_name_fails_at_start_up_naming_it() -> None:
+    """The header must be a valid HTTP header name, as argument and as setting."""
+    with pytest.raises(ConfigurationError, match="header"):
+        RequestDeadlineMiddleware(_no_app, header="X Timeout")
+    with pytest.raises(ConfigurationError, match="request_deadline_header"):
+        ResilienceSettings(request_deadline_header="X Timeout")
+
+
 async def test_middleware_without_budget_sets_nothing() -> None:
     """timeout=None and no header: no deadline at all."""
     async with client_for(deadline_app(timeout=None)) as client:
@@ -189,6 +305,23 @@ async def test_middleware_cuts_off_an_overrunning_route_with_504() -> None:
     assert body["code"] == "upstream_timeout"
     assert body["detail"] == DEADLINE_EXCEEDED_DETAIL
     assert body["deadline"] == 0.05
+
+
+@pytest.mark.parametrize("header", ["X-Request-ID", "X-Trace"])
+async def test_the_504_of_a_middleware_added_after_install_carries_the_id(header: str) -> None:
+    """Added after install(), the deadline middleware sits outside the correlation layer, which
+    has finished by the time the 504 is sent: the answer still carries the request's ID (the
+    configured header) in header and body, once."""
+    app = deadline_app(timeout=None)
+    install(app, ResilienceSettings(rate_limit_enabled=False, correlation_header=header))
+    app.add_middleware(RequestDeadlineMiddleware, timeout=0.05)
+    async with client_for(app) as client:
+        given = await client.get("/hang", headers={header: "abc-123"})
+        made = await client.get("/hang")
+    assert (given.status_code, made.status_code) == (504, 504)
+    assert given.headers.get_list(header) == ["abc-123"]
+    assert given.json()["correlation_id"] == "abc-123"
+    assert made.headers.get_list(header) == [made.json()["correlation_id"]]
 
 
 async def test_middleware_does_not_cut_a_started_answer() -> None:

@@ -33,6 +33,7 @@ from fastapi_resilience._outbound_fastapi import (
     bulkhead_dependency,
 )
 from fastapi_resilience._problem import PROBLEM_CONTENT_TYPE
+from fastapi_resilience._transport import resilient_client
 from fastapi_resilience.exceptions import UpstreamError
 from fastapi_resilience.testing import ManualClock
 from tests._servers import UvicornProcess
@@ -281,3 +282,185 @@ async def test_free_tier_saturation_does_not_delay_premium(upstream: httpx.Async
             await asyncio.gather(*free_calls)
     finally:
         default_bulkhead_registry.unregister("search-http")
+
+
+# --- a deadline is the caller's, not the upstream's ----------------------------------------
+
+GUARD_STYLES = ["transport", "call", "async with", "decorator"]
+
+
+class Guarded:
+    """The upstream called through a breaker in one of the ways an app does it.
+
+    ``transport``: ``resilient_client`` with its own per-host breaker; the others: a plain
+    httpx client inside ``timeout()`` (so the request deadline applies) behind a
+    ``CircuitBreaker`` used through ``call``, ``async with`` or as a decorator.
+    """
+
+    def __init__(self, style: str, upstream_url: str, clock: ManualClock) -> None:
+        self.style = style
+        self.host = upstream_url.removeprefix("http://")
+        self.http = (
+            resilient_client(upstream_url, attempts=1, failure_threshold=2, clock=clock)
+            if style == "transport"
+            else httpx.AsyncClient(base_url=upstream_url, timeout=None)
+        )
+        self._breaker = CircuitBreaker(
+            "inventory-deadline", failure_threshold=2, clock=clock, registry=None
+        )
+        self._decorated = self._breaker(self._plain)
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        if self.style == "transport":
+            return default_registry.get(f"upstream:{self.host}")
+        return self._breaker
+
+    async def _plain(self, delay: float) -> dict[str, Any]:
+        async with timeout(10.0):
+            response = await self.http.get("/item", params={"delay": delay})
+        if response.status_code >= 500:
+            raise UpstreamError(f"inventory answered {response.status_code}")
+        return dict(response.json())
+
+    async def fetch(self, delay: float) -> dict[str, Any]:
+        if self.style == "transport":
+            return dict((await self.http.get("/item", params={"delay": delay})).json())
+        if self.style == "call":
+            return await self._breaker.call(self._plain, delay)
+        if self.style == "async with":
+            async with self._breaker:
+                return await self._plain(delay)
+        return await self._decorated(delay)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        if self.style == "transport":
+            default_registry.unregister(f"upstream:{self.host}")
+
+
+def guarded_app(guarded: Guarded, **deadline_options: Any) -> FastAPI:
+    """An app whose /stock calls the upstream through ``guarded``; ``?spend=S`` first moves
+    the deadline's clock on by S seconds (the route's own work, spending the budget)."""
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, **deadline_options)
+    app.add_middleware(CorrelationIdMiddleware)
+    clock = deadline_options.get("clock")
+
+    @app.get("/stock")
+    async def stock(delay: float = 0.0, spend: float = 0.0) -> dict[str, Any]:
+        if spend and isinstance(clock, ManualClock):
+            clock.advance(spend)
+        return await guarded.fetch(delay)
+
+    return app
+
+
+async def test_requests_asking_for_a_microsecond_do_not_open_the_upstreams_breaker(
+    upstream: httpx.AsyncClient,
+) -> None:
+    """Five anonymous requests with X-Request-Timeout: 0.000001 leave the shared breaker of a
+    healthy upstream closed: the header is raised to the floor, so the calls are made and
+    answered; the next caller, without the header, is served."""
+    host = upstream.base_url.netloc.decode()
+    http = resilient_client(str(upstream.base_url))
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, timeout=5.0)
+    app.add_middleware(CorrelationIdMiddleware)
+
+    @app.get("/stock")
+    async def stock() -> dict[str, Any]:
+        return dict((await http.get("/item")).json())
+
+    try:
+        async with client_for(app) as client:
+            asked = [
+                await client.get("/stock", headers={"X-Request-Timeout": "0.000001"})
+                for _ in range(5)
+            ]
+            after = await client.get("/stock")
+        assert [a.status_code for a in asked] == [200] * 5
+        assert after.status_code == 200
+        assert default_registry.get(f"upstream:{host}").state == "closed"
+        assert await hits(upstream) == 6
+    finally:
+        await http.aclose()
+        default_registry.unregister(f"upstream:{host}")
+
+
+@pytest.mark.parametrize("style", GUARD_STYLES)
+async def test_calls_cut_by_the_clients_own_deadline_never_open_the_breaker(
+    upstream: httpx.AsyncClient, style: str
+) -> None:
+    """A slow but healthy upstream, and clients that ask for 0.15 s: their calls are cut and
+    answered 504, and the breaker (threshold 2) stays closed for the next caller. With a
+    grace period the route's own timeout, not the middleware, cuts the call."""
+    guarded = Guarded(style, str(upstream.base_url), ManualClock())
+    app = guarded_app(guarded, timeout=5.0, grace=0.5)
+    try:
+        async with client_for(app) as client:
+            cut = [
+                await client.get(
+                    "/stock", params={"delay": 1.0}, headers={"X-Request-Timeout": "0.15"}
+                )
+                for _ in range(3)
+            ]
+            after = await client.get("/stock")
+        assert [c.status_code for c in cut] == [504] * 3
+        assert {c.json()["code"] for c in cut} == {"upstream_timeout"}
+        assert after.status_code == 200
+        assert guarded.breaker.state == "closed"
+    finally:
+        await guarded.aclose()
+
+
+@pytest.mark.parametrize("style", GUARD_STYLES)
+async def test_calls_the_deadline_stopped_before_they_started_are_not_counted(
+    upstream: httpx.AsyncClient, style: str
+) -> None:
+    """The server's own deadline spent before the call: no request leaves, the route answers
+    504, and the breaker (threshold 2) does not count it."""
+    guarded = Guarded(style, str(upstream.base_url), ManualClock())
+    app = guarded_app(guarded, timeout=1.0, clock=ManualClock())
+    try:
+        async with client_for(app) as client:
+            stopped = [await client.get("/stock", params={"spend": 2.0}) for _ in range(3)]
+            assert await hits(upstream) == 0
+            after = await client.get("/stock")
+        assert [s.status_code for s in stopped] == [504] * 3
+        assert after.status_code == 200
+        assert guarded.breaker.state == "closed"
+        assert await hits(upstream) == 1
+    finally:
+        await guarded.aclose()
+
+
+@pytest.mark.parametrize("style", GUARD_STYLES)
+async def test_a_half_open_trial_cut_by_the_clients_deadline_hands_back_its_slot(
+    upstream: httpx.AsyncClient, style: str
+) -> None:
+    """Half-open with one trial slot: a trial the client's own deadline cuts is neither a
+    failure (the breaker does not open again) nor a success (it does not close); the slot is
+    free for the next caller, whose success closes the breaker."""
+    clock = ManualClock()
+    guarded = Guarded(style, str(upstream.base_url), clock)
+    app = guarded_app(guarded, timeout=5.0, grace=0.5)
+    try:
+        async with client_for(app) as client:
+            await upstream.post("/mode/fail")
+            assert [(await client.get("/stock")).status_code for _ in range(2)] == [502] * 2
+            assert guarded.breaker.state == "open"
+            clock.advance(30)
+            await upstream.post("/mode/ok")
+            cut = await client.get(
+                "/stock", params={"delay": 1.0}, headers={"X-Request-Timeout": "0.15"}
+            )
+            assert cut.status_code == 504
+            assert guarded.breaker.state == "half_open"
+            trial = await client.get("/stock")
+        assert trial.status_code == 200
+        assert guarded.breaker.state == "closed"
+    finally:
+        await guarded.aclose()

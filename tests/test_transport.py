@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._breaker import default_registry
+from fastapi_resilience._bulkhead import default_bulkhead_registry
 from fastapi_resilience._correlation import CorrelationIdMiddleware, set_correlation_id
 from fastapi_resilience._deadline import deadline
 from fastapi_resilience._events import Event, EventBus
@@ -25,6 +26,7 @@ from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._outbound_fastapi import RequestDeadlineMiddleware
 from fastapi_resilience._response_cache import ResponseCache
 from fastapi_resilience._transport import (
+    DEFAULT_MAX_HOSTS,
     HostPolicy,
     ResilientTransport,
     UpstreamStatusError,
@@ -32,6 +34,7 @@ from fastapi_resilience._transport import (
     resilient_client,
 )
 from fastapi_resilience.exceptions import (
+    BulkheadFullError,
     CircuitOpenError,
     ConfigurationError,
     RetryExhaustedError,
@@ -56,6 +59,10 @@ class Upstream:
         self.headers: list[dict[str, str]] = []
         self.url = ""
         self.on_hit: Callable[[], None] | None = None
+        #: Extra response header fields, e.g. ``[("vary", "X-Tenant")]``.
+        self.response_headers: list[tuple[str, str]] = []
+        #: A request header whose value the body repeats as ``"echo"``.
+        self.echo: str | None = None
 
     def script(self, status: int = 200, *, retry_after: str | None = None) -> None:
         self.status = status
@@ -71,8 +78,12 @@ class Upstream:
             pass
         if self.hang:
             await self.released.wait()
-        body = json.dumps({"hit": self.hits}, separators=(",", ":")).encode()
+        answer: dict[str, Any] = {"hit": self.hits}
+        if self.echo is not None:
+            answer["echo"] = self.headers[-1].get(self.echo.lower())
+        body = json.dumps(answer, separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in self.response_headers]
         if self.retry_after:
             headers.append((b"retry-after", self.retry_after.encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
@@ -109,11 +120,14 @@ async def _upstream() -> AsyncIterator[Upstream]:
 
 @pytest.fixture(autouse=True)
 def _clean_registry() -> Any:
-    """Breakers built per host register by name; forget them between tests."""
+    """Breakers and bulkheads built per host register by name; forget them between tests."""
     yield
     for name in list(default_registry.names()):
         if name.startswith("upstream:"):
             default_registry.unregister(name)
+    for bulkhead in list(default_bulkhead_registry):
+        if bulkhead.name.startswith("upstream:"):
+            default_bulkhead_registry.unregister(bulkhead.name)
 
 
 def client(upstream: Upstream, **options: Any) -> httpx.AsyncClient:
@@ -266,6 +280,22 @@ async def test_request_deadline_bounds_every_attempt(upstream: Upstream) -> None
     assert elapsed < 0.3 + 0.1
 
 
+async def test_a_spent_deadline_sends_nothing_and_answers_upstream_timeout(
+    upstream: Upstream,
+) -> None:
+    """With the request's deadline spent, no attempt is made and none retried: the caller
+    gets UpstreamTimeoutError (504), not RetryExhaustedError, and the breaker stays closed."""
+    clock = ManualClock()
+    async with client(upstream, attempts=3, failure_threshold=1) as http:
+        with deadline(1.0, clock=clock):
+            clock.advance(1.0)
+            for _ in range(3):
+                with pytest.raises(UpstreamTimeoutError):
+                    await http.get("/item")
+        assert (await http.get("/item")).status_code == 200
+    assert upstream.hits == 1
+
+
 async def test_outage_amplification_with_and_without_budget(upstream: Upstream) -> None:
     """1000 calls into a total outage: <= 1.2 upstream calls per call with the budget, 3 without."""
     upstream.script(503)
@@ -331,6 +361,111 @@ async def test_cache_keeps_callers_with_different_credentials_apart(upstream: Up
         alice_again = await http.get("/item", headers={"Authorization": "Bearer alice"})
     assert (alice.json(), bob.json(), alice_again.json()) == ({"hit": 1}, {"hit": 2}, {"hit": 1})
     assert upstream.hits == 2
+
+
+async def test_cache_keeps_callers_with_different_api_keys_apart(upstream: Upstream) -> None:
+    """X-API-Key (this library's own credential header) is part of the key: one key's answer
+    never serves another key."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-API-Key"
+    async with client(upstream, cache=cache) as http:
+        answers = [
+            (await http.get("/item", headers={"X-API-Key": key})).json()
+            for key in ("alice", "bob", "alice", "bob")
+        ]
+    assert [a["echo"] for a in answers] == ["alice", "bob", "alice", "bob"]
+    assert [a["hit"] for a in answers] == [1, 2, 1, 2]
+    assert upstream.hits == 2
+
+
+async def test_configured_credential_headers_join_the_key(upstream: Upstream) -> None:
+    """credential_headers adds headers of one's own to the four that are always in the key."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-Tenant"
+    async with client(upstream, cache=cache, credential_headers=["X-Tenant"]) as http:
+        a = await http.get("/item", headers={"X-Tenant": "a", "Authorization": "Bearer t"})
+        b = await http.get("/item", headers={"X-Tenant": "b", "Authorization": "Bearer t"})
+        other = await http.get("/item", headers={"X-Tenant": "a", "Authorization": "Bearer u"})
+        again = await http.get("/item", headers={"X-Tenant": "a", "Authorization": "Bearer t"})
+    assert [r.json() for r in (a, b, other, again)] == [
+        {"hit": 1, "echo": "a"},
+        {"hit": 2, "echo": "b"},
+        {"hit": 3, "echo": "a"},
+        {"hit": 1, "echo": "a"},
+    ]
+
+
+async def test_the_upstreams_vary_splits_the_entry_per_named_header(upstream: Upstream) -> None:
+    """Vary: X-Tenant makes X-Tenant part of that entry's key: each tenant gets its own answer,
+    and the answer that taught the cache the Vary is not stored under a key without it."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-Tenant"
+    upstream.response_headers = [("Vary", "Accept-Language, x-tenant")]
+    async with client(upstream, cache=cache) as http:
+        answers = [
+            (await http.get("/item", headers={"X-Tenant": tenant})).json()
+            for tenant in ("a", "b", "a", "b", "a")
+        ]
+        bare = (await http.get("/item")).json()
+    assert [a["echo"] for a in answers] == ["a", "b", "a", "b", "a"]
+    assert [a["hit"] for a in answers] == [1, 2, 3, 2, 3]
+    assert bare == {"hit": 4, "echo": None}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Vary", "*")],
+        [("Cache-Control", "private")],
+        [("Cache-Control", 'max-age=60, Private="Set-Cookie"')],
+        [("Cache-Control", "public"), ("Cache-Control", "no-store")],
+        [("Cache-Control", "no-cache")],
+        [("Set-Cookie", "session=abc")],
+    ],
+    ids=["vary-star", "private", "private-fields", "no-store", "no-cache", "set-cookie"],
+)
+async def test_answers_meant_for_one_caller_are_never_cached(
+    upstream: Upstream, headers: list[tuple[str, str]]
+) -> None:
+    """Vary: *, Cache-Control private / no-store / no-cache, and an answer that sets a cookie
+    are not stored: every call reaches the upstream."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.response_headers = headers
+    async with client(upstream, cache=cache) as http:
+        answers = [(await http.get("/item")).json() for _ in range(3)]
+    assert answers == [{"hit": 1}, {"hit": 2}, {"hit": 3}]
+    assert upstream.hits == 3
+
+
+async def test_a_caller_waiting_on_another_never_gets_its_unstored_answer(
+    upstream: Upstream,
+) -> None:
+    """Two callers for one URL at once share one call, but when that answer is not stored
+    (here: it varies on a header the key did not hold yet) the second caller makes its own
+    call and gets its own answer."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-Tenant"
+    upstream.response_headers = [("Vary", "X-Tenant")]
+    upstream.hang = True
+    async with client(upstream, cache=cache) as http:
+        arrived = asyncio.Event()
+        upstream.on_hit = arrived.set
+        first = asyncio.create_task(http.get("/item", headers={"X-Tenant": "a"}))
+        await arrived.wait()
+        second = asyncio.create_task(http.get("/item", headers={"X-Tenant": "b"}))
+        for _ in range(20):
+            await asyncio.sleep(0)  # let the second caller join the first's call
+        upstream.released.set()
+        a, b = await asyncio.gather(first, second)
+    assert (a.json()["echo"], b.json()["echo"]) == ("a", "b")
+    assert upstream.hits == 2
+
+
+@pytest.mark.parametrize("bad", ["X-Tenant", ["X Tenant"], [""]])
+def test_bad_credential_headers_fail_at_construction(bad: Any) -> None:
+    """credential_headers must be a list of header names (a bare string is refused)."""
+    with pytest.raises(ConfigurationError, match="credential_headers"):
+        ResilientTransport(credential_headers=bad)
 
 
 async def test_hedging_through_the_transport(upstream: Upstream) -> None:
@@ -404,6 +539,68 @@ def test_per_host_policies_are_separate() -> None:
     assert transport.policy_for("pay.internal:443") is mine
     assert transport.policy_for("slow.internal").timeout == 30
     assert transport.policy_for("a.internal") is a
+
+
+async def test_per_host_state_stays_bounded_but_keeps_what_is_in_use(upstream: Upstream) -> None:
+    """A client calling 60 hosts with max_hosts=8 keeps at most 8 hosts' breakers and bulkheads
+    registered; a host whose breaker is open keeps failing fast, and a host whose bulkhead
+    holds a call still refuses a second one."""
+    port = upstream.url.rsplit(":", 1)[1]
+    # Loopback addresses other than 127.0.0.1: nothing listens there, a call is refused at once.
+    refused = [f"http://127.0.0.{n}:{port}/item" for n in range(2, 60)]
+    sick = refused[0]
+    arrived = asyncio.Event()
+    upstream.on_hit = arrived.set
+    upstream.hang = True
+    http = resilient_client(
+        attempts=1, failure_threshold=2, max_concurrent=1, max_hosts=8, clock=ManualClock()
+    )
+    async with http:
+        for _ in range(2):
+            with pytest.raises(UpstreamError):
+                await http.get(sick)
+        held = asyncio.create_task(http.get(f"{upstream.url}/item"))
+        await arrived.wait()
+        for url in refused[1:]:
+            with pytest.raises(UpstreamError):
+                await http.get(url)
+        breakers = [n for n in default_registry.names() if n.endswith(f":{port}")]
+        bulkheads = [b.name for b in default_bulkhead_registry if b.name.endswith(f":{port}")]
+        assert len(breakers) <= 8
+        assert len(bulkheads) <= 8
+        assert f"upstream:127.0.0.2:{port}" in breakers
+        with pytest.raises(CircuitOpenError):
+            await http.get(sick)
+        with pytest.raises(BulkheadFullError):
+            await http.get(f"{upstream.url}/item")
+        upstream.released.set()
+        assert (await held).status_code == 200
+    assert upstream.hits == 1
+
+
+def test_a_transport_keeps_the_most_recently_used_hosts_by_default() -> None:
+    """Beyond DEFAULT_MAX_HOSTS hosts the least recently used idle one is forgotten, breaker
+    and bulkhead registration included; a host used again counts as new."""
+    transport = ResilientTransport(max_concurrent=2)
+    for i in range(DEFAULT_MAX_HOSTS):
+        transport.policy_for(f"h{i}.example:443")
+    first = transport.policy_for("h0.example:443")
+    for i in range(DEFAULT_MAX_HOSTS, DEFAULT_MAX_HOSTS + 100):
+        transport.policy_for(f"h{i}.example:443")
+    breakers = [n for n in default_registry.names() if n.endswith(".example:443")]
+    bulkheads = [b.name for b in default_bulkhead_registry if b.name.endswith(".example:443")]
+    assert len(breakers) == len(bulkheads) == DEFAULT_MAX_HOSTS
+    assert "upstream:h0.example:443" in breakers
+    assert "upstream:h1.example:443" not in breakers
+    assert transport.policy_for("h0.example:443") is first
+    assert transport.policy_for("h1.example:443").breaker is not None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_max_hosts_fails_at_construction(bad: Any) -> None:
+    """max_hosts must be a whole number of hosts >= 1 (or None)."""
+    with pytest.raises(ConfigurationError, match="max_hosts"):
+        ResilientTransport(max_hosts=bad)
 
 
 @pytest.mark.parametrize(

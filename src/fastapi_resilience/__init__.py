@@ -30,7 +30,13 @@ from fastapi_resilience._dead_letter import (
     ReplayReport,
     dead_letter_on_failure,
 )
-from fastapi_resilience._deadline import deadline, remaining, timeout, with_timeout
+from fastapi_resilience._deadline import (
+    DeadlineCutError,
+    deadline,
+    remaining,
+    timeout,
+    with_timeout,
+)
 from fastapi_resilience._degraded import (
     DegradedMode,
     DegradedModeMiddleware,
@@ -139,6 +145,7 @@ __all__ = [
     "CorrelationIdTransport",
     "DeadLetter",
     "DeadLetterQueue",
+    "DeadlineCutError",
     "Decision",
     "DefaultIdentityResolver",
     "DegradedMode",

@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar
 import httpx
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._deadline import not_the_upstreams_failure
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._retry_budget import SlidingCounter, seconds
 from fastapi_resilience.exceptions import (
@@ -54,10 +55,15 @@ class ThrottledError(ServiceUnavailableError):
 
 
 def is_overload(exc: BaseException) -> bool:
-    """The default "the upstream refused" test: upstream errors, 503s, 429s, transport errors."""
-    return isinstance(
-        exc, UpstreamError | ServiceUnavailableError | RateLimitedError | httpx.TransportError
-    ) and not isinstance(exc, ThrottledError)
+    """The default "the upstream refused" test: upstream errors, 503s, 429s, transport errors;
+    not a call that the caller's own deadline ended."""
+    return (
+        isinstance(
+            exc, UpstreamError | ServiceUnavailableError | RateLimitedError | httpx.TransportError
+        )
+        and not isinstance(exc, ThrottledError)
+        and not not_the_upstreams_failure(exc)
+    )
 
 
 class AdaptiveThrottle(EventSource):

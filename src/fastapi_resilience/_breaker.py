@@ -27,7 +27,7 @@ from fastapi_resilience._breaker_window import (
     WindowCounts,
 )
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._deadline import to_seconds
+from fastapi_resilience._deadline import not_the_upstreams_failure, to_seconds
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
 from fastapi_resilience.exceptions import CircuitOpenError, ClientError, ConfigurationError
@@ -123,9 +123,11 @@ class CircuitBreaker(EventSource):
     Counts as a failure, by default: any ``Exception`` except a :class:`ClientError` (and an
     httpx ``HTTPStatusError`` for a 4xx answer); so an :class:`UpstreamError` (5xx, connect
     error), a ``TimeoutError`` / :class:`UpstreamTimeoutError` and transport errors count.
-    An exception in ``ignore_on``, and cancellation, is *ignored*: neither a success nor a
-    failure (in half-open it gives its trial permit back). An exception that is neither
-    ignored nor a failure (``record_on`` / ``is_failure`` said no) counts as a success.
+    An exception in ``ignore_on``, cancellation, and a call the request's deadline ended for
+    the caller's reasons (it never started, or a deadline the client chose cut it; see
+    :func:`~fastapi_resilience._deadline.not_the_upstreams_failure`) are *ignored*: neither a
+    success nor a failure (in half-open they give the trial permit back). An exception that is
+    neither ignored nor a failure (``record_on`` / ``is_failure`` said no) counts as a success.
 
     Opening rules: ``failure_threshold`` failures in a row; and, with a ``window``, a failure
     rate or slow-call rate over the window's thresholds. Without a window
@@ -548,6 +550,10 @@ class CircuitBreaker(EventSource):
     def _classify(self, exc: BaseException) -> bool | None:
         """``True`` failure, ``False`` success, ``None`` ignored."""
         if not isinstance(exc, Exception) or isinstance(exc, self.ignore_on):
+            return None
+        if not_the_upstreams_failure(exc):
+            # The caller's deadline ended the call: no evidence either way, and in half-open
+            # the trial slot goes back for a call that can tell.
             return None
         if self.is_failure is not None:
             return bool(self.is_failure(exc))

@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar, Token
 from datetime import timedelta
-from typing import TypeVar
+from types import TracebackType
+from typing import Any, TypeVar
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
+from fastapi_resilience.exceptions import (
+    ConfigurationError,
+    RetryExhaustedError,
+    UpstreamTimeoutError,
+)
 
 __all__ = [
     "DEADLINE_EXCEEDED_DETAIL",
     "Deadline",
+    "DeadlineCutError",
+    "DeadlineScope",
     "current_deadline",
     "deadline",
+    "not_the_upstreams_failure",
     "remaining",
     "timeout",
+    "timeout_error",
     "to_seconds",
     "with_timeout",
 ]
@@ -37,20 +46,39 @@ DEADLINE_EXCEEDED_DETAIL = "The request's deadline ran out before the upstream a
 
 
 class Deadline:
-    """An absolute point on a clock's monotonic time line by which the request must be done."""
+    """An absolute point on a clock's monotonic time line by which the request must be done.
 
-    __slots__ = ("at", "clock")
+    ``from_client`` is true when the client chose this deadline (a header shorter than the
+    server's budget): a call it cuts says nothing about the upstream.
+    """
 
-    def __init__(self, at: float, clock: Clock = SYSTEM_CLOCK) -> None:
+    __slots__ = ("at", "clock", "from_client")
+
+    def __init__(
+        self, at: float, clock: Clock = SYSTEM_CLOCK, *, from_client: bool = False
+    ) -> None:
         self.at = at
         self.clock = clock
+        self.from_client = from_client
 
     def remaining(self) -> float:
         """Seconds left, never below 0."""
         return max(0.0, self.at - self.clock.monotonic())
 
     def __repr__(self) -> str:
-        return f"Deadline(remaining={self.remaining():.3f}s)"
+        return f"Deadline(remaining={self.remaining():.3f}s, from_client={self.from_client})"
+
+
+class DeadlineCutError(UpstreamTimeoutError):
+    """The caller's time, not the upstream, ended the call: it never started (the deadline
+    was spent), or a deadline the client chose cut it.
+
+    An :class:`UpstreamTimeoutError` like any other (504 ``upstream_timeout``, a
+    ``TimeoutError``), but no breaker counts it against the upstream, adaptive throttling takes
+    it for no refusal, and ``Retry`` does not retry it: there is no time left to retry in.
+    """
+
+    retryable = False
 
 
 _DEADLINE: ContextVar[Deadline | None] = ContextVar("fastapi_resilience.deadline", default=None)
@@ -84,32 +112,78 @@ def _check_seconds(value: float | timedelta | None, argument: str) -> float | No
     return seconds
 
 
-@contextmanager
 def deadline(
-    seconds: float | timedelta | None, *, clock: Clock = SYSTEM_CLOCK
-) -> Iterator[Deadline | None]:
+    seconds: float | timedelta | None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    from_client: bool = False,
+) -> DeadlineScope:
     """Give the code inside a deadline ``seconds`` from now; nested deadlines only shrink.
 
-    An inner ``deadline(10)`` inside an outer one with 2 s left keeps the 2 s: a callee never
-    gets more time than its caller has. ``None`` keeps whatever is already set.
+    Works with ``with`` and with ``async with``. An inner ``deadline(10)`` inside an outer one
+    with 2 s left keeps the 2 s: a callee never gets more time than its caller has. ``None``
+    keeps whatever is already set. ``from_client=True`` says the client chose this deadline
+    (as ``RequestDeadlineMiddleware`` does for a shorter ``X-Request-Timeout``): a call it
+    cuts is not counted against the upstream by any breaker.
 
     Raises:
         ConfigurationError: ``seconds`` is negative or NaN.
     """
-    seconds = _check_seconds(seconds, "deadline seconds")
-    outer = _DEADLINE.get()
-    if seconds is None:
-        yield outer
-        return
-    at = clock.monotonic() + seconds
-    if outer is not None:
-        # Compare on one time line: the outer deadline may use another clock.
-        at = min(at, clock.monotonic() + outer.remaining())
-    token = _DEADLINE.set(Deadline(at, clock))
-    try:
-        yield _DEADLINE.get()
-    finally:
-        _DEADLINE.reset(token)
+    return DeadlineScope(_check_seconds(seconds, "deadline seconds"), clock, from_client)
+
+
+class DeadlineScope:
+    """What :func:`deadline` returns: sets the deadline on entry, restores the outer on exit.
+
+    Both forms set the same context variable in the current task, so ``async with`` costs
+    nothing more than ``with``.
+    """
+
+    __slots__ = ("_clock", "_from_client", "_seconds", "_token")
+
+    def __init__(self, seconds: float | None, clock: Clock, from_client: bool) -> None:
+        self._seconds = seconds
+        self._clock = clock
+        self._from_client = from_client
+        self._token: Token[Deadline | None] | None = None
+
+    def __enter__(self) -> Deadline | None:
+        outer = _DEADLINE.get()
+        seconds = self._seconds
+        if seconds is None:
+            return outer
+        now = self._clock.monotonic()
+        at, from_client = now + seconds, self._from_client
+        if outer is not None:
+            # Compare on one time line: the outer deadline may use another clock.
+            left = outer.remaining()
+            if left <= seconds:
+                # The outer deadline is the one that will cut: whoever chose it still owns it.
+                at, from_client = now + left, outer.from_client
+        current = Deadline(at, self._clock, from_client=from_client)
+        self._token = _DEADLINE.set(current)
+        return current
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            _DEADLINE.reset(self._token)
+            self._token = None
+
+    async def __aenter__(self) -> Deadline | None:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
 
 def effective_timeout(seconds: float | None) -> tuple[float | None, bool]:
@@ -122,13 +196,48 @@ def effective_timeout(seconds: float | None) -> tuple[float | None, bool]:
     return seconds, False
 
 
+def timeout_error(
+    detail: str,
+    *,
+    started: bool,
+    by_deadline: bool,
+    extensions: Mapping[str, Any] | None = None,
+) -> UpstreamTimeoutError:
+    """The error for a call that ran out of time.
+
+    A :class:`DeadlineCutError` when the call never started, or when the request's deadline
+    was the tighter bound and the client chose it; otherwise an :class:`UpstreamTimeoutError`,
+    which breakers count.
+    """
+    current = _DEADLINE.get()
+    if not started or (by_deadline and current is not None and current.from_client):
+        return DeadlineCutError(detail, extensions=extensions)
+    return UpstreamTimeoutError(detail, extensions=extensions)
+
+
+def not_the_upstreams_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a call for the caller's reasons, not the upstream's.
+
+    True for a :class:`DeadlineCutError`, for a ``RetryExhaustedError`` that chains one, and
+    for any error raised once a deadline the client chose has run out (a driver's own timeout
+    set from ``remaining()`` says no more than ours does). Breakers skip such outcomes.
+    """
+    if isinstance(exc, DeadlineCutError):
+        return True
+    if isinstance(exc, RetryExhaustedError) and isinstance(exc.__cause__, DeadlineCutError):
+        return True
+    current = _DEADLINE.get()
+    return current is not None and current.from_client and current.remaining() <= 0.0
+
+
 @asynccontextmanager
 async def timeout(seconds: float | timedelta | None) -> AsyncIterator[None]:
     """Run the block for at most ``min(seconds, remaining())``; ``None`` means no own limit.
 
     On expiry the block is cancelled and :class:`UpstreamTimeoutError` (also a
     ``TimeoutError``) is raised. When the deadline has already run out, the block does not
-    start at all. A ``TimeoutError`` raised by the block itself passes through unchanged.
+    start at all (a :class:`DeadlineCutError`, as when a deadline the client chose cuts it).
+    A ``TimeoutError`` raised by the block itself passes through unchanged.
 
     Raises:
         UpstreamTimeoutError: the time ran out.
@@ -140,8 +249,10 @@ async def timeout(seconds: float | timedelta | None) -> AsyncIterator[None]:
         yield
         return
     if limit <= 0:
-        raise UpstreamTimeoutError(
+        raise timeout_error(
             DEADLINE_EXCEEDED_DETAIL if by_deadline else "Timed out before the call started.",
+            started=False,
+            by_deadline=by_deadline,
             extensions={"timeout": seconds},
         )
     cm = asyncio.timeout(limit)
@@ -152,7 +263,9 @@ async def timeout(seconds: float | timedelta | None) -> AsyncIterator[None]:
         if not cm.expired():
             raise
         detail = DEADLINE_EXCEEDED_DETAIL if by_deadline else f"Timed out after {limit:g}s."
-        raise UpstreamTimeoutError(detail, extensions={"timeout": round(limit, 3)}) from exc
+        raise timeout_error(
+            detail, started=True, by_deadline=by_deadline, extensions={"timeout": round(limit, 3)}
+        ) from exc
 
 
 async def with_timeout(awaitable: Awaitable[T], seconds: float | timedelta | None) -> T:

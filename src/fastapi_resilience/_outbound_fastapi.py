@@ -11,7 +11,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,8 +29,10 @@ from fastapi_resilience._bulkhead import (
     default_bulkhead_registry,
 )
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._correlation import HEADER_NAME
 from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, deadline, to_seconds
 from fastapi_resilience._problem import problem_response
+from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
 
 if TYPE_CHECKING:
@@ -52,6 +54,9 @@ DEADLINE_SCOPE_KEY = "fastapi_resilience.deadline"
 
 #: The readiness check ``watch_outbound`` adds.
 BREAKERS_CHECK_NAME = "breakers"
+
+#: Default of the arguments that come from ``ResilienceSettings`` unless given.
+_FROM_SETTINGS: Any = object()
 
 _breaker_deps: dict[tuple[str, int], Callable[[], CircuitBreaker]] = {}
 _bulkhead_deps: dict[tuple[str, int], Callable[[Request], Bulkhead]] = {}
@@ -147,20 +152,31 @@ class RequestDeadlineMiddleware:
     Sets the request's deadline (a context variable read by ``remaining()``, ``timeout()``
     and every guarded call), so a chain of upstream calls never gets more than the request
     has left. A client may ask for less with ``header`` (seconds, e.g. ``X-Request-Timeout:
-    1.5``), never for more than ``timeout``.
+    1.5``), never for more than ``timeout`` and never for less than ``header_floor`` (a
+    smaller value is raised to it); a value that is not a number of seconds is ignored. A
+    call that a deadline the client chose cuts is not counted against the upstream by any
+    breaker (ADR 0056).
 
     With ``enforce=True`` (the default) a request still running when the budget is spent,
     and that has not started its answer, is cancelled and answered 504 ``upstream_timeout``
-    (problem+json); an answer already started is left to finish. Place it inside the
-    correlation middleware so the 504 carries the ID.
+    (problem+json) that carries the correlation ID, inside or outside the correlation
+    middleware; an answer already started is left to finish.
 
     Args:
         app: the ASGI app.
         timeout: the budget in seconds; ``None`` sets no deadline (a header may still).
-        header: request header a client may use to shorten the budget; ``None``: ignored.
+        header: request header a client may use to shorten the budget; ``None`` or ``""``:
+            ignored. Default: the ``request_deadline_header`` setting.
+        header_floor: the least budget a client may ask for, seconds (> 0). Default: the
+            ``request_deadline_header_floor`` setting.
         enforce: cut off requests that overrun the budget (plus ``grace`` seconds).
         grace: extra seconds before cutting off, for the route to answer its own 504.
         clock: time source for the deadline.
+        settings: where ``header`` and ``header_floor`` come from when not given;
+            ``ResilienceSettings()`` (the environment) when ``None``.
+
+    Raises:
+        ConfigurationError: an argument or setting is out of range; the message names it.
 
     .. versionadded:: 0.1
     """
@@ -170,45 +186,72 @@ class RequestDeadlineMiddleware:
         app: ASGIApp,
         *,
         timeout: float | timedelta | None = 30.0,
-        header: str | None = "X-Request-Timeout",
+        header: str | None = _FROM_SETTINGS,
+        header_floor: float = _FROM_SETTINGS,
         enforce: bool = True,
         grace: float = 0.0,
         clock: Clock = SYSTEM_CLOCK,
+        settings: ResilienceSettings | None = None,
     ) -> None:
         budget = _check_budget(timeout, "RequestDeadlineMiddleware timeout")
         if grace < 0:
             raise ConfigurationError(f"RequestDeadlineMiddleware grace must be >= 0, got {grace}")
+        if header is _FROM_SETTINGS or header_floor is _FROM_SETTINGS:
+            settings = settings if settings is not None else ResilienceSettings()
+            if header is _FROM_SETTINGS:
+                header = settings.request_deadline_header
+            if header_floor is _FROM_SETTINGS:
+                header_floor = settings.request_deadline_header_floor
+        floor = _check_budget(header_floor, "RequestDeadlineMiddleware header_floor")
+        if floor is None or not math.isfinite(floor):
+            raise ConfigurationError(
+                f"RequestDeadlineMiddleware header_floor must be a finite number of seconds > 0, "
+                f"got {header_floor!r}"
+            )
+        if header and not HEADER_NAME.fullmatch(header):
+            raise ConfigurationError(
+                f"RequestDeadlineMiddleware header: {header!r} is not a valid HTTP header name"
+            )
         self.app = app
         self.timeout = budget
         self.header = header.lower().encode("latin-1") if header else None
+        self.header_floor = floor
         self.enforce = enforce
         self.grace = grace
         self.clock = clock
 
-    def _budget(self, scope: Scope) -> float | None:
+    def _asked(self, scope: Scope) -> float | None:
+        """The budget the client asks for, raised to the floor; ``None`` when it asks for none
+        or sends something that is not a number of seconds."""
+        for key, value in scope.get("headers", ()):
+            if key == self.header:
+                try:
+                    asked = float(value.decode("latin-1"))
+                except ValueError:
+                    return None
+                if not math.isfinite(asked) or asked < 0:
+                    return None
+                return max(asked, self.header_floor)
+        return None
+
+    def _budget(self, scope: Scope) -> tuple[float | None, bool]:
+        """The request's budget, and whether the client chose it (shorter than the server's)."""
         budget = self.timeout
-        if self.header is not None:
-            for key, value in scope.get("headers", ()):
-                if key == self.header:
-                    try:
-                        asked = float(value.decode("latin-1"))
-                    except ValueError:
-                        break
-                    if asked > 0 and math.isfinite(asked):
-                        budget = asked if budget is None else min(budget, asked)
-                    break
-        return budget
+        asked = self._asked(scope) if self.header is not None else None
+        if asked is not None and (budget is None or asked < budget):
+            return asked, True
+        return budget, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        budget = self._budget(scope)
+        budget, from_client = self._budget(scope)
         if budget is None:
             await self.app(scope, receive, send)
             return
         scope[DEADLINE_SCOPE_KEY] = budget
-        with deadline(budget, clock=self.clock):
+        with deadline(budget, clock=self.clock, from_client=from_client):
             if not self.enforce:
                 await self.app(scope, receive, send)
                 return

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Scope, Send
 
 from fastapi_resilience._correlation import (
+    RESPONSE_HEADERS_KEY,
     SCOPE_KEY,
     generate_correlation_id,
     get_correlation_id,
@@ -130,12 +131,16 @@ def title_for_status(status: int) -> str:
 def _correlation(scope: Scope) -> tuple[str, bool]:
     """The request's ID and whether this answer must carry the header itself.
 
-    A correlation middleware echoes the header on everything it sees; only when none ran
-    (an app using the handlers alone) does the renderer make an ID and add the header.
+    A correlation middleware echoes the header on what passes through it while it runs (its
+    header list is in the scope until it returns). An answer sent from outside it, after it
+    finished (a ``RequestDeadlineMiddleware`` added after ``install()``), or where none ran
+    (the handlers alone), carries the header itself: the request's ID if one was given,
+    else a new one.
     """
     current = get_correlation_id() or scope.get(SCOPE_KEY)
+    echoed = RESPONSE_HEADERS_KEY in scope
     if current:
-        return current, False
+        return current, not echoed
     return generate_correlation_id(), True
 
 

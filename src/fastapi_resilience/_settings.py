@@ -78,6 +78,12 @@ class ResilienceSettings(BaseSettings):
     #: Features that start switched off (a kill switch that survives a restart).
     disabled_features: list[str] = Field(default_factory=list)
 
+    # Request deadline (``RequestDeadlineMiddleware``)
+    #: The header a client may shorten the request's budget with; ``""``: clients cannot.
+    request_deadline_header: str = "X-Request-Timeout"
+    #: The least budget a client may ask for, in seconds; a smaller value is raised to it.
+    request_deadline_header_floor: float = Field(default=0.1, gt=0, allow_inf_nan=False)
+
     # Health and metrics
     health_path: str = "/health"
     #: List ``/health/live`` and ``/health/ready`` in the OpenAPI schema. Off by default: each
@@ -109,7 +115,7 @@ class ResilienceSettings(BaseSettings):
             raise ValueError(f"{value!r} is not a valid HTTP header name")
         return value
 
-    @field_validator("degraded_header")
+    @field_validator("degraded_header", "request_deadline_header")
     @classmethod
     def _optional_header_name(cls, value: str) -> str:
         if value and not HEADER_NAME.fullmatch(value):

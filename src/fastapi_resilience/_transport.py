@@ -17,20 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import math
 import random as _random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack, cast
 
 import httpx
 
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle
-from fastapi_resilience._breaker import CircuitBreaker, default_registry
-from fastapi_resilience._bulkhead import Bulkhead, default_bulkhead_registry
+from fastapi_resilience._breaker import CLOSED, BreakerRegistry, CircuitBreaker, default_registry
+from fastapi_resilience._bulkhead import Bulkhead, BulkheadRegistry, default_bulkhead_registry
+from fastapi_resilience._cache_sharing import SharingRules, credential_headers
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, effective_timeout, remaining
+from fastapi_resilience._deadline import (
+    DEADLINE_EXCEEDED_DETAIL,
+    effective_timeout,
+    remaining,
+    timeout_error,
+)
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._hedging import Hedge
 from fastapi_resilience._outbound_headers import inject_outbound_headers
@@ -99,19 +105,6 @@ class _NotCacheable(ClientError):
 
 
 _PHASES = ("connect", "read", "write", "pool")
-#: Request headers that make an answer someone's own: they are part of the cache key.
-_PRIVATE_HEADERS = ("authorization", "cookie", "proxy-authorization")
-
-
-def _cache_key(request: httpx.Request) -> str:
-    """Method and URL, plus a digest of the credentials, so one caller's answer never serves
-    another's."""
-    key = f"{request.method} {request.url}"
-    private = [request.headers.get(name) for name in _PRIVATE_HEADERS]
-    if any(private):
-        digest = hashlib.blake2b(repr(private).encode(), digest_size=16).hexdigest()
-        key = f"{key} {digest}"
-    return key
 
 
 def _tighten_timeouts(request: httpx.Request, limit: float) -> None:
@@ -166,6 +159,7 @@ class PolicyOptions(TypedDict, total=False):
     hedge_percentile: float | None
     cache: ResponseCache | None
     cache_ttl: float | None
+    credential_headers: Sequence[str]
 
 
 _DEFAULTS: PolicyOptions = {
@@ -189,6 +183,7 @@ _DEFAULTS: PolicyOptions = {
     "hedge_percentile": None,
     "cache": None,
     "cache_ttl": None,
+    "credential_headers": (),
 }
 
 
@@ -197,7 +192,12 @@ class HostPolicy:
     """The guards for one upstream host; any may be ``None`` (off).
 
     Build one yourself to share a breaker with the rest of the app, or let the transport
-    build one per host from its options.
+    build one per host from its options. ``credential_headers`` are request headers that
+    make a cached answer someone's own, added to ``Authorization``, ``Cookie``,
+    ``Proxy-Authorization`` and ``X-API-Key``, which always are.
+
+    Raises:
+        ConfigurationError: ``credential_headers`` is not a list of header names.
     """
 
     retry: Retry | None = None
@@ -208,6 +208,20 @@ class HostPolicy:
     hedge: Hedge | None = None
     cache: ResponseCache | None = None
     cache_ttl: float | None = None
+    credential_headers: Sequence[str] = ()
+    #: Who may share the cache's answers; built from the above.
+    sharing: SharingRules | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        credential_headers(self.credential_headers)  # a bad name fails here, at start-up
+
+    def sharing_rules(self) -> SharingRules:
+        """Who may share the cache's answers: built on first use, then kept."""
+        if self.sharing is None:
+            max_urls = self.cache.max_entries if self.cache is not None else 1
+            names = credential_headers(self.credential_headers)
+            self.sharing = SharingRules(names, max_urls=max_urls)
+        return self.sharing
 
     @classmethod
     def build(
@@ -284,8 +298,36 @@ class HostPolicy:
         if o["timeout"] is not None and (math.isnan(o["timeout"]) or o["timeout"] < 0):
             raise ConfigurationError(f"timeout must be >= 0 seconds or None, got {o['timeout']!r}")
         return cls(
-            retry, breaker, bulkhead, o["timeout"], throttle, hedge, o["cache"], o["cache_ttl"]
+            retry,
+            breaker,
+            bulkhead,
+            o["timeout"],
+            throttle,
+            hedge,
+            o["cache"],
+            o["cache_ttl"],
+            o["credential_headers"],
         )
+
+
+#: How many hosts a transport keeps policies for, unless told otherwise.
+DEFAULT_MAX_HOSTS = 1024
+#: Policies looked at for an idle one to forget, per new host beyond ``max_hosts``.
+_EVICTION_SCAN = 16
+
+
+def _busy(policy: HostPolicy) -> bool:
+    """Forgetting it would lose something: an open or half-open breaker (the next call would
+    reach a sick upstream), or a bulkhead with calls in it (more would be let in)."""
+    breaker, bulkhead = policy.breaker, policy.bulkhead
+    if breaker is not None and breaker.state != CLOSED:
+        return True
+    return bulkhead is not None and (bulkhead.active > 0 or bulkhead.waiting > 0)
+
+
+def _registered(registry: BreakerRegistry | BulkheadRegistry, name: str, guard: object) -> bool:
+    """Whether ``registry`` holds ``guard`` itself under ``name``."""
+    return name in registry and registry.get(name) is guard
 
 
 class ResilientTransport(httpx.AsyncBaseTransport):
@@ -308,8 +350,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         read_body: read the whole body inside the guards (default), so the timeout covers it
             and a failing read is retried; ``False`` streams a 2xx body to the caller.
         header_name: the correlation ID header forwarded upstream.
+        max_hosts: how many hosts' policies (breaker, bulkhead, retry budget...) to keep;
+            beyond it the least recently used idle one is forgotten (ADR 0058). A policy whose
+            breaker is open or half-open, whose bulkhead is in use, or that ``hosts`` gave,
+            is never forgotten. ``None``: keep every host (only for a fixed set of hosts).
         clock, random, events: injectable time, jitter source and event bus.
         **options: the default :class:`PolicyOptions` for every host.
+
+    Raises:
+        ConfigurationError: an option is unknown or out of range; the message names it.
 
     .. versionadded:: 0.1.0
     """
@@ -322,11 +371,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         raise_for_5xx: bool = True,
         read_body: bool = True,
         header_name: str = "X-Request-ID",
+        max_hosts: int | None = DEFAULT_MAX_HOSTS,
         clock: Clock = SYSTEM_CLOCK,
         random: Callable[[], float] = _random.random,
         events: EventBus | None = None,
         **options: Unpack[PolicyOptions],
     ) -> None:
+        if max_hosts is not None and (
+            isinstance(max_hosts, bool) or not isinstance(max_hosts, int) or max_hosts < 1
+        ):
+            raise ConfigurationError(f"max_hosts must be an int >= 1 or None, got {max_hosts!r}")
+        self.max_hosts = max_hosts
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self.raise_for_5xx = raise_for_5xx
         self.read_body = read_body
@@ -338,37 +393,80 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         HostPolicy.build("options-check", options, clock=clock, register=False)
         self._options = options
         self._explicit = dict(hosts or {})
-        self._policies: dict[str, HostPolicy] = {}
+        # Least recently used first; the hosts whose policy ``hosts`` gave are never dropped.
+        self._policies: OrderedDict[str, HostPolicy] = OrderedDict()
+        self._given: set[str] = set()
         self._by_origin: dict[tuple[bytes, int | None], tuple[HostPolicy, str]] = {}
+        self._origin_of: dict[str, tuple[bytes, int | None]] = {}
 
     def policy_for(self, host: str) -> HostPolicy:
         """The policy used for ``host`` (``host`` or ``host:port``), built on first use."""
         policy = self._policies.get(host)
-        if policy is None:
-            bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-            explicit = self._explicit.get(host, self._explicit.get(bare))
-            if isinstance(explicit, HostPolicy):
-                policy = explicit
-            else:
-                options: PolicyOptions = {**self._options, **(explicit or {})}
-                policy = HostPolicy.build(
-                    host, options, clock=self._clock, events=self._events, random=self._random
-                )
-            self._policies[host] = policy
+        if policy is not None:
+            self._policies.move_to_end(host)
+            return policy
+        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        explicit = self._explicit.get(host, self._explicit.get(bare))
+        if isinstance(explicit, HostPolicy):
+            policy = explicit
+            self._given.add(host)
+        else:
+            options: PolicyOptions = {**self._options, **(explicit or {})}
+            policy = HostPolicy.build(
+                host, options, clock=self._clock, events=self._events, random=self._random
+            )
+        self._policies[host] = policy
+        self._forget_idle(host)
         return policy
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inject_outbound_headers(request.headers, header_name=self._header_name)
         url = request.url
-        policy, host = self._by_origin.get((url.raw_host, url.port)) or self._origin(url)
+        found = self._by_origin.get((url.raw_host, url.port))
+        if found is None:
+            found = self._origin(url)
+        else:
+            self._policies.move_to_end(found[1])
+        policy, host = found
         if policy.cache is not None and request.method == "GET":
             return await self._cached(policy, host, request)
         return await self._send(policy, host, request)
 
     def _origin(self, url: httpx.URL) -> tuple[HostPolicy, str]:
         host = url.netloc.decode("ascii")
-        found = self._by_origin[(url.raw_host, url.port)] = (self.policy_for(host), host)
+        origin = (url.raw_host, url.port)
+        found = self._by_origin[origin] = (self.policy_for(host), host)
+        self._origin_of[host] = origin
         return found
+
+    def _forget_idle(self, newest: str) -> None:
+        """Beyond ``max_hosts``, forget least recently used idle policies; a busy one counts
+        as used now. At most ``_EVICTION_SCAN`` are looked at per new host, so a table full
+        of busy hosts costs each new one a bounded scan; it shrinks as they fall idle."""
+        if self.max_hosts is None:
+            return
+        policies = self._policies
+        for _ in range(_EVICTION_SCAN):
+            if len(policies) <= self.max_hosts:
+                return
+            host, policy = next(iter(policies.items()))
+            if host == newest or host in self._given or _busy(policy):
+                policies.move_to_end(host)
+            else:
+                self._forget(host, policy)
+
+    def _forget(self, host: str, policy: HostPolicy) -> None:
+        del self._policies[host]
+        origin = self._origin_of.pop(host, None)
+        if origin is not None:
+            del self._by_origin[origin]
+        # The registries hold the newest object per name: another client's may be there.
+        name = f"upstream:{host}"
+        breaker, bulkhead = policy.breaker, policy.bulkhead
+        if breaker is not None and _registered(default_registry, name, breaker):
+            default_registry.unregister(name)
+        if bulkhead is not None and _registered(default_bulkhead_registry, name, bulkhead):
+            default_bulkhead_registry.unregister(name)
 
     async def _send(self, policy: HostPolicy, host: str, request: httpx.Request) -> httpx.Response:
         try:
@@ -447,7 +545,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if limit is None:
                 response = await self._roundtrip(request)
             elif limit <= 0:
-                raise UpstreamTimeoutError(DEADLINE_EXCEEDED_DETAIL, extensions={"upstream": host})
+                raise timeout_error(
+                    DEADLINE_EXCEEDED_DETAIL,
+                    started=False,
+                    by_deadline=by_deadline,
+                    extensions={"upstream": host},
+                )
             else:
                 # The wrapped transport enforces the limit on every phase (connect, write,
                 # read, pool) at no extra cost; a request deadline is also a hard bound on the
@@ -466,12 +569,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 if by_deadline
                 else f"Upstream {host} did not answer within {limit:g}s."
             )
-            raise UpstreamTimeoutError(
-                detail, extensions={"upstream": host, "timeout": limit}
+            raise timeout_error(
+                detail,
+                started=True,
+                by_deadline=by_deadline,
+                extensions={"upstream": host, "timeout": limit},
             ) from exc
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(
-                f"Upstream {host} timed out ({type(exc).__name__}).", extensions={"upstream": host}
+            # httpx's phase timeouts were capped at ``limit``; waiting for a pooled connection
+            # is a call that has not reached the upstream yet.
+            raise timeout_error(
+                f"Upstream {host} timed out ({type(exc).__name__}).",
+                started=not (by_deadline and isinstance(exc, httpx.PoolTimeout)),
+                by_deadline=by_deadline,
+                extensions={"upstream": host},
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError(
@@ -508,28 +619,34 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def _cached(
         self, policy: HostPolicy, host: str, request: httpx.Request
     ) -> httpx.Response:
-        cache = policy.cache
+        cache, sharing = policy.cache, policy.sharing_rules()
         assert cache is not None
+        key = sharing.key(request)
+        if key is None:
+            return await self._send(policy, host, request)  # the upstream said Vary: *
+        made_here = False
 
         async def fetch() -> dict[str, Any]:
+            nonlocal made_here
+            made_here = True
             # Always raise on 5xx here, so that a failure can be answered from the stale entry.
             response = await self._send_or_raise(policy, host, request)
             await response.aread()
-            if not 200 <= response.status_code < 300 or "no-store" in response.headers.get(
-                "cache-control", ""
-            ):
+            if not sharing.storable(key, response):
                 raise _NotCacheable(response)
             return snapshot_response(response)
 
         try:
-            result = await cache.call(_cache_key(request), fetch, ttl=policy.cache_ttl)
+            result = await cache.call(key.key, fetch, ttl=policy.cache_ttl)
         except _NotCacheable as exc:
-            return exc.response
+            # An answer that was not stored may be meant for its caller alone: a caller that
+            # waited on another's call makes its own.
+            return exc.response if made_here else await self._send(policy, host, request)
         except UpstreamError as exc:
             answer = self._answer_instead(exc)
             if answer is None:
                 raise
-            return answer
+            return answer if made_here else await self._send(policy, host, request)
         response = restore_response(result.value, request)
         response.headers[CACHE_STATUS_HEADER] = result.cache_status()
         return response
@@ -544,6 +661,7 @@ def resilient_client(
     transport: httpx.AsyncBaseTransport | None = None,
     hosts: Mapping[str, HostPolicy | PolicyOptions] | None = None,
     raise_for_5xx: bool = True,
+    max_hosts: int | None = DEFAULT_MAX_HOSTS,
     events: EventBus | None = None,
     clock: Clock = SYSTEM_CLOCK,
     client_options: Mapping[str, Any] | None = None,
@@ -554,7 +672,8 @@ def resilient_client(
     ``client = resilient_client("https://inventory.internal", attempts=3, timeout=2.0)``;
     options are :class:`PolicyOptions`, applied per host; ``client_options`` go to
     ``httpx.AsyncClient`` (headers, auth, ...). Close it with ``await client.aclose()`` or
-    ``async with``.
+    ``async with``. ``max_hosts`` bounds the hosts it keeps state for (see
+    :class:`ResilientTransport`): keep it for a client that calls URLs its users supply.
 
     .. versionadded:: 0.1.0
     """
@@ -562,6 +681,7 @@ def resilient_client(
         transport,
         hosts=hosts,
         raise_for_5xx=raise_for_5xx,
+        max_hosts=max_hosts,
         events=events,
         clock=clock,
         **options,
