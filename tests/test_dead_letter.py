@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
 
 from fastapi_resilience._correlation import set_correlation_id
 from fastapi_resilience._dead_letter import (
@@ -295,3 +297,74 @@ def test_entries_written_by_a_newer_version_still_load() -> None:
     raw = '{"operation":"op","error_code":"x","message":"m","attempts":2,"future_field":1}'
     letter = DeadLetter.from_json("1-1", raw)
     assert (letter.id, letter.operation, letter.attempts) == ("1-1", "op", 2)
+
+
+async def test_a_key_is_recorded_once(queue: DeadLetterQueue) -> None:
+    """A record() of a key the queue holds stores nothing and returns the entry under that key;
+    a failed replay keeps the key on the requeued entry."""
+    first = await queue.record("payments.capture", UpstreamError("503"), key="capture-7")
+    again = await queue.record("payments.capture", UpstreamError("timeout"), key="capture-7")
+    assert (again.id, again.key, again.message) == (first.id, "capture-7", "503")
+    other = await queue.record("payments.capture", UpstreamError("503"))
+    assert other.key not in (None, "capture-7")
+    assert await queue.size() == 2
+
+    def fails(letter: DeadLetter) -> None:
+        raise UpstreamError("still down")
+
+    report = await queue.replay(fails, ids=[first.id])
+    requeued = report.failed[0]
+    assert requeued.key == "capture-7"
+    once_more = await queue.record("payments.capture", UpstreamError("503"), key="capture-7")
+    assert (once_more.id, once_more.attempts) == (requeued.id, requeued.attempts)
+    assert await queue.size() == 2
+
+
+@pytest.mark.redis
+async def test_records_that_raised_under_a_stall_are_stored_once_when_retried(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stalled (SIGSTOP): record() cannot confirm and raises, though Redis runs the
+    commands it was sent when it resumes (some of the entries were stored). Retrying each
+    record() that raised, with its key, leaves every entry in the queue exactly once."""
+    queue = RedisDeadLetterQueue(redis_server.url, stream="stalled", timeout=0.2)
+    try:
+        # Connections opened beforehand carry their command to the stalled server at once.
+        await asyncio.gather(*(queue.size() for _ in range(8)))
+        redis_server.stall()
+        try:
+            outcomes = await asyncio.gather(
+                *(queue.record("op", UpstreamError(f"n{n}"), key=f"op-{n}") for n in range(48)),
+                return_exceptions=True,
+            )
+        finally:
+            redis_server.resume()
+        raised = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, Exception)]
+        assert len(raised) == 48
+        for n in raised:
+            await queue.record("op", UpstreamError(f"n{n}"), key=f"op-{n}")
+        letters = await queue.list(limit=100)
+    finally:
+        await queue.aclose()
+    assert sorted(letter.key or "" for letter in letters) == sorted(f"op-{n}" for n in range(48))
+
+
+@pytest.mark.redis
+async def test_entries_stored_without_a_key_are_still_replayed(redis_server: RedisServer) -> None:
+    """An entry an older version stored (no key) is listed, replayed and requeued as before."""
+    raw = '{"operation":"op","error_code":"x","message":"m","attempts":1}'
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    queue = RedisDeadLetterQueue(client=client, stream="old")
+    try:
+        await client.xadd("old", {"data": raw})
+        (letter,) = await queue.list()
+        assert letter.key is None
+
+        def fails(letter: DeadLetter) -> None:
+            raise UpstreamError("still down")
+
+        (requeued,) = (await queue.replay(fails)).failed
+        assert (requeued.key, requeued.attempts, await queue.size()) == (None, 2, 1)
+        assert (await queue.replay(lambda _: None)).succeeded == [requeued.id]
+    finally:
+        await client.aclose()

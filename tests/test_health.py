@@ -4,9 +4,13 @@ import asyncio
 
 import httpx
 import pytest
+import redis.asyncio
 from fastapi import FastAPI
 
 from fastapi_resilience import CheckResult, HealthChecks, ResilienceSettings, install
+from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.testing import ManualClock
+from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -127,3 +131,151 @@ def test_bad_timeouts_are_refused() -> None:
 
     with pytest.raises(ValueError, match="'x': timeout"):
         HealthChecks().add("x", check, timeout=-1)
+
+
+class _Database:
+    """A readiness check that counts its runs; it answers when ``answer`` is set."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.answer = asyncio.Event()
+        self.answer.set()
+
+    async def __call__(self) -> bool:
+        self.runs += 1
+        await self.answer.wait()
+        return True
+
+
+async def test_ready_runs_a_check_once_per_cache_period_and_shares_a_run() -> None:
+    """Readiness callers share a check's run: 50 concurrent calls while it runs, then 200 more
+    within ``health_cache_seconds``, run it once; once the period is over it runs again. The
+    liveness route runs no check."""
+    clock = ManualClock()
+    app = FastAPI()
+    health = install(app, ResilienceSettings(health_cache_seconds=5), clock=clock).health
+    database = _Database()
+    health.add("database", database)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        database.answer.clear()
+        waiting = [asyncio.ensure_future(client.get("/health/ready")) for _ in range(50)]
+        for _ in range(50):  # let every call reach the check
+            await asyncio.sleep(0)
+        database.answer.set()
+        concurrent = await asyncio.gather(*waiting)
+        later = [await client.get("/health/ready") for _ in range(200)]
+        clock.advance(4.9)
+        assert (await client.get("/health/ready")).status_code == 200
+        assert database.runs == 1
+        clock.advance(0.1)
+        after = await client.get("/health/ready")
+        live = [await client.get("/health/live") for _ in range(100)]
+    assert {(r.status_code, r.json()["status"]) for r in concurrent + later} == {(200, "ok")}
+    assert {r.json()["checks"]["database"]["status"] for r in concurrent + later} == {"ok"}
+    assert after.json()["checks"]["database"]["status"] == "ok"
+    assert database.runs == 2
+    assert {r.status_code for r in live} == {200}
+    assert database.runs == 2
+
+
+async def test_a_failure_is_cached_too_and_the_built_in_checks_never_are() -> None:
+    """A failed check is served from the cache like a passing one (a slow dependency is not
+    asked again by every caller), while the built-in checks, which only read this process's
+    state, answer fresh: a breaker opened in between shows at once."""
+    from fastapi_resilience import CircuitBreaker
+    from fastapi_resilience._breaker import default_registry
+
+    clock = ManualClock()
+    app = FastAPI()
+    health = install(app, ResilienceSettings(health_cache_seconds=5), clock=clock).health
+    runs: list[float] = []
+
+    async def search() -> bool:
+        runs.append(clock.monotonic())
+        return False
+
+    health.add("search", search, critical=False)
+    breaker = CircuitBreaker("health-cache-test")
+    try:
+        first = (await _get(app, "/health/ready")).json()
+        breaker.force_open()
+        second = (await _get(app, "/health/ready")).json()
+    finally:
+        default_registry.unregister("health-cache-test")
+    assert first["checks"]["search"]["status"] == second["checks"]["search"]["status"] == "degraded"
+    assert len(runs) == 1
+    assert first["checks"]["breakers"]["status"] == "ok"
+    assert second["checks"]["breakers"]["status"] == "degraded"
+
+
+async def test_a_check_can_have_its_own_cache_period() -> None:
+    """``add(..., cache_seconds=0)`` runs that check on every call; others keep the default."""
+    clock = ManualClock()
+    checks = HealthChecks(cache_seconds=10, clock=clock)
+    always, cached = _Database(), _Database()
+    checks.add("always", always, cache_seconds=0)
+    checks.add("cached", cached)
+    for _ in range(3):
+        status, _ = await checks.run()
+        assert status == "ok"
+    assert (always.runs, cached.runs) == (3, 1)
+    with pytest.raises(ValueError, match="cache_seconds"):
+        HealthChecks(cache_seconds=-1)
+    with pytest.raises(ValueError, match="'x': cache_seconds"):
+        checks.add("x", always, cache_seconds=-0.5)
+
+
+def test_health_cache_seconds_setting_is_checked() -> None:
+    """A negative cache period fails at start-up, naming the setting."""
+    with pytest.raises(ConfigurationError, match="health_cache_seconds"):
+        ResilienceSettings(health_cache_seconds=-1)
+
+
+@pytest.mark.redis
+async def test_ready_pings_redis_once_per_cache_period(redis_server: RedisServer) -> None:
+    """2,000 readiness calls within ``health_cache_seconds`` ping the rate-limit storage's
+    Redis once (``INFO commandstats``)."""
+    clock = ManualClock()
+    app = FastAPI()
+    settings = ResilienceSettings(rate_limit_storage=redis_server.url, health_cache_seconds=1)
+    install(app, settings, clock=clock)
+    observer = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answers = [await client.get("/health/ready") for _ in range(2000)]
+            clock.advance(1)
+            await client.get("/health/ready")
+        stats = await observer.info("commandstats")
+    finally:
+        await observer.aclose()
+        await app.state.resilience.rate_limiter.aclose()
+    storage = {(a.status_code, a.json()["checks"]["rate_limit_storage"]["status"]) for a in answers}
+    assert storage == {(200, "ok")}
+    assert stats["cmdstat_ping"]["calls"] == 2
+
+
+@pytest.mark.redis
+async def test_a_storage_going_down_shows_at_once_despite_the_cache(
+    redis_server: RedisServer,
+) -> None:
+    """The storage check's cached "ok" is dropped when the storage is declared down (and
+    its "degraded" when it is back), so readiness never says ok while it is known down."""
+    clock = ManualClock()
+    app = FastAPI()
+    settings = ResilienceSettings(rate_limit_storage=redis_server.url, health_cache_seconds=60)
+    install(app, settings, clock=clock)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            before = await client.get("/health/ready")
+            redis_server.kill()
+            for _ in range(3):  # failing open: served, until the storage breaker opens
+                assert (await client.get("/anything")).status_code == 404
+            down = await client.get("/health/ready")
+    finally:
+        await app.state.resilience.rate_limiter.aclose()
+    assert before.json()["checks"]["rate_limit_storage"]["status"] == "ok"
+    assert down.json()["status"] == "degraded"
+    assert down.json()["checks"]["rate_limit_storage"]["status"] == "degraded"

@@ -133,6 +133,44 @@ async def test_redis_killed_fail_closed(
     assert resumed_after < 5.0
 
 
+@pytest.fixture(name="fail_closed_ready_app")
+def _fail_closed_ready_app(redis_server: RedisServer) -> Iterator[UvicornProcess]:
+    # The health paths exempt, as by default (this module's apps limit /health/ready).
+    exempt = json.dumps(["/exempt", "/health/live", "/health/ready"])
+    app = start_app(
+        redis_server,
+        RESILIENCE_RATE_LIMIT_FAIL_OPEN="false",
+        RESILIENCE_RATE_LIMIT_EXEMPT_PATHS=exempt,
+    )
+    yield app
+    app.stop()
+
+
+async def test_fail_closed_readiness_is_unhealthy_while_redis_is_down(
+    fail_closed_ready_app: UvicornProcess, redis_server: RedisServer
+) -> None:
+    """Failing closed, a dead Redis stops the service: while requests get 503, readiness is 503
+    ``unhealthy`` and names the storage, before and after its breaker opened; then ok again.
+    (No readiness call before the kill: its "ok" would be served again for
+    ``health_cache_seconds``, until the storage is declared down.)"""
+    async with httpx.AsyncClient(base_url=fail_closed_ready_app.url, timeout=10) as client:
+        assert (await client.get("/limited")).status_code == 200
+        redis_server.kill()
+        first = await client.get("/health/ready")  # the storage's breaker is still closed
+        answers = [await client.get("/limited") for _ in range(5)]
+        later = await client.get("/health/ready")  # now it is open
+        redis_server.start()
+        resumed_after = await seconds_until_redis_counts(client, redis_server.url)
+        back = await client.get("/health/ready")
+    assert [answer.status_code for answer in answers] == [503] * 5
+    for ready in (first, later):
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "unhealthy"
+        assert ready.json()["checks"]["rate_limit_storage"]["status"] == "unhealthy"
+    assert resumed_after < 5.0
+    assert (back.status_code, back.json()["status"]) == (200, "ok")
+
+
 async def test_redis_stalled_no_request_waits_past_the_timeout(
     fail_open_app: UvicornProcess, redis_server: RedisServer
 ) -> None:

@@ -175,17 +175,21 @@ async def test_hanging_storage_is_cut_at_the_timeout(
     assert time.perf_counter() - start < 0.005
 
 
-async def test_health_reports_degraded_while_down(
-    inner: SwitchableStorage, clock: ManualClock
+@pytest.mark.parametrize(("fallback", "down"), [(True, "degraded"), (False, "unhealthy")])
+async def test_health_reports_the_storage_down_until_it_is_back(
+    inner: SwitchableStorage, clock: ManualClock, fallback: bool, down: str
 ) -> None:
-    """The readiness check says "degraded" while the storage is down and "ok" once it is back."""
-    guard = GuardedStorage(inner, clock=clock, failure_threshold=1)
+    """The readiness check says "degraded" while the storage is down and a fallback limiter
+    serves, "unhealthy" while none does (its registration's ``critical`` decides what that
+    makes the app), and "ok" once the storage is back."""
+    spare = MemoryStorage(clock=clock) if fallback else None
+    guard = GuardedStorage(inner, clock=clock, failure_threshold=1, fallback=spare)
     assert (await guard.health()).status == "ok"
     inner.mode = "down"
     result = await guard.health()
-    assert result.status == "degraded"
+    assert result.status == down
     assert not guard.available
-    assert (await guard.health()).status == "degraded"
+    assert (await guard.health()).status == down
     assert not await guard.ping()
     inner.mode = "up"
     clock.advance(1.0)

@@ -129,3 +129,80 @@ def test_api_key_that_no_header_can_carry_fails_at_start_up() -> None:
     with pytest.raises(ConfigurationError, match="rate_limit_api_keys") as info:
         DefaultIdentityResolver(api_keys={"clé-\u2603": "free"})
     assert "\u2603" not in str(info.value)
+
+
+async def _codes(app: FastAPI, peer: str, forwarded: list[str | None]) -> list[int]:
+    transport = httpx.ASGITransport(app=app, client=(peer, 999))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        return [
+            (await c.get("/", headers={"X-Forwarded-For": hop} if hop else {})).status_code
+            for hop in forwarded
+        ]
+
+
+def _two_a_minute_app(*trusted: str) -> FastAPI:
+    app = FastAPI()
+    settings = ResilienceSettings(
+        rate_limit_tiers={"anonymous": "2/minute"}, trusted_proxies=list(trusted)
+    )
+    install(app, settings, clock=ManualClock())
+
+    @app.get("/")
+    async def root() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "spellings",
+    [
+        ["1.2.3.4", "1.2.3.4:5555", "::ffff:1.2.3.4", "[::ffff:1.2.3.4]:6666"],
+        ["2001:db8::1", "[2001:db8::1]:443", "2001:DB8:0:0::1", "[2001:0db8::0001]"],
+        # Not addresses: the client is the trusted proxy that handed them over.
+        ["unknown", "_hidden", "1.2.3.4:http", "not an address"],
+    ],
+)
+async def test_spellings_of_one_forwarded_client_share_its_budget(spellings: list[str]) -> None:
+    """Behind a trusted proxy, every way of writing one client's address (with a port, IPv4
+    mapped into IPv6, upper case, zeros written out) is one client; so is every hop that is
+    not an address at all, under the proxy's address: 2/minute admits two of the four."""
+    app = _two_a_minute_app("10.0.0.0/8")
+    assert await _codes(app, "10.1.2.3", list(spellings)) == [200, 200, 429, 429]
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        # A trusted hop written with a port is still trusted, and skipped.
+        ("10.0.0.1", "1.2.3.4, 10.0.0.2:8080", "ip:1.2.3.4"),
+        # A trusted peer that the server reports IPv4-mapped.
+        ("::ffff:10.0.0.1", "1.2.3.4", "ip:1.2.3.4"),
+        # A hop that is not an address stops the walk at the trusted hop to its right.
+        ("10.0.0.1", "1.2.3.4, garbage, 10.0.0.2", "ip:10.0.0.2"),
+        ("10.0.0.1", "1.2.3.4, unknown", "ip:10.0.0.1"),
+        ("10.0.0.1", "[2001:db8::1", "ip:10.0.0.1"),
+        # Every hop trusted: the left-most one, normalised.
+        ("10.0.0.1", "10.0.0.7:1, 10.0.0.2", "ip:10.0.0.7"),
+        # No trusted proxy in the way: the peer, normalised; the header is not read.
+        ("::FFFF:198.51.100.9", "1.2.3.4", "ip:198.51.100.9"),
+    ],
+)
+def test_forwarded_hops_are_normalised_before_trust_and_identity(
+    peer: str, forwarded: str, expected: str
+) -> None:
+    """Hops are normalised before the trusted-proxy test and before they name the client."""
+    resolver = DefaultIdentityResolver(trusted_proxies=["10.0.0.0/8"])
+    identity = resolver.resolve(scope(peer, ("X-Forwarded-For", forwarded)))
+    assert identity == Identity(expected, "anonymous")
+
+
+async def test_spellings_of_one_peer_share_its_budget() -> None:
+    """With no proxy trusted, the server's client address is normalised too: a peer reported
+    IPv4-mapped and plain (a dual-stack socket, then an IPv4 one) is one client."""
+    app = _two_a_minute_app()
+    assert await _codes(app, "::ffff:198.51.100.7", [None, None]) == [200, 200]
+    assert await _codes(app, "198.51.100.7", [None]) == [429]
+    assert await _codes(app, "2001:DB8::7", [None, None]) == [200, 200]
+    assert await _codes(app, "2001:db8:0::7", [None]) == [429]
+    assert await _codes(app, "testclient", [None, None, None]) == [200, 200, 429]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from fastapi_resilience import Identity, RateLimiter
 from fastapi_resilience._limit_string import Limit, parse_limit
 from fastapi_resilience._rate_limit_core import Decision, LimitCheck
 from fastapi_resilience._rate_limit_memory import DEFAULT_MAX_KEYS, MemoryStorage
@@ -165,18 +166,45 @@ async def test_traffic_sweeps_expired_windows(storage: MemoryStorage, clock: Man
     assert len(storage) == 40
 
 
-async def test_cap_evicts_least_recently_admitted(clock: ManualClock) -> None:
-    """Beyond ``max_keys`` a flood of new identities evicts idle ones, not the busy one."""
+async def test_cap_refuses_new_windows_while_every_window_is_live(clock: ManualClock) -> None:
+    """Beyond ``max_keys`` a flood of new identities is refused while the windows held are live,
+    and nothing held is forgotten: the busy identity keeps its count. Once they expire, new
+    identities take their place."""
     storage = MemoryStorage(clock=clock, max_keys=100)
     busy = LimitCheck("busy", Limit(1000, 60))
+    flood_admitted = 0
     for n in range(10_000):
-        await storage.check("id", [LimitCheck(f"flood:{n}", PER_MINUTE)])
+        decision = await storage.check("id", [LimitCheck(f"flood:{n}", PER_MINUTE)])
+        flood_admitted += decision.allowed
         if n % 50 == 0:
-            await storage.check("id", [busy])
+            assert (await storage.check("id", [busy])).allowed
     assert len(storage) == 100
-    assert storage.evictions == 10_001 - 100
+    assert flood_admitted == 99  # the busy identity holds the 100th window
+    assert storage.full_refusals == 10_000 - 99
     state = (await storage.check("id", [busy])).states[0]
     assert state.remaining == 1000 - 201
+    clock.advance(61)
+    later = [await storage.check("id", [LimitCheck(f"later:{n}", PER_MINUTE)]) for n in range(100)]
+    assert all(decision.allowed for decision in later)
+    assert len(storage) == 100
+
+
+async def test_full_storage_leaves_shadow_limits_uncounted_not_refusing(
+    clock: ManualClock,
+) -> None:
+    """A shadow limit whose new window does not fit is not counted, and refuses nothing."""
+    storage = MemoryStorage(clock=clock, max_keys=2)
+    enforced = LimitCheck("a", PER_MINUTE)
+    assert (await storage.check("id", [enforced])).allowed
+    assert (await storage.check("id", [LimitCheck("b", PER_MINUTE)])).allowed
+    shadow = LimitCheck("c", Limit(1, 60), shadow=True)
+    for _ in range(3):
+        decision = await storage.check("id", [enforced, shadow])
+        assert decision.allowed
+        assert (decision.states[1].allowed, decision.states[1].remaining) == (True, 1)
+    assert (await storage.check("id", [shadow])).allowed
+    assert len(storage) == 2
+    assert (await storage.check("id", [enforced])).states[0].remaining == 100 - 5
 
 
 def test_million_identities_leave_memory_bounded() -> None:
@@ -296,3 +324,66 @@ async def test_bucket_end_rounding_never_opens_a_second_entry_for_one_bucket() -
     assert clock.monotonic() == 0.35
     assert await _admitted(storage, check, 1) == 1
     assert storage._windows["k@5/7"].entries == [2, 2]
+
+
+# --- limits of different periods in one storage -----------------------------------------------
+
+_SCOPE = {"type": "http", "path": "/", "headers": []}
+
+
+def _mixed_limiter(storage: MemoryStorage) -> RateLimiter:
+    return RateLimiter(storage, tiers={"anonymous": "1/second", "daily": "1/day"})
+
+
+async def _admits(limiter: RateLimiter, identity: Identity) -> bool:
+    return not (await limiter.check(_SCOPE, identity)).refused
+
+
+async def test_a_daily_window_does_not_keep_idle_second_windows(clock: ManualClock) -> None:
+    """A live 1/day window, admitted before everyone else, does not stop idle 1/second windows
+    from being dropped as traffic goes on: 1,500 live windows of the second batch and the daily
+    one are kept, the 1,500 of the first batch (idle for 2 s) are gone."""
+    storage = MemoryStorage(clock=clock)
+    limiter = _mixed_limiter(storage)
+    daily = Identity("key:daily", "daily")
+    assert await _admits(limiter, daily)
+    for n in range(1500):
+        assert await _admits(limiter, Identity(f"ip:10.0.0.{n}", "anonymous"))
+    assert len(storage) == 1 + 1500
+    clock.advance(2)
+    for n in range(1500):
+        assert await _admits(limiter, Identity(f"ip:10.0.1.{n}", "anonymous"))
+    assert len(storage) == 1 + 1500
+    assert not await _admits(limiter, daily)
+
+
+async def test_full_storage_never_admits_a_second_daily_request(clock: ManualClock) -> None:
+    """With ``max_keys`` reached by live windows, a new identity is refused (429 with a
+    Retry-After of when room frees), not admitted by evicting a live window: the 1/day identity
+    is admitted once in a day of floods of new identities, and again the next day."""
+    storage = MemoryStorage(clock=clock, max_keys=1000)
+    limiter = _mixed_limiter(storage)
+    daily = Identity("key:daily", "daily")
+    assert await _admits(limiter, daily)
+    for n in range(999):
+        assert await _admits(limiter, Identity(f"ip:flood-0-{n}", "anonymous"))
+    assert len(storage) == 1000
+    late = await limiter.check(_SCOPE, Identity("ip:late", "anonymous"))
+    assert late.refused
+    assert dict(late.headers())[b"retry-after"] == b"2"  # the first 1/second window's expiry
+    admitted_daily = 0
+    for hour in range(1, 24):
+        # An hour later, a flood of 2,000 new identities, then the daily identity again.
+        clock.advance(3600)
+        admitted = [
+            await _admits(limiter, Identity(f"ip:flood-{hour}-{n}", "anonymous"))
+            for n in range(2000)
+        ]
+        assert sum(admitted) == 999  # the room the live daily window leaves
+        assert len(storage) == 1000
+        admitted_daily += await _admits(limiter, daily)
+    assert admitted_daily == 0
+    # Held a day after the end of its 1/60-day bucket: 7,200 + 86,400 on this clock.
+    clock.advance(93_600 - clock.monotonic())
+    assert await _admits(limiter, daily)
+    assert storage.full_refusals == 1 + 23 * 1001

@@ -540,13 +540,17 @@ async def test_fail_closed_answers_503_reduced_capacity() -> None:
 
 
 async def test_fail_open_without_fallback_lets_requests_through_unlimited() -> None:
-    """Fail-open with no fallback limiter: requests pass, with no rate-limit headers."""
+    """Fail-open with no fallback limiter: requests pass, with no rate-limit headers, and
+    readiness says the storage degrades the service (200), not that it stops it."""
     app = make_app(ManualClock(), rate_limit_storage=dead_redis_url(), rate_limit_fallback=False)
     async with client(app) as c:
         answers = [await c.get("/plain") for _ in range(6)]
         logins = [await c.post("/login") for _ in range(4)]
+        ready = await c.get("/health/ready")
     assert all(r.status_code == 200 for r in answers + logins)
     assert all("ratelimit" not in r.headers for r in answers)
+    assert (ready.status_code, ready.json()["status"]) == (200, "degraded")
+    assert ready.json()["checks"]["rate_limit_storage"]["status"] == "degraded"
     await app.state.resilience.rate_limiter.aclose()
 
 

@@ -5,6 +5,8 @@ queue records what failed (``operation``), why (the error's code from the ``AppE
 or the exception type), the context needed to try again, the correlation ID and the number
 of attempts. ``replay(handler)`` hands each entry to ``handler``: a success removes the entry,
 a failure puts it back at the end of the queue with ``attempts + 1`` and the latest error.
+Each entry has a ``key``: a record of a key the queue holds stores nothing more, so a record that
+raised (the storage did not confirm it, but may have stored it) can be tried again (ADR 0061).
 
 Two storages: :class:`MemoryDeadLetterQueue` (bounded, per process) and
 :class:`RedisDeadLetterQueue` (a Redis stream shared by every instance, survives restarts).
@@ -76,7 +78,8 @@ class DeadLetter:
     ``error_code`` is the category (``retries_exhausted``, ``circuit_open``,
     ``httpx.ConnectError``...); ``cause_code`` the category of the chained cause, if any
     (what made the retries fail). ``recorded_at`` is wall-clock seconds of the first failure,
-    ``last_failed_at`` of the latest failed replay, whose entry had ``previous_id``.
+    ``last_failed_at`` of the latest failed replay, whose entry had ``previous_id``. ``key`` is
+    the idempotency key it was recorded under (``None`` for entries of older versions).
     """
 
     id: str
@@ -90,6 +93,7 @@ class DeadLetter:
     cause_code: str | None = None
     last_failed_at: float | None = None
     previous_id: str | None = None
+    key: str | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -137,15 +141,20 @@ class DeadLetterQueue:
         context: Mapping[str, Any] | None = None,
         attempts: int | None = None,
         correlation_id: str | None = None,
+        key: str | None = None,
     ) -> DeadLetter:
         """Record that ``operation`` failed for good with ``error``; returns the stored entry.
 
         ``attempts`` defaults to the count a ``RetryExhaustedError`` carries, else 1;
-        ``correlation_id`` to the current request's.
+        ``correlation_id`` to the current request's. ``key`` is the entry's idempotency key
+        (default: a new random one): when the queue already holds an entry of that key (Redis:
+        or did, within ``dedupe_ttl``), nothing is stored and that entry is returned.
 
         Raises:
-            the storage's error when it cannot store the entry (Redis down); the entry is
-            then *not* recorded. :func:`dead_letter_on_failure` catches and reports it.
+            the storage's error when it could not confirm the entry (Redis down or stalled).
+            The entry may still have been stored: a stalled Redis runs the command when it
+            resumes. Call ``record`` again with the same ``key`` to be sure: it is stored
+            once. :func:`dead_letter_on_failure` catches and reports the error.
         """
         cause = error.__cause__
         letter = DeadLetter(
@@ -158,6 +167,7 @@ class DeadLetterQueue:
             recorded_at=self._clock.time(),
             attempts=attempts if attempts is not None else _attempts_of(error),
             cause_code=error_category(cause) if cause is not None else None,
+            key=key if key is not None else uuid.uuid4().hex,
         )
         return await self._add(letter)
 
@@ -264,6 +274,8 @@ class MemoryDeadLetterQueue(DeadLetterQueue):
         self.max_entries = max_entries
         self.name = name
         self._entries: OrderedDict[str, DeadLetter] = OrderedDict()
+        #: The id of the entry held under each key.
+        self._by_key: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._full = False
 
@@ -275,10 +287,16 @@ class MemoryDeadLetterQueue(DeadLetterQueue):
         return f"{int(self._clock.time() * 1000)}-{next(self._ids)}"
 
     async def _add(self, letter: DeadLetter) -> DeadLetter:
+        held = self._by_key.get(letter.key) if letter.key is not None else None
+        if held is not None:
+            return self._entries[held]
         stored = replace(letter, id=self._new_id())
         self._entries[stored.id] = stored
+        if stored.key is not None:
+            self._by_key[stored.key] = stored.id
         if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            _, dropped = self._entries.popitem(last=False)
+            self._forget_key(dropped)
             if not self._full:
                 self._full = True
                 self.events.emit("dlq.full", self.name, max_entries=self.max_entries)
@@ -287,8 +305,14 @@ class MemoryDeadLetterQueue(DeadLetterQueue):
         return stored
 
     async def _replace(self, old_id: str, letter: DeadLetter) -> DeadLetter:
-        self._entries.pop(old_id, None)
+        old = self._entries.pop(old_id, None)
+        if old is not None:
+            self._forget_key(old)
         return await self._add(letter)
+
+    def _forget_key(self, letter: DeadLetter) -> None:
+        if letter.key is not None and self._by_key.get(letter.key) == letter.id:
+            del self._by_key[letter.key]
 
     async def list(self, limit: int = 100) -> list[DeadLetter]:
         return list(itertools.islice(self._entries.values(), max(0, limit)))
@@ -297,7 +321,11 @@ class MemoryDeadLetterQueue(DeadLetterQueue):
         return self._entries.get(letter_id)
 
     async def delete(self, letter_id: str) -> bool:
-        return self._entries.pop(letter_id, None) is not None
+        letter = self._entries.pop(letter_id, None)
+        if letter is None:
+            return False
+        self._forget_key(letter)
+        return True
 
     async def size(self) -> int:
         return len(self._entries)
@@ -308,7 +336,10 @@ class RedisDeadLetterQueue(DeadLetterQueue):
 
     The stream is capped at ``maxlen`` entries (oldest trimmed). Only one replay of a stream
     runs at a time across instances (a lock key with a TTL); a second one raises
-    ``ConflictError``. Every Redis call is bounded by ``timeout`` seconds.
+    ``ConflictError``. Every Redis call is bounded by ``timeout`` seconds. Each entry's key
+    is kept beside the stream (``<stream>:key:<key>``, the entry's id) for ``dedupe_ttl``
+    seconds, so a record of that key within that time, even after a replay removed the
+    entry, stores nothing.
 
     Args:
         url: ``redis://`` URL; or pass ``client=`` an existing ``redis.asyncio.Redis``.
@@ -316,6 +347,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         maxlen: the cap on entries.
         timeout: the longest one Redis call may take.
         replay_lock_ttl: how long a crashed replay keeps the lock.
+        dedupe_ttl: seconds a key is remembered after its record (or its latest requeue).
 
     .. versionadded:: 0.1.0
     """
@@ -329,6 +361,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         maxlen: int = 10_000,
         timeout: float = 1.0,
         replay_lock_ttl: float = 60.0,
+        dedupe_ttl: float = 3600.0,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus | None = None,
     ) -> None:
@@ -338,6 +371,8 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             raise ConfigurationError(f"maxlen must be an int >= 1, got {maxlen!r}")
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not dedupe_ttl >= 0.001:
+            raise ConfigurationError(f"dedupe_ttl must be >= 0.001 seconds, got {dedupe_ttl!r}")
         super().__init__(clock=clock, events=events)
         self._owns_client = client is None
         self._redis: Redis = client if client is not None else _client_from_url(url or "")
@@ -345,7 +380,10 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         self.maxlen = maxlen
         self.timeout = timeout
         self.replay_lock_ttl = replay_lock_ttl
+        self.dedupe_ttl = dedupe_ttl
         self._down = False
+        self._add_script = self._redis.register_script(_ADD_ONCE)
+        self._replace_script = self._redis.register_script(_REPLACE)
 
     def __repr__(self) -> str:
         return f"RedisDeadLetterQueue(stream={self.stream!r}, maxlen={self.maxlen})"
@@ -370,22 +408,32 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             self.events.emit("dlq.storage_recovered", self.stream, level=logging.INFO)
         return result
 
+    def _keys(self, letter: DeadLetter) -> list[str]:
+        """The stream, and the name its key is kept under (none for an entry without one)."""
+        if letter.key is None:
+            return [self.stream]
+        return [self.stream, f"{self.stream}:key:{letter.key}"]
+
+    def _script_args(self, letter: DeadLetter) -> list[str | int]:
+        return [letter.to_json(), self.maxlen, max(1, int(self.dedupe_ttl * 1000))]
+
     async def _add(self, letter: DeadLetter) -> DeadLetter:
-        letter_id = await self._run(
-            self._redis.xadd(
-                self.stream, {"data": letter.to_json()}, maxlen=self.maxlen, approximate=False
-            )
+        # One script: the key's entry, if any, or a new one and the key, with nothing between.
+        found: Any = await self._run(
+            self._add_script(keys=self._keys(letter), args=self._script_args(letter))
         )
-        return replace(letter, id=_text(letter_id))
+        if len(found) > 1:
+            return DeadLetter.from_json(_text(found[0]), found[1])
+        return replace(letter, id=_text(found[0]))
 
     async def _replace(self, old_id: str, letter: DeadLetter) -> DeadLetter:
-        # One transaction: the entry is never lost nor doubled between the two commands.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                self.stream, {"data": letter.to_json()}, maxlen=self.maxlen, approximate=False
+        # One script: the entry is never lost nor doubled, and its key names the new one.
+        new_id = await self._run(
+            self._replace_script(
+                keys=self._keys(letter),
+                args=[*self._script_args(letter), old_id],
             )
-            pipe.xdel(self.stream, old_id)
-            new_id, _ = await self._run(pipe.execute())
+        )
         return replace(letter, id=_text(new_id))
 
     async def list(self, limit: int = 100) -> list[DeadLetter]:
@@ -439,6 +487,30 @@ class _RedisReplayLock:
         queue = self._queue
         await queue._run(queue._redis.eval(_RELEASE_LOCK, 1, self._key, self._token))
 
+
+#: KEYS: the stream, and the name of the entry's key if it has one; ARGV: the entry, maxlen and
+#: the key's time to live in ms. Returns {id} of a new entry, or {id, data} of the key's.
+_ADD_ONCE = """
+if KEYS[2] then
+  local held = redis.call('get', KEYS[2])
+  if held then
+    local rows = redis.call('xrange', KEYS[1], held, held)
+    if rows[1] then return {held, rows[1][2][2]} end
+    return {held}
+  end
+end
+local id = redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], '*', 'data', ARGV[1])
+if KEYS[2] then redis.call('set', KEYS[2], id, 'PX', ARGV[3]) end
+return {id}
+"""
+
+#: As ``_ADD_ONCE``, with the id of the entry to replace as ARGV[4]; returns the new id.
+_REPLACE = """
+local id = redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], '*', 'data', ARGV[1])
+redis.call('xdel', KEYS[1], ARGV[4])
+if KEYS[2] then redis.call('set', KEYS[2], id, 'PX', ARGV[3]) end
+return id
+"""
 
 _RELEASE_LOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end

@@ -1,4 +1,8 @@
-"""Liveness and readiness: pluggable async checks, each with its own timeout, one verdict."""
+"""Liveness and readiness: pluggable async checks, each with its own timeout, one verdict.
+
+A check's result is served again for a short time, and callers that arrive while it runs share
+that run: readiness calls, however many, run each check at most once per period.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
+from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
 
 __all__ = [
@@ -37,11 +42,17 @@ class CheckResult:
 HealthCheck = Callable[[], Awaitable[bool | CheckResult | None]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Registered:
     check: HealthCheck
     timeout: float
     critical: bool
+    cache_seconds: float
+    #: The latest result, and until when (monotonic) it is served again.
+    entry: dict[str, Any] | None = None
+    fresh_until: float = 0.0
+    #: The run in progress, which every caller that arrives meanwhile awaits.
+    running: asyncio.Future[dict[str, Any]] | None = None
 
 
 class HealthChecks:
@@ -50,12 +61,26 @@ class HealthChecks:
     A failing *critical* check makes the app ``"unhealthy"`` (503); a failing non-critical one
     makes it ``"degraded"`` (still 200). A check that returns ``CheckResult("degraded")`` says
     so itself (an open breaker, a rate-limit storage that is down while failing open).
+
+    A check's result, passing or failing, is served again for ``cache_seconds`` (by default;
+    per check with ``add(..., cache_seconds=...)``), timed by ``clock``; callers that arrive
+    while a check runs share that run. ``0`` runs the check on every call that finds it idle.
     """
 
-    def __init__(self, *, default_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        default_timeout: float = 1.0,
+        cache_seconds: float = 0.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         if default_timeout <= 0:
             raise ValueError("default_timeout must be > 0 seconds")
+        if cache_seconds < 0:
+            raise ValueError("cache_seconds must be >= 0 seconds")
         self.default_timeout = default_timeout
+        self.cache_seconds = cache_seconds
+        self._clock = clock
         self._checks: dict[str, _Registered] = {}
 
     def add(
@@ -65,12 +90,27 @@ class HealthChecks:
         *,
         timeout: float | None = None,
         critical: bool = True,
+        cache_seconds: float | None = None,
     ) -> None:
-        """Register ``check`` under ``name`` (replacing one of the same name)."""
+        """Register ``check`` under ``name`` (replacing one of the same name).
+
+        ``cache_seconds``: how long its result is served again (default: the checks' own);
+        ``0`` for a check that only reads this process's state and must always be current.
+        """
         timeout = self.default_timeout if timeout is None else timeout
         if timeout <= 0:
             raise ValueError(f"health check {name!r}: timeout must be > 0 seconds")
-        self._checks[name] = _Registered(check, timeout, critical)
+        cache_seconds = self.cache_seconds if cache_seconds is None else cache_seconds
+        if cache_seconds < 0:
+            raise ValueError(f"health check {name!r}: cache_seconds must be >= 0 seconds")
+        self._checks[name] = _Registered(check, timeout, critical, cache_seconds)
+
+    def forget(self, name: str | None = None) -> None:
+        """Drop the cached result of check ``name`` (of every check: ``None``), so the next
+        call runs it: for when you learn that what it checks has changed."""
+        for registered_name, registered in self._checks.items():
+            if name is None or registered_name == name:
+                registered.entry = None
 
     def remove(self, name: str) -> None:
         self._checks.pop(name, None)
@@ -81,7 +121,7 @@ class HealthChecks:
     async def run(self) -> tuple[HealthStatus, dict[str, dict[str, Any]]]:
         """Run every check concurrently; returns the overall status and one entry per check."""
         names = list(self._checks)
-        results = await asyncio.gather(*(self._run_one(self._checks[n]) for n in names))
+        results = await asyncio.gather(*(self._result(self._checks[n]) for n in names))
         checks = dict(zip(names, results, strict=True))
         overall: HealthStatus = "ok"
         for entry in checks.values():
@@ -89,7 +129,26 @@ class HealthChecks:
                 overall = entry["status"]
         return overall, checks
 
+    async def _result(self, registered: _Registered) -> dict[str, Any]:
+        """The check's cached result while fresh; else its run, shared with every caller."""
+        if registered.entry is not None and self._clock.monotonic() < registered.fresh_until:
+            return registered.entry
+        running = registered.running
+        if running is None or running.get_loop() is not asyncio.get_running_loop():
+            running = registered.running = asyncio.ensure_future(self._run_one(registered))
+        # Shielded: a caller that gives up (a client gone) does not cancel the others' run.
+        return await asyncio.shield(running)
+
     async def _run_one(self, registered: _Registered) -> dict[str, Any]:
+        try:
+            entry = await self._checked(registered)
+        finally:
+            registered.running = None
+        registered.entry = entry
+        registered.fresh_until = self._clock.monotonic() + registered.cache_seconds
+        return entry
+
+    async def _checked(self, registered: _Registered) -> dict[str, Any]:
         failed: HealthStatus = "unhealthy" if registered.critical else "degraded"
         start = time.perf_counter()
         detail: str | None = None

@@ -24,7 +24,7 @@ from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._degraded import DegradedMode
-from fastapi_resilience._events import EventBus
+from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._fixed_routes import FixedPathRoutes, route_at
 from fastapi_resilience._handlers import (
     http_exception_handler as problem_http_handler,
@@ -41,6 +41,7 @@ from fastapi_resilience._metrics import (
     warn_prometheus_missing,
 )
 from fastapi_resilience._outbound_fastapi import watch_outbound
+from fastapi_resilience._rate_limit_guard import STORAGE_DOWN_EVENT, STORAGE_RECOVERED_EVENT
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._settings import ENV_PREFIX, ResilienceSettings
@@ -63,7 +64,11 @@ class Resilience:
         self.settings = settings
         self.clock = clock
         self.events = events or EventBus()
-        self.health = HealthChecks(default_timeout=settings.health_check_timeout)
+        self.health = HealthChecks(
+            default_timeout=settings.health_check_timeout,
+            cache_seconds=settings.health_cache_seconds,
+            clock=clock,
+        )
         #: The app's rate limiter; ``None`` when ``rate_limit_enabled`` is off.
         self.rate_limiter: RateLimiter | None = None
         #: The app's switchable features; the breakers they name are the default registry's.
@@ -127,7 +132,9 @@ def install(
     _cors_outside(app)
     _idle_error_layer(app, our_layer)
     _cover_mounted_apps(app, resilience)
-    resilience.health.add(FEATURES_CHECK, resilience.degraded.health_check, critical=False)
+    resilience.health.add(
+        FEATURES_CHECK, resilience.degraded.health_check, critical=False, cache_seconds=0
+    )
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
     first_of_ours = len(app.router.routes)
@@ -225,6 +232,8 @@ def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
         resilience.health.add(
             RATE_LIMIT_CHECK, storage_health, critical=not settings.rate_limit_fail_open
         )
+        # Its result is cached; a change of the storage's state shows at the next call.
+        resilience.events.subscribe(_forget_storage_check(resilience.health))
     return limiter
 
 
@@ -304,6 +313,14 @@ def _add_problem_handlers(sub: Starlette, settings: ResilienceSettings) -> None:
     handlers.update(own)
     # Its stack is built at its first request: rebuilt if it was, to take the handlers in.
     sub.middleware_stack = None
+
+
+def _forget_storage_check(health: HealthChecks) -> Callable[[Event], None]:
+    def forget(event: Event) -> None:
+        if event.kind in (STORAGE_DOWN_EVENT, STORAGE_RECOVERED_EVENT):
+            health.forget(RATE_LIMIT_CHECK)
+
+    return forget
 
 
 def _around_lifespan(

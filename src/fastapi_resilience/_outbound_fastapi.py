@@ -305,8 +305,12 @@ def watch_outbound(
     """
     breaker_registry = breakers if breakers is not None else default_registry
     bulkhead_registry = bulkheads if bulkheads is not None else default_bulkhead_registry
+    # Never cached: it reads this process's breakers, and an open one must show at once.
     resilience.health.add(
-        BREAKERS_CHECK_NAME, breaker_health_check(breaker_registry), critical=False
+        BREAKERS_CHECK_NAME,
+        breaker_health_check(breaker_registry),
+        critical=False,
+        cache_seconds=0,
     )
     breaker_registry.use_events(resilience.events)
     bulkhead_registry.use_events(resilience.events)

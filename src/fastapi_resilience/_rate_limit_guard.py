@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._events import EventBus
-from fastapi_resilience._health import CheckResult
+from fastapi_resilience._health import CheckResult, HealthStatus
 from fastapi_resilience._limit_string import Limit
 from fastapi_resilience._rate_limit_core import (
     DEFAULT_STORAGE_TIMEOUT,
@@ -190,18 +190,24 @@ class GuardedStorage:
         return self.available
 
     async def health(self) -> CheckResult:
-        """A readiness check: ``"degraded"`` while the storage is down, ``"ok"`` otherwise."""
+        """A readiness check: ``"ok"`` while the storage answers. While it is down:
+        ``"degraded"`` when the fallback limiter serves requests, ``"unhealthy"`` when none
+        does. Requests are then refused or let through uncounted, as the limiter's
+        ``fail_open`` says: register the check ``critical`` when it fails closed, and not
+        when it fails open (``HealthChecks`` reports a non-critical one ``"degraded"``), as
+        ``install()`` does."""
+        down: HealthStatus = "degraded" if self.fallback is not None else "unhealthy"
         if self._opened_at is not None:
             self._maybe_probe()
             down_for = self._clock.monotonic() - self._opened_at
-            mode = "per-instance fallback limiter" if self.fallback is not None else "no limiter"
-            return CheckResult("degraded", f"storage down for {down_for:.1f}s; {mode}")
+            mode = "per-instance fallback limiter" if self.fallback is not None else "no fallback"
+            return CheckResult(down, f"storage down for {down_for:.1f}s; {mode}")
         try:
             async with asyncio.timeout(self.timeout):
                 await self.storage.ping()
         except (StorageUnavailableError, TimeoutError) as exc:
             self._record_failure(exc)
-            return CheckResult("degraded", f"storage did not answer: {type(exc).__name__}")
+            return CheckResult(down, f"storage did not answer: {type(exc).__name__}")
         return CheckResult("ok")
 
     async def ping(self) -> bool:

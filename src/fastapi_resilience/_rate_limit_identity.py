@@ -3,7 +3,8 @@
 Built in: a known API key (``X-API-Key``) counts against that key and its tier, whatever address
 it comes from; anything else counts against the client address in the default tier. The address
 is the peer's, unless the peer is a trusted proxy: then ``X-Forwarded-For`` is read right to left,
-skipping trusted hops, and the first untrusted address is the client (ADR 0015).
+skipping trusted hops, and the first untrusted address is the client (ADR 0015). Every address is
+normalised first, so one client written several ways is one identity (ADR 0060).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Bound on the per-process cache of "is this peer a trusted proxy?" answers.
 _TRUST_CACHE_SIZE = 4096
 
@@ -69,8 +71,49 @@ def _networks(entries: Iterable[str]) -> tuple[_IPNetwork, ...]:
 UNKNOWN_PEER = "unknown"
 
 
+def _parse_address(text: str) -> _IPAddress | None:
+    """``text`` as an IP address, in the forms proxies and servers write one; else ``None``.
+
+    Accepted: a port (``1.2.3.4:5555``, ``[2001:db8::1]:443``), brackets, any case and any
+    zero compression of IPv6. An IPv4 address mapped into IPv6 (``::ffff:1.2.3.4``, what a
+    dual-stack socket reports) is the IPv4 address.
+    """
+    host = text.strip()
+    if host[:1] == "[":
+        host, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and _is_port(port[1:]))):
+            return None
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+        if not _is_port(port):
+            return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def normalize_address(text: str) -> str | None:
+    """The one spelling of the IP address ``text`` names (IPv6 compressed, in lower case), or
+    ``None`` when ``text`` is not an address (see ``_parse_address`` for the forms taken)."""
+    address = _parse_address(text)
+    return None if address is None else str(address)
+
+
 class ClientAddress:
     """The client's address: the peer, or from ``X-Forwarded-For`` behind trusted proxies.
+
+    Every address is normalised (a port dropped, IPv4 mapped into IPv6 made IPv4, IPv6
+    compressed in lower case) before it is tested against the trusted proxies and before it
+    names the client. A hop that is not an address stops the walk: the client is then the
+    trusted hop that handed it over (ADR 0060).
 
     Args:
         trusted_proxies: addresses or networks (``"10.0.0.0/8"``) whose ``X-Forwarded-For`` is
@@ -81,7 +124,8 @@ class ClientAddress:
 
     def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
         self._networks = _networks(trusted_proxies)
-        self._cache: dict[str, bool] = {}
+        #: Written address -> (its normal spelling or ``None``, whether it is trusted).
+        self._cache: dict[str, tuple[str | None, bool]] = {}
 
     @property
     def trusts_proxies(self) -> bool:
@@ -89,35 +133,48 @@ class ClientAddress:
         return bool(self._networks)
 
     def is_trusted(self, host: str) -> bool:
-        """Whether ``host`` is one of the trusted proxies (cached: peers repeat)."""
-        trusted = self._cache.get(host)
-        if trusted is None:
-            try:
-                address = ipaddress.ip_address(host.strip())
-            except ValueError:
-                trusted = False
+        """Whether ``host`` (in any spelling) is one of the trusted proxies."""
+        return self._hop(host)[1]
+
+    def _hop(self, host: str) -> tuple[str | None, bool]:
+        """``host`` normalised (``None``: not an address) and whether it is trusted; cached,
+        since peers and proxies repeat."""
+        known = self._cache.get(host)
+        if known is None:
+            address = _parse_address(host)
+            if address is None:
+                known = (None, False)
             else:
                 trusted = any(address in network for network in self._networks)
+                known = (str(address), trusted)
             if len(self._cache) >= _TRUST_CACHE_SIZE:
                 # Bounded: a flood of distinct spoofed hops cannot grow it without limit.
                 self._cache.clear()
-            self._cache[host] = trusted
-        return trusted
+            self._cache[host] = known
+        return known
 
     def __call__(self, scope: Scope) -> str:
         client = scope.get("client")
         peer: str = client[0] if client else UNKNOWN_PEER
-        if not self._networks or not self.is_trusted(peer):
-            return peer
+        nearest, trusted = self._hop(peer)
+        if not trusted or nearest is None:
+            # The server's own word for the peer stays as it is when it is not an address.
+            return nearest or peer
         forwarded = _header_values(scope, b"x-forwarded-for")
         if not forwarded:
-            return peer
-        hops = [hop.strip() for hop in ",".join(forwarded).split(",") if hop.strip()]
+            return nearest
+        hops = [hop for hop in ",".join(forwarded).split(",") if hop.strip()]
         for hop in reversed(hops):
-            if not self.is_trusted(hop):
-                return hop
+            address, trusted = self._hop(hop)
+            if address is None:
+                # Not an address: it names no one, and what is left of it was written by
+                # no proxy we trust. The client is the trusted hop that handed it over.
+                return nearest
+            if not trusted:
+                return address
+            nearest = address
         # Every hop is a trusted proxy: the left-most one is as close to a client as there is.
-        return hops[0] if hops else peer
+        return nearest
 
 
 def _header_values(scope: Scope, name: bytes) -> list[str]:
@@ -197,12 +254,16 @@ class DefaultIdentityResolver:
         return self._ip_cache.get(address) or self.for_address(address)
 
     def for_address(self, address: str) -> Identity:
-        """The default-tier identity of ``address`` (reused: one object per recent address)."""
+        """The default-tier identity of ``address``, normalised (``1.2.3.4:5555`` and
+        ``::ffff:1.2.3.4`` are ``ip:1.2.3.4``); reused, one object per recent address."""
         identity = self._ip_cache.get(address)
         if identity is None:
             if len(self._ip_cache) >= _TRUST_CACHE_SIZE:
                 self._ip_cache.clear()
-            identity = self._ip_cache[address] = Identity(f"ip:{address}", self._default_tier)
+            # Normalised once per written form, here: the cache hit in ``resolve`` stays as
+            # cheap as it was. What is not an address (a server's "testclient") stays as is.
+            spelled = normalize_address(address) or address
+            identity = self._ip_cache[address] = Identity(f"ip:{spelled}", self._default_tier)
         return identity
 
     @property

@@ -1,12 +1,15 @@
 """The in-process rate-limit storage: the embedded default, and the fallback while Redis is down.
 
 Atomic on the event loop: ``check`` never awaits between reading and writing counts. Bounded:
-windows that have emptied are dropped as time passes, and at most ``max_keys`` windows are kept;
-beyond that the least recently *admitted* window is evicted (see ``docs/rate-limit-storage.md``).
+windows that have emptied are dropped as time passes, and at most ``max_keys`` windows are kept.
+A live window is never dropped to make room: that would forget its counts and admit more than
+its limit. While ``max_keys`` live windows are held, a request that needs a new one is refused
+until one expires (``docs/rate-limit-storage.md``, ADR 0059).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -37,12 +40,14 @@ class _Window:
 
     ``entries`` is ``[bucket, count, bucket, count, ...]``, oldest first; ``first_expiry`` is when
     the oldest bucket leaves the window, ``bucket_end`` when the newest bucket stops taking
-    units, and ``expires`` when the newest bucket leaves the window.
+    units, and ``expires`` when the newest bucket leaves the window. ``queue`` is the storage's
+    queue of the windows of this one's period.
     """
 
-    __slots__ = ("bucket_end", "entries", "expires", "first_expiry", "total")
+    __slots__ = ("bucket_end", "entries", "expires", "first_expiry", "queue", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, queue: OrderedDict[str, _Window]) -> None:
+        self.queue = queue
         self.entries: list[int] = []
         self.total = 0
         self.first_expiry = 0.0
@@ -94,8 +99,10 @@ class MemoryStorage:
 
     Args:
         clock: monotonic time source (inject ``ManualClock`` in tests).
-        max_keys: windows kept at most; beyond it the least recently admitted is evicted,
-            which forgets that identity's count (it starts afresh if it comes back).
+        max_keys: windows kept at most. Expired windows make room for new ones; a live window
+            is never dropped, so while ``max_keys`` live windows are held a request that needs
+            a new window is refused (429, ``Retry-After`` until the first window expires) and
+            counted in ``full_refusals``. ``len(storage)`` is the number of windows held.
 
     .. versionadded:: 0.1.0
     """
@@ -107,12 +114,18 @@ class MemoryStorage:
         # The system clock's method only calls ``time.monotonic``: call it directly.
         self._monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self.max_keys = max_keys
-        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self._windows: dict[str, _Window] = {}
+        #: The windows of each period, least recently counted first. Within one period that is
+        #: also the order of their expiry, so the expired ones are at the front of their queue,
+        #: whatever longer periods hold.
+        self._queues: dict[int, OrderedDict[str, _Window]] = {}
         self._next_sweep = 0.0
-        #: Live windows evicted because of ``max_keys`` (a flood of identities), for metrics.
-        self.evictions = 0
+        #: Requests refused because ``max_keys`` live windows were held and theirs was new.
+        self.full_refusals = 0
 
     def __len__(self) -> int:
+        """The number of windows held (one per identity and limit), expired ones not yet
+        dropped included."""
         return len(self._windows)
 
     async def check(self, identity_tag: str, checks: Sequence[LimitCheck]) -> Decision:
@@ -142,7 +155,8 @@ class MemoryStorage:
         """``check_now((check,))`` of one enforced limit that admits the request, lean.
 
         Returns ``(remaining, reset_after)`` of the admitted request (counted), or ``None`` when
-        the limit would refuse it (nothing counted: ``check_many`` then tells why). Builds no
+        the limit would refuse it, or its new window needs room first (nothing counted:
+        ``check_many`` then makes room or tells why). Builds no
         ``Decision``, and the newest bucket's case of ``_Window.add`` is inlined: this is the
         embedded default's common case, on every request. Same decisions, same counts.
         """
@@ -154,16 +168,17 @@ class MemoryStorage:
         window = windows.get(key)
         cost = check.cost
         if window is None:
-            if cost > check.amount:
+            if cost > check.amount or len(windows) >= self.max_keys:
+                # Too costly, or room must be made first: ``check_many`` does it or says why.
                 return None
-            window = self._count(check, None, now)
+            window = self._new(check, now)
             return check.amount - cost, window.first_expiry - now
         if window.first_expiry <= now:
             window.drop_expired(now, check.width, check.period)
         total = window.total + cost
         if total > check.amount:
             return None
-        windows.move_to_end(key)
+        window.queue.move_to_end(key)
         entries = window.entries
         if now < window.bucket_end and entries:
             entries[-1] += cost
@@ -179,13 +194,65 @@ class MemoryStorage:
             total = 0 if window is None else window.total
             if total + check.cost > check.amount and not check.shadow:
                 allowed = False
+        shadow_room = 0
+        if allowed and None in found:
+            fitted = self._fit_new(checks, found, now)
+            if fitted is None:
+                return self._refuse_full(checks, found, now)
+            found, shadow_room = fitted
         states = []
         for check, window in zip(checks, found, strict=True):
             before = 0 if window is None else window.total
             if allowed:
-                window = self._count(check, window, now)
+                if window is not None:
+                    self._count(check, window, now)
+                elif not check.shadow:
+                    window = self._new(check, now)
+                elif shadow_room:
+                    shadow_room -= 1
+                    window = self._new(check, now)
+                # Else a shadow limit with no room: not counted this time (it never refuses).
             states.append(self._state(check, window, before, now))
         return new_decision(allowed, tuple(states))
+
+    def _fit_new(
+        self, checks: Sequence[LimitCheck], found: list[_Window | None], now: float
+    ) -> tuple[list[_Window | None], int] | None:
+        """Room for the new windows of an admitted request, made from expired windows only.
+
+        Returns the windows of ``checks`` (looked up again: an expired one may have gone) and
+        how many new shadow windows fit; ``None`` when a new enforced window does not fit.
+        """
+        windows = self._windows
+        needed = found.count(None)
+        short = len(windows) + needed - self.max_keys
+        if short <= 0:
+            return found, needed
+        self._sweep(now, short)
+        found = [windows.get(check.window_key) for check in checks]
+        enforced = sum(1 for c, w in zip(checks, found, strict=True) if w is None and not c.shadow)
+        room = self.max_keys - len(windows) - enforced
+        return None if room < 0 else (found, room)
+
+    def _refuse_full(
+        self, checks: Sequence[LimitCheck], found: list[_Window | None], now: float
+    ) -> Decision:
+        """The refusal of a request whose new window does not fit: counts nothing, and says
+        when the first window held expires (room for it, unless others take it first)."""
+        self.full_refusals += 1
+        first = min(
+            (next(iter(queue.values())).expires for queue in self._queues.values() if queue),
+            default=now,
+        )
+        wait = max(first - now, 0.0)
+        states = []
+        for check, window in zip(checks, found, strict=True):
+            if window is None and not check.shadow:
+                states.append(new_state(check, False, 0, 0.0, wait))
+            else:
+                before = 0 if window is None else window.total
+                states.append(self._state(check, window, before, now))
+        return new_decision(False, tuple(states))
 
     def _held(self, check: LimitCheck, now: float) -> _Window | None:
         """The window of ``check``, its expired buckets dropped; ``None`` when it has none."""
@@ -194,16 +261,22 @@ class MemoryStorage:
             window.drop_expired(now, check.width, check.period)
         return window
 
-    def _count(self, check: LimitCheck, window: _Window | None, now: float) -> _Window:
-        windows = self._windows
-        key = check.window_key
-        if window is None:
-            if len(windows) >= self.max_keys:
-                self._evict(now)
-            window = windows[key] = _Window()
-        else:
-            windows.move_to_end(key)
+    def _count(self, check: LimitCheck, window: _Window, now: float) -> None:
+        window.queue.move_to_end(check.window_key)
         window.add(check.cost, now, check.width, check.period)
+
+    def _new(self, check: LimitCheck, now: float) -> _Window:
+        """A new window for ``check`` with its cost counted; the caller made room for it."""
+        period = check.period
+        queue = self._queues.get(period)
+        if queue is None:
+            queue = self._queues[period] = OrderedDict()
+        key = check.window_key
+        window = self._windows[key] = queue[key] = _Window(queue)
+        window.add(check.cost, now, check.width, period)
+        if window.expires < self._next_sweep:
+            # The first window of its queue may expire before every other queue's first.
+            self._next_sweep = window.expires
         return window
 
     @staticmethod
@@ -223,36 +296,43 @@ class MemoryStorage:
             retry = window.retry_after(before + cost - amount, now, check.width, check.period)
         return new_state(check, False, remaining if remaining > 0 else 0, reset, retry)
 
-    def _evict(self, now: float) -> None:
-        windows = self._windows
-        _, oldest = windows.popitem(last=False)
-        if oldest.expires > now:
-            self.evictions += 1
-
     def _sweep(self, now: float, budget: int = _SWEEP_PER_CALL) -> None:
+        """Drop up to ``budget`` expired windows from the fronts of the queues."""
         windows = self._windows
-        while budget and windows:
-            key, window = next(iter(windows.items()))
-            if window.expires > now:
-                # Until then the front cannot have expired (windows only move to the back).
-                self._next_sweep = window.expires
-                return
-            del windows[key]
-            budget -= 1
+        next_sweep = math.inf
+        for queue in self._queues.values():
+            while queue:
+                key, window = next(iter(queue.items()))
+                if window.expires > now:
+                    # Until then this queue's front cannot have expired (windows only move back).
+                    next_sweep = min(next_sweep, window.expires)
+                    break
+                if not budget:
+                    next_sweep = now  # more to drop: go on at the next call
+                    break
+                del queue[key]
+                del windows[key]
+                budget -= 1
+        self._next_sweep = next_sweep
 
     def sweep(self) -> int:
         """Drop every expired window now; returns how many were dropped."""
         now = self._clock.monotonic()
-        expired = [key for key, window in self._windows.items() if window.expires <= now]
-        for key in expired:
-            del self._windows[key]
-        return len(expired)
+        dropped = 0
+        for queue in self._queues.values():
+            expired = [key for key, window in queue.items() if window.expires <= now]
+            for key in expired:
+                del queue[key]
+                del self._windows[key]
+            dropped += len(expired)
+        return dropped
 
     async def ping(self) -> bool:
         return True
 
     async def aclose(self) -> None:
         self._windows.clear()
+        self._queues.clear()
 
     def __repr__(self) -> str:
         return f"MemoryStorage(max_keys={self.max_keys}, windows={len(self._windows)})"

@@ -90,6 +90,9 @@ class ResilienceSettings(BaseSettings):
     #: listed route is one more entry every request of the app's own routes is tried against.
     health_in_schema: bool = False
     health_check_timeout: float = Field(default=1.0, gt=0)
+    #: Seconds a readiness check's result is served again (callers meanwhile share one run),
+    #: so a flood of readiness calls cannot become a flood of database checks; ``0``: never.
+    health_cache_seconds: float = Field(default=1.0, ge=0)
     metrics_enabled: bool = True
     metrics_path: str = "/metrics"
 
