@@ -160,3 +160,35 @@ def test_paths_with_a_query_fragment_or_space_are_refused(name: str, path: str) 
         ResilienceSettings(**{name: value})
     assert name in str(info.value)
     assert repr(path) in str(info.value)
+
+
+def test_default_exemptions_follow_moved_health_and_metrics_paths() -> None:
+    """Left at its default, ``rate_limit_exempt_paths`` names the health and metrics routes
+    where ``health_path`` and ``metrics_path`` put them; a value given is kept as given."""
+    moved = ResilienceSettings(health_path="/_health", metrics_path="/_metrics")
+    assert moved.rate_limit_exempt_paths == ["/_health/live", "/_health/ready", "/_metrics"]
+    assert ResilienceSettings().rate_limit_exempt_paths == [
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+    ]
+    given = ResilienceSettings(health_path="/_health", rate_limit_exempt_paths=["/static/*"])
+    assert given.rate_limit_exempt_paths == ["/static/*"]
+
+
+@pytest.mark.anyio
+async def test_moved_health_routes_are_never_counted() -> None:
+    import httpx
+    from fastapi import FastAPI
+
+    from fastapi_resilience import install
+
+    app = FastAPI()
+    install(
+        app,
+        ResilienceSettings(health_path="/_health", rate_limit_tiers={"anonymous": "1/minute"}),
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answers = [await client.get("/_health/ready") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]

@@ -58,6 +58,8 @@ class ResilienceSettings(BaseSettings):
     rate_limit_default_tier: str = "anonymous"
     rate_limit_api_keys: dict[str, str] = Field(default_factory=dict)
     rate_limit_fail_open: bool = True
+    #: Default: the health and metrics paths, wherever ``health_path`` and ``metrics_path`` put
+    #: them.
     rate_limit_exempt_paths: list[str] = Field(
         default_factory=lambda: ["/health/live", "/health/ready", "/metrics"]
     )
@@ -189,6 +191,15 @@ class ResilienceSettings(BaseSettings):
                 f"route (health_path {self.health_path!r} serves {', '.join(sorted(health))}); "
                 "choose another metrics_path, e.g. '/metrics'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _exempt_moved_fixed_paths(self) -> ResilienceSettings:
+        # Left at its default, the exemption follows the health and metrics routes it names.
+        if "rate_limit_exempt_paths" not in self.model_fields_set:
+            paths = [f"{self.health_path}{route}" for route in _HEALTH_ROUTES]
+            # Frozen: set once here, while the model is being built.
+            object.__setattr__(self, "rate_limit_exempt_paths", [*paths, self.metrics_path])
         return self
 
     @model_validator(mode="after")
