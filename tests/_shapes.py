@@ -108,7 +108,7 @@ def service(router: APIRouter | FastAPI) -> None:
         await asyncio.sleep(30)
 
 
-def settings(prefix: str) -> ResilienceSettings:
+def settings(prefix: str, *, features: bool = True) -> ResilienceSettings:
     """The settings of the app that calls ``install()``; ``prefix``: the service's routes as
     that app sees them."""
     return ResilienceSettings(
@@ -116,17 +116,18 @@ def settings(prefix: str) -> ResilienceSettings:
         rate_limit_exempt_paths=["/health/live", "/health/ready", f"{prefix}/exempt/*"],
         # Under a real server each check comes from its own address, through the loopback.
         trusted_proxies=["127.0.0.1"],
-        disabled_features=["exports", "reports"],
+        disabled_features=["exports", "reports"] if features else [],
     )
 
 
-def install_service(app: FastAPI, prefix: str) -> None:
+def install_service(app: FastAPI, prefix: str, *, features: bool = True) -> None:
     """``install()`` with the service's features (both start switched off), and a request
     deadline inside the library's layer (added before ``install()``), as the docs advise."""
     app.add_middleware(RequestDeadlineMiddleware, timeout=30.0)
-    resilience = install(app, settings(prefix))
-    resilience.degraded.feature("exports", paths=[f"{prefix}/exports"])
-    resilience.degraded.feature("reports")
+    resilience = install(app, settings(prefix, features=features))
+    if features:
+        resilience.degraded.feature("exports", paths=[f"{prefix}/exports"])
+        resilience.degraded.feature("reports")
 
 
 class MarkingMiddleware:
@@ -184,13 +185,10 @@ def build(shape: str) -> Built:
         app.mount("/sub", _plain())
         return Built(app, "/sub")
     if shape == "sub_app_installed":
+        # The app's limiter counts every request, the sub-app's included; the sub-app's own
+        # install() serves its features (its paths are its own).
         app = FastAPI()
-        install(
-            app,
-            ResilienceSettings(
-                rate_limit_tiers={"anonymous": "1000/minute"}, trusted_proxies=["127.0.0.1"]
-            ),
-        )
+        install(app, settings("/sub", features=False))
         sub = _plain()
         install_service(sub, "")
         app.mount("/sub", sub)

@@ -485,11 +485,12 @@ async def test_app_keeps_its_own_metrics_route_when_install_moves_away() -> None
 
 async def test_app_with_install_mounted_inside_another() -> None:
     """A sub-app with its own install(), mounted in an app with one: one ID for both (the
-    outer's), each app's limits apply, and nothing fails when the request ends."""
+    outer's), one limiter (the outer's: one set of headers), and nothing fails when the request
+    ends."""
     outer = FastAPI()
-    install(outer, ResilienceSettings(rate_limit_tiers={"anonymous": "100/minute"}))
+    install(outer, ResilienceSettings(rate_limit_tiers={"anonymous": "1/minute"}))
     inner = FastAPI()
-    install(inner, ResilienceSettings(rate_limit_tiers={"anonymous": "1/minute"}))
+    install(inner, ResilienceSettings(rate_limit_tiers={"anonymous": "100/minute"}))
 
     @inner.get("/x")
     async def x() -> dict[str, str | None]:
@@ -505,7 +506,8 @@ async def test_app_with_install_mounted_inside_another() -> None:
     assert first.status_code == 200
     assert first.json() == {"id": "outer-1"}
     assert first.headers.get_list("x-request-id") == ["outer-1"]
-    assert second.status_code == 429  # the inner app's own limit
+    assert first.headers.get_list("x-ratelimit-limit") == ["1"]
+    assert second.status_code == 429  # the outer app's limit
     assert second.headers.get_list("x-request-id") == ["outer-2"]
     assert second.json()["correlation_id"] == "outer-2"
 

@@ -30,6 +30,8 @@ __all__ = [
 
 #: Where the middleware leaves the request's ID in the ASGI scope.
 SCOPE_KEY = "fastapi_resilience.correlation_id"
+#: Where the error renderer marks the exception it logged for this request.
+LOGGED_KEY = "fastapi_resilience.logged"
 #: A list of header pairs in the scope that ``CorrelationIdMiddleware`` adds to the response
 #: start; code inside it appends to the list rather than wrapping ``send`` again.
 RESPONSE_HEADERS_KEY = "fastapi_resilience.response_headers"
@@ -284,3 +286,5 @@ class CorrelationIdMiddleware:
                 scope.pop(self._limit_key, None)
             _correlation_id.reset(token)
             del scope[RESPONSE_HEADERS_KEY]
+            # An exception a mounted app's handler logged: nothing of it stays (ADR 0044).
+            scope.pop(LOGGED_KEY, None)

@@ -7,28 +7,19 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.exception_handlers import http_exception_handler as fastapi_http_exception_handler
-from fastapi.exception_handlers import (
-    request_validation_exception_handler as fastapi_validation_handler,
-)
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.errors import ServerErrorMiddleware
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastapi_resilience._app_state import APP_STATE_NAME, OUTER_STATE_NAME
+from fastapi_resilience._app_state import APP_STATE_NAME
 from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import CorrelationIdMiddleware
 from fastapi_resilience._degraded import DegradedMode
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._fixed_routes import FixedPathRoutes, route_at
-from fastapi_resilience._handlers import (
-    http_exception_handler as problem_http_handler,
-)
 from fastapi_resilience._handlers import (
     install_exception_handlers,
     unhandled_exception_handler,
@@ -45,7 +36,8 @@ from fastapi_resilience._rate_limit_guard import STORAGE_DOWN_EVENT, STORAGE_REC
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._settings import ENV_PREFIX, ResilienceSettings
-from fastapi_resilience.exceptions import AppError, ConfigurationError
+from fastapi_resilience._sub_apps import refuse_websocket_route_limits, serve_mounted_apps
+from fastapi_resilience.exceptions import ConfigurationError
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
 
@@ -80,6 +72,26 @@ class Resilience:
             disabled=settings.disabled_features,
         )
         self.metrics: PrometheusListener | None = None
+        self._on_start: Callable[[], None] | None = None
+        self._on_stop: Callable[[], Awaitable[None]] | None = None
+        #: Apps with their own ``install()`` mounted in this one: started and stopped with it.
+        self._mounted: list[Resilience] = []
+
+    def start(self) -> None:
+        """Run ``install()``'s start-up checks: the app's lifespan calls it after the app's own
+        start-up; an app mounted in another with its own ``install()`` is started by that one
+        (Starlette runs no lifespan of a mounted app)."""
+        if self._on_start is not None:
+            self._on_start()
+
+    async def stop(self) -> None:
+        """Close what ``install()`` opened (the rate-limit storage), mounted installs' too."""
+        try:
+            for mounted in self._mounted:
+                await mounted.stop()
+        finally:
+            if self._on_stop is not None:
+                await self._on_stop()
 
     def __repr__(self) -> str:
         return f"Resilience(checks={len(self.health._checks)})"
@@ -131,7 +143,7 @@ def install(
     our_layer = app.user_middleware[0]
     _cors_outside(app)
     _idle_error_layer(app, our_layer)
-    _cover_mounted_apps(app, resilience)
+    serve_mounted_apps(app, resilience)
     resilience.health.add(
         FEATURES_CHECK, resilience.degraded.health_check, critical=False, cache_seconds=0
     )
@@ -156,13 +168,25 @@ def install(
         # Once the app is built, after the user's own start-up code (which may add routes):
         # what the features name is checked (they are declared after install()), and the
         # group moves back past the routes that cannot serve its paths (ADR 0047).
-        for covered in [app, *_cover_mounted_apps(app, resilience)]:
-            resilience.degraded.validate(covered.router.routes)
+        mounted = serve_mounted_apps(app, resilience)
+        resilience.degraded.validate(app.router.routes)
+        refuse_websocket_route_limits(app.router.routes)
+        resilience._mounted = []
+        for sub in mounted:
+            if sub.installed:
+                own: Resilience = getattr(sub.app.state, APP_STATE_NAME)
+                resilience._mounted.append(own)
+                own.start()
+            else:
+                resilience.degraded.validate(sub.app.router.routes)
+                refuse_websocket_route_limits(sub.app.router.routes, sub.template)
         _refuse_app_routes_at(app.router.routes, fixed_paths, ours=ours)
         if group is not None:
             group.settle(app.router.routes)
 
-    _around_lifespan(app, started=started, stopped=limiter.aclose if limiter is not None else None)
+    resilience._on_start = started
+    resilience._on_stop = limiter.aclose if limiter is not None else None
+    _around_lifespan(app, started=resilience.start, stopped=resilience.stop)
     return resilience
 
 
@@ -262,57 +286,6 @@ def _cors_outside(app: FastAPI) -> None:
 
 def _is_cors(entry: Middleware) -> bool:
     return isinstance(entry.cls, type) and issubclass(entry.cls, CORSMiddleware)
-
-
-def _cover_mounted_apps(app: Starlette, resilience: Resilience) -> list[Starlette]:
-    """Serve every mounted Starlette/FastAPI sub-app without its own ``install()`` as part of
-    ``app``: the problem handlers, so its errors (a route limit's 429, a 404, a 422, a 500)
-    answer like the app's; and ``resilience``, so its ``requires_feature`` and ``rate_limit``
-    find the app's degraded mode and limiter. Returns the sub-apps covered.
-
-    Handlers the sub-app registered itself stay; only FastAPI's defaults are replaced.
-    Called by ``install()`` and again at start-up, for sub-apps mounted after it.
-    """
-    covered: list[Starlette] = []
-    for route in getattr(app.router, "routes", ()):
-        sub = getattr(route, "app", None)
-        if not isinstance(route, Mount) or not isinstance(sub, Starlette):
-            continue
-        own = getattr(sub.state, APP_STATE_NAME, None)
-        if not isinstance(own, Resilience):
-            setattr(sub.state, OUTER_STATE_NAME, resilience)
-            _add_problem_handlers(sub, resilience.settings)
-            covered.append(sub)
-            covered += _cover_mounted_apps(sub, resilience)
-        elif (
-            own.rate_limiter is not None
-            and resilience.rate_limiter is not None
-            and "{" not in route.path
-        ):
-            # A sub-app with its own limiter limits its own requests: one limiter, one set of
-            # headers per request (ADR 0052).
-            resilience.rate_limiter.exempt([f"{route.path}/*"])
-    return covered
-
-
-def _add_problem_handlers(sub: Starlette, settings: ResilienceSettings) -> None:
-    handlers = sub.exception_handlers
-    if AppError in handlers or handlers.get(HTTPException) is problem_http_handler:
-        return  # its own, or covered already
-    own = {
-        key: handler
-        for key, handler in handlers.items()
-        if handler not in (fastapi_http_exception_handler, fastapi_validation_handler)
-    }
-    install_exception_handlers(
-        sub,  # type: ignore[arg-type]
-        type_base=settings.problem_type_base,
-        expose_error_details=settings.expose_error_details,
-        correlation_header=settings.correlation_header,
-    )
-    handlers.update(own)
-    # Its stack is built at its first request: rebuilt if it was, to take the handlers in.
-    sub.middleware_stack = None
 
 
 def _forget_storage_check(health: HealthChecks) -> Callable[[Event], None]:

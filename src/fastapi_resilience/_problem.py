@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -15,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import Scope, Send
 
 from fastapi_resilience._correlation import (
+    LOGGED_KEY,
     RESPONSE_HEADERS_KEY,
     SCOPE_KEY,
     generate_correlation_id,
@@ -40,8 +40,6 @@ APP_STATE_KEY = "fastapi_resilience_problems"
 #: The only text of an unhandled exception's answer unless details are exposed.
 INTERNAL_ERROR_DETAIL = "The server failed to answer this request. It has been logged."
 
-#: Set on an exception once it has been logged.
-_LOGGED = "_fastapi_resilience_logged"
 _STANDARD_MEMBERS = ("type", "title", "status", "detail", "instance", "code", "correlation_id")
 _NO_BODY_STATUSES = frozenset({204, 205, 304})
 
@@ -164,6 +162,9 @@ def problem_response(
     """
     config = config or config_for(scope)
     out_headers = dict(headers or {})
+    if status == 429 and not _has_retry_after(out_headers, raw_headers):
+        # Every 429 says when to come back (RFC 6585 leaves it optional; the contract does not).
+        out_headers["Retry-After"] = "1"
     correlation_id, add_header = _correlation(scope)
     if add_header:
         out_headers[config.correlation_header] = correlation_id
@@ -186,6 +187,14 @@ def problem_response(
         response = ProblemResponse(body, status_code=status, headers=out_headers)
     response.raw_headers += raw_headers
     return response
+
+
+def _has_retry_after(
+    headers: Mapping[str, str], raw_headers: Sequence[tuple[bytes, bytes]]
+) -> bool:
+    return any(name.lower() == "retry-after" for name in headers) or any(
+        name.lower() == b"retry-after" for name, _ in raw_headers
+    )
 
 
 def app_error_response(scope: Scope, exc: AppError) -> Response:
@@ -235,13 +244,14 @@ def _exposed_detail(exc: BaseException) -> str:
 
 
 def log_unhandled(scope: Scope, exc: BaseException) -> None:
-    """Log an unhandled exception once, with its traceback and the correlation ID.
+    """Log an unhandled exception once per request, with its traceback and the correlation ID.
 
-    Once: an exception that passes two of the library's layers (a mounted sub-app's error
-    handler, then the app's correlation layer) is logged by the first only. The method and path
-    are the client's text: control characters in them are escaped.
+    Once: an exception that passes two of the library's layers in one request (a mounted
+    sub-app's error handler, then the app's correlation layer) is logged by the first only; the
+    correlation layer takes the mark out of the scope when the request ends. The method and
+    path are the client's text: control characters in them are escaped.
     """
-    if getattr(exc, _LOGGED, False):
+    if scope.get(LOGGED_KEY) is exc:
         return
     logger.error(
         "unhandled %s on %s %s",
@@ -251,9 +261,9 @@ def log_unhandled(scope: Scope, exc: BaseException) -> None:
         exc_info=(type(exc), exc, exc.__traceback__),
         extra={"correlation_id": get_correlation_id() or scope.get(SCOPE_KEY) or "-"},
     )
-    with contextlib.suppress(AttributeError, TypeError):
-        # An exception type without a ``__dict__`` is logged again if it passes twice.
-        setattr(exc, _LOGGED, True)
+    if RESPONSE_HEADERS_KEY in scope:
+        # A correlation layer outside will meet it again, and removes the mark.
+        scope[LOGGED_KEY] = exc
 
 
 async def answer_unhandled(

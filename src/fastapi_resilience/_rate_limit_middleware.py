@@ -25,24 +25,13 @@ from fastapi_resilience._rate_limiter import (
     RateLimiter,
     RoutePlan,
 )
-from fastapi_resilience._request_path import mount_prefix, route_path
+from fastapi_resilience._request_path import route_path
 
 __all__ = ["RateLimitMiddleware"]
 
 #: What ``admit`` found for a request it did not admit (its identity and route), for
 #: ``__call__`` to take over instead of finding it again; removed by ``__call__`` at once.
 _FOUND_KEY = "fastapi_resilience.rate_limit_found"
-
-
-def _is_preflight(scope: Scope) -> bool:
-    """A CORS preflight: ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``.
-
-    A browser sends it on its own before a cross-origin request; it is never counted.
-    """
-    if scope["method"] != "OPTIONS":
-        return False
-    names = {name for name, _ in scope["headers"]}
-    return b"origin" in names and b"access-control-request-method" in names
 
 
 class RateLimitMiddleware:
@@ -95,7 +84,6 @@ class RateLimitMiddleware:
         self.limiter = limiter
         self._routes: Any = None
         self._routes_app: Any = None
-        self._routes_root: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,9 +102,13 @@ class RateLimitMiddleware:
         else:
             # The app's own path: behind a prefix (``--root-path``) exempt paths and route
             # limits are the app's paths, the prefix taken off as Starlette's routing does.
-            root_path = scope.get("root_path")
-            path = route_path(scope) if root_path else scope["path"]
-            if limiter.is_exempt(path) or _is_preflight(scope):
+            if SCOPE_KEY in scope or EXEMPT_KEY in scope:
+                # The limiter of an app this one is mounted in has judged the request: one
+                # limiter counts it, and its answer has one set of headers (ADR 0052).
+                await self.app(scope, receive, send)
+                return
+            path = route_path(scope) if scope.get("root_path") else scope["path"]
+            if limiter.is_exempt(path):
                 await self._unlimited(scope, receive, send)
                 return
             resolver = limiter.resolver
@@ -132,17 +124,11 @@ class RateLimitMiddleware:
             identity = maybe
             # The route table is rebuilt only when the app changes (first request, mounted
             # apps).
-            table = (
-                self._routes
-                if scope.get("app") is self._routes_app and root_path == self._routes_root
-                else self._table_for(scope)
-            )
+            table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
             route = table.match(scope, path) if table is not None else None
             # ``limiter.check`` in two steps: the in-process storage answers without a
             # coroutine.
             outcome = limiter.check_local(scope, identity, route)
-        # An app this one is mounted in may have left the request to it (ADR 0052).
-        scope.pop(EXEMPT_KEY, None)
         if outcome is None:
             try:
                 outcome = await limiter.check_storage(scope, identity, route)
@@ -208,22 +194,14 @@ class RateLimitMiddleware:
         # ``_memory``: read directly, a property would cost a call on every request.
         if limiter._memory is None or type(resolver) is not DefaultIdentityResolver:
             return False
-        root_path = scope.get("root_path")
-        path = route_path(scope) if root_path else scope["path"]
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
         # ``limiter.is_exempt``, inlined: this is the path of every request under ``install``.
-        # An OPTIONS request may be a CORS preflight, which is never counted: ``__call__`` tells.
-        if (
-            path in limiter.exempt_paths
-            or (limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes))
-            or scope["method"] == "OPTIONS"
+        if path in limiter.exempt_paths or (
+            limiter.exempt_prefixes and path.startswith(limiter.exempt_prefixes)
         ):
             return False
         identity = resolver.resolve(scope)
-        table = (
-            self._routes
-            if scope.get("app") is self._routes_app and root_path == self._routes_root
-            else self._table_for(scope)
-        )
+        table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
         route: RoutePlan | None = table.match(scope, path) if table is not None else None
         if route is None:
             # Most requests: their tier's limit alone, counted and formatted in one call.
@@ -243,12 +221,10 @@ class RateLimitMiddleware:
         from fastapi_resilience._rate_limit_routes import RouteTable
 
         app = scope.get("app")
-        # Inside a mounted sub-app with its own limiter, routes are keyed by their full path.
-        table = RouteTable.for_app(app, mount_prefix(scope))
+        table = RouteTable.for_app(app)
         # ``None`` when no route is limited: one test less on every request.
         self._routes = table if table else None
         self._routes_app = app
-        self._routes_root = scope.get("root_path")
         return self._routes
 
     async def _unlimited(self, scope: Scope, receive: Receive, send: Send) -> None:

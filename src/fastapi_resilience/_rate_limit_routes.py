@@ -87,12 +87,10 @@ class RateLimit:
         limiter = outcome.limiter if outcome is not None else _limiter_of(request)
         if limiter is None:
             return  # rate limiting is disabled for this app
-        if outcome is None and limiter.is_exempt(route_path(scope)):
-            return  # this app's limiter exempts the path, middleware or not
         identity = outcome.identity if outcome is not None else await limiter.resolver(scope)
         if identity is None:
             return
-        plan = self._plan_for(scope)
+        plan = self._plan_for(scope, limiter)
         scope[OWN_HEADERS_KEY] = plan.sources
         own = await _check_route_only(limiter, scope, identity, plan)
         if own is None or own.decision is None:
@@ -106,16 +104,18 @@ class RateLimit:
         for name, value in own.headers():
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
 
-    def _plan_for(self, scope: Scope) -> RoutePlan:
+    def _plan_for(self, scope: Scope, limiter: RateLimiter) -> RoutePlan:
         """The plan of every ``rate_limit`` of the matched route, keyed by its full template.
 
         All of the route's limits are checked together, once, whichever of its dependencies
         runs first: the same limit declared on a router and on the route counts once.
         """
         route = scope.get("route")
-        prefix = mount_prefix(scope)
+        # The mounts in front of the route, as templates: ``/tenants/{tenant}``, whatever the
+        # tenant, so that a client cannot change a path segment for a fresh budget.
+        prefix = limiter.mounts.template(mount_prefix(scope))
         # By the route's id (routes do not hash), with the route kept to tell a reused id.
-        cache_key = (id(route), prefix if route is not None else app_path(scope))
+        cache_key = (id(route), prefix if route is not None else route_path(scope))
         cached = self._plans.get(cache_key)
         if cached is not None and cached[0] is route:
             return cached[1]
@@ -123,8 +123,10 @@ class RateLimit:
             self._plans.clear()
         plan = route_plan(route, prefix) if route is not None else None
         if plan is None or self not in plan.sources:
-            # No route (a call outside routing) or one this dependency is not declared on.
-            plan = _plan_of([self], app_path(scope))
+            # No route (a call outside routing) or one that does not declare this dependency
+            # (awaited by another dependency): this dependency's limits alone, by template.
+            template = getattr(route, "path_format", None) if route is not None else None
+            plan = _plan_of([self], prefix + template if template else app_path(scope))
         self._plans[cache_key] = (route, plan)
         return plan
 

@@ -44,6 +44,7 @@ from fastapi_resilience._rate_limit_identity import (
     IdentityResolver,
 )
 from fastapi_resilience._rate_limit_memory import MemoryStorage
+from fastapi_resilience._request_path import MountTemplates
 from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
 
 __all__ = [
@@ -292,9 +293,11 @@ class RateLimiter:
         self.resolver: IdentityResolver = resolver or DefaultIdentityResolver(
             default_tier=default_tier
         )
-        self.exempt_paths: frozenset[str] = frozenset()
-        self.exempt_prefixes: tuple[str, ...] = ()
-        self.exempt(exempt_paths)
+        paths = list(exempt_paths)
+        self.exempt_paths = frozenset(p for p in paths if not p.endswith("*"))
+        self.exempt_prefixes = tuple(p[:-1] for p in paths if p.endswith("*"))
+        #: The app's mounts, so a route in a mounted sub-app is keyed by its full template.
+        self.mounts = MountTemplates()
         self.fail_open = fail_open
         self.shadow = shadow
         self.headers_enabled = headers_enabled
@@ -324,15 +327,6 @@ class RateLimiter:
 
     def tier_policy_names(self, tier: str) -> frozenset[str]:
         return self._tier_names.get(tier, frozenset())
-
-    def exempt(self, paths: Iterable[str]) -> None:
-        """Exempt ``paths`` too; one ending in ``*`` exempts every path that starts with the
-        rest."""
-        paths = list(paths)
-        self.exempt_paths |= {p for p in paths if not p.endswith("*")}
-        self.exempt_prefixes += tuple(
-            p[:-1] for p in paths if p.endswith("*") and p[:-1] not in self.exempt_prefixes
-        )
 
     def is_exempt(self, path: str) -> bool:
         return path in self.exempt_paths or (

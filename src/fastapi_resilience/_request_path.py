@@ -14,9 +14,12 @@ Before routing (in middleware) the two are the same.
 
 from __future__ import annotations
 
+import re
+
+from starlette.routing import compile_path
 from starlette.types import Scope
 
-__all__ = ["app_path", "mount_prefix", "route_path", "strip_prefix"]
+__all__ = ["MountTemplates", "app_path", "mount_prefix", "route_path", "strip_prefix"]
 
 
 def strip_prefix(path: str, prefix: str) -> str:
@@ -53,3 +56,38 @@ def mount_prefix(scope: Scope) -> str:
     root_path: str = scope.get("root_path", "")
     server_root: str = scope.get("app_root_path", root_path)
     return root_path[len(server_root) :] if root_path.startswith(server_root) else ""
+
+
+class MountTemplates:
+    """The templates of an app's mounts, to name a mounted sub-app's routes by template.
+
+    A sub-app mounted at ``/tenants/{tenant}`` sees ``root_path`` ``/tenants/acme``: keyed by
+    that, each tenant would have a budget of its own. :meth:`template` turns the raw prefix
+    back into ``/tenants/{tenant}``. ``install()`` adds the app's mounts at start-up.
+    """
+
+    __slots__ = ("_found", "_mounts")
+
+    def __init__(self) -> None:
+        self._mounts: list[tuple[re.Pattern[str], str]] = []
+        self._found: dict[str, str] = {}
+
+    def add(self, template: str) -> None:
+        """Know the mount at ``template`` (``/tenants/{tenant}``, nested mounts joined)."""
+        if template and all(template != known for _, known in self._mounts):
+            regex, _, _ = compile_path(template)
+            self._mounts.append((regex, template))
+            self._found.clear()
+
+    def template(self, prefix: str) -> str:
+        """The template of the mount whose raw prefix is ``prefix``; ``prefix`` itself when no
+        known mount matches it (a mount added after start-up)."""
+        if not prefix or not self._mounts:
+            return prefix
+        found = self._found.get(prefix)
+        if found is None:
+            found = next((t for regex, t in self._mounts if regex.match(prefix)), prefix)
+            if len(self._found) >= 1024:  # raw prefixes carry parameter values: stay bounded
+                self._found.clear()
+            self._found[prefix] = found
+        return found
