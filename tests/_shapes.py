@@ -42,6 +42,8 @@ SHAPES = [
     "router",
     "sub_app",
     "sub_app_installed",
+    "sub_app_with_parameter",
+    "nested_sub_app",
     "root_path",
     "cors_before",
     "cors_after",
@@ -184,6 +186,19 @@ def build(shape: str) -> Built:
         install_service(app, "/sub")
         app.mount("/sub", _plain())
         return Built(app, "/sub")
+    if shape == "sub_app_with_parameter":
+        # One tenant's prefix as the client asks for it; the settings name that tenant's paths.
+        app = FastAPI()
+        install_service(app, "/tenants/acme")
+        app.mount("/tenants/{tenant}", _plain())
+        return Built(app, "/tenants/acme")
+    if shape == "nested_sub_app":
+        app = FastAPI()
+        install_service(app, "/outer/inner")
+        outer = FastAPI()
+        outer.mount("/inner", _plain())
+        app.mount("/outer", outer)
+        return Built(app, "/outer/inner")
     if shape == "sub_app_installed":
         # The app's limiter counts every request, the sub-app's included; the sub-app's own
         # install() serves its features (its paths are its own).

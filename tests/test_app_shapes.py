@@ -175,7 +175,14 @@ def test_route_limit_counts_and_refuses(shape_client: tuple[str, ShapeClient]) -
 
 
 def client_prefix(shape: str) -> str:
-    return {"router": "/shop", "sub_app": "/sub", "sub_app_installed": "/sub"}.get(shape, "")
+    """The service's routes as templates: a route limit is named and keyed by these."""
+    return {
+        "router": "/shop",
+        "sub_app": "/sub",
+        "sub_app_installed": "/sub",
+        "sub_app_with_parameter": "/tenants/{tenant}",
+        "nested_sub_app": "/outer/inner",
+    }.get(shape, "")
 
 
 @cells()

@@ -13,6 +13,7 @@ import fastapi_resilience as fr
 from fastapi_resilience import (
     AppError,
     AuthenticationError,
+    ClientError,
     CorrelationIdMiddleware,
     NotFoundError,
     RateLimitedError,
@@ -391,3 +392,54 @@ async def test_exposed_details_survive_an_exception_whose_str_raises(
     # Formatting the record (as every handler does) renders the traceback without raising.
     assert "_UnprintableError" in caplog.text
     assert "Traceback (most recent call last)" in caplog.text
+
+
+async def test_every_429_says_when_to_come_back() -> None:
+    """Starlette's ``HTTPException(429)`` and a user's own 429 class carry ``Retry-After`` too."""
+
+    class TooFast(ClientError):
+        status_code = 429
+        code = "too_fast"
+
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    @app.get("/http")
+    async def http() -> None:
+        raise HTTPException(429)
+
+    @app.get("/mine")
+    async def mine() -> None:
+        raise TooFast("slow down")
+
+    @app.get("/given")
+    async def given() -> None:
+        raise HTTPException(429, headers={"Retry-After": "30"})
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for path, wait in [("/http", "1"), ("/mine", "1"), ("/given", "30")]:
+            answer = await client.get(path)
+            assert answer.status_code == 429
+            assert answer.headers.get_list("retry-after") == [wait], path
+
+
+async def test_an_exception_shared_by_requests_is_logged_for_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One exception object raised in several requests (a cached failure) is logged once per
+    request, each with its own correlation ID."""
+    shared = RuntimeError("the upstream's configuration is broken")
+    app = FastAPI()
+    install(app)
+
+    @app.get("/fail")
+    async def fail() -> None:
+        raise shared
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with caplog.at_level(logging.ERROR, logger="fastapi_resilience.errors"):
+            for n in range(3):
+                await client.get("/fail", headers={"X-Request-ID": f"req-{n}"})
+    assert [r.correlation_id for r in caplog.records] == ["req-0", "req-1", "req-2"]  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
 from fastapi_resilience import (
@@ -140,3 +140,139 @@ def test_a_shadow_copy_of_an_enforced_limit_keeps_it_enforced() -> None:
     install(app, ResilienceSettings(rate_limit_tiers=ROOMY))
     client = TestClient(app)
     assert [client.get("/x").status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_mount_with_parameters_keys_its_routes_by_template() -> None:
+    """``/tenants/{tenant}/login``: one budget whatever the tenant, so changing a path segment
+    gives no fresh budget, and the policy is named by the template, not the client's text."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers=ROOMY))
+    tenants = FastAPI()
+
+    @tenants.get("/login", dependencies=[Depends(rate_limit("2/minute"))])
+    async def login() -> dict[str, str]:
+        return {}
+
+    app.mount("/tenants/{tenant}", tenants)
+    with TestClient(app) as client:
+        answers = [client.get(f"/tenants/{name}/login") for name in ("a", "a", "b", "c")]
+    assert [a.status_code for a in answers] == [200, 200, 429, 429]
+    assert answers[-1].json()["violated-policies"] == ["/tenants/{tenant}/login"]
+
+
+def test_a_rate_limit_awaited_by_another_dependency_is_named_by_the_template() -> None:
+    per_order = rate_limit("2/minute")
+
+    async def unless_internal(request: Request, response: Response) -> None:
+        if request.headers.get("x-internal") != "1":
+            await per_order(request, response)
+
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers=ROOMY))
+
+    @app.get("/orders/{order_id}", dependencies=[Depends(unless_internal)])
+    async def order(order_id: int) -> int:
+        return order_id
+
+    client = TestClient(app)
+    answers = [client.get(f"/orders/{n}") for n in (1, 2, 3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert '"/orders/{order_id}";q=2;w=60' in answers[0].headers["ratelimit-policy"]
+    assert client.get("/orders/4", headers={"X-Internal": "1"}).status_code == 200
+
+
+@pytest.mark.parametrize("mount_at", ["/", "/v2"])
+def test_an_installed_sub_app_leaves_one_limiter_counting(mount_at: str) -> None:
+    """A sub-app with its own install() under an app with one: the app's limiter counts every
+    request, the app's own routes and the sub-app's alike, with one set of headers; mounted at
+    ``/`` it does not take the app's routes out of their limits."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "3/minute"}))
+
+    @app.get("/own", dependencies=[Depends(rate_limit("2/minute"))])
+    async def own() -> dict[str, str]:
+        return {}
+
+    sub = FastAPI()
+    install(sub, ResilienceSettings(rate_limit_tiers={"anonymous": "100/minute"}))
+
+    @sub.get("/x")
+    async def x() -> dict[str, str]:
+        return {}
+
+    app.mount(mount_at, sub)
+    sub_path = "/x" if mount_at == "/" else f"{mount_at}/x"
+    with TestClient(app) as client:
+        assert [client.get("/own").status_code for _ in range(3)] == [200, 200, 429]
+        answer = client.get(sub_path)
+        assert answer.status_code == 200
+        assert answer.headers.get_list("ratelimit-policy") == ['"anonymous";q=3;w=60']
+        assert client.get(sub_path).status_code == 429
+
+
+def test_a_sub_app_served_by_two_apps_is_refused_at_start_up() -> None:
+    from fastapi_resilience import ConfigurationError
+
+    shared = FastAPI()
+    first, second = FastAPI(), FastAPI()
+    for app in (first, second):
+        install(app)
+        app.mount("/v2", shared)
+    with TestClient(first):
+        pass
+    with (
+        pytest.raises(ConfigurationError, match="already mounted in another app"),
+        TestClient(second),
+    ):
+        pass
+
+
+def test_an_installed_sub_app_is_started_with_the_app() -> None:
+    """Starlette runs no lifespan of a mounted app: the app's start-up runs the sub-app's
+    install() checks (an undeclared feature stops it, as it would the sub-app alone)."""
+    from fastapi_resilience import ConfigurationError, requires_feature
+
+    app = FastAPI()
+    install(app)
+    sub = FastAPI()
+    install(sub)
+
+    @sub.get("/reports", dependencies=[Depends(requires_feature("reportz"))])
+    async def reports() -> list[str]:
+        return []
+
+    app.mount("/v2", sub)
+    with pytest.raises(ConfigurationError, match="reportz"), TestClient(app):
+        pass
+
+
+def test_rate_limit_on_a_websocket_route_is_refused_at_start_up() -> None:
+    from fastapi import WebSocket
+
+    from fastapi_resilience import ConfigurationError
+
+    app = FastAPI()
+    install(app)
+
+    @app.websocket("/ws", dependencies=[Depends(rate_limit("5/minute"))])
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+
+    with pytest.raises(ConfigurationError, match="WebSocket route /ws"), TestClient(app):
+        pass
+
+
+def test_an_options_request_with_preflight_headers_is_counted_without_cors() -> None:
+    """With no CORS layer nothing answers a preflight before the route: an OPTIONS request
+    carrying Origin and Access-Control-Request-Method is counted like any other."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "2/minute"}))
+
+    @app.api_route("/x", methods=["GET", "OPTIONS"])
+    async def x() -> dict[str, str]:
+        return {}
+
+    client = TestClient(app)
+    looks_like_preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "GET"}
+    answers = [client.options("/x", headers=looks_like_preflight) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
