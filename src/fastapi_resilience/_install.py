@@ -168,18 +168,9 @@ def install(
         # Once the app is built, after the user's own start-up code (which may add routes):
         # what the features name is checked (they are declared after install()), and the
         # group moves back past the routes that cannot serve its paths (ADR 0047).
-        mounted = serve_mounted_apps(app, resilience)
         resilience.degraded.validate(app.router.routes)
         refuse_websocket_route_limits(app.router.routes)
-        resilience._mounted = []
-        for sub in mounted:
-            if sub.installed:
-                own: Resilience = getattr(sub.app.state, APP_STATE_NAME)
-                resilience._mounted.append(own)
-                own.start()
-            else:
-                resilience.degraded.validate(sub.app.router.routes)
-                refuse_websocket_route_limits(sub.app.router.routes, sub.template)
+        _start_mounted_apps(app, resilience)
         _refuse_app_routes_at(app.router.routes, fixed_paths, ours=ours)
         if group is not None:
             group.settle(app.router.routes)
@@ -188,6 +179,20 @@ def install(
     resilience._on_stop = limiter.aclose if limiter is not None else None
     _around_lifespan(app, started=resilience.start, stopped=resilience.stop)
     return resilience
+
+
+def _start_mounted_apps(app: FastAPI, resilience: Resilience) -> None:
+    """At start-up: serve the sub-apps mounted so far, check what their routes name, and start
+    those with their own ``install()`` (Starlette runs no lifespan of a mounted app)."""
+    resilience._mounted = []
+    for sub in serve_mounted_apps(app, resilience):
+        if sub.installed:
+            own: Resilience = getattr(sub.app.state, APP_STATE_NAME)
+            resilience._mounted.append(own)
+            own.start()
+        else:
+            resilience.degraded.validate(sub.app.router.routes)
+            refuse_websocket_route_limits(sub.app.router.routes, sub.template)
 
 
 #: Name of the degraded mode's readiness check.
