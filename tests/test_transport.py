@@ -247,6 +247,28 @@ async def test_open_breaker_ends_retries_with_circuit_open(upstream: Upstream) -
     assert info.value.headers["Retry-After"] == "30"
 
 
+async def test_a_full_bulkhead_neither_opens_the_breaker_nor_throttles(upstream: Upstream) -> None:
+    """A burst beyond the host's bulkhead is refused here (BulkheadFullError) and never reaches
+    the upstream: the host's breaker (threshold 2) does not count those refusals, adaptive
+    throttling does not take them for the upstream's, and the next callers are served."""
+    arrived = asyncio.Event()
+    upstream.on_hit = arrived.set
+    upstream.hang = True
+    options = {"failure_threshold": 2, "max_concurrent": 1, "adaptive_throttle": True}
+    async with client(upstream, attempts=1, max_waiting=0, **options) as http:
+        held = asyncio.create_task(http.get("/item"))
+        await arrived.wait()
+        for _ in range(20):
+            with pytest.raises(BulkheadFullError):
+                await http.get("/item")
+        upstream.released.set()
+        assert (await held).status_code == 200
+        upstream.hang = False
+        after = [(await http.get("/item")).status_code for _ in range(5)]
+    assert after == [200] * 5
+    assert upstream.hits == 6
+
+
 async def test_connect_error_is_an_upstream_error() -> None:
     """Nothing listening: the caller gets an UpstreamError (after retries), not an httpx error."""
     http = resilient_client(f"http://127.0.0.1:{free_port()}", attempts=2, clock=ManualClock())

@@ -25,6 +25,7 @@ from fastapi_resilience._deadline import not_the_upstreams_failure
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._retry_budget import SlidingCounter, seconds
 from fastapi_resilience.exceptions import (
+    BulkheadFullError,
     ConfigurationError,
     RateLimitedError,
     ServiceUnavailableError,
@@ -56,12 +57,13 @@ class ThrottledError(ServiceUnavailableError):
 
 def is_overload(exc: BaseException) -> bool:
     """The default "the upstream refused" test: upstream errors, 503s, 429s, transport errors;
-    not a call that the caller's own deadline ended."""
+    not a refusal made in this process (a full bulkhead, a throttle) nor a call that the
+    caller's own deadline ended."""
     return (
         isinstance(
             exc, UpstreamError | ServiceUnavailableError | RateLimitedError | httpx.TransportError
         )
-        and not isinstance(exc, ThrottledError)
+        and not isinstance(exc, ThrottledError | BulkheadFullError)
         and not not_the_upstreams_failure(exc)
     )
 

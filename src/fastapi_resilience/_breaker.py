@@ -20,6 +20,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
+from fastapi_resilience._adaptive_throttle import ThrottledError
 from fastapi_resilience._breaker_window import (
     CountWindowState,
     SlidingWindow,
@@ -30,7 +31,12 @@ from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import not_the_upstreams_failure, to_seconds
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
-from fastapi_resilience.exceptions import CircuitOpenError, ClientError, ConfigurationError
+from fastapi_resilience.exceptions import (
+    BulkheadFullError,
+    CircuitOpenError,
+    ClientError,
+    ConfigurationError,
+)
 
 __all__ = [
     "CLOSED",
@@ -55,6 +61,9 @@ BreakerState = Literal["closed", "open", "half_open"]
 CLOSED: BreakerState = "closed"
 OPEN: BreakerState = "open"
 HALF_OPEN: BreakerState = "half_open"
+
+#: Refusals made in this process before the call left it: the upstream saw nothing.
+_REFUSED_HERE = (BulkheadFullError, ThrottledError)
 
 #: ``listener(breaker, old_state, new_state)``, called once per state change.
 BreakerListener = Callable[["CircuitBreaker", BreakerState, BreakerState], None]
@@ -123,11 +132,13 @@ class CircuitBreaker(EventSource):
     Counts as a failure, by default: any ``Exception`` except a :class:`ClientError` (and an
     httpx ``HTTPStatusError`` for a 4xx answer); so an :class:`UpstreamError` (5xx, connect
     error), a ``TimeoutError`` / :class:`UpstreamTimeoutError` and transport errors count.
-    An exception in ``ignore_on``, cancellation, and a call the request's deadline ended for
-    the caller's reasons (it never started, or a deadline the client chose cut it; see
-    :func:`~fastapi_resilience._deadline.not_the_upstreams_failure`) are *ignored*: neither a
-    success nor a failure (in half-open they give the trial permit back). An exception that is
-    neither ignored nor a failure (``record_on`` / ``is_failure`` said no) counts as a success.
+    An exception in ``ignore_on``, cancellation, a refusal made in this process before the
+    call left it (:class:`BulkheadFullError`, a ``ThrottledError``), and a call the request's
+    deadline ended for the caller's reasons (it never started, or a deadline the client chose
+    cut it; see :func:`~fastapi_resilience._deadline.not_the_upstreams_failure`) are
+    *ignored*: neither a success nor a failure (in half-open they give the trial permit back).
+    An exception that is neither ignored nor a failure (``record_on`` / ``is_failure`` said
+    no) counts as a success.
 
     Opening rules: ``failure_threshold`` failures in a row; and, with a ``window``, a failure
     rate or slow-call rate over the window's thresholds. Without a window
@@ -551,9 +562,9 @@ class CircuitBreaker(EventSource):
         """``True`` failure, ``False`` success, ``None`` ignored."""
         if not isinstance(exc, Exception) or isinstance(exc, self.ignore_on):
             return None
-        if not_the_upstreams_failure(exc):
-            # The caller's deadline ended the call: no evidence either way, and in half-open
-            # the trial slot goes back for a call that can tell.
+        if isinstance(exc, _REFUSED_HERE) or not_the_upstreams_failure(exc):
+            # A full bulkhead, a throttle or the caller's deadline ended the call: no evidence
+            # either way, and in half-open the trial slot goes back for a call that can tell.
             return None
         if self.is_failure is not None:
             return bool(self.is_failure(exc))
