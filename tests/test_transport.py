@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._bulkhead import default_bulkhead_registry
 from fastapi_resilience._correlation import CorrelationIdMiddleware, set_correlation_id
-from fastapi_resilience._deadline import deadline
+from fastapi_resilience._deadline import DeadlineCutError, deadline
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._outbound_fastapi import RequestDeadlineMiddleware
@@ -480,6 +480,44 @@ async def test_a_caller_waiting_on_another_never_gets_its_unstored_answer(
         upstream.released.set()
         a, b = await asyncio.gather(first, second)
     assert (a.json()["echo"], b.json()["echo"]) == ("a", "b")
+    assert upstream.hits == 2
+
+
+async def test_callers_sharing_a_fetch_are_not_cut_by_its_leaders_deadline(
+    upstream: Upstream,
+) -> None:
+    """A caller whose own short deadline (a client's X-Request-Timeout) leads a cached fetch is
+    cut (DeadlineCutError); the five callers that joined that fetch with time of their own make
+    one call of their own together and are served."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    hit = [asyncio.Event(), asyncio.Event()]
+    upstream.on_hit = lambda: hit[upstream.hits - 1].set()
+    upstream.hang = True
+    async with client(upstream, attempts=1, cache=cache) as http:
+
+        async def impatient() -> httpx.Response:
+            with deadline(0.2, from_client=True):
+                return await http.get("/item")
+
+        async def patient() -> httpx.Response:
+            with deadline(30.0):
+                return await http.get("/item")
+
+        leader = asyncio.create_task(impatient())
+        await hit[0].wait()
+        followers = asyncio.gather(*(patient() for _ in range(5)), return_exceptions=True)
+        with pytest.raises(DeadlineCutError):
+            await leader
+        # Their own call reaches the upstream (or, before the fix, they all failed with it).
+        second = asyncio.create_task(hit[1].wait())
+        await asyncio.wait([second, followers], return_when=asyncio.FIRST_COMPLETED)
+        upstream.released.set()
+        answers = await followers
+        second.cancel()
+    served = [a for a in answers if isinstance(a, httpx.Response)]
+    assert [type(a).__name__ for a in answers if a not in served] == []
+    assert [a.status_code for a in served] == [200] * 5
+    assert {a.json()["hit"] for a in served} == {2}
     assert upstream.hits == 2
 
 

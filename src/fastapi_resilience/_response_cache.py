@@ -30,6 +30,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._deadline import not_the_upstreams_failure
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._health import CheckResult
 from fastapi_resilience.exceptions import (
@@ -330,7 +331,9 @@ class ResponseCache:
         name: the cache's name in events and in ``Cache-Status``.
         l2_timeout: the longest a Redis call may hold a request (seconds).
         l2_retry_interval: after Redis fails, how long to answer from L1 alone.
-        coalesce: concurrent misses for one key share a single call.
+        coalesce: concurrent misses for one key share a single call. When that call ends for
+            its own caller's reasons (cancelled, or cut by that caller's deadline), the others
+            are not handed its error: they make one call of their own, shared again.
 
     Raises:
         ConfigurationError: an argument is out of range; the message names it.
@@ -536,8 +539,9 @@ class ResponseCache:
             except asyncio.CancelledError:
                 if not pending.cancelled():
                     raise  # we were cancelled ourselves
-                # The leader was cancelled, not us: make the call ourselves.
-                return await fn(*args, **kwargs), True
+                # The leader's call ended for the leader's own reasons (cancelled, or its
+                # deadline): the followers make one call of their own, shared again.
+                return await self._load(key, fn, args, kwargs)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -546,6 +550,10 @@ class ResponseCache:
             future.cancel()
             raise
         except BaseException as exc:
+            if not_the_upstreams_failure(exc):
+                # Judged here, in the leader's context: its deadline, not the followers'.
+                future.cancel()
+                raise
             future.set_exception(exc)
             future.exception()  # followers may be none; never warn "exception never retrieved"
             raise
