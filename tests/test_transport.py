@@ -24,7 +24,7 @@ from fastapi_resilience._deadline import DeadlineCutError, deadline
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._outbound_fastapi import RequestDeadlineMiddleware
-from fastapi_resilience._response_cache import ResponseCache
+from fastapi_resilience._response_cache import ResponseCache, snapshot_response
 from fastapi_resilience._transport import (
     DEFAULT_MAX_HOSTS,
     HostPolicy,
@@ -42,7 +42,7 @@ from fastapi_resilience.exceptions import (
     UpstreamTimeoutError,
 )
 from fastapi_resilience.testing import ManualClock
-from tests._servers import free_port
+from tests._servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -415,6 +415,43 @@ async def test_configured_credential_headers_join_the_key(upstream: Upstream) ->
         {"hit": 3, "echo": "a"},
         {"hit": 1, "echo": "a"},
     ]
+
+
+async def test_clients_keyed_by_other_headers_never_share_an_entry(upstream: Upstream) -> None:
+    """Two clients share one cache; one also keys by X-Tenant. What the other fetched for a
+    caller of tenant a (to it, X-Tenant does not matter) never serves the first client's
+    caller without a tenant."""
+    cache = ResponseCache(ttl=60, clock=ManualClock())
+    upstream.echo = "X-Tenant"
+    async with client(upstream, cache=cache) as plain:
+        tenant_a = await plain.get("/item", headers={"X-Tenant": "a"})
+    async with client(upstream, cache=cache, credential_headers=["X-Tenant"]) as keyed:
+        anonymous = await keyed.get("/item")
+    assert tenant_a.json() == {"hit": 1, "echo": "a"}
+    assert anonymous.json() == {"hit": 2, "echo": None}
+
+
+@pytest.mark.redis
+async def test_entries_an_older_version_stored_are_never_served(
+    upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """An older version keyed an X-API-Key caller's answer by method and URL alone, in the Redis
+    level that instances share during a rolling deploy; a new instance never hands that entry
+    to another caller: it asks the upstream."""
+    upstream.echo = "X-API-Key"
+    url = f"{upstream.url}/item"
+    async with httpx.AsyncClient() as plain:
+        alices = await plain.get(url, headers={"X-API-Key": "alice"})
+    older = ResponseCache(ttl=60, redis_url=redis_server.url)
+    await older.set(f"GET {url}", snapshot_response(alices))
+    await older.aclose()
+    cache = ResponseCache(ttl=60, redis_url=redis_server.url)
+    try:
+        async with client(upstream, cache=cache) as http:
+            anonymous = await http.get("/item")
+    finally:
+        await cache.aclose()
+    assert anonymous.json() == {"hit": 2, "echo": None}
 
 
 async def test_the_upstreams_vary_splits_the_entry_per_named_header(upstream: Upstream) -> None:

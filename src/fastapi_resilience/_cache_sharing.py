@@ -30,6 +30,9 @@ CREDENTIAL_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-api-k
 _NOT_SHARED = frozenset({"private", "no-store", "no-cache"})
 #: Learned for a URL whose answers vary on something no request header shows.
 _ANYTHING = ("*",)
+#: Hashed into every key: entries that another version keyed otherwise (by the URL alone, or by
+#: fewer headers) are missed, never read, also in a Redis level shared during a rolling deploy.
+_KEY_VERSION = "fastapi-resilience cache key 2"
 
 
 class CacheKey(NamedTuple):
@@ -70,20 +73,31 @@ def _tokens(values: Iterable[str]) -> set[str]:
     return tokens
 
 
+def _digest(values: list[tuple[str, str | None]]) -> str:
+    """The digest of a key's headers, names and values (``None``: absent), and the version."""
+    return hashlib.blake2b(repr((_KEY_VERSION, values)).encode(), digest_size=16).hexdigest()
+
+
 class SharingRules:
     """The cache key and the storing rule of one host's cached answers.
+
+    A key is the method, the URL and a digest of the names and values of the headers it holds,
+    present or not: clients keyed by other headers never share an entry.
 
     Remembers, per URL (method and URL), the ``Vary`` names learned beyond the credential
     headers; at most ``max_urls`` of them, the least recently used forgotten first (a
     forgotten URL learns its ``Vary`` again from its next answer, which is not stored).
     """
 
-    __slots__ = ("_varied", "credentials", "max_urls")
+    __slots__ = ("_bare", "_varied", "credentials", "max_urls")
 
     def __init__(self, credentials: tuple[str, ...], *, max_urls: int) -> None:
         self.credentials = credentials
         self.max_urls = max_urls
         self._varied: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        # The digest of a request that carries none of the credential headers, worked out
+        # once: the common case builds its key with no hashing.
+        self._bare = _digest([(name, None) for name in credentials])
 
     def key(self, request: httpx.Request) -> CacheKey | None:
         """The key for ``request``'s answer; ``None`` when answers for its URL are never shared."""
@@ -96,9 +110,8 @@ class SharingRules:
         names = self.credentials + (varied or ())
         values = [(name, request.headers.get(name)) for name in names]
         if varied or any(value is not None for _, value in values):
-            digest = hashlib.blake2b(repr(values).encode(), digest_size=16).hexdigest()
-            return CacheKey(f"{resource} {digest}", resource, names)
-        return CacheKey(resource, resource, names)
+            return CacheKey(f"{resource} {_digest(values)}", resource, names)
+        return CacheKey(f"{resource} {self._bare}", resource, names)
 
     def storable(self, key: CacheKey, response: httpx.Response) -> bool:
         """Whether ``response`` may be stored under ``key``; learns the URL's ``Vary``."""
