@@ -5,9 +5,18 @@ import gc
 import random
 from collections.abc import Sequence
 
+import httpx
 import pytest
+from fastapi import Depends, FastAPI
 
-from fastapi_resilience import Identity, RateLimiter
+from fastapi_resilience import (
+    Identity,
+    RateLimiter,
+    RateLimitMiddleware,
+    ResilienceSettings,
+    install_exception_handlers,
+    rate_limit,
+)
 from fastapi_resilience._limit_string import Limit, parse_limit
 from fastapi_resilience._rate_limit_core import Decision, LimitCheck
 from fastapi_resilience._rate_limit_memory import DEFAULT_MAX_KEYS, MemoryStorage
@@ -358,16 +367,17 @@ async def test_a_daily_window_does_not_keep_idle_second_windows(clock: ManualClo
 
 
 async def test_full_storage_never_admits_a_second_daily_request(clock: ManualClock) -> None:
-    """With ``max_keys`` reached by live windows, a new identity is refused (429 with a
-    Retry-After of when room frees), not admitted by evicting a live window: the 1/day identity
-    is admitted once in a day of floods of new identities, and again the next day."""
+    """With a period's ``max_keys`` reached by live windows, a new identity of that period is
+    refused (429 with a Retry-After of when room frees), not admitted by evicting a live window;
+    the 1/day identity, in its own period's share, is admitted once in a day of floods of new
+    identities, and again the next day."""
     storage = MemoryStorage(clock=clock, max_keys=1000)
     limiter = _mixed_limiter(storage)
     daily = Identity("key:daily", "daily")
     assert await _admits(limiter, daily)
-    for n in range(999):
+    for n in range(1000):
         assert await _admits(limiter, Identity(f"ip:flood-0-{n}", "anonymous"))
-    assert len(storage) == 1000
+    assert len(storage) == 1 + 1000
     late = await limiter.check(_SCOPE, Identity("ip:late", "anonymous"))
     assert late.refused
     assert dict(late.headers())[b"retry-after"] == b"2"  # the first 1/second window's expiry
@@ -379,11 +389,57 @@ async def test_full_storage_never_admits_a_second_daily_request(clock: ManualClo
             await _admits(limiter, Identity(f"ip:flood-{hour}-{n}", "anonymous"))
             for n in range(2000)
         ]
-        assert sum(admitted) == 999  # the room the live daily window leaves
-        assert len(storage) == 1000
+        assert sum(admitted) == 1000  # the 1/second share; the daily window is not in it
+        assert len(storage) == 1 + 1000
         admitted_daily += await _admits(limiter, daily)
     assert admitted_daily == 0
     # Held a day after the end of its 1/60-day bucket: 7,200 + 86,400 on this clock.
     clock.advance(93_600 - clock.monotonic())
     assert await _admits(limiter, daily)
-    assert storage.full_refusals == 1 + 23 * 1001
+    assert storage.full_refusals == 1 + 23 * 1000
+
+
+async def test_daily_windows_never_lock_new_visitors_out_of_other_limits() -> None:
+    """One client with an IPv6 /64 (one identity per address) calls a ``1/day`` route from 100
+    new addresses a minute for six minutes. Its daily windows fill the day's share of
+    ``max_keys`` but take no room from the per-minute tier's: new visitors are served on the
+    app's other routes, the daily route refuses new identities until its windows expire (429
+    with Retry-After), and no address gets a second daily request."""
+    clock = ManualClock()
+    storage = MemoryStorage(clock=clock, max_keys=300)
+    app = FastAPI()
+    install_exception_handlers(app)
+    settings = ResilienceSettings(trusted_proxies=["127.0.0.1"])
+    app.add_middleware(RateLimitMiddleware, settings=settings, storage=storage, clock=clock)
+
+    @app.post("/signup", dependencies=[Depends(rate_limit("1/day"))])
+    async def signup() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/")
+    async def home() -> dict[str, bool]:
+        return {"ok": True}
+
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1234))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+
+        async def call(method: str, path: str, address: str) -> httpx.Response:
+            return await http.request(method, path, headers={"X-Forwarded-For": address})
+
+        signups = []
+        for minute in range(6):
+            for n in range(100):
+                answer = await call("POST", "/signup", f"2001:db8::{minute + 1:x}:{n + 1:x}")
+                signups.append(answer.status_code)
+            clock.advance(61)
+        visitors = [(await call("GET", "/", f"198.51.100.{n}")).status_code for n in range(100)]
+        newcomer = await call("POST", "/signup", "203.0.113.7")
+        again = await call("POST", "/signup", "2001:db8::1:1")
+        clock.advance(86_400 + 1_440)
+        next_day = await call("POST", "/signup", "203.0.113.7")
+    assert visitors == [200] * 100
+    assert signups.count(200) == 300
+    assert newcomer.status_code == 429
+    assert int(newcomer.headers["retry-after"]) > 80_000  # the first daily window's expiry
+    assert again.status_code == 429
+    assert next_day.status_code == 200

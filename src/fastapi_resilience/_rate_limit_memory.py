@@ -1,10 +1,11 @@
 """The in-process rate-limit storage: the embedded default, and the fallback while Redis is down.
 
 Atomic on the event loop: ``check`` never awaits between reading and writing counts. Bounded:
-windows that have emptied are dropped as time passes, and at most ``max_keys`` windows are kept.
-A live window is never dropped to make room: that would forget its counts and admit more than
-its limit. While ``max_keys`` live windows are held, a request that needs a new one is refused
-until one expires (``docs/rate-limit-storage.md``, ADR 0059).
+windows that have emptied are dropped as time passes, and each period of the app's limits keeps
+at most ``max_keys`` windows. A live window is never dropped to make room: that would forget its
+counts and admit more than its limit. While a period holds ``max_keys`` live windows, a request
+that needs a new one of that period is refused until one of them expires; windows of other
+periods are not touched (``docs/rate-limit-storage.md``, ADR 0059).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from fastapi_resilience.exceptions import ConfigurationError
 
 __all__ = ["DEFAULT_MAX_KEYS", "MemoryStorage"]
 
-#: Windows kept at most (one per identity and limit): about 44 MB at the cap, measured
-#: (docs/rate-limit-storage.md).
+#: Windows kept at most per period of the limits (one per identity and limit): about 49 MB
+#: for one period at the cap, measured (docs/rate-limit-storage.md).
 DEFAULT_MAX_KEYS = 100_000
 
 #: Expired windows dropped from the front of the LRU order per call, so cleanup outpaces growth.
@@ -94,15 +95,30 @@ class _Window:
         return float(period)  # pragma: no cover - need <= total by construction
 
 
+def _new_windows(
+    checks: Sequence[LimitCheck], found: list[_Window | None], *, shadow_too: bool
+) -> dict[int, int]:
+    """How many of ``checks`` need a new window (those of shadow limits only if
+    ``shadow_too``), per period."""
+    needed: dict[int, int] = {}
+    for check, window in zip(checks, found, strict=True):
+        if window is None and (shadow_too or not check.shadow):
+            needed[check.period] = needed.get(check.period, 0) + 1
+    return needed
+
+
 class MemoryStorage:
     """Counts in this process's memory, on the bucketed sliding log of ``_rate_limit_core``.
 
     Args:
         clock: monotonic time source (inject ``ManualClock`` in tests).
-        max_keys: windows kept at most. Expired windows make room for new ones; a live window
-            is never dropped, so while ``max_keys`` live windows are held a request that needs
-            a new window is refused (429, ``Retry-After`` until the first window expires) and
-            counted in ``full_refusals``. ``len(storage)`` is the number of windows held.
+        max_keys: windows kept at most for each period of the limits (a ``1/day`` limit's
+            windows never take the room of a ``10/minute`` limit's), so limits of N periods
+            hold at most N times ``max_keys``. Expired windows of a period make room for new
+            ones; a live window is never dropped, so while a period holds ``max_keys`` live
+            windows a request that needs a new window of that period is refused (429,
+            ``Retry-After`` until the first of them expires) and counted in ``full_refusals``.
+            ``len(storage)`` is the number of windows held.
 
     .. versionadded:: 0.1.0
     """
@@ -168,8 +184,10 @@ class MemoryStorage:
         window = windows.get(key)
         cost = check.cost
         if window is None:
-            if cost > check.amount or len(windows) >= self.max_keys:
-                # Too costly, or room must be made first: ``check_many`` does it or says why.
+            queue = self._queues.get(check.period)
+            if cost > check.amount or (queue is not None and len(queue) >= self.max_keys):
+                # Too costly, or its period's room must be made first: ``check_many`` does
+                # it or says why.
                 return None
             window = self._new(check, now)
             return check.amount - cost, window.first_expiry - now
@@ -194,22 +212,19 @@ class MemoryStorage:
             total = 0 if window is None else window.total
             if total + check.cost > check.amount and not check.shadow:
                 allowed = False
-        shadow_room = 0
+        make: list[bool] = []
         if allowed and None in found:
             fitted = self._fit_new(checks, found, now)
             if fitted is None:
                 return self._refuse_full(checks, found, now)
-            found, shadow_room = fitted
+            found, make = fitted
         states = []
-        for check, window in zip(checks, found, strict=True):
+        for index, (check, window) in enumerate(zip(checks, found, strict=True)):
             before = 0 if window is None else window.total
             if allowed:
                 if window is not None:
                     self._count(check, window, now)
-                elif not check.shadow:
-                    window = self._new(check, now)
-                elif shadow_room:
-                    shadow_room -= 1
+                elif make[index]:
                     window = self._new(check, now)
                 # Else a shadow limit with no room: not counted this time (it never refuses).
             states.append(self._state(check, window, before, now))
@@ -217,34 +232,53 @@ class MemoryStorage:
 
     def _fit_new(
         self, checks: Sequence[LimitCheck], found: list[_Window | None], now: float
-    ) -> tuple[list[_Window | None], int] | None:
-        """Room for the new windows of an admitted request, made from expired windows only.
+    ) -> tuple[list[_Window | None], list[bool]] | None:
+        """Room for the new windows of an admitted request, each in its own period's share,
+        made from that period's expired windows only.
 
         Returns the windows of ``checks`` (looked up again: an expired one may have gone) and
-        how many new shadow windows fit; ``None`` when a new enforced window does not fit.
+        which new windows to make: every enforced one, and the shadow ones that fit; ``None``
+        when a new enforced window does not fit.
         """
+        needed = _new_windows(checks, found, shadow_too=True)
+        for period, count in needed.items():
+            queue = self._queues.get(period)
+            if queue is not None and len(queue) + count > self.max_keys:
+                self._drop_expired(queue, now, len(queue) + count - self.max_keys)
         windows = self._windows
-        needed = found.count(None)
-        short = len(windows) + needed - self.max_keys
-        if short <= 0:
-            return found, needed
-        self._sweep(now, short)
         found = [windows.get(check.window_key) for check in checks]
-        enforced = sum(1 for c, w in zip(checks, found, strict=True) if w is None and not c.shadow)
-        room = self.max_keys - len(windows) - enforced
-        return None if room < 0 else (found, room)
+        room = {period: self._room(period) for period in needed}
+        for check, window in zip(checks, found, strict=True):
+            if window is None and not check.shadow:
+                room[check.period] -= 1
+        if any(left < 0 for left in room.values()):
+            return None
+        make = []
+        for check, window in zip(checks, found, strict=True):
+            fits = window is None and (not check.shadow or room[check.period] > 0)
+            if fits and check.shadow:
+                room[check.period] -= 1
+            make.append(fits)
+        return found, make
+
+    def _room(self, period: int) -> int:
+        """How many more windows of ``period`` fit in its share."""
+        queue = self._queues.get(period)
+        return self.max_keys - (0 if queue is None else len(queue))
 
     def _refuse_full(
         self, checks: Sequence[LimitCheck], found: list[_Window | None], now: float
     ) -> Decision:
         """The refusal of a request whose new window does not fit: counts nothing, and says
-        when the first window held expires (room for it, unless others take it first)."""
+        when the first window of each full period expires (room for it, unless others take
+        it first)."""
         self.full_refusals += 1
-        first = min(
-            (next(iter(queue.values())).expires for queue in self._queues.values() if queue),
-            default=now,
-        )
-        wait = max(first - now, 0.0)
+        first = now
+        for period, count in _new_windows(checks, found, shadow_too=False).items():
+            queue = self._queues.get(period)
+            if queue and self._room(period) < count:
+                first = max(first, next(iter(queue.values())).expires)
+        wait = first - now
         states = []
         for check, window in zip(checks, found, strict=True):
             if window is None and not check.shadow:
@@ -295,6 +329,17 @@ class MemoryStorage:
         else:
             retry = window.retry_after(before + cost - amount, now, check.width, check.period)
         return new_state(check, False, remaining if remaining > 0 else 0, reset, retry)
+
+    def _drop_expired(self, queue: OrderedDict[str, _Window], now: float, budget: int) -> None:
+        """Drop up to ``budget`` expired windows from the front of one period's ``queue``."""
+        windows = self._windows
+        while queue and budget:
+            key, window = next(iter(queue.items()))
+            if window.expires > now:
+                return
+            del queue[key]
+            del windows[key]
+            budget -= 1
 
     def _sweep(self, now: float, budget: int = _SWEEP_PER_CALL) -> None:
         """Drop up to ``budget`` expired windows from the fronts of the queues."""
