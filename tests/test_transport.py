@@ -7,6 +7,7 @@ while open" are measured where they happen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -673,6 +674,47 @@ async def test_per_host_state_stays_bounded_but_keeps_what_is_in_use(upstream: U
         upstream.released.set()
         assert (await held).status_code == 200
     assert upstream.hits == 1
+
+
+async def test_hosts_whose_breaker_opened_are_forgotten_once_it_would_let_calls_through(
+    upstream: Upstream,
+) -> None:
+    """60 dead hosts (max_hosts=8) open their breakers and are kept while open. Once their
+    recovery time is up a fresh breaker would let the next call through anyway, so they are
+    forgotten as new hosts come: 8 breakers registered again after four more hosts, and no
+    breaker.half_open event for a host nobody called."""
+    port = upstream.url.rsplit(":", 1)[1]
+    dead = [f"http://127.0.0.{n}:{port}/item" for n in range(2, 62)]
+    clock = ManualClock()
+    bus = EventBus(log=False)
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    http = resilient_client(attempts=1, failure_threshold=1, max_hosts=8, clock=clock, events=bus)
+    async with http:
+        for url in dead:
+            with pytest.raises(UpstreamError):
+                await http.get(url)
+        assert len([n for n in default_registry.names() if n.endswith(f":{port}")]) == 60
+        clock.advance(31)
+        for url in [*(f"http://127.0.1.{n}:{port}/item" for n in range(1, 4)), upstream.url]:
+            with contextlib.suppress(UpstreamError):
+                await http.get(url)
+    kept = [n for n in default_registry.names() if n.endswith(f":{port}")]
+    assert len(kept) == 8
+    assert [e.name for e in seen if e.kind == "breaker.half_open"] == []
+
+
+async def test_a_given_policy_is_shared_by_every_port_without_growing_the_table() -> None:
+    """A HostPolicy given for a bare host serves every port of it; calls to 40 ports of that
+    host keep at most max_hosts entries, and each port still gets the policy given."""
+    given = HostPolicy(timeout=1.0)
+    transport = ResilientTransport(hosts={"127.0.0.1": given}, max_hosts=8)
+    async with httpx.AsyncClient(transport=transport) as http:
+        for _ in range(40):
+            with pytest.raises(UpstreamError):
+                await http.get(f"http://127.0.0.1:{free_port()}/")  # nothing listens there
+    assert len(transport.hosts()) <= 8
+    assert transport.policy_for(f"127.0.0.1:{free_port()}") is given
 
 
 def test_a_transport_keeps_the_most_recently_used_hosts_by_default() -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "breaker_health_check",
     "default_registry",
     "get_breaker",
+    "holds_calls_back",
 ]
 
 P = ParamSpec("P")
@@ -713,6 +714,16 @@ class CircuitBreaker(EventSource):
             f"CircuitBreaker({self.name!r}, state={self._state!r}, failures={self._failures}, "
             f"time_left_open={self.time_left_open():.3f})"
         )
+
+
+def holds_calls_back(breaker: CircuitBreaker) -> bool:
+    """Whether ``breaker`` keeps calls from its upstream now: open with time left, or half-open
+    with a trial running. Reads without changing anything (``state`` turns an open breaker whose
+    time is up half-open, and says so on the event bus)."""
+    state = breaker._state
+    if state is OPEN:
+        return breaker._clock.monotonic() < breaker._open_until
+    return state is HALF_OPEN and breaker._half_open_in_flight > 0
 
 
 _BACKGROUND: set[asyncio.Task[Any]] = set()

@@ -27,7 +27,12 @@ from typing import Any, TypedDict, Unpack, cast
 import httpx
 
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle
-from fastapi_resilience._breaker import CLOSED, BreakerRegistry, CircuitBreaker, default_registry
+from fastapi_resilience._breaker import (
+    BreakerRegistry,
+    CircuitBreaker,
+    default_registry,
+    holds_calls_back,
+)
 from fastapi_resilience._bulkhead import Bulkhead, BulkheadRegistry, default_bulkhead_registry
 from fastapi_resilience._cache_sharing import SharingRules, credential_headers
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
@@ -317,10 +322,12 @@ _EVICTION_SCAN = 16
 
 
 def _busy(policy: HostPolicy) -> bool:
-    """Forgetting it would lose something: an open or half-open breaker (the next call would
-    reach a sick upstream), or a bulkhead with calls in it (more would be let in)."""
+    """Forgetting it would lose something: a breaker that keeps calls back (open with time
+    left, or a half-open trial running: the next call would reach a sick upstream), or a
+    bulkhead with calls in it (more would be let in). An open breaker whose time is up, or a
+    half-open one with no trial, would let the next call through anyway: not busy."""
     breaker, bulkhead = policy.breaker, policy.bulkhead
-    if breaker is not None and breaker.state != CLOSED:
+    if breaker is not None and holds_calls_back(breaker):
         return True
     return bulkhead is not None and (bulkhead.active > 0 or bulkhead.waiting > 0)
 
@@ -352,8 +359,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         header_name: the correlation ID header forwarded upstream.
         max_hosts: how many hosts' policies (breaker, bulkhead, retry budget...) to keep;
             beyond it the least recently used idle one is forgotten (ADR 0058). A policy whose
-            breaker is open or half-open, whose bulkhead is in use, or that ``hosts`` gave,
-            is never forgotten. ``None``: keep every host (only for a fixed set of hosts).
+            breaker keeps calls back (open with time left, a half-open trial running) or whose
+            bulkhead is in use is kept until it is idle; a policy that ``hosts`` gave is never
+            lost (only its entry, found again on the next call). ``None``: keep every host
+            (only for a fixed set of hosts).
         clock, random, events: injectable time, jitter source and event bus.
         **options: the default :class:`PolicyOptions` for every host.
 
@@ -393,9 +402,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         HostPolicy.build("options-check", options, clock=clock, register=False)
         self._options = options
         self._explicit = dict(hosts or {})
-        # Least recently used first; the hosts whose policy ``hosts`` gave are never dropped.
+        # Least recently used first. A policy ``hosts`` gave stays in ``_explicit`` whatever
+        # happens here, so its entries (one per ``host:port`` it matches) may go like any.
         self._policies: OrderedDict[str, HostPolicy] = OrderedDict()
-        self._given: set[str] = set()
+        self._given = frozenset(id(p) for p in self._explicit.values() if isinstance(p, HostPolicy))
         self._by_origin: dict[tuple[bytes, int | None], tuple[HostPolicy, str]] = {}
         self._origin_of: dict[str, tuple[bytes, int | None]] = {}
 
@@ -409,7 +419,6 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         explicit = self._explicit.get(host, self._explicit.get(bare))
         if isinstance(explicit, HostPolicy):
             policy = explicit
-            self._given.add(host)
         else:
             options: PolicyOptions = {**self._options, **(explicit or {})}
             policy = HostPolicy.build(
@@ -418,6 +427,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._policies[host] = policy
         self._forget_idle(host)
         return policy
+
+    def hosts(self) -> list[str]:
+        """The hosts (``host`` or ``host:port``) it keeps a policy for, least recently used
+        first."""
+        return list(self._policies)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inject_outbound_headers(request.headers, header_name=self._header_name)
@@ -450,16 +464,19 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if len(policies) <= self.max_hosts:
                 return
             host, policy = next(iter(policies.items()))
-            if host == newest or host in self._given or _busy(policy):
+            given = id(policy) in self._given
+            if host == newest or (not given and _busy(policy)):
                 policies.move_to_end(host)
             else:
-                self._forget(host, policy)
+                self._forget(host, policy, given)
 
-    def _forget(self, host: str, policy: HostPolicy) -> None:
+    def _forget(self, host: str, policy: HostPolicy, given: bool) -> None:
         del self._policies[host]
         origin = self._origin_of.pop(host, None)
         if origin is not None:
             del self._by_origin[origin]
+        if given:
+            return  # the user's policy: its guards stay where the user put them
         # The registries hold the newest object per name: another client's may be there.
         name = f"upstream:{host}"
         breaker, bulkhead = policy.breaker, policy.bulkhead
