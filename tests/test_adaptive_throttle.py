@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle, ThrottledError, is_overload
-from fastapi_resilience._deadline import deadline, timeout
+from fastapi_resilience._deadline import DeadlineCutError, deadline, timeout
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._retry import Retry
 from fastapi_resilience.exceptions import (
@@ -78,6 +78,26 @@ async def test_calls_the_callers_deadline_ended_are_no_refusals() -> None:
                 await throttle.call(guarded)
     assert started == 0
     assert throttle.probability() == 0.0
+
+
+async def test_calls_a_clients_deadline_cut_leave_the_drop_probability_as_it_was() -> None:
+    """After 20 refusals, 50 calls that a deadline the client chose cut are neither accepts
+    nor refusals: the drop probability is where the refusals put it (as accepts they would
+    have brought it to 0)."""
+    throttle = AdaptiveThrottle(k=2, clock=ManualClock(), random=lambda: 0.999)
+    for _ in range(20):
+        assert throttle.allow()
+        throttle.record(UpstreamError())
+    before = throttle.probability()
+
+    async def cut() -> None:
+        raise DeadlineCutError("the client's deadline ran out")
+
+    for _ in range(50):
+        with pytest.raises(DeadlineCutError):
+            await throttle.call(cut)
+    assert before == pytest.approx(20 / 21)
+    assert throttle.probability() == before
 
 
 async def test_recovers_when_the_window_forgets_the_outage() -> None:

@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from fastapi_resilience._adaptive_throttle import ThrottledError
 from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._bulkhead import default_bulkhead_registry
 from fastapi_resilience._correlation import CorrelationIdMiddleware, set_correlation_id
@@ -341,6 +342,52 @@ async def test_outage_amplification_with_and_without_budget(upstream: Upstream) 
     print(f"amplification: with budget {ratios[True]:.3f}, without {ratios[False]:.3f}")
     assert ratios[True] <= 1.2
     assert ratios[False] == 3.0
+
+
+async def _calls_reaching_a_503ing_upstream(
+    upstream: Upstream, rounds: int, impatient: int, **options: Any
+) -> int:
+    """Upstream hits of ``rounds`` ordinary calls to an upstream that answers 503, each
+    followed by ``impatient`` calls whose client-chosen deadline is already spent (each cut
+    before it is sent, or dropped by the throttle: none reaches the upstream)."""
+    upstream.hits = 0
+    upstream.script(503)
+    transport = ResilientTransport(
+        failure_threshold=None, base_delay=0.0, jitter=False, clock=ManualClock(), **options
+    )
+    async with httpx.AsyncClient(transport=transport, base_url=upstream.url) as http:
+        for _ in range(rounds):
+            with contextlib.suppress(UpstreamError, ThrottledError):
+                await http.get("/item")
+            for _ in range(impatient):
+                with (
+                    deadline(0.0, from_client=True),
+                    pytest.raises((DeadlineCutError, ThrottledError)),
+                ):
+                    await http.get("/item")
+    return upstream.hits
+
+
+async def test_calls_the_clients_deadline_ended_buy_no_retries(upstream: Upstream) -> None:
+    """A call that a client's spent X-Request-Timeout stopped before it was sent puts nothing
+    into the host's retry budget: 100 failing calls reach the upstream as often (first attempts
+    and the retries the budget allows) with five such calls after each as without them."""
+    alone = await _calls_reaching_a_503ing_upstream(upstream, 100, 0, attempts=3)
+    mixed = await _calls_reaching_a_503ing_upstream(upstream, 100, 5, attempts=3)
+    assert mixed == alone
+
+
+async def test_calls_the_clients_deadline_ended_do_not_hold_throttling_off(
+    upstream: Upstream,
+) -> None:
+    """A call that a client's spent X-Request-Timeout stopped before it was sent is neither an
+    accept nor a refusal for adaptive throttling: against an upstream refusing everything,
+    ordinary calls are dropped locally as often with such calls between them as without."""
+    options: dict[str, Any] = {"attempts": 1, "adaptive_throttle": True, "random": lambda: 0.5}
+    alone = await _calls_reaching_a_503ing_upstream(upstream, 50, 0, **options)
+    mixed = await _calls_reaching_a_503ing_upstream(upstream, 50, 1, **options)
+    assert alone < 50
+    assert mixed == alone
 
 
 async def test_budget_exhaustion_is_published_once(upstream: Upstream) -> None:

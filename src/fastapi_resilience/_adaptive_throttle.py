@@ -156,8 +156,20 @@ class AdaptiveThrottle(EventSource):
         return False
 
     def record(self, exc: BaseException | None = None) -> None:
-        """Record the outcome of an allowed request: accepted unless ``exc`` is a refusal."""
-        if exc is None or not self._is_rejection(exc):
+        """Record the outcome of an allowed request: accepted unless ``exc`` is a refusal.
+
+        A call the caller's own deadline ended (it never started, or a deadline the client
+        chose cut it) says nothing about the upstream: it is neither accepted nor refused, and
+        its request is taken back.
+        """
+        if exc is None:
+            self._counter.add(_ACCEPTS)
+        elif not_the_upstreams_failure(exc):
+            # Taken from the newest slice: if the request's own slice has left the window
+            # meanwhile, the total is one short for the rest of the window, which only ever
+            # lowers the drop probability.
+            self._counter.add(_REQUESTS, -1)
+        elif not self._is_rejection(exc):
             self._counter.add(_ACCEPTS)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:

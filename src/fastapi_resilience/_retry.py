@@ -17,6 +17,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import httpx
 
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._deadline import not_the_upstreams_failure
 from fastapi_resilience._deadline import remaining as _request_remaining
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._retry_budget import RetryBudget, seconds
@@ -125,7 +126,8 @@ class Retry:
             :func:`default_retryable`. Types never widen to a non-retryable ``AppError``
             (a ``ClientError``) unless that error's own class, or a subclass of ``AppError``
             containing it, is named.
-        budget: a :class:`RetryBudget` shared by every call to one target.
+        budget: a :class:`RetryBudget` shared by every call to one target; a call counts in it
+            when its first attempt ends, unless the caller's own deadline ended that attempt.
         idempotent_methods: HTTP methods that may be retried (used by the httpx transport).
         retry_non_idempotent: also retry other methods (POST, PATCH); off by default.
         name: names this policy in errors and events.
@@ -219,13 +221,16 @@ class Retry:
             Exception: an error that is not retried, unchanged.
         """
         budget = self._budget
-        if budget is not None:
-            budget.record_call()
         started = None if self.deadline is None else self._clock.monotonic()
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)
         except Exception as exc:
+            if budget is not None and not not_the_upstreams_failure(exc):
+                budget.record_call()
             return await self._retry(exc, started, fn, args, kwargs)
+        if budget is not None:
+            budget.record_call()
+        return result
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """Use as a decorator: every call of ``fn`` goes through :meth:`call`."""
@@ -234,13 +239,16 @@ class Retry:
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             # call()'s body, inlined: one coroutine frame less on the success path.
             budget = self._budget
-            if budget is not None:
-                budget.record_call()
             started = None if self.deadline is None else self._clock.monotonic()
             try:
-                return await fn(*args, **kwargs)
+                result = await fn(*args, **kwargs)
             except Exception as exc:
+                if budget is not None and not not_the_upstreams_failure(exc):
+                    budget.record_call()
                 return await self._retry(exc, started, fn, args, kwargs)
+            if budget is not None:
+                budget.record_call()
+            return result
 
         return wrapper
 
