@@ -25,7 +25,7 @@ from fastapi_resilience._bulkhead import (
     default_bulkhead_registry,
 )
 from fastapi_resilience._correlation import CorrelationIdMiddleware
-from fastapi_resilience._deadline import timeout
+from fastapi_resilience._deadline import remaining, timeout
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._outbound_fastapi import (
     RequestDeadlineMiddleware,
@@ -34,7 +34,7 @@ from fastapi_resilience._outbound_fastapi import (
 )
 from fastapi_resilience._problem import PROBLEM_CONTENT_TYPE
 from fastapi_resilience._transport import resilient_client
-from fastapi_resilience.exceptions import UpstreamError
+from fastapi_resilience.exceptions import UpstreamError, UpstreamTimeoutError
 from fastapi_resilience.testing import ManualClock
 from tests._servers import UvicornProcess
 
@@ -414,6 +414,52 @@ async def test_calls_cut_by_the_clients_own_deadline_never_open_the_breaker(
         assert guarded.breaker.state == "closed"
     finally:
         await guarded.aclose()
+
+
+@pytest.mark.parametrize("wrapper", ["call", "async with", "decorator"])
+@pytest.mark.parametrize(("asked", "counted"), [("0.2", False), (None, True)])
+async def test_a_driver_timeout_with_a_margin_counts_only_under_the_servers_budget(
+    upstream: httpx.AsyncClient, wrapper: str, asked: str | None, counted: bool
+) -> None:
+    """The route's own httpx client times out at the deadline less a 50 ms margin (time to
+    answer), against a slow but healthy upstream. Under a deadline the client chose
+    (X-Request-Timeout: 0.2) that timeout is the client's choice and the breaker (threshold 2)
+    stays closed; under the server's own 0.2 s budget the same timeouts open it."""
+    breaker = CircuitBreaker("inventory-margin", failure_threshold=2, registry=None)
+
+    async def fetch() -> dict[str, Any]:
+        left = remaining()
+        assert left is not None
+        answer = await upstream.get("/item", params={"delay": 1.0}, timeout=left - 0.05)
+        return dict(answer.json())
+
+    decorated = breaker(fetch)
+
+    async def guarded() -> dict[str, Any]:
+        if wrapper == "call":
+            return await breaker.call(fetch)
+        if wrapper == "async with":
+            async with breaker:
+                return await fetch()
+        return await decorated()
+
+    app = FastAPI()
+    install_exception_handlers(app)
+    budget = 5.0 if asked else 0.2
+    app.add_middleware(RequestDeadlineMiddleware, timeout=budget, grace=1.0)
+
+    @app.get("/stock")
+    async def stock() -> dict[str, Any]:
+        try:
+            return await guarded()
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError("inventory timed out") from exc
+
+    headers = {"X-Request-Timeout": asked} if asked else {}
+    async with client_for(app) as client:
+        answers = [(await client.get("/stock", headers=headers)).status_code for _ in range(2)]
+    assert answers == [504, 504]
+    assert breaker.state == ("open" if counted else "closed")
 
 
 @pytest.mark.parametrize("style", GUARD_STYLES)

@@ -16,6 +16,8 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
+import httpx
+
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.exceptions import (
     ConfigurationError,
@@ -218,16 +220,29 @@ def timeout_error(
 def not_the_upstreams_failure(exc: BaseException) -> bool:
     """Whether ``exc`` ended a call for the caller's reasons, not the upstream's.
 
-    True for a :class:`DeadlineCutError`, for a ``RetryExhaustedError`` that chains one, and
-    for any error raised once a deadline the client chose has run out (a driver's own timeout
-    set from ``remaining()`` says no more than ours does). Breakers skip such outcomes.
+    True for a :class:`DeadlineCutError` and for a ``RetryExhaustedError`` that chains one.
+    Under a deadline the client chose, also for any error raised once it has run out, and for
+    a timeout this library did not judge (a ``TimeoutError`` that is not an
+    :class:`UpstreamTimeoutError`, an ``httpx.TimeoutException``) while time is left: a
+    driver's timeout set from ``remaining()``, less a margin to answer in, ends before the
+    deadline does and says no more than ours does. Breakers skip such outcomes.
     """
     if isinstance(exc, DeadlineCutError):
         return True
-    if isinstance(exc, RetryExhaustedError) and isinstance(exc.__cause__, DeadlineCutError):
+    cause = exc.__cause__ if isinstance(exc, RetryExhaustedError) else None
+    if isinstance(cause, DeadlineCutError):
         return True
     current = _DEADLINE.get()
-    return current is not None and current.from_client and current.remaining() <= 0.0
+    if current is None or not current.from_client:
+        return False
+    return current.remaining() <= 0.0 or _unjudged_timeout(exc) or _unjudged_timeout(cause)
+
+
+def _unjudged_timeout(exc: BaseException | None) -> bool:
+    """A timeout raised by other code: the library's own say whose bound was tighter."""
+    return isinstance(exc, TimeoutError | httpx.TimeoutException) and not isinstance(
+        exc, UpstreamTimeoutError
+    )
 
 
 @asynccontextmanager
