@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -268,6 +270,30 @@ async def test_header_and_floor_come_from_the_settings(monkeypatch: pytest.Monke
     async with client_for(app) as client:
         answer = await client.get("/left", headers={"X-Request-Timeout": "0.01"})
     assert answer.json()["remaining"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("start_up", [True, False], ids=["lifespan", "first-request"])
+def test_the_header_settings_given_to_install_apply(
+    monkeypatch: pytest.MonkeyPatch, start_up: bool
+) -> None:
+    """An app configured in code: the middleware takes the header's name, its floor and its
+    switch from the settings given to ``install()``, not from the environment; read at
+    start-up, or on the first request when the server sends no lifespan."""
+    monkeypatch.setenv("RESILIENCE_REQUEST_DEADLINE_HEADER_FLOOR", "0.2")
+
+    def remaining_with(settings: ResilienceSettings) -> float:
+        app = deadline_app(timeout=30.0, clock=ManualClock())
+        install(app, settings)
+        asked = {"X-Budget": "0.5", "X-Request-Timeout": "0.5"}
+        with contextlib.ExitStack() as stack:
+            client = TestClient(app)
+            if start_up:
+                stack.enter_context(client)  # runs the lifespan
+            return float(client.get("/left", headers=asked).json()["remaining"])
+
+    named = ResilienceSettings(request_deadline_header="X-Budget", request_deadline_header_floor=5)
+    assert remaining_with(named) == 5.0
+    assert remaining_with(ResilienceSettings(request_deadline_header="")) == 30.0
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fastapi_resilience._app_state import resilience_of
 from fastapi_resilience._breaker import (
     BreakerRegistry,
     CircuitBreaker,
@@ -146,6 +147,24 @@ def _check_budget(value: float | timedelta | None, argument: str) -> float | Non
     return seconds
 
 
+def _floor(value: float) -> float:
+    floor = _check_budget(value, "RequestDeadlineMiddleware header_floor")
+    if floor is None or not math.isfinite(floor):
+        raise ConfigurationError(
+            f"RequestDeadlineMiddleware header_floor must be a finite number of seconds > 0, "
+            f"got {value!r}"
+        )
+    return floor
+
+
+def _header_name(header: str | None) -> bytes | None:
+    if header and not HEADER_NAME.fullmatch(header):
+        raise ConfigurationError(
+            f"RequestDeadlineMiddleware header: {header!r} is not a valid HTTP header name"
+        )
+    return header.lower().encode("latin-1") if header else None
+
+
 class RequestDeadlineMiddleware:
     """Gives every HTTP request a time budget that outbound calls inherit.
 
@@ -172,8 +191,10 @@ class RequestDeadlineMiddleware:
         enforce: cut off requests that overrun the budget (plus ``grace`` seconds).
         grace: extra seconds before cutting off, for the route to answer its own 504.
         clock: time source for the deadline.
-        settings: where ``header`` and ``header_floor`` come from when not given;
-            ``ResilienceSettings()`` (the environment) when ``None``.
+        settings: where ``header`` and ``header_floor`` come from when not given. ``None``:
+            the settings ``install()`` was given for the app (a mounted app: the app around
+            it), else ``ResilienceSettings()`` (the environment); read once, at start-up (the
+            lifespan) or on the first request.
 
     Raises:
         ConfigurationError: an argument or setting is out of range; the message names it.
@@ -196,29 +217,39 @@ class RequestDeadlineMiddleware:
         budget = _check_budget(timeout, "RequestDeadlineMiddleware timeout")
         if grace < 0:
             raise ConfigurationError(f"RequestDeadlineMiddleware grace must be >= 0, got {grace}")
-        if header is _FROM_SETTINGS or header_floor is _FROM_SETTINGS:
-            settings = settings if settings is not None else ResilienceSettings()
-            if header is _FROM_SETTINGS:
-                header = settings.request_deadline_header
-            if header_floor is _FROM_SETTINGS:
-                header_floor = settings.request_deadline_header_floor
-        floor = _check_budget(header_floor, "RequestDeadlineMiddleware header_floor")
-        if floor is None or not math.isfinite(floor):
-            raise ConfigurationError(
-                f"RequestDeadlineMiddleware header_floor must be a finite number of seconds > 0, "
-                f"got {header_floor!r}"
-            )
-        if header and not HEADER_NAME.fullmatch(header):
-            raise ConfigurationError(
-                f"RequestDeadlineMiddleware header: {header!r} is not a valid HTTP header name"
-            )
         self.app = app
         self.timeout = budget
-        self.header = header.lower().encode("latin-1") if header else None
-        self.header_floor = floor
         self.enforce = enforce
         self.grace = grace
         self.clock = clock
+        self._given: tuple[bytes | Any | None, float | Any] = (
+            header if header is _FROM_SETTINGS else _header_name(header),
+            header_floor if header_floor is _FROM_SETTINGS else _floor(header_floor),
+        )
+        self.header: bytes | None = None
+        self.header_floor = 0.0
+        # Without settings, the app's own are only known once it runs: ``_settle`` then.
+        self._unsettled = settings is None and _FROM_SETTINGS in self._given
+        if not self._unsettled:
+            self._configure(settings)
+
+    def _configure(self, settings: ResilienceSettings | None) -> None:
+        """Take ``header`` and ``header_floor`` from the arguments, else from ``settings``
+        (``None`` only when both were given)."""
+        header, floor = self._given
+        if header is _FROM_SETTINGS and settings is not None:
+            header = _header_name(settings.request_deadline_header)
+        if floor is _FROM_SETTINGS and settings is not None:
+            floor = _floor(settings.request_deadline_header_floor)
+        self.header = header
+        self.header_floor = floor
+
+    def _settle(self, scope: Scope) -> None:
+        """Read the settings once, from the app serving ``scope``: those ``install()`` was
+        given, else the environment's."""
+        resilience = resilience_of(scope.get("app"))
+        self._configure(resilience.settings if resilience is not None else ResilienceSettings())
+        self._unsettled = False
 
     def _asked(self, scope: Scope) -> float | None:
         """The budget the client asks for, raised to the floor; ``None`` when it asks for none
@@ -243,6 +274,8 @@ class RequestDeadlineMiddleware:
         return budget, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._unsettled:
+            self._settle(scope)  # the lifespan's start-up, or the first request
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
