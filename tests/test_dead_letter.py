@@ -350,6 +350,85 @@ async def test_records_that_raised_under_a_stall_are_stored_once_when_retried(
 
 
 @pytest.mark.redis
+async def test_a_record_without_a_key_that_raised_can_be_retried_with_the_key_it_made(
+    redis_server: RedisServer,
+) -> None:
+    """record() without key= under a stalled Redis raises, with the key it made on the error
+    (``dead_letter_key``); Redis runs the command when it resumes, and recording again with
+    that key stores nothing more: one entry."""
+    queue = RedisDeadLetterQueue(redis_server.url, stream="stalled", timeout=0.2)
+    try:
+        await queue.size()  # an open connection carries the command to the stalled server
+        redis_server.stall()
+        try:
+            with pytest.raises(TimeoutError) as raised:
+                await queue.record("charge", UpstreamError("boom"))
+        finally:
+            redis_server.resume()
+        key = getattr(raised.value, "dead_letter_key", None)
+        assert key is not None
+        again = await queue.record("charge", UpstreamError("boom"), key=key)
+        letters = await queue.list()
+    finally:
+        await queue.aclose()
+    assert [(letter.id, letter.key) for letter in letters] == [(again.id, key)]
+
+
+async def test_a_key_whose_entry_was_replayed_away_is_recorded_again(
+    queue: DeadLetterQueue,
+) -> None:
+    """Once a key's entry has been replayed away, a new failure of that key is stored: a new
+    entry that get() finds, in memory and in Redis alike (Redis dropped it, returning an
+    entry that did not exist)."""
+    first = await queue.record("charge", UpstreamError("first"), key="order-9")
+    assert (await queue.replay(lambda letter: None)).succeeded == [first.id]
+    later = await queue.record("charge", UpstreamError("second failure"), key="order-9")
+    found = await queue.get(later.id)
+    assert found is not None
+    assert (found.key, found.message) == ("order-9", "second failure")
+    assert await queue.size() == 1
+
+
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_key_whose_entry_was_trimmed_is_recorded_again(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """A queue capped at two entries trims a key's entry; recording the key again stores a
+    new entry, listed and found, in memory and in Redis alike."""
+    if kind == "memory":
+        queue: DeadLetterQueue = MemoryDeadLetterQueue(2)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        queue = RedisDeadLetterQueue(server.url, stream="capped", maxlen=2)
+    try:
+        for n in (1, 2, 3):
+            await queue.record("charge", UpstreamError(f"boom {n}"), key=f"order-{n}")
+        again = await queue.record("charge", UpstreamError("boom again"), key="order-1")
+        assert await queue.get(again.id) is not None
+        assert [letter.key for letter in await queue.list()] == ["order-3", "order-1"]
+    finally:
+        if isinstance(queue, RedisDeadLetterQueue):
+            await queue.aclose()
+
+
+async def test_a_decorated_call_that_keeps_failing_is_queued_once(queue: DeadLetterQueue) -> None:
+    """dead_letter_on_failure(key=...) keys each entry by the call's arguments: the same call
+    failing three times is queued once, another call apart."""
+
+    @dead_letter_on_failure(queue, "capture", key=lambda order_id: f"capture:{order_id}")
+    async def capture(order_id: int) -> None:
+        raise UpstreamError("payments down")
+
+    for order_id in (7, 7, 7, 8):
+        with pytest.raises(UpstreamError):
+            await capture(order_id)
+    assert sorted(letter.key or "" for letter in await queue.list()) == [
+        "capture:7",
+        "capture:8",
+    ]
+
+
+@pytest.mark.redis
 async def test_entries_stored_without_a_key_are_still_replayed(redis_server: RedisServer) -> None:
     """An entry an older version stored (no key) is listed, replayed and requeued as before."""
     raw = '{"operation":"op","error_code":"x","message":"m","attempts":1}'

@@ -6,7 +6,9 @@ or the exception type), the context needed to try again, the correlation ID and 
 of attempts. ``replay(handler)`` hands each entry to ``handler``: a success removes the entry,
 a failure puts it back at the end of the queue with ``attempts + 1`` and the latest error.
 Each entry has a ``key``: a record of a key the queue holds stores nothing more, so a record that
-raised (the storage did not confirm it, but may have stored it) can be tried again (ADR 0061).
+raised (the storage did not confirm it, but may have stored it) can be tried again; the error
+carries the key it was recorded under. Once an entry leaves the queue (replayed, deleted or
+trimmed), a record of its key stores a new one (ADR 0061).
 
 Two storages: :class:`MemoryDeadLetterQueue` (bounded, per process) and
 :class:`RedisDeadLetterQueue` (a Redis stream shared by every instance, survives restarts).
@@ -46,6 +48,9 @@ __all__ = [
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+#: The attribute, on an error ``record()`` raised, that holds the key the entry was recorded under.
+KEY_ATTRIBUTE = "dead_letter_key"
 
 #: Raised (as ``ConflictError``) when another replay of the same Redis stream is running.
 REPLAY_BUSY_DETAIL = "Another replay of dead-letter stream {stream!r} is running."
@@ -143,18 +148,21 @@ class DeadLetterQueue:
         correlation_id: str | None = None,
         key: str | None = None,
     ) -> DeadLetter:
-        """Record that ``operation`` failed for good with ``error``; returns the stored entry.
+        """Record that ``operation`` failed for good with ``error``; returns the entry the
+        queue holds for it: the new one, or the one already held under ``key``.
 
         ``attempts`` defaults to the count a ``RetryExhaustedError`` carries, else 1;
         ``correlation_id`` to the current request's. ``key`` is the entry's idempotency key
-        (default: a new random one): when the queue already holds an entry of that key (Redis:
-        or did, within ``dedupe_ttl``), nothing is stored and that entry is returned.
+        (default: a new random one): while the queue holds an entry of that key, nothing is
+        stored and that entry is returned. Once that entry has left the queue (replayed,
+        deleted, trimmed), a record of the key stores a new one.
 
         Raises:
-            the storage's error when it could not confirm the entry (Redis down or stalled).
+            the storage's error when it could not confirm the entry (Redis down or stalled),
+            with the key the entry was recorded under as its ``dead_letter_key`` attribute.
             The entry may still have been stored: a stalled Redis runs the command when it
-            resumes. Call ``record`` again with the same ``key`` to be sure: it is stored
-            once. :func:`dead_letter_on_failure` catches and reports the error.
+            resumes. Call ``record`` again with that ``key`` to be sure: it is stored once.
+            :func:`dead_letter_on_failure` catches and reports the error.
         """
         cause = error.__cause__
         letter = DeadLetter(
@@ -169,7 +177,12 @@ class DeadLetterQueue:
             cause_code=error_category(cause) if cause is not None else None,
             key=key if key is not None else uuid.uuid4().hex,
         )
-        return await self._add(letter)
+        try:
+            return await self._add(letter)
+        except Exception as failure:
+            # It may be stored all the same: the key lets the caller record it again, once.
+            setattr(failure, KEY_ATTRIBUTE, letter.key)
+            raise
 
     async def replay(
         self, handler: ReplayHandler, ids: Iterable[str] | None = None, *, limit: int = 1000
@@ -336,10 +349,9 @@ class RedisDeadLetterQueue(DeadLetterQueue):
 
     The stream is capped at ``maxlen`` entries (oldest trimmed). Only one replay of a stream
     runs at a time across instances (a lock key with a TTL); a second one raises
-    ``ConflictError``. Every Redis call is bounded by ``timeout`` seconds. Each entry's key
-    is kept beside the stream (``<stream>:key:<key>``, the entry's id) for ``dedupe_ttl``
-    seconds, so a record of that key within that time, even after a replay removed the
-    entry, stores nothing.
+    ``ConflictError``. Every Redis call is bounded by ``timeout`` seconds. The id of each
+    key's entry is kept beside the stream (the hash ``<stream>:keys``) exactly as long as the
+    entry is in it: adding, requeueing, deleting and trimming change both in one script.
 
     Args:
         url: ``redis://`` URL; or pass ``client=`` an existing ``redis.asyncio.Redis``.
@@ -347,7 +359,6 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         maxlen: the cap on entries.
         timeout: the longest one Redis call may take.
         replay_lock_ttl: how long a crashed replay keeps the lock.
-        dedupe_ttl: seconds a key is remembered after its record (or its latest requeue).
 
     .. versionadded:: 0.1.0
     """
@@ -361,7 +372,6 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         maxlen: int = 10_000,
         timeout: float = 1.0,
         replay_lock_ttl: float = 60.0,
-        dedupe_ttl: float = 3600.0,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus | None = None,
     ) -> None:
@@ -371,8 +381,6 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             raise ConfigurationError(f"maxlen must be an int >= 1, got {maxlen!r}")
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if not dedupe_ttl >= 0.001:
-            raise ConfigurationError(f"dedupe_ttl must be >= 0.001 seconds, got {dedupe_ttl!r}")
         super().__init__(clock=clock, events=events)
         self._owns_client = client is None
         self._redis: Redis = client if client is not None else _client_from_url(url or "")
@@ -380,10 +388,10 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         self.maxlen = maxlen
         self.timeout = timeout
         self.replay_lock_ttl = replay_lock_ttl
-        self.dedupe_ttl = dedupe_ttl
         self._down = False
         self._add_script = self._redis.register_script(_ADD_ONCE)
         self._replace_script = self._redis.register_script(_REPLACE)
+        self._delete_script = self._redis.register_script(_DELETE)
 
     def __repr__(self) -> str:
         return f"RedisDeadLetterQueue(stream={self.stream!r}, maxlen={self.maxlen})"
@@ -408,19 +416,19 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             self.events.emit("dlq.storage_recovered", self.stream, level=logging.INFO)
         return result
 
-    def _keys(self, letter: DeadLetter) -> list[str]:
-        """The stream, and the name its key is kept under (none for an entry without one)."""
-        if letter.key is None:
-            return [self.stream]
-        return [self.stream, f"{self.stream}:key:{letter.key}"]
+    @property
+    def _keys(self) -> list[str]:
+        """The stream, and the hash that holds the id of each key's entry."""
+        return [self.stream, f"{self.stream}:keys"]
 
     def _script_args(self, letter: DeadLetter) -> list[str | int]:
-        return [letter.to_json(), self.maxlen, max(1, int(self.dedupe_ttl * 1000))]
+        return [letter.to_json(), self.maxlen, letter.key or ""]
 
     async def _add(self, letter: DeadLetter) -> DeadLetter:
-        # One script: the key's entry, if any, or a new one and the key, with nothing between.
+        # One script: the key's entry, if the stream holds it, or a new one and the key, with
+        # nothing between.
         found: Any = await self._run(
-            self._add_script(keys=self._keys(letter), args=self._script_args(letter))
+            self._add_script(keys=self._keys, args=self._script_args(letter))
         )
         if len(found) > 1:
             return DeadLetter.from_json(_text(found[0]), found[1])
@@ -429,10 +437,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
     async def _replace(self, old_id: str, letter: DeadLetter) -> DeadLetter:
         # One script: the entry is never lost nor doubled, and its key names the new one.
         new_id = await self._run(
-            self._replace_script(
-                keys=self._keys(letter),
-                args=[*self._script_args(letter), old_id],
-            )
+            self._replace_script(keys=self._keys, args=[*self._script_args(letter), old_id])
         )
         return replace(letter, id=_text(new_id))
 
@@ -455,7 +460,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
 
     async def delete(self, letter_id: str) -> bool:
         try:
-            removed = await self._run(self._redis.xdel(self.stream, letter_id))
+            removed = await self._run(self._delete_script(keys=self._keys, args=[letter_id]))
         except _RedisError as error:
             if "Invalid stream ID" in str(error):
                 return False
@@ -488,29 +493,75 @@ class _RedisReplayLock:
         await queue._run(queue._redis.eval(_RELEASE_LOCK, 1, self._key, self._token))
 
 
-#: KEYS: the stream, and the name of the entry's key if it has one; ARGV: the entry, maxlen and
-#: the key's time to live in ms. Returns {id} of a new entry, or {id, data} of the key's.
-_ADD_ONCE = """
-if KEYS[2] then
-  local held = redis.call('get', KEYS[2])
+#: Lua shared by the scripts below. KEYS[1] is the stream, KEYS[2] the hash of key -> entry id.
+#: An entry is stored as ``data`` (its JSON) and, when it has one, ``key``.
+_LUA_HELPERS = """
+local function forget(row)
+  local fields = row[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'key' and redis.call('hget', KEYS[2], fields[i + 1]) == row[1] then
+      redis.call('hdel', KEYS[2], fields[i + 1])
+    end
+  end
+end
+local function make_room(maxlen)
+  local over = redis.call('xlen', KEYS[1]) - maxlen + 1
+  if over > 0 then
+    for _, row in ipairs(redis.call('xrange', KEYS[1], '-', '+', 'COUNT', over)) do
+      forget(row)
+      redis.call('xdel', KEYS[1], row[1])
+    end
+  end
+end
+local function add(data, maxlen, key)
+  make_room(maxlen)
+  if key == '' then return redis.call('xadd', KEYS[1], '*', 'data', data) end
+  local id = redis.call('xadd', KEYS[1], '*', 'data', data, 'key', key)
+  redis.call('hset', KEYS[2], key, id)
+  return id
+end
+"""
+
+#: ARGV: the entry, maxlen, its key ('' for none). Returns {id, data} of the entry the stream
+#: holds for the key, else {id} of a new entry.
+_ADD_ONCE = (
+    _LUA_HELPERS
+    + """
+if ARGV[3] ~= '' then
+  local held = redis.call('hget', KEYS[2], ARGV[3])
   if held then
     local rows = redis.call('xrange', KEYS[1], held, held)
     if rows[1] then return {held, rows[1][2][2]} end
-    return {held}
   end
 end
-local id = redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], '*', 'data', ARGV[1])
-if KEYS[2] then redis.call('set', KEYS[2], id, 'PX', ARGV[3]) end
-return {id}
+return {add(ARGV[1], tonumber(ARGV[2]), ARGV[3])}
 """
+)
 
-#: As ``_ADD_ONCE``, with the id of the entry to replace as ARGV[4]; returns the new id.
-_REPLACE = """
-local id = redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], '*', 'data', ARGV[1])
-redis.call('xdel', KEYS[1], ARGV[4])
-if KEYS[2] then redis.call('set', KEYS[2], id, 'PX', ARGV[3]) end
-return id
+#: As ``_ADD_ONCE``'s arguments, with the id of the entry to replace as ARGV[4]; returns the
+#: new id.
+_REPLACE = (
+    _LUA_HELPERS
+    + """
+local rows = redis.call('xrange', KEYS[1], ARGV[4], ARGV[4])
+if rows[1] then
+  forget(rows[1])
+  redis.call('xdel', KEYS[1], ARGV[4])
+end
+return add(ARGV[1], tonumber(ARGV[2]), ARGV[3])
 """
+)
+
+#: ARGV: the id of the entry to delete; returns how many entries were deleted.
+_DELETE = (
+    _LUA_HELPERS
+    + """
+local rows = redis.call('xrange', KEYS[1], ARGV[1], ARGV[1])
+if not rows[1] then return 0 end
+forget(rows[1])
+return redis.call('xdel', KEYS[1], ARGV[1])
+"""
+)
 
 _RELEASE_LOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -568,6 +619,7 @@ def dead_letter_on_failure(
     *,
     when: Callable[[BaseException], bool] | None = None,
     context: Callable[..., Mapping[str, Any]] | None = None,
+    key: Callable[..., str] | None = None,
 ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
     """Decorate an async function so a failure is recorded in ``queue``, then re-raised.
 
@@ -577,11 +629,17 @@ def dead_letter_on_failure(
     ``replay_handler`` attribute that calls the undecorated function again with those
     arguments, for ``queue.replay(fn.replay_handler)``. A queue that cannot store the entry
     (Redis down) never hides the original error: it is reported through the event bus
-    (``dlq.storage_down``) and the original error is raised.
+    (``dlq.storage_down``) and the original error is raised; the entry may still have been
+    stored (a stalled Redis runs the command when it resumes). With ``key``, a later failure
+    of the same call that finds its entry still queued stores nothing more, so calling the
+    function again after such an error never queues it twice; without it each failure gets a
+    random key.
 
     Args:
         when: which failures to record (default: every ``Exception``).
         context: builds the context from the call's arguments; it must be JSON-able for Redis.
+        key: builds the entry's idempotency key from the call's arguments, e.g.
+            ``key=lambda order_id: f"capture:{order_id}"``.
 
     .. versionadded:: 0.1.0
     """
@@ -594,7 +652,7 @@ def dead_letter_on_failure(
                 return await fn(*args, **kwargs)
             except Exception as error:
                 if when is None or when(error):
-                    await _record_quietly(queue, operation, error, build, args, kwargs)
+                    await _record_quietly(queue, operation, error, (build, key), args, kwargs)
                 raise
 
         async def replay_handler(letter: DeadLetter) -> T:
@@ -611,15 +669,17 @@ async def _record_quietly(
     queue: DeadLetterQueue,
     operation: str,
     error: BaseException,
-    build: Callable[..., Mapping[str, Any]],
+    builders: tuple[Callable[..., Mapping[str, Any]], Callable[..., str] | None],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
+    build, key_of = builders
     try:
-        await queue.record(operation, error, context=build(*args, **kwargs))
+        key = None if key_of is None else key_of(*args, **kwargs)
+        await queue.record(operation, error, context=build(*args, **kwargs), key=key)
     except _DOWN_ERRORS:
         # Already published once as dlq.storage_down; the caller's own error stays on top.
         logger.debug("dead letter for %s not stored", operation, exc_info=True)
     except Exception as failure:
-        # A bug (a context builder that raises): say so every time, never hide the caller's error.
+        # A bug (a builder that raises): say so every time, never hide the caller's error.
         queue.events.emit("dlq.record_failed", operation, level=logging.ERROR, error=repr(failure))
