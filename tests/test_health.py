@@ -226,6 +226,36 @@ async def test_a_check_can_have_its_own_cache_period() -> None:
         checks.add("x", always, cache_seconds=-0.5)
 
 
+async def test_a_run_under_way_when_the_check_is_forgotten_serves_no_later_caller() -> None:
+    """The storage check has read "up" and waits for its reply when the storage goes down and
+    ``forget()`` is called (what ``install()`` does on ``rate_limit.storage_down``). That run
+    answers the caller who started it, but stores nothing: a probe arriving after ``forget()``
+    gets a run of its own ("degraded"), and that is what is served for the cache period."""
+    clock = ManualClock()
+    health = HealthChecks(cache_seconds=60, clock=clock)
+    storage_up = True
+    reply = asyncio.Event()
+
+    async def storage() -> CheckResult:
+        up = storage_up
+        await reply.wait()
+        return CheckResult("ok") if up else CheckResult("degraded", "down")
+
+    health.add("rate_limit_storage", storage, critical=False)
+    before = asyncio.ensure_future(health.run())
+    for _ in range(10):  # the check reads the storage as up
+        await asyncio.sleep(0)
+    storage_up = False
+    health.forget("rate_limit_storage")
+    after = asyncio.ensure_future(health.run())
+    await asyncio.sleep(0)
+    reply.set()
+    assert (await before)[0] == "ok"
+    assert (await after)[0] == "degraded"
+    clock.advance(30)
+    assert (await health.run())[0] == "degraded"
+
+
 def test_health_cache_seconds_setting_is_checked() -> None:
     """A negative cache period fails at start-up, naming the setting."""
     with pytest.raises(ConfigurationError, match="health_cache_seconds"):

@@ -53,6 +53,9 @@ class _Registered:
     fresh_until: float = 0.0
     #: The run in progress, which every caller that arrives meanwhile awaits.
     running: asyncio.Future[dict[str, Any]] | None = None
+    #: Moves on at every ``forget``: a run started before it neither stores its result nor
+    #: takes callers who arrive after it.
+    generation: int = 0
 
 
 class HealthChecks:
@@ -107,10 +110,14 @@ class HealthChecks:
 
     def forget(self, name: str | None = None) -> None:
         """Drop the cached result of check ``name`` (of every check: ``None``), so the next
-        call runs it: for when you learn that what it checks has changed."""
+        call runs it: for when you learn that what it checks has changed. A run already
+        under way answers the callers that joined it but stores nothing, and later callers
+        get a run of their own."""
         for registered_name, registered in self._checks.items():
             if name is None or registered_name == name:
                 registered.entry = None
+                registered.running = None
+                registered.generation += 1
 
     def remove(self, name: str) -> None:
         self._checks.pop(name, None)
@@ -135,17 +142,20 @@ class HealthChecks:
             return registered.entry
         running = registered.running
         if running is None or running.get_loop() is not asyncio.get_running_loop():
-            running = registered.running = asyncio.ensure_future(self._run_one(registered))
+            run = self._run_one(registered, registered.generation)
+            running = registered.running = asyncio.ensure_future(run)
         # Shielded: a caller that gives up (a client gone) does not cancel the others' run.
         return await asyncio.shield(running)
 
-    async def _run_one(self, registered: _Registered) -> dict[str, Any]:
+    async def _run_one(self, registered: _Registered, generation: int) -> dict[str, Any]:
         try:
             entry = await self._checked(registered)
         finally:
-            registered.running = None
-        registered.entry = entry
-        registered.fresh_until = self._clock.monotonic() + registered.cache_seconds
+            if registered.generation == generation:
+                registered.running = None
+        if registered.generation == generation:
+            registered.entry = entry
+            registered.fresh_until = self._clock.monotonic() + registered.cache_seconds
         return entry
 
     async def _checked(self, registered: _Registered) -> dict[str, Any]:
