@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import httpx
@@ -206,3 +207,36 @@ async def test_spellings_of_one_peer_share_its_budget() -> None:
     assert await _codes(app, "2001:DB8::7", [None, None]) == [200, 200]
     assert await _codes(app, "2001:db8:0::7", [None]) == [429]
     assert await _codes(app, "testclient", [None, None, None]) == [200, 200, 429]
+
+
+def test_a_busy_client_keeps_its_identity_among_thousands_of_new_ones() -> None:
+    """The resolver reuses one identity per recent address: a client that calls every tenth
+    request keeps its identity while 20,000 new clients pass (the cache was emptied each time
+    it held 4,096 addresses, so every busy client was worked out again)."""
+    resolver = DefaultIdentityResolver(trusted_proxies=["192.0.2.0/24"])
+    busy = scope("192.0.2.1", ("X-Forwarded-For", "198.51.100.7"))
+    first = resolver.resolve(busy)
+    for n in range(20_000):
+        resolver.resolve(scope("192.0.2.1", ("X-Forwarded-For", f"10.{n >> 8 & 255}.{n & 255}.1")))
+        if n % 10 == 0:
+            assert resolver.resolve(busy) is first, n
+
+
+def test_each_forwarded_client_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a trusted proxy, 20,000 IPv6 clients and one busy one cost one address parse each
+    (it was two: once to test the hop, once again to name the client)."""
+    parsed: list[str] = []
+    parse = ipaddress.ip_address
+
+    def counted(text: str) -> Any:
+        parsed.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(ipaddress, "ip_address", counted)
+    resolver = DefaultIdentityResolver(trusted_proxies=["192.0.2.0/24"])
+    busy = scope("192.0.2.1", ("X-Forwarded-For", "2001:db8::7"))
+    for n in range(20_000):
+        resolver.resolve(scope("192.0.2.1", ("X-Forwarded-For", f"2001:db8:1::{n:x}")))
+        if n % 10 == 0:
+            assert resolver.resolve(busy) == Identity("ip:2001:db8::7", "anonymous")
+    assert len(parsed) == 20_001

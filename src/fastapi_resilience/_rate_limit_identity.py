@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -28,8 +29,9 @@ __all__ = [
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-#: Bound on the per-process cache of "is this peer a trusted proxy?" answers.
-_TRUST_CACHE_SIZE = 4096
+#: Entries per generation of the per-process caches of parsed addresses and of identities: each
+#: holds at most two generations, the current one and the one before it.
+_CACHE_GENERATION = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,9 @@ def _parse_address(text: str) -> _IPAddress | None:
         host, _, port = host.partition(":")
         if not _is_port(port):
             return None
+        packed = _plain_ipv4(host)
+        if packed is not None:
+            return ipaddress.IPv4Address(packed)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -100,9 +105,21 @@ def _is_port(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def _plain_ipv4(text: str) -> bytes | None:
+    """The four bytes of ``text`` when it is an IPv4 address written the one way it is
+    normalised to (dotted decimal, no leading zeros, nothing around it), else ``None``. The
+    form servers and most proxies write, checked in C: ``ipaddress`` costs several times more."""
+    try:
+        return socket.inet_pton(socket.AF_INET, text)
+    except (OSError, ValueError):
+        return None
+
+
 def normalize_address(text: str) -> str | None:
     """The one spelling of the IP address ``text`` names (IPv6 compressed, in lower case), or
     ``None`` when ``text`` is not an address (see ``_parse_address`` for the forms taken)."""
+    if _plain_ipv4(text) is not None:
+        return text
     address = _parse_address(text)
     return None if address is None else str(address)
 
@@ -120,12 +137,14 @@ class ClientAddress:
             believed. Empty (the default): the header is never read.
     """
 
-    __slots__ = ("_cache", "_networks")
+    __slots__ = ("_cache", "_networks", "_old")
 
     def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
         self._networks = _networks(trusted_proxies)
-        #: Written address -> (its normal spelling or ``None``, whether it is trusted).
+        #: Written address -> (its normal spelling or ``None``, whether it is trusted): this
+        #: generation's, and the one before it (see ``_CACHE_GENERATION``).
         self._cache: dict[str, tuple[str | None, bool]] = {}
+        self._old: dict[str, tuple[str | None, bool]] = {}
 
     @property
     def trusts_proxies(self) -> bool:
@@ -141,17 +160,27 @@ class ClientAddress:
         since peers and proxies repeat."""
         known = self._cache.get(host)
         if known is None:
-            address = _parse_address(host)
-            if address is None:
-                known = (None, False)
-            else:
-                trusted = any(address in network for network in self._networks)
-                known = (str(address), trusted)
-            if len(self._cache) >= _TRUST_CACHE_SIZE:
-                # Bounded: a flood of distinct spoofed hops cannot grow it without limit.
-                self._cache.clear()
+            known = self._old.get(host)
+            if known is None:
+                known = self._parse(host)
+            if len(self._cache) >= _CACHE_GENERATION:
+                # Bounded: a flood of distinct spoofed hops cannot grow it without limit, and
+                # what was used in the last generation (a proxy, a busy client) stays.
+                self._old, self._cache = self._cache, {}
             self._cache[host] = known
         return known
+
+    def _parse(self, host: str) -> tuple[str | None, bool]:
+        packed = _plain_ipv4(host)
+        address: _IPAddress | None
+        if packed is not None:
+            address, spelled = ipaddress.IPv4Address(packed), host
+        else:
+            address = _parse_address(host)
+            if address is None:
+                return None, False
+            spelled = str(address)
+        return spelled, any(address in network for network in self._networks)
 
     def __call__(self, scope: Scope) -> str:
         client = scope.get("client")
@@ -210,7 +239,15 @@ class DefaultIdentityResolver:
         trusted_proxies: see :class:`ClientAddress`.
     """
 
-    __slots__ = ("_address", "_by_key", "_default_tier", "_header", "_ip_cache", "_proxied")
+    __slots__ = (
+        "_address",
+        "_by_key",
+        "_default_tier",
+        "_header",
+        "_ip_cache",
+        "_ip_old",
+        "_proxied",
+    )
 
     def __init__(
         self,
@@ -229,7 +266,9 @@ class DefaultIdentityResolver:
         self._address = ClientAddress(trusted_proxies)
         #: Whether any proxy is trusted; if not, the address is the peer's.
         self._proxied = self._address.trusts_proxies
+        #: Address as written -> its identity: this generation's, and the one before it.
         self._ip_cache: dict[str, Identity] = {}
+        self._ip_old: dict[str, Identity] = {}
 
     async def __call__(self, scope: Scope) -> Identity:
         return self.resolve(scope)
@@ -245,25 +284,33 @@ class DefaultIdentityResolver:
                         return known
                     break
         if self._proxied:
+            # ``ClientAddress`` gives the address normalised already: not parsed again.
             address = self._address(scope)
-        else:
-            # ``ClientAddress`` without proxies, inlined (the default; every request): the peer.
-            client = scope.get("client")
-            address = client[0] if client else UNKNOWN_PEER
+            return self._ip_cache.get(address) or self._identity(address, normalised=True)
+        # ``ClientAddress`` without proxies, inlined (the default; every request): the peer.
+        client = scope.get("client")
+        address = client[0] if client else UNKNOWN_PEER
         # ``for_address``'s cache hit, inlined: this runs on every limited request.
-        return self._ip_cache.get(address) or self.for_address(address)
+        return self._ip_cache.get(address) or self._identity(address, normalised=False)
 
     def for_address(self, address: str) -> Identity:
         """The default-tier identity of ``address``, normalised (``1.2.3.4:5555`` and
         ``::ffff:1.2.3.4`` are ``ip:1.2.3.4``); reused, one object per recent address."""
-        identity = self._ip_cache.get(address)
+        return self._ip_cache.get(address) or self._identity(address, normalised=False)
+
+    def _identity(self, address: str, *, normalised: bool) -> Identity:
+        """The identity of ``address`` on a miss of this generation's cache: the previous
+        generation's, else a new one. Normalised here, once per written form, so the hit in
+        ``resolve`` stays as cheap as it was; what is not an address (a server's
+        "testclient") stays as it is."""
+        identity = self._ip_old.get(address)
         if identity is None:
-            if len(self._ip_cache) >= _TRUST_CACHE_SIZE:
-                self._ip_cache.clear()
-            # Normalised once per written form, here: the cache hit in ``resolve`` stays as
-            # cheap as it was. What is not an address (a server's "testclient") stays as is.
-            spelled = normalize_address(address) or address
-            identity = self._ip_cache[address] = Identity(f"ip:{spelled}", self._default_tier)
+            spelled = address if normalised else normalize_address(address) or address
+            identity = Identity(f"ip:{spelled}", self._default_tier)
+        if len(self._ip_cache) >= _CACHE_GENERATION:
+            # Bounded, and a client seen in the last generation keeps its identity.
+            self._ip_old, self._ip_cache = self._ip_cache, {}
+        self._ip_cache[address] = identity
         return identity
 
     @property
