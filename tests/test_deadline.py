@@ -88,6 +88,37 @@ async def test_deadline_works_with_async_with_as_with_with() -> None:
     assert remaining() is None
 
 
+async def test_one_deadline_scope_serves_many_tasks_and_nests_in_itself() -> None:
+    """A scope built once (``FIVE = deadline(5)`` at module level) and entered by two tasks at
+    once gives each its own five seconds from its own entry and puts back, in each task, what
+    that task had; entered inside itself, the inner exit puts the outer entry's deadline back."""
+    clock = ManualClock()
+    five = deadline(5.0, clock=clock)
+    entered = asyncio.Event()
+
+    async def first() -> tuple[float | None, float | None]:
+        async with five:
+            await entered.wait()  # the other task enters, one second later, meanwhile
+            inside = remaining()
+        return inside, remaining()
+
+    async def second() -> tuple[float | None, float | None]:
+        clock.advance(1.0)
+        async with five:
+            entered.set()
+            await asyncio.sleep(0)  # the first task leaves while this one is inside
+            inside = remaining()
+        return inside, remaining()
+
+    assert await asyncio.gather(first(), second()) == [(4.0, None), (5.0, None)]
+    with five as outer:
+        clock.advance(1.0)
+        with five:
+            assert remaining() == 4.0  # nested deadlines only shrink
+        assert current_deadline() is outer
+    assert current_deadline() is None
+
+
 def test_negative_deadline_is_a_configuration_error() -> None:
     """A negative or NaN budget fails loudly, naming the argument."""
     with pytest.raises(ConfigurationError, match="deadline seconds"), deadline(-1):

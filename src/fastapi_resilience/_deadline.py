@@ -11,7 +11,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -54,14 +54,21 @@ class Deadline:
     server's budget): a call it cuts says nothing about the upstream.
     """
 
-    __slots__ = ("at", "clock", "from_client")
+    __slots__ = ("_outer", "at", "clock", "from_client")
 
     def __init__(
-        self, at: float, clock: Clock = SYSTEM_CLOCK, *, from_client: bool = False
+        self,
+        at: float,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        from_client: bool = False,
+        outer: Deadline | None = None,
     ) -> None:
         self.at = at
         self.clock = clock
         self.from_client = from_client
+        #: The deadline this one was set inside, put back when its scope exits.
+        self._outer = outer
 
     def remaining(self) -> float:
         """Seconds left, never below 0."""
@@ -138,16 +145,19 @@ class DeadlineScope:
     """What :func:`deadline` returns: sets the deadline on entry, restores the outer on exit.
 
     Both forms set the same context variable in the current task, so ``async with`` costs
-    nothing more than ``with``.
+    nothing more than ``with``. One scope may be entered by many tasks at once and nested in
+    itself (``FIVE = deadline(5)`` at module level, ``async with FIVE:`` in every handler):
+    each entry starts its own deadline from the time it is entered, and each exit puts back
+    the deadline that was set in its own task when it was entered. The scope keeps no state
+    of its own between entry and exit.
     """
 
-    __slots__ = ("_clock", "_from_client", "_seconds", "_token")
+    __slots__ = ("_clock", "_from_client", "_seconds")
 
     def __init__(self, seconds: float | None, clock: Clock, from_client: bool) -> None:
         self._seconds = seconds
         self._clock = clock
         self._from_client = from_client
-        self._token: Token[Deadline | None] | None = None
 
     def __enter__(self) -> Deadline | None:
         outer = _DEADLINE.get()
@@ -162,8 +172,8 @@ class DeadlineScope:
             if left <= seconds:
                 # The outer deadline is the one that will cut: whoever chose it still owns it.
                 at, from_client = now + left, outer.from_client
-        current = Deadline(at, self._clock, from_client=from_client)
-        self._token = _DEADLINE.set(current)
+        current = Deadline(at, self._clock, from_client=from_client, outer=outer)
+        _DEADLINE.set(current)
         return current
 
     def __exit__(
@@ -172,9 +182,12 @@ class DeadlineScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._token is not None:
-            _DEADLINE.reset(self._token)
-            self._token = None
+        if self._seconds is None:
+            return  # entering set nothing
+        # The innermost deadline of this task is the one this entry set (scopes nest in a
+        # task); its link, not a token kept on the shared scope, says what to put back.
+        current = _DEADLINE.get()
+        _DEADLINE.set(None if current is None else current._outer)
 
     async def __aenter__(self) -> Deadline | None:
         return self.__enter__()
