@@ -209,6 +209,29 @@ async def test_a_failure_is_cached_too_and_the_built_in_checks_never_are() -> No
     assert second["checks"]["breakers"]["status"] == "degraded"
 
 
+async def test_the_breaker_check_registered_as_its_docstring_says_is_never_cached() -> None:
+    """``resilience.health.add("breakers", breaker_health_check(), critical=False)``, as the
+    docstring says to, with ``health_cache_seconds=5``: a breaker opened right after an "ok"
+    shows at the next call (it was served "ok" from the cache for up to 5 s)."""
+    from fastapi_resilience import CircuitBreaker, breaker_health_check
+    from fastapi_resilience._breaker import default_registry
+
+    clock = ManualClock()
+    app = FastAPI()
+    health = install(app, ResilienceSettings(health_cache_seconds=5), clock=clock).health
+    health.add("breakers", breaker_health_check(), critical=False)
+    breaker = CircuitBreaker("health-docstring-test")
+    try:
+        before = (await _get(app, "/health/ready")).json()
+        breaker.force_open()
+        after = (await _get(app, "/health/ready")).json()
+    finally:
+        default_registry.unregister("health-docstring-test")
+    assert before["checks"]["breakers"]["status"] == "ok"
+    assert after["status"] == "degraded"
+    assert "health-docstring-test open" in after["checks"]["breakers"]["detail"]
+
+
 async def test_a_check_can_have_its_own_cache_period() -> None:
     """``add(..., cache_seconds=0)`` runs that check on every call; others keep the default."""
     clock = ManualClock()

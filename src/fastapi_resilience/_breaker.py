@@ -810,17 +810,18 @@ def get_breaker(name: str, registry: BreakerRegistry | None = None) -> CircuitBr
     return (registry or default_registry).get(name)
 
 
-def breaker_health_check(
-    registry: BreakerRegistry | None = None,
-) -> Callable[[], Awaitable[CheckResult]]:
-    """A readiness check: ``"degraded"`` naming every open or half-open breaker.
+class _BreakersCheck:
+    """The readiness check of :func:`breaker_health_check`."""
 
-    Register it with ``resilience.health.add("breakers", breaker_health_check(),
-    critical=False)``; readiness then never says ``"ok"`` while a breaker is open.
-    """
+    #: It reads this process's breakers only, so it is never served again from a cache: an
+    #: open breaker shows at the next call (``HealthChecks.add`` takes this as its default).
+    cache_seconds = 0.0
 
-    async def check() -> CheckResult:
-        target = registry if registry is not None else default_registry
+    def __init__(self, registry: BreakerRegistry | None) -> None:
+        self._registry = registry
+
+    async def __call__(self) -> CheckResult:
+        target = self._registry if self._registry is not None else default_registry
         not_closed = target.open_breakers()
         if not not_closed:
             return CheckResult("ok")
@@ -831,4 +832,14 @@ def breaker_health_check(
         ]
         return CheckResult("degraded", "breakers not closed: " + ", ".join(parts))
 
-    return check
+
+def breaker_health_check(
+    registry: BreakerRegistry | None = None,
+) -> Callable[[], Awaitable[CheckResult]]:
+    """A readiness check: ``"degraded"`` naming every open or half-open breaker.
+
+    Register it with ``resilience.health.add("breakers", breaker_health_check(),
+    critical=False)``; readiness then never says ``"ok"`` while a breaker is open. It is
+    never cached, unless ``add`` is given a ``cache_seconds`` of its own.
+    """
+    return _BreakersCheck(registry)

@@ -97,13 +97,17 @@ class HealthChecks:
     ) -> None:
         """Register ``check`` under ``name`` (replacing one of the same name).
 
-        ``cache_seconds``: how long its result is served again (default: the checks' own);
-        ``0`` for a check that only reads this process's state and must always be current.
+        ``cache_seconds``: how long its result is served again; ``0`` for a check that only
+        reads this process's state and must always be current. Default: the check's own
+        ``cache_seconds`` attribute when it has one (:func:`breaker_health_check`'s is 0),
+        else the checks' own.
         """
         timeout = self.default_timeout if timeout is None else timeout
         if timeout <= 0:
             raise ValueError(f"health check {name!r}: timeout must be > 0 seconds")
-        cache_seconds = self.cache_seconds if cache_seconds is None else cache_seconds
+        if cache_seconds is None:
+            own = getattr(check, "cache_seconds", None)
+            cache_seconds = own if isinstance(own, int | float) else self.cache_seconds
         if cache_seconds < 0:
             raise ValueError(f"health check {name!r}: cache_seconds must be >= 0 seconds")
         self._checks[name] = _Registered(check, timeout, critical, cache_seconds)
