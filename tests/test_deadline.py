@@ -14,8 +14,10 @@ from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._deadline import (
     DEADLINE_EXCEEDED_DETAIL,
+    DeadlineCutError,
     current_deadline,
     deadline,
+    not_the_upstreams_failure,
     remaining,
     timeout,
     with_timeout,
@@ -28,7 +30,12 @@ from fastapi_resilience._outbound_fastapi import (
     deadline_dependency,
 )
 from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
+from fastapi_resilience.exceptions import (
+    ConfigurationError,
+    RetryExhaustedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
@@ -117,6 +124,66 @@ async def test_one_deadline_scope_serves_many_tasks_and_nests_in_itself() -> Non
             assert remaining() == 4.0  # nested deadlines only shrink
         assert current_deadline() is outer
     assert current_deadline() is None
+
+
+def test_a_nested_deadline_keeps_the_flag_of_whichever_cuts_first() -> None:
+    """from_client belongs to the deadline that will cut: an inner deadline of the server's
+    inside a client's longer one is the server's; inside a client's shorter one (or an equal
+    one: the outer cuts first) it stays the client's."""
+    clock = ManualClock()
+    with deadline(1.0, clock=clock, from_client=True):
+        with deadline(0.5, clock=clock) as tighter:
+            assert tighter is not None
+            assert not tighter.from_client
+        for seconds in (2.0, 1.0):
+            with deadline(seconds, clock=clock) as looser:
+                assert looser is not None
+                assert looser.from_client
+                assert remaining() == 1.0
+
+
+@pytest.mark.parametrize("from_client", [True, False], ids=["client", "server"])
+async def test_a_call_the_deadline_cuts_is_the_callers_only_under_the_clients(
+    from_client: bool,
+) -> None:
+    """timeout() cut by the request's deadline raises DeadlineCutError when the client chose
+    that deadline, and a plain UpstreamTimeoutError (which breakers count) when the server
+    did; both are 504 upstream_timeout. A call the spent deadline never started is the
+    caller's either way."""
+    never = asyncio.Event()
+    with deadline(0.05, from_client=from_client):
+        with pytest.raises(UpstreamTimeoutError) as cut:
+            async with timeout(10.0):
+                await never.wait()
+        assert not_the_upstreams_failure(cut.value) is from_client
+    assert isinstance(cut.value, DeadlineCutError) is from_client
+    assert (cut.value.status_code, cut.value.code) == (504, "upstream_timeout")
+
+    clock = ManualClock()
+    with deadline(1.0, clock=clock, from_client=from_client):
+        clock.advance(1.0)
+        with pytest.raises(DeadlineCutError) as stopped:
+            await with_timeout(never.wait(), 10.0)
+    assert not_the_upstreams_failure(stopped.value)
+
+
+def test_what_is_not_the_upstreams_failure() -> None:
+    """A DeadlineCutError and a RetryExhaustedError chaining one are the caller's anywhere;
+    any error once a deadline the client chose has run out is too, and none is under the
+    server's; outside a deadline only the first two."""
+    cut = DeadlineCutError("cut")
+    exhausted = RetryExhaustedError("gave up")
+    exhausted.__cause__ = cut
+    failure = UpstreamError("503")
+    assert not_the_upstreams_failure(cut)
+    assert not_the_upstreams_failure(exhausted)
+    assert not not_the_upstreams_failure(failure)
+    clock = ManualClock()
+    for from_client in (True, False):
+        with deadline(1.0, clock=clock, from_client=from_client):
+            assert not not_the_upstreams_failure(failure)
+            clock.advance(1.0)
+            assert not_the_upstreams_failure(failure) is from_client
 
 
 def test_negative_deadline_is_a_configuration_error() -> None:

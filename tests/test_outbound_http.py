@@ -390,6 +390,64 @@ async def test_requests_asking_for_a_microsecond_do_not_open_the_upstreams_break
         default_registry.unregister(f"upstream:{host}")
 
 
+async def test_a_microsecond_below_a_lowered_floor_still_leaves_the_breaker_closed(
+    upstream: httpx.AsyncClient,
+) -> None:
+    """With the floor lowered to a microsecond, X-Request-Timeout: 0.000001 is taken as asked:
+    each call is stopped before it is sent (504 upstream_timeout), and the upstream's shared
+    breaker (threshold 2) counts none of the five; the next caller, without the header, is
+    served. (At the default floor of 0.1 s the calls are made and answered instead.)"""
+    host = upstream.base_url.netloc.decode()
+    http = resilient_client(str(upstream.base_url), failure_threshold=2)
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, timeout=5.0, header_floor=1e-6, grace=1.0)
+    app.add_middleware(CorrelationIdMiddleware)
+
+    @app.get("/stock")
+    async def stock() -> dict[str, Any]:
+        return dict((await http.get("/item")).json())
+
+    try:
+        async with client_for(app) as client:
+            asked = [
+                await client.get("/stock", headers={"X-Request-Timeout": "0.000001"})
+                for _ in range(5)
+            ]
+            assert default_registry.get(f"upstream:{host}").state == "closed"
+            after = await client.get("/stock")
+        assert [(a.status_code, a.json()["code"]) for a in asked] == [(504, "upstream_timeout")] * 5
+        assert after.status_code == 200
+        assert await hits(upstream) == 1
+    finally:
+        await http.aclose()
+        default_registry.unregister(f"upstream:{host}")
+
+
+@pytest.mark.parametrize("style", GUARD_STYLES)
+async def test_calls_cut_by_the_servers_own_budget_still_open_the_breaker(
+    upstream: httpx.AsyncClient, style: str
+) -> None:
+    """The operator's budget (the middleware's 0.15 s, no header) cuts calls to an upstream
+    that takes 1 s: those are the upstream's failures, so the breaker (threshold 2) opens and
+    the next caller is refused at once (503 circuit_open) without reaching the upstream."""
+    guarded = Guarded(style, str(upstream.base_url), ManualClock())
+    app = guarded_app(guarded, timeout=0.15, grace=0.5)
+    try:
+        async with client_for(app) as client:
+            cut = [
+                (await client.get("/stock", params={"delay": 1.0})).status_code for _ in range(2)
+            ]
+            reached = await hits(upstream)
+            refused = await client.get("/stock", params={"delay": 1.0})
+        assert cut == [504, 504]
+        assert guarded.breaker.state == "open"
+        assert (refused.status_code, refused.json()["code"]) == (503, "circuit_open")
+        assert await hits(upstream) == reached == 2
+    finally:
+        await guarded.aclose()
+
+
 @pytest.mark.parametrize("style", GUARD_STYLES)
 async def test_calls_cut_by_the_clients_own_deadline_never_open_the_breaker(
     upstream: httpx.AsyncClient, style: str
