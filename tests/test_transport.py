@@ -728,7 +728,7 @@ async def test_hosts_whose_breaker_opened_are_forgotten_once_it_would_let_calls_
 ) -> None:
     """60 dead hosts (max_hosts=8) open their breakers and are kept while open. Once their
     recovery time is up a fresh breaker would let the next call through anyway, so they are
-    forgotten as new hosts come: 8 breakers registered again after four more hosts, and no
+    forgotten as new hosts come: 8 breakers registered again after the next host, and no
     breaker.half_open event for a host nobody called."""
     port = upstream.url.rsplit(":", 1)[1]
     dead = [f"http://127.0.0.{n}:{port}/item" for n in range(2, 62)]
@@ -743,9 +743,7 @@ async def test_hosts_whose_breaker_opened_are_forgotten_once_it_would_let_calls_
                 await http.get(url)
         assert len([n for n in default_registry.names() if n.endswith(f":{port}")]) == 60
         clock.advance(31)
-        for url in [*(f"http://127.0.1.{n}:{port}/item" for n in range(1, 4)), upstream.url]:
-            with contextlib.suppress(UpstreamError):
-                await http.get(url)
+        assert (await http.get(f"{upstream.url}/item")).status_code == 200
     kept = [n for n in default_registry.names() if n.endswith(f":{port}")]
     assert len(kept) == 8
     assert [e.name for e in seen if e.kind == "breaker.half_open"] == []

@@ -317,7 +317,8 @@ class HostPolicy:
 
 #: How many hosts a transport keeps policies for, unless told otherwise.
 DEFAULT_MAX_HOSTS = 1024
-#: Policies looked at for an idle one to forget, per new host beyond ``max_hosts``.
+#: Busy policies passed over while looking for idle ones to forget, per new host beyond
+#: ``max_hosts``.
 _EVICTION_SCAN = 16
 
 
@@ -455,18 +456,21 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     def _forget_idle(self, newest: str) -> None:
         """Beyond ``max_hosts``, forget least recently used idle policies; a busy one counts
-        as used now. At most ``_EVICTION_SCAN`` are looked at per new host, so a table full
-        of busy hosts costs each new one a bounded scan; it shrinks as they fall idle."""
+        as used now. At most ``_EVICTION_SCAN`` busy ones are passed over per new host, so a
+        table full of busy hosts costs each new one a bounded scan. Idle ones met are all
+        forgotten: each was added by a new host once, so that work is bounded by the hosts
+        added, and a table that grew while many breakers were open is back to the bound at
+        the first new host after they fall idle."""
         if self.max_hosts is None:
             return
         policies = self._policies
-        for _ in range(_EVICTION_SCAN):
-            if len(policies) <= self.max_hosts:
-                return
+        passed_over = 0
+        while len(policies) > self.max_hosts and passed_over < _EVICTION_SCAN:
             host, policy = next(iter(policies.items()))
             given = id(policy) in self._given
             if host == newest or (not given and _busy(policy)):
                 policies.move_to_end(host)
+                passed_over += 1
             else:
                 self._forget(host, policy, given)
 
