@@ -106,7 +106,7 @@ def tiny_app(before_routes: Callable[[FastAPI], object] | None = None) -> FastAP
     return app
 
 
-# ---- foundation (issue 2) ------------------------------------------------------------------
+# ---- foundation ------------------------------------------------------------------
 
 
 def bare(env: BenchEnv) -> ASGIApp:
@@ -220,7 +220,7 @@ def asgi_correlation_id(env: BenchEnv) -> ASGIApp:
     return app
 
 
-# ---- rate limiting (issue 3): the slowapi peers --------------------------------------------
+# ---- rate limiting: the slowapi peers --------------------------------------------
 
 
 def _slowapi_app(
@@ -356,7 +356,7 @@ def slowapi_refused_memory(env: BenchEnv) -> ASGIApp:
 
 #: Every variant, by name. ``bare`` is always measured: ratios are to it, in the same run.
 VARIANTS: dict[str, HttpVariant] = {
-    # ---- foundation (issue 2)
+    # ---- foundation
     "bare": HttpVariant("FastAPI, nothing added", bare, "foundation"),
     "noop_asgi": HttpVariant("a no-op pure ASGI middleware (reference)", noop_asgi, "foundation"),
     "noop_headers": HttpVariant(
@@ -385,7 +385,7 @@ VARIANTS: dict[str, HttpVariant] = {
         "foundation",
         expect_headers=("x-request-id",),
     ),
-    # ---- rate limiting (issue 3): this library's variants go here, next to the peers.
+    # ---- rate limiting: this library's variants go here, next to the peers.
     "resilience_full_memory": HttpVariant(
         "fastapi-resilience `install()`: IDs, errors, rate limit (memory), headers on",
         resilience_full_memory,

@@ -91,7 +91,7 @@ CLIENT_CASES: dict[str, ClientCase] = {
     "httpx_plain": ClientCase(
         "httpx `AsyncHTTPTransport`, nothing added (baseline)", plain_transport
     ),
-    # ---- outbound calls (issue 4): ResilientTransport goes here.
+    # ---- outbound calls: ResilientTransport goes here.
     "resilience_transport": ClientCase(
         "fastapi-resilience `ResilientTransport()` defaults (breaker, retry + budget, timeout)",
         resilience_transport,

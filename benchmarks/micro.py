@@ -146,7 +146,7 @@ async def asgi_correlation_id_peer() -> Call:
     return asgi_request(CorrelationIdMiddleware(asgi_endpoint))
 
 
-# ---- circuit breakers (issue 4): the peers ---------------------------------------------------
+# ---- circuit breakers: the peers ---------------------------------------------------
 
 
 async def circuitbreaker_decorator() -> Call:
@@ -185,7 +185,7 @@ async def pybreaker_async() -> Call:
     return lambda: breaker.call_async(noop)  # type: ignore[no-untyped-call]
 
 
-# ---- circuit breakers (issue 4): this library, closed state ----------------------------------
+# ---- circuit breakers: this library, closed state ----------------------------------
 
 
 async def resilience_breaker() -> Call:
@@ -204,7 +204,7 @@ async def resilience_breaker_call() -> Call:
     return lambda: breaker.call(noop)
 
 
-# ---- retries (issue 4): this library, on a call that succeeds first time ---------------------
+# ---- retries: this library, on a call that succeeds first time ---------------------
 
 
 async def resilience_retry() -> Call:
@@ -228,7 +228,7 @@ async def resilience_retry_budget() -> Call:
     return lambda: retry.call(noop)
 
 
-# ---- retries (issue 4): the peers, on a call that succeeds first time ------------------------
+# ---- retries: the peers, on a call that succeeds first time ------------------------
 
 
 async def tenacity_decorator() -> Call:
@@ -285,7 +285,7 @@ MICRO_CASES: dict[str, MicroCase] = {
         "asgi",
         "asgi",
     ),
-    # ---- circuit breakers (issue 4): this library's CircuitBreaker goes here.
+    # ---- circuit breakers: this library's CircuitBreaker goes here.
     "resilience_breaker": MicroCase(
         "fastapi-resilience `@CircuitBreaker(...)` decorator, closed",
         resilience_breaker,
@@ -316,7 +316,7 @@ MICRO_CASES: dict[str, MicroCase] = {
     "pybreaker_async": MicroCase(
         "pybreaker `call_async` (Tornado future) (peer)", pybreaker_async, "breaker"
     ),
-    # ---- retries (issue 4): this library's Retry goes here.
+    # ---- retries: this library's Retry goes here.
     "resilience_retry": MicroCase(
         "fastapi-resilience `@Retry(attempts=3)` decorator, success first time",
         resilience_retry,
