@@ -172,6 +172,10 @@ def test_route_limit_counts_and_refuses(shape_client: tuple[str, ShapeClient]) -
     assert int(refused.headers["retry-after"]) >= 1
     # Named by the full route, whichever app's limiter counts it.
     assert body["violated-policies"] == [client_prefix(shape) + "/login"]
+    if shape == "sub_app_with_parameter":
+        # One budget for the template: another tenant's path is no fresh budget.
+        other = client.base.replace("/acme", "/other") + "/login"
+        assert client.send("GET", other, headers=client.headers).status_code == 429
 
 
 def client_prefix(shape: str) -> str:
@@ -230,3 +234,29 @@ def test_cors_headers_on_refusals_and_errors(shape_client: tuple[str, ShapeClien
     refused = client.get("/hello", Origin=ORIGIN)
     assert_problem(refused, 429, "rate_limited")
     assert refused.headers["access-control-allow-origin"] == ORIGIN
+
+
+@cells([s for s in SHAPES if "middleware" in s])
+def test_user_middleware_sees_what_its_place_lets_it_see(
+    shape_client: tuple[str, ShapeClient],
+) -> None:
+    """Added after install() (outside its layer) a user's middleware sees every answer, the
+    library's 429 and 500 included; added before (inside) it sees the app's own answers, and
+    not what the layer answered around it."""
+    shape, client = shape_client
+    outside = shape.endswith("_after")
+    answers = {
+        "route": client.get("/hello"),
+        "handled error": client.get("/conflict"),
+        "unhandled error": client.get("/boom"),
+    }
+    for _ in range(TIER_LIMIT):
+        answers["refusal"] = client.get("/hello")
+    assert answers["refusal"].status_code == 429
+    seen = {name: "x-user-middleware" in a.headers for name, a in answers.items()}
+    assert seen == {
+        "route": True,
+        "handled error": True,
+        "unhandled error": outside,
+        "refusal": outside,
+    }

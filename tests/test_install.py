@@ -724,3 +724,21 @@ async def test_a_real_server_is_not_handed_the_exception_unless_asked() -> None:
                     await client.get("/boom")
             else:
                 assert (await client.get("/boom")).status_code == 500
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/health/ready"])
+def test_an_included_routers_route_at_a_fixed_path_is_refused(path: str) -> None:
+    """A route of an included ``APIRouter`` at install()'s paths hides them just as an app
+    route does (readiness would never report an open breaker): refused the same way."""
+    from fastapi import APIRouter
+
+    app = FastAPI()
+    router = APIRouter()
+
+    @router.get(path)
+    async def mine() -> dict[str, bool]:
+        return {"mine": True}
+
+    app.include_router(router)
+    with pytest.raises(ConfigurationError, match=r"metrics_path|health_path"):
+        install(app)

@@ -210,21 +210,31 @@ def test_an_installed_sub_app_leaves_one_limiter_counting(mount_at: str) -> None
         assert client.get(sub_path).status_code == 429
 
 
-def test_a_sub_app_served_by_two_apps_is_refused_at_start_up() -> None:
-    from fastapi_resilience import ConfigurationError
+def test_a_sub_app_shared_by_app_factories_is_served_by_the_app_started_last() -> None:
+    """An app factory mounting a module-level sub-app, called once per test: each app, once
+    started, serves the sub-app with its own settings (it was refused as already mounted)."""
+    from fastapi_resilience import requires_feature
 
     shared = FastAPI()
-    first, second = FastAPI(), FastAPI()
-    for app in (first, second):
-        install(app)
+
+    @shared.get("/reports", dependencies=[Depends(requires_feature("reports"))])
+    async def reports() -> list[str]:
+        return []
+
+    def create_app(reports_on: bool) -> FastAPI:
+        app = FastAPI()
+        resilience = install(app, ResilienceSettings(expose_error_details=reports_on))
+        resilience.degraded.feature("reports")
+        if not reports_on:
+            resilience.degraded.disable("reports", reason="test")
         app.mount("/v2", shared)
-    with TestClient(first):
-        pass
-    with (
-        pytest.raises(ConfigurationError, match="already mounted in another app"),
-        TestClient(second),
-    ):
-        pass
+        return app
+
+    first, second = create_app(reports_on=True), create_app(reports_on=False)
+    with TestClient(first) as client:
+        assert client.get("/v2/reports").status_code == 200
+    with TestClient(second) as client:
+        assert client.get("/v2/reports").status_code == 503
 
 
 def test_an_installed_sub_app_is_started_with_the_app() -> None:
@@ -276,3 +286,111 @@ def test_an_options_request_with_preflight_headers_is_counted_without_cors() -> 
     looks_like_preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "GET"}
     answers = [client.options("/x", headers=looks_like_preflight) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 429]
+
+
+def test_an_installed_sub_apps_exempt_paths_stay_exempt() -> None:
+    """The app's limiter counts a mounted app that has its own install(), and takes over its
+    exempt paths: the sub-app's health routes are never counted."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "2/minute"}))
+    sub = FastAPI()
+    install(sub)
+    app.mount("/sub", sub)
+    with TestClient(app) as client:
+        answers = [client.get("/sub/health/ready") for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert "x-ratelimit-remaining" not in answers[-1].headers
+
+
+@pytest.mark.parametrize("shape", ["middleware", "host", "routes"])
+def test_every_way_of_mounting_is_served(shape: str) -> None:
+    """A sub-app behind its own middleware, behind a ``Host``, and routes mounted without an
+    app at a path with parameters: problem answers, the app's features, template keys."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.routing import Host, Mount
+
+    from fastapi_resilience import requires_feature
+
+    app = FastAPI()
+    resilience = install(app, ResilienceSettings(rate_limit_tiers=ROOMY))
+    resilience.degraded.feature("reports")
+    resilience.degraded.disable("reports", reason="test")
+    sub = FastAPI()
+
+    @sub.get("/login", dependencies=[Depends(rate_limit("1/minute"))])
+    async def login() -> dict[str, str]:
+        return {}
+
+    @sub.get("/reports", dependencies=[Depends(requires_feature("reports"))])
+    async def reports() -> list[str]:
+        return []
+
+    if shape == "middleware":
+        app.router.routes.append(
+            Mount("/t/{tenant}", app=sub, middleware=[Middleware(GZipMiddleware)])
+        )
+    elif shape == "host":
+        app.router.routes.append(Host("api.example", app=sub))
+    else:
+        app.router.routes.append(Mount("/t/{tenant}", routes=sub.router.routes))
+    base = "" if shape == "host" else "/t/a"
+    headers = {"Host": "api.example"} if shape == "host" else {}
+    with TestClient(app) as client:
+        assert client.get(f"{base}/login", headers=headers).status_code == 200
+        other = "" if shape == "host" else "/t/b"
+        refused = client.get(f"{other}/login", headers=headers)
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["violated-policies"] == [
+            ("" if shape == "host" else "/t/{tenant}") + "/login"
+        ]
+        off = client.get(f"{base}/reports", headers=headers)
+        assert off.status_code == 503
+        assert off.json()["code"] == "feature_unavailable"
+        missing = client.get(f"{base}/nope", headers=headers)
+        assert missing.headers["content-type"] == "application/problem+json"
+
+
+def test_a_sub_app_route_limit_shows_the_tier_too() -> None:
+    """A route limit the middleware could not see (in a mounted sub-app) is answered with one
+    set of fields for the tier and the route: the tighter tier still shows in
+    ``X-RateLimit-*``, both policies in the IETF fields."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "3/minute"}))
+    sub = FastAPI()
+
+    @sub.get("/search", dependencies=[Depends(rate_limit("10/minute"))])
+    async def search() -> list[str]:
+        return []
+
+    app.mount("/v2", sub)
+    with TestClient(app) as client:
+        answers = [client.get("/v2/search") for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["x-ratelimit-remaining"] for a in answers[:3]] == ["2", "1", "0"]
+    assert answers[0].headers.get_list("x-ratelimit-limit") == ["3"]
+    assert answers[0].headers["ratelimit-policy"] == (
+        '"anonymous";q=3;w=60, "/v2/search";q=10;w=60'
+    )
+
+
+def test_a_plain_rate_limit_middleware_outside_leaves_one_limiter() -> None:
+    from fastapi_resilience import RateLimitMiddleware
+
+    sub = FastAPI()
+
+    @sub.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {}
+
+    install(sub, ResilienceSettings(rate_limit_tiers={"anonymous": "5/minute"}))
+    app = FastAPI()
+    app.add_middleware(
+        RateLimitMiddleware,
+        settings=ResilienceSettings(rate_limit_tiers={"anonymous": "100/minute"}),
+    )
+    app.mount("/sub", sub)
+    with TestClient(app) as client:
+        answer = client.get("/sub/hello")
+    assert answer.headers.get_list("x-ratelimit-limit") == ["100"]

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, WebS
 from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._request_path import route_path
+from fastapi_resilience._route_walk import flat_routes
 
 __all__ = ["FixedPathRoute", "FixedPathRoutes", "add_fixed_route", "route_at"]
 
@@ -193,14 +194,15 @@ def route_at(routes: Iterable[BaseRoute], path: str) -> BaseRoute | None:
     what no route was written for, and the router keeps the fixed paths ahead of the
     catch-alls defined after ``install()`` (ADR 0047).
     """
-    for route in routes:
-        if isinstance(route, Mount) and route.path == path:
+    # Included routers' routes too, with their prefixes (one entry of the list in FastAPI).
+    for context in flat_routes(list(routes)):
+        route = getattr(context, "original_route", context)
+        if getattr(context, "path", None) != path:
+            continue
+        if isinstance(route, Mount):
             return route
-        if (
-            isinstance(route, Route)
-            and route.path == path
-            and (route.methods is None or "GET" in route.methods)
-        ):
+        methods = getattr(context, "methods", None)
+        if isinstance(route, Route) and (methods is None or "GET" in methods):
             return route
     return None
 

@@ -186,6 +186,8 @@ def _start_mounted_apps(app: FastAPI, resilience: Resilience) -> None:
     those with their own ``install()`` (Starlette runs no lifespan of a mounted app)."""
     resilience._mounted = []
     for sub in serve_mounted_apps(app, resilience):
+        if sub.app is None:
+            continue  # routes mounted without an app: the app's own, checked with it
         if sub.installed:
             own: Resilience = getattr(sub.app.state, APP_STATE_NAME)
             resilience._mounted.append(own)

@@ -191,8 +191,14 @@ class RateLimitMiddleware:
         """
         limiter = self.limiter
         resolver = limiter.resolver
-        # ``_memory``: read directly, a property would cost a call on every request.
-        if limiter._memory is None or type(resolver) is not DefaultIdentityResolver:
+        # ``_memory``: read directly, a property would cost a call on every request. A request
+        # a limiter outside this one has judged goes to ``__call__``, which steps aside.
+        if (
+            limiter._memory is None
+            or type(resolver) is not DefaultIdentityResolver
+            or SCOPE_KEY in scope
+            or EXEMPT_KEY in scope
+        ):
             return False
         path = route_path(scope) if scope.get("root_path") else scope["path"]
         # ``limiter.is_exempt``, inlined: this is the path of every request under ``install``.

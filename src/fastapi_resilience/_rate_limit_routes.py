@@ -23,6 +23,7 @@ from starlette.types import Scope
 from fastapi_resilience._app_state import resilience_of
 from fastapi_resilience._limit_string import Limit, parse_limits
 from fastapi_resilience._rate_limit_core import StorageUnavailableError
+from fastapi_resilience._rate_limit_headers import HeaderPlan
 from fastapi_resilience._rate_limiter import (
     EXEMPT_KEY,
     OWN_HEADERS_KEY,
@@ -101,7 +102,7 @@ class RateLimit:
             raise RouteLimitRefused(
                 problem["detail"], extensions=problem["extensions"], headers=problem["headers"]
             )
-        for name, value in own.headers():
+        for name, value in _with_the_tiers(outcome, own):
             response.headers[name.decode("latin-1")] = value.decode("latin-1")
 
     def _plan_for(self, scope: Scope, limiter: RateLimiter) -> RoutePlan:
@@ -162,6 +163,19 @@ class RouteLimitUnavailable(ServiceUnavailableError, _AlsoHTTPException):  # typ
 
     __str__ = ServiceUnavailableError.__str__
     __repr__ = ServiceUnavailableError.__repr__
+
+
+def _with_the_tiers(outcome: LimitOutcome | None, own: LimitOutcome) -> list[tuple[bytes, bytes]]:
+    """One set of rate-limit fields for the tier the middleware counted and the route limits
+    checked here: every policy in the IETF fields, the tightest in ``X-RateLimit-*``."""
+    tier = outcome.decision if outcome is not None else None
+    mine = own.decision
+    if tier is None or mine is None or not own.limiter.headers_enabled:
+        return own.headers()
+    assert outcome is not None
+    plan = HeaderPlan.build([*outcome.plan.header.policies, *own.plan.header.policies])
+    states = [*tier.states, *mine.states]
+    return plan.headers([s.remaining for s in states], [s.reset_after for s in states])
 
 
 async def _check_route_only(

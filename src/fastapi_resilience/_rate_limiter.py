@@ -328,6 +328,15 @@ class RateLimiter:
     def tier_policy_names(self, tier: str) -> frozenset[str]:
         return self._tier_names.get(tier, frozenset())
 
+    def exempt(self, paths: Iterable[str]) -> None:
+        """Exempt ``paths`` too, as ``exempt_paths`` does (``install()`` adds those of an app
+        mounted in this one with its own ``install()``, whose requests this limiter counts)."""
+        paths = list(paths)
+        self.exempt_paths = self.exempt_paths | {p for p in paths if not p.endswith("*")}
+        self.exempt_prefixes += tuple(
+            p[:-1] for p in paths if p.endswith("*") and p[:-1] not in self.exempt_prefixes
+        )
+
     def is_exempt(self, path: str) -> bool:
         return path in self.exempt_paths or (
             bool(self.exempt_prefixes) and path.startswith(self.exempt_prefixes)
