@@ -568,3 +568,48 @@ async def test_a_half_open_trial_cut_by_the_clients_deadline_hands_back_its_slot
         assert guarded.breaker.state == "closed"
     finally:
         await guarded.aclose()
+
+
+# --- a refusal made in this process is final -------------------------------------------------
+
+
+async def test_a_full_bulkhead_answers_503_at_once_and_leaves_the_apps_breaker_closed(
+    upstream: httpx.AsyncClient,
+) -> None:
+    """The contract's pattern, ``breaker.call(fetch)`` with a ``resilient_client`` on its
+    default retries (3 attempts) and a bulkhead of one: while one call holds the slot, six more
+    callers get 503 bulkhead_full at once (no backoff slept, so no retry spent), the app's
+    breaker (threshold 3) stays closed, and the next caller is served."""
+    clock = ManualClock()
+    host = upstream.base_url.netloc.decode()
+    http = resilient_client(str(upstream.base_url), max_concurrent=1, clock=clock)
+    breaker = CircuitBreaker("inventory-bulkhead", failure_threshold=3, clock=clock, registry=None)
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    @app.get("/stock")
+    async def stock(hold: bool = False) -> dict[str, Any]:
+        params = {"hold": 1} if hold else {}
+        return dict((await breaker.call(http.get, "/item", params=params)).json())
+
+    try:
+        async with client_for(app) as client:
+            held = asyncio.create_task(client.get("/stock", params={"hold": True}))
+            for _ in range(500):  # bounded: at most ~5 s
+                if await hits(upstream) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            refused = [await client.get("/stock") for _ in range(6)]
+            await upstream.post("/release")
+            assert (await held).status_code == 200
+            after = await client.get("/stock")
+        assert [(r.status_code, r.json()["code"]) for r in refused] == [(503, "bulkhead_full")] * 6
+        assert refused[0].headers["content-type"] == PROBLEM_CONTENT_TYPE
+        assert clock.slept == []
+        assert breaker.state == "closed"
+        assert after.status_code == 200
+        assert await hits(upstream) == 2
+    finally:
+        await http.aclose()
+        default_registry.unregister(f"upstream:{host}")
+        default_bulkhead_registry.unregister(f"upstream:{host}")
