@@ -520,6 +520,55 @@ async def test_a_driver_timeout_with_a_margin_counts_only_under_the_servers_budg
     assert breaker.state == ("open" if counted else "closed")
 
 
+@pytest.mark.parametrize(
+    ("middleware", "library_timeout", "state"),
+    [
+        ({}, False, "closed"),
+        ({"header": ""}, False, "open"),
+        ({"header_floor": 5.0}, False, "open"),
+        ({}, True, "open"),
+    ],
+    ids=["header-on", "header-off", "floor-at-the-budget", "library-timeout"],
+)
+async def test_a_header_on_every_request_hides_fixed_driver_timeouts(
+    upstream: httpx.AsyncClient,
+    middleware: dict[str, Any],
+    library_timeout: bool,
+    state: str,
+) -> None:
+    """A gateway forwards X-Request-Timeout: 1 (under the server's 5 s) on every request, and
+    the route's call has a fixed 0.2 s timeout against an upstream that takes 1.5 s. With the
+    header on, every deadline is the client's, so the breaker (threshold 2) never counts the
+    driver's timeouts and stays closed. Switching the header off, a floor at the server's
+    budget, or the library's own ``timeout(0.2)`` in place of the driver's makes them count."""
+    breaker = CircuitBreaker("inventory-gateway", failure_threshold=2, registry=None)
+
+    async def fetch() -> dict[str, Any]:
+        if library_timeout:
+            async with timeout(0.2):
+                answer = await upstream.get("/item", params={"delay": 1.5})
+        else:
+            answer = await upstream.get("/item", params={"delay": 1.5}, timeout=0.2)
+        return dict(answer.json())
+
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, timeout=5.0, **middleware)
+
+    @app.get("/stock")
+    async def stock() -> dict[str, Any]:
+        try:
+            return await breaker.call(fetch)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError("inventory timed out") from exc
+
+    gateway = {"X-Request-Timeout": "1"}
+    async with client_for(app) as client:
+        answers = [(await client.get("/stock", headers=gateway)).status_code for _ in range(2)]
+    assert answers == [504, 504]
+    assert breaker.state == state
+
+
 @pytest.mark.parametrize("style", GUARD_STYLES)
 async def test_calls_the_deadline_stopped_before_they_started_are_not_counted(
     upstream: httpx.AsyncClient, style: str
