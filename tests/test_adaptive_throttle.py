@@ -3,12 +3,15 @@ from __future__ import annotations
 import pytest
 
 from fastapi_resilience._adaptive_throttle import AdaptiveThrottle, ThrottledError, is_overload
+from fastapi_resilience._bulkhead import Bulkhead
 from fastapi_resilience._deadline import DeadlineCutError, deadline, timeout
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._retry import Retry
 from fastapi_resilience.exceptions import (
+    BulkheadFullError,
     ConfigurationError,
     NotFoundError,
+    RetryExhaustedError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -123,6 +126,25 @@ def test_non_overload_errors_count_as_accepted() -> None:
     assert not is_overload(NotFoundError())
     assert is_overload(UpstreamError())
     assert not is_overload(ThrottledError())
+
+
+async def test_retries_that_ended_on_a_full_bulkhead_are_no_refusals() -> None:
+    """Behind a user's own Retry that names BulkheadFullError, calls that a full bulkhead
+    refused at every attempt end in RetryExhaustedError chaining the refusal: the upstream
+    refused nothing, so the drop probability stays 0."""
+    clock = ManualClock()
+    throttle = AdaptiveThrottle(min_requests=0, clock=clock, random=lambda: 0.999)
+    bulkhead = Bulkhead("pool", max_concurrent=1, registry=None)
+    retry = Retry(attempts=2, retry_on=(BulkheadFullError,), clock=clock)
+
+    async def upstream() -> None:
+        raise AssertionError("a full bulkhead let a call through")
+
+    async with bulkhead:
+        for _ in range(20):
+            with pytest.raises(RetryExhaustedError):
+                await throttle.call(retry.call, bulkhead.call, upstream)
+    assert throttle.probability() == 0.0
 
 
 async def test_throttled_error_is_not_retried() -> None:

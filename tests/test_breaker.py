@@ -24,6 +24,7 @@ from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._health import HealthChecks
 from fastapi_resilience._install import install
 from fastapi_resilience._outbound_fastapi import breaker_dependency, watch_outbound
+from fastapi_resilience._retry import Retry
 from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import (
     BadRequestError,
@@ -31,6 +32,7 @@ from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ConfigurationError,
     NotFoundError,
+    RetryExhaustedError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -224,6 +226,26 @@ async def test_client_errors_are_ignored(
             await breaker.call(upstream)
     assert breaker.state == "closed"
     assert breaker.failures == 2
+
+
+async def test_retries_that_ended_on_a_full_bulkhead_are_ignored(
+    clock: ManualClock, registry: BreakerRegistry
+) -> None:
+    """A breaker around a user's own Retry that names BulkheadFullError: while the bulkhead is
+    full, each call ends in RetryExhaustedError chaining the refusal, which says nothing about
+    the upstream, so the breaker (threshold 2) stays closed and the upstream was never called."""
+    breaker = make(clock, registry, failure_threshold=2)
+    bulkhead = Bulkhead("pool", max_concurrent=1, registry=None)
+    retry = Retry(attempts=2, retry_on=(BulkheadFullError,), clock=clock)
+    upstream = Upstream()
+    async with bulkhead:
+        for _ in range(5):
+            with pytest.raises(RetryExhaustedError) as info:
+                await breaker.call(retry.call, bulkhead.call, upstream)
+            assert isinstance(info.value.__cause__, BulkheadFullError)
+    assert breaker.state == "closed"
+    assert upstream.calls == 0
+    assert await breaker.call(retry.call, bulkhead.call, upstream) == "ok"
 
 
 @pytest.mark.parametrize(

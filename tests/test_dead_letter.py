@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -372,6 +373,57 @@ async def test_a_record_without_a_key_that_raised_can_be_retried_with_the_key_it
     finally:
         await queue.aclose()
     assert [(letter.id, letter.key) for letter in letters] == [(again.id, key)]
+
+
+@dataclass(frozen=True)
+class FrozenStorageError(Exception):
+    """A storage's error type that takes no new attributes, as a frozen dataclass."""
+
+    reason: str = "storage down"
+
+
+class SealedStorageError(Exception):
+    """A storage's error type that refuses attributes the way some C types do."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise TypeError(f"cannot set {name!r}")
+
+
+class BrokenStorage(MemoryDeadLetterQueue):
+    """A queue whose storage fails with a given error."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(10)
+        self.failure = failure
+
+    async def _add(self, letter: DeadLetter) -> DeadLetter:
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    "failure", [FrozenStorageError(), SealedStorageError("down")], ids=["frozen", "sealed"]
+)
+async def test_a_storage_error_that_takes_no_attributes_is_raised_as_it_is(
+    failure: Exception,
+) -> None:
+    """record() puts the key on the storage's error when it can; an error type that takes no
+    attributes is raised unchanged (not an AttributeError or TypeError of the library's),
+    and the decorator still reports it and re-raises the caller's own error."""
+    queue = BrokenStorage(failure)
+    with pytest.raises(type(failure)) as raised:
+        await queue.record("charge", UpstreamError("boom"), key="order-1")
+    assert raised.value is failure
+
+    @dead_letter_on_failure(queue, "charge")
+    async def charge() -> None:
+        raise UpstreamError("boom")
+
+    seen: list[Event] = []
+    queue.events = EventBus(log=False)
+    queue.events.subscribe(seen.append)
+    with pytest.raises(UpstreamError, match="boom"):
+        await charge()
+    assert [event.kind for event in seen] == ["dlq.record_failed"]
 
 
 async def test_a_key_whose_entry_was_replayed_away_is_recorded_again(

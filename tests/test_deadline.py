@@ -126,6 +126,35 @@ async def test_one_deadline_scope_serves_many_tasks_and_nests_in_itself() -> Non
     assert current_deadline() is None
 
 
+async def test_an_exit_out_of_order_puts_back_what_its_own_entry_replaced() -> None:
+    """An async generator with a deadline of its own, left suspended by a caller that stopped
+    reading (it runs in the caller's task), exits after the caller's deadline has: once the
+    caller's ``with`` ends no deadline is left set, nor after the generator is closed. Closed
+    while the caller's deadline still runs, it puts the caller's deadline back."""
+    clock = ManualClock()
+
+    async def rows() -> AsyncIterator[int]:
+        async with deadline(1.0, clock=clock):
+            for row in range(3):
+                yield row
+
+    with deadline(10.0, clock=clock):
+        left_open = rows()
+        async for _ in left_open:
+            break
+    assert remaining() is None
+    await left_open.aclose()
+    assert remaining() is None
+
+    with deadline(10.0, clock=clock) as outer:
+        closed_inside = rows()
+        async for _ in closed_inside:
+            break
+        await closed_inside.aclose()
+        assert current_deadline() is outer
+    assert remaining() is None
+
+
 def test_a_nested_deadline_keeps_the_flag_of_whichever_cuts_first() -> None:
     """from_client belongs to the deadline that will cut: an inner deadline of the server's
     inside a client's longer one is the server's; inside a client's shorter one (or an equal

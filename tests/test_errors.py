@@ -44,7 +44,7 @@ HIERARCHY = [
     ("RetryExhaustedError", "UpstreamError", 502, "retries_exhausted", False),
     ("ServiceUnavailableError", "ServerError", 503, "service_unavailable", True),
     ("CircuitOpenError", "ServiceUnavailableError", 503, "circuit_open", True),
-    ("BulkheadFullError", "ServiceUnavailableError", 503, "bulkhead_full", True),
+    ("BulkheadFullError", "ServiceUnavailableError", 503, "bulkhead_full", False),
     ("FeatureUnavailableError", "ServiceUnavailableError", 503, "feature_unavailable", True),
 ]
 

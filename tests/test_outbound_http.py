@@ -520,6 +520,55 @@ async def test_a_driver_timeout_with_a_margin_counts_only_under_the_servers_budg
     assert breaker.state == ("open" if counted else "closed")
 
 
+@pytest.mark.parametrize(
+    ("middleware", "library_timeout", "state"),
+    [
+        ({}, False, "closed"),
+        ({"header": ""}, False, "open"),
+        ({"header_floor": 5.0}, False, "open"),
+        ({}, True, "open"),
+    ],
+    ids=["header-on", "header-off", "floor-at-the-budget", "library-timeout"],
+)
+async def test_a_header_on_every_request_hides_fixed_driver_timeouts(
+    upstream: httpx.AsyncClient,
+    middleware: dict[str, Any],
+    library_timeout: bool,
+    state: str,
+) -> None:
+    """A gateway forwards X-Request-Timeout: 1 (under the server's 5 s) on every request, and
+    the route's call has a fixed 0.2 s timeout against an upstream that takes 1.5 s. With the
+    header on, every deadline is the client's, so the breaker (threshold 2) never counts the
+    driver's timeouts and stays closed. Switching the header off, a floor at the server's
+    budget, or the library's own ``timeout(0.2)`` in place of the driver's makes them count."""
+    breaker = CircuitBreaker("inventory-gateway", failure_threshold=2, registry=None)
+
+    async def fetch() -> dict[str, Any]:
+        if library_timeout:
+            async with timeout(0.2):
+                answer = await upstream.get("/item", params={"delay": 1.5})
+        else:
+            answer = await upstream.get("/item", params={"delay": 1.5}, timeout=0.2)
+        return dict(answer.json())
+
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(RequestDeadlineMiddleware, timeout=5.0, **middleware)
+
+    @app.get("/stock")
+    async def stock() -> dict[str, Any]:
+        try:
+            return await breaker.call(fetch)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError("inventory timed out") from exc
+
+    gateway = {"X-Request-Timeout": "1"}
+    async with client_for(app) as client:
+        answers = [(await client.get("/stock", headers=gateway)).status_code for _ in range(2)]
+    assert answers == [504, 504]
+    assert breaker.state == state
+
+
 @pytest.mark.parametrize("style", GUARD_STYLES)
 async def test_calls_the_deadline_stopped_before_they_started_are_not_counted(
     upstream: httpx.AsyncClient, style: str
@@ -568,3 +617,48 @@ async def test_a_half_open_trial_cut_by_the_clients_deadline_hands_back_its_slot
         assert guarded.breaker.state == "closed"
     finally:
         await guarded.aclose()
+
+
+# --- a refusal made in this process is final -------------------------------------------------
+
+
+async def test_a_full_bulkhead_answers_503_at_once_and_leaves_the_apps_breaker_closed(
+    upstream: httpx.AsyncClient,
+) -> None:
+    """The contract's pattern, ``breaker.call(fetch)`` with a ``resilient_client`` on its
+    default retries (3 attempts) and a bulkhead of one: while one call holds the slot, six more
+    callers get 503 bulkhead_full at once (no backoff slept, so no retry spent), the app's
+    breaker (threshold 3) stays closed, and the next caller is served."""
+    clock = ManualClock()
+    host = upstream.base_url.netloc.decode()
+    http = resilient_client(str(upstream.base_url), max_concurrent=1, clock=clock)
+    breaker = CircuitBreaker("inventory-bulkhead", failure_threshold=3, clock=clock, registry=None)
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    @app.get("/stock")
+    async def stock(hold: bool = False) -> dict[str, Any]:
+        params = {"hold": 1} if hold else {}
+        return dict((await breaker.call(http.get, "/item", params=params)).json())
+
+    try:
+        async with client_for(app) as client:
+            held = asyncio.create_task(client.get("/stock", params={"hold": True}))
+            for _ in range(500):  # bounded: at most ~5 s
+                if await hits(upstream) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            refused = [await client.get("/stock") for _ in range(6)]
+            await upstream.post("/release")
+            assert (await held).status_code == 200
+            after = await client.get("/stock")
+        assert [(r.status_code, r.json()["code"]) for r in refused] == [(503, "bulkhead_full")] * 6
+        assert refused[0].headers["content-type"] == PROBLEM_CONTENT_TYPE
+        assert clock.slept == []
+        assert breaker.state == "closed"
+        assert after.status_code == 200
+        assert await hits(upstream) == 2
+    finally:
+        await http.aclose()
+        default_registry.unregister(f"upstream:{host}")
+        default_bulkhead_registry.unregister(f"upstream:{host}")

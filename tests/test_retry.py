@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from fastapi_resilience._breaker import CircuitBreaker
+from fastapi_resilience._bulkhead import Bulkhead
 from fastapi_resilience._deadline import deadline
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._retry import Retry, default_retryable
@@ -15,6 +16,7 @@ from fastapi_resilience._retry_budget import RetryBudget
 from fastapi_resilience.exceptions import (
     AppError,
     BadRequestError,
+    BulkheadFullError,
     CircuitOpenError,
     ClientError,
     ConfigurationError,
@@ -104,6 +106,22 @@ async def test_never_retries_client_or_non_retryable_errors(error: Exception) ->
         await Retry(clock=ManualClock()).call(fn)
     assert info.value is error
     assert fn.calls == 1
+
+
+async def test_a_full_bulkhead_is_raised_at_once_and_spends_no_retry() -> None:
+    """A refusal made in this process, a full bulkhead, is final for a default Retry: raised
+    unchanged (503 bulkhead_full) after one attempt, with no wait and nothing taken from the
+    retry budget; the bulkhead has its own waiting line for callers who want to wait."""
+    clock = ManualClock()
+    budget = RetryBudget(clock=clock)
+    bulkhead = Bulkhead("pool", max_concurrent=1, registry=None)
+    fn = Flaky()
+    async with bulkhead:
+        with pytest.raises(BulkheadFullError):
+            await Retry(attempts=3, budget=budget, clock=clock).call(bulkhead.call, fn)
+    assert fn.calls == 0
+    assert clock.slept == []
+    assert budget.snapshot()["retries"] == 0
 
 
 async def test_gives_up_with_retry_exhausted_chaining_the_last_error() -> None:

@@ -28,11 +28,12 @@ from fastapi_resilience.exceptions import (
     BulkheadFullError,
     ConfigurationError,
     RateLimitedError,
+    RetryExhaustedError,
     ServiceUnavailableError,
     UpstreamError,
 )
 
-__all__ = ["AdaptiveThrottle", "ThrottledError", "is_overload"]
+__all__ = ["AdaptiveThrottle", "ThrottledError", "is_overload", "refused_here"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -55,15 +56,22 @@ class ThrottledError(ServiceUnavailableError):
     retryable = False
 
 
+def refused_here(exc: BaseException) -> bool:
+    """Whether a refusal made in this process ended the call: a full bulkhead, a throttle, or
+    retries whose last attempt was one. The upstream said nothing about that attempt."""
+    last = exc.__cause__ if isinstance(exc, RetryExhaustedError) else exc
+    return isinstance(last, ThrottledError | BulkheadFullError)
+
+
 def is_overload(exc: BaseException) -> bool:
     """The default "the upstream refused" test: upstream errors, 503s, 429s, transport errors;
-    not a refusal made in this process (a full bulkhead, a throttle) nor a call that the
-    caller's own deadline ended."""
+    not a refusal made in this process (a full bulkhead, a throttle, retries that ended on
+    one) nor a call that the caller's own deadline ended."""
     return (
         isinstance(
             exc, UpstreamError | ServiceUnavailableError | RateLimitedError | httpx.TransportError
         )
-        and not isinstance(exc, ThrottledError | BulkheadFullError)
+        and not refused_here(exc)
         and not not_the_upstreams_failure(exc)
     )
 

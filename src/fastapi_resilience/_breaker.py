@@ -20,7 +20,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
-from fastapi_resilience._adaptive_throttle import ThrottledError
+from fastapi_resilience._adaptive_throttle import refused_here
 from fastapi_resilience._breaker_window import (
     CountWindowState,
     SlidingWindow,
@@ -32,7 +32,6 @@ from fastapi_resilience._deadline import not_the_upstreams_failure, to_seconds
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
 from fastapi_resilience.exceptions import (
-    BulkheadFullError,
     CircuitOpenError,
     ClientError,
     ConfigurationError,
@@ -62,9 +61,6 @@ BreakerState = Literal["closed", "open", "half_open"]
 CLOSED: BreakerState = "closed"
 OPEN: BreakerState = "open"
 HALF_OPEN: BreakerState = "half_open"
-
-#: Refusals made in this process before the call left it: the upstream saw nothing.
-_REFUSED_HERE = (BulkheadFullError, ThrottledError)
 
 #: ``listener(breaker, old_state, new_state)``, called once per state change.
 BreakerListener = Callable[["CircuitBreaker", BreakerState, BreakerState], None]
@@ -134,7 +130,8 @@ class CircuitBreaker(EventSource):
     httpx ``HTTPStatusError`` for a 4xx answer); so an :class:`UpstreamError` (5xx, connect
     error), a ``TimeoutError`` / :class:`UpstreamTimeoutError` and transport errors count.
     An exception in ``ignore_on``, cancellation, a refusal made in this process before the
-    call left it (:class:`BulkheadFullError`, a ``ThrottledError``), and a call the request's
+    call left it (:class:`BulkheadFullError`, a ``ThrottledError``, or retries whose last
+    attempt was one of those), and a call the request's
     deadline ended for the caller's reasons (it never started, or a deadline the client chose
     cut it; see :func:`~fastapi_resilience._deadline.not_the_upstreams_failure`) are
     *ignored*: neither a success nor a failure (in half-open they give the trial permit back).
@@ -563,9 +560,10 @@ class CircuitBreaker(EventSource):
         """``True`` failure, ``False`` success, ``None`` ignored."""
         if not isinstance(exc, Exception) or isinstance(exc, self.ignore_on):
             return None
-        if isinstance(exc, _REFUSED_HERE) or not_the_upstreams_failure(exc):
-            # A full bulkhead, a throttle or the caller's deadline ended the call: no evidence
-            # either way, and in half-open the trial slot goes back for a call that can tell.
+        if refused_here(exc) or not_the_upstreams_failure(exc):
+            # A full bulkhead, a throttle or the caller's deadline ended the call (retries
+            # included): no evidence either way, and in half-open the trial slot goes back for
+            # a call that can tell.
             return None
         if self.is_failure is not None:
             return bool(self.is_failure(exc))

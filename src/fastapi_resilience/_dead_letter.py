@@ -17,6 +17,7 @@ Two storages: :class:`MemoryDeadLetterQueue` (bounded, per process) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import itertools
@@ -159,7 +160,8 @@ class DeadLetterQueue:
 
         Raises:
             the storage's error when it could not confirm the entry (Redis down or stalled),
-            with the key the entry was recorded under as its ``dead_letter_key`` attribute.
+            with the key the entry was recorded under as its ``dead_letter_key`` attribute
+            (unless its type takes no attributes: pass ``key`` to know it then).
             The entry may still have been stored: a stalled Redis runs the command when it
             resumes. Call ``record`` again with that ``key`` to be sure: it is stored once.
             :func:`dead_letter_on_failure` catches and reports the error.
@@ -181,7 +183,10 @@ class DeadLetterQueue:
             return await self._add(letter)
         except Exception as failure:
             # It may be stored all the same: the key lets the caller record it again, once.
-            setattr(failure, KEY_ATTRIBUTE, letter.key)
+            # An error type that takes no attributes (frozen, or a C type) goes up without it:
+            # the storage's error matters more than the key.
+            with contextlib.suppress(Exception):
+                setattr(failure, KEY_ATTRIBUTE, letter.key)
             raise
 
     async def replay(

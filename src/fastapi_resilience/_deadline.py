@@ -54,7 +54,7 @@ class Deadline:
     server's budget): a call it cuts says nothing about the upstream.
     """
 
-    __slots__ = ("_outer", "at", "clock", "from_client")
+    __slots__ = ("_outer", "_scope", "at", "clock", "from_client")
 
     def __init__(
         self,
@@ -63,12 +63,16 @@ class Deadline:
         *,
         from_client: bool = False,
         outer: Deadline | None = None,
+        scope: DeadlineScope | None = None,
     ) -> None:
         self.at = at
         self.clock = clock
         self.from_client = from_client
-        #: The deadline this one was set inside, put back when its scope exits.
+        #: The deadline this one replaced when its scope set it, put back when that exits.
+        #: The links from the current deadline are the task's entered scopes, innermost first.
         self._outer = outer
+        #: The scope whose entry set it.
+        self._scope = scope
 
     def remaining(self) -> float:
         """Seconds left, never below 0."""
@@ -148,8 +152,16 @@ class DeadlineScope:
     nothing more than ``with``. One scope may be entered by many tasks at once and nested in
     itself (``FIVE = deadline(5)`` at module level, ``async with FIVE:`` in every handler):
     each entry starts its own deadline from the time it is entered, and each exit puts back
-    the deadline that was set in its own task when it was entered. The scope keeps no state
-    of its own between entry and exit.
+    the deadline that its own entry replaced in its own task. The scope keeps no state of its
+    own between entry and exit: each deadline it sets names it and links to the one it
+    replaced, so a task's current deadline leads through the scopes the task has entered.
+
+    Exits may come out of order: an async generator with a deadline of its own runs in the
+    task that iterates it and may be left suspended inside it while the caller's scope exits.
+    The caller's exit then puts back what the caller had, dropping the generator's deadline
+    too, and the generator's later exit, finding nothing of its own, changes nothing. Only a
+    scope entered both by such a generator and by its caller cannot tell the two entries apart
+    (its exit takes the innermost): give the generator a ``deadline()`` of its own.
     """
 
     __slots__ = ("_clock", "_from_client", "_seconds")
@@ -172,7 +184,7 @@ class DeadlineScope:
             if left <= seconds:
                 # The outer deadline is the one that will cut: whoever chose it still owns it.
                 at, from_client = now + left, outer.from_client
-        current = Deadline(at, self._clock, from_client=from_client, outer=outer)
+        current = Deadline(at, self._clock, from_client=from_client, outer=outer, scope=self)
         _DEADLINE.set(current)
         return current
 
@@ -184,10 +196,15 @@ class DeadlineScope:
     ) -> None:
         if self._seconds is None:
             return  # entering set nothing
-        # The innermost deadline of this task is the one this entry set (scopes nest in a
-        # task); its link, not a token kept on the shared scope, says what to put back.
-        current = _DEADLINE.get()
-        _DEADLINE.set(None if current is None else current._outer)
+        # This scope's innermost entry in this task is the one exiting (a scope nested in
+        # itself exits innermost first). Usually it set the current deadline; out of order,
+        # deadlines set since (a suspended generator's) go with it.
+        mine = _DEADLINE.get()
+        while mine is not None and mine._scope is not self:
+            mine = mine._outer
+        if mine is not None:
+            _DEADLINE.set(mine._outer)
+        # else: entered in another task, or already dropped by an exit out of order.
 
     async def __aenter__(self) -> Deadline | None:
         return self.__enter__()

@@ -17,7 +17,7 @@ AppError                          500 internal_error
     │   └── RetryExhaustedError   502 retries_exhausted
     └── ServiceUnavailableError   503 service_unavailable  retryable
         ├── CircuitOpenError      503 circuit_open         Retry-After = time left open
-        ├── BulkheadFullError     503 bulkhead_full
+        ├── BulkheadFullError     503 bulkhead_full        not retryable (refused in this process)
         └── FeatureUnavailableError 503 feature_unavailable
 ```
 
@@ -231,10 +231,16 @@ class CircuitOpenError(ServiceUnavailableError):
 
 
 class BulkheadFullError(ServiceUnavailableError):
-    """A bulkhead has no free slot and its waiting line is full or the wait timed out."""
+    """A bulkhead has no free slot and its waiting line is full or the wait timed out.
+
+    Not retryable: the refusal is made in this process, and the bulkhead's own waiting line
+    (``max_waiting``, ``wait_timeout``) is the place to wait for a slot; a retry would only
+    wait again outside it and spend the retry budget.
+    """
 
     code = "bulkhead_full"
     title = "Bulkhead Full"
+    retryable = False
 
 
 class FeatureUnavailableError(ServiceUnavailableError):
