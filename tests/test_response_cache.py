@@ -229,6 +229,36 @@ async def test_l1_is_bounded_least_recently_used_goes_first() -> None:
     assert (await cache.get("a"), await cache.get("c")) != (None, None)
 
 
+async def test_a_full_l1_drops_expired_entries_before_a_live_one() -> None:
+    """Room for a new entry is made from entries past their stale window first: a live entry
+    used less recently than an expired one stays."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=100, max_entries=2, clock=clock)
+    await cache.set("live", 1)
+    await cache.set("short", 2, ttl=1)
+    assert await cache.get("short") is not None  # the most recently used now
+    clock.advance(2)  # "short" is past its ttl, and has no stale window
+    await cache.set("new", 3)
+    live, new = await cache.get("live"), await cache.get("new")
+    assert live is not None
+    assert live.value == 1
+    assert new is not None
+    assert new.value == 3
+
+
+async def test_len_counts_the_entries_still_held() -> None:
+    """An entry counts while it is fresh or stale, and no longer once its stale window is over,
+    whether or not anything has read it since."""
+    clock = ManualClock()
+    cache = ResponseCache(ttl=1, stale_ttl=1, clock=clock)
+    await cache.set("a", 1)
+    await cache.set("b", 2, stale_ttl=5)
+    clock.advance(1.5)
+    assert len(cache) == 2  # both stale, both still served on a failure
+    clock.advance(1)
+    assert len(cache) == 1
+
+
 async def test_keys_are_hashed_and_bounded() -> None:
     """Any key string, however long, maps to a fixed-size storage key under the prefix."""
     cache = ResponseCache(ttl=1, prefix="inv:")

@@ -11,11 +11,11 @@ stored. When in doubt, an answer is not shared (ADR 0057).
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import httpx
+from cachetools import LRUCache
 
 from fastapi_resilience._correlation import HEADER_NAME
 from fastapi_resilience.exceptions import ConfigurationError
@@ -94,7 +94,7 @@ class SharingRules:
     def __init__(self, credentials: tuple[str, ...], *, max_urls: int) -> None:
         self.credentials = credentials
         self.max_urls = max_urls
-        self._varied: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._varied: LRUCache[str, tuple[str, ...]] = LRUCache(max_urls)
         # The digest of a request that carries none of the credential headers, worked out
         # once: the common case builds its key with no hashing.
         self._bare = _digest([(name, None) for name in credentials])
@@ -103,10 +103,8 @@ class SharingRules:
         """The key for ``request``'s answer; ``None`` when answers for its URL are never shared."""
         resource = f"{request.method} {request.url}"
         varied = self._varied.get(resource)
-        if varied is not None:
-            self._varied.move_to_end(resource)
-            if varied == _ANYTHING:
-                return None
+        if varied == _ANYTHING:
+            return None
         names = self.credentials + (varied or ())
         values = [(name, request.headers.get(name)) for name in names]
         if varied or any(value is not None for _, value in values):
@@ -122,17 +120,11 @@ class SharingRules:
             return False
         vary = _tokens(headers.get_list("vary"))
         if "*" in vary:
-            self._learn(key.resource, _ANYTHING)
+            self._varied[key.resource] = _ANYTHING
             return False
         missing = vary.difference(key.headers)
         if missing:
             known = self._varied.get(key.resource, ())
-            self._learn(key.resource, tuple(sorted(missing.union(known))))
+            self._varied[key.resource] = tuple(sorted(missing.union(known)))
             return False
         return True
-
-    def _learn(self, resource: str, names: tuple[str, ...]) -> None:
-        self._varied[resource] = names
-        self._varied.move_to_end(resource)
-        while len(self._varied) > self.max_urls:
-            self._varied.popitem(last=False)

@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from hashlib import blake2b as _blake2b
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar
 
 import httpx
+from cachetools import TLRUCache
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -318,6 +318,11 @@ class _Slot:
     stale_ttl: float
 
 
+def _slot_expiry(_key: str, slot: _Slot, _now: float) -> float:
+    """When an L1 entry leaves: at the end of its stale window (monotonic seconds)."""
+    return slot.stored_mono + slot.ttl + slot.stale_ttl
+
+
 class ResponseCache:
     """A TTL cache for outbound answers with stale-if-error; L1 in memory, optional Redis L2.
 
@@ -325,7 +330,8 @@ class ResponseCache:
         ttl: seconds an entry is fresh (a ``timedelta`` is accepted).
         stale_ttl: seconds an entry stays available as stale after ``ttl``, for
             stale-if-error; ``0`` turns stale serving off.
-        max_entries: L1 bound; the least recently used entry is dropped beyond it.
+        max_entries: L1 bound; to make room, entries past their stale window go first, then
+            the least recently used.
         redis_url: optional ``redis://`` URL of the L2 (or pass ``redis=`` a client).
         prefix: Redis key prefix; keys are hashed, so any string is a valid key.
         name: the cache's name in events and in ``Cache-Status``.
@@ -377,7 +383,11 @@ class ResponseCache:
         self._serializer: Serializer = serializer or JsonSerializer()
         #: Where ``cache.storage_down`` / ``cache.storage_recovered`` go; rebind to the app's bus.
         self.events = events or EventBus()
-        self._l1: OrderedDict[str, _Slot] = OrderedDict()
+        # An entry leaves at the end of its stale window; a full level drops such entries
+        # before it drops the least recently used live one.
+        self._l1: TLRUCache[str, _Slot] = TLRUCache(
+            max_entries, _slot_expiry, timer=clock.monotonic
+        )
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._redis: Redis | None = redis if redis is not None else _redis_from_url(redis_url)
         self._owns_redis = redis is None
@@ -391,6 +401,7 @@ class ResponseCache:
         )
 
     def __len__(self) -> int:
+        """The entries L1 holds now, fresh or stale."""
         return len(self._l1)
 
     @property
@@ -487,13 +498,11 @@ class ResponseCache:
         otherwise the error propagates. The result is recorded for
         :class:`CacheStatusMiddleware`.
         """
-        # Fast path, inlined because a hit is the common case: one lookup, one clock read.
-        local_key = key if len(key) <= _MAX_LOCAL_KEY else self.key_for(key)
-        slot = self._l1.get(local_key)
+        # Fast path, inlined because a hit is the common case.
+        slot = self._l1_get(key if len(key) <= _MAX_LOCAL_KEY else self.key_for(key))
         if slot is not None:
             age = self._clock.monotonic() - slot.stored_mono
             if 0.0 <= age < slot.ttl:
-                self._l1.move_to_end(local_key)
                 result: CacheResult[T] = CacheResult(
                     slot.value, "hit", age, slot.ttl - age, None, self.name
                 )
@@ -573,20 +582,14 @@ class ResponseCache:
         return CacheEntry(slot.value, slot.stored_at, slot.ttl, slot.stale_ttl, self._age(slot))
 
     def _l1_get(self, local_key: str) -> _Slot | None:
-        slot = self._l1.get(local_key)
-        if slot is None:
+        """The entry, marked as used, while it is fresh or stale; else ``None``."""
+        try:
+            return self._l1[local_key]
+        except KeyError:
             return None
-        if self._age(slot) >= slot.ttl + slot.stale_ttl:
-            del self._l1[local_key]
-            return None
-        self._l1.move_to_end(local_key)
-        return slot
 
     def _l1_put(self, local_key: str, slot: _Slot) -> None:
         self._l1[local_key] = slot
-        self._l1.move_to_end(local_key)
-        while len(self._l1) > self.max_entries:
-            self._l1.popitem(last=False)
 
     # -- L2 ------------------------------------------------------------------------------------
 
