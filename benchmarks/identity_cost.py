@@ -1,7 +1,7 @@
 """Per-request cost of ``DefaultIdentityResolver.resolve`` over few and many distinct clients.
 
-A hit of its caches is the common case; a miss (a client not among the 8,192 written forms used
-most recently) parses the address. Best of three rounds, in microseconds of wall time per request::
+A hit of its caches is the common case; a miss (a client not seen in the last 4,096 written
+forms) parses the address. Best of three rounds, in microseconds of wall time per request::
 
     python -m benchmarks.identity_cost
 """

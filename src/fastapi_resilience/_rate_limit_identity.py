@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from cachetools import LRUCache
 from starlette.types import Scope
 
 from fastapi_resilience.exceptions import ConfigurationError
@@ -30,9 +29,9 @@ __all__ = [
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-#: Entries in each per-process cache of parsed addresses and of identities; beyond it the least
-#: recently used goes, so a flood of distinct addresses cannot grow them without limit.
-_CACHE_SIZE = 8192
+#: Entries per generation of the per-process caches of parsed addresses and of identities: each
+#: holds at most two generations, the current one and the one before it.
+_CACHE_GENERATION = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +132,19 @@ class ClientAddress:
     names the client. A hop that is not an address stops the walk: the client is then the
     trusted hop that handed it over (ADR 0060).
 
-    What it has worked out is kept for the addresses used most recently; that cache expects one
-    thread at a time, as the event loop calls it (build one per thread elsewhere).
-
     Args:
         trusted_proxies: addresses or networks (``"10.0.0.0/8"``) whose ``X-Forwarded-For`` is
             believed. Empty (the default): the header is never read.
     """
 
-    __slots__ = ("_cache", "_networks")
+    __slots__ = ("_cache", "_networks", "_old")
 
     def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
         self._networks = _networks(trusted_proxies)
-        #: Written address -> (its normal spelling or ``None``, whether it is trusted).
-        self._cache: LRUCache[str, tuple[str | None, bool]] = LRUCache(_CACHE_SIZE)
+        #: Written address -> (its normal spelling or ``None``, whether it is trusted): this
+        #: generation's, and the one before it (see ``_CACHE_GENERATION``).
+        self._cache: dict[str, tuple[str | None, bool]] = {}
+        self._old: dict[str, tuple[str | None, bool]] = {}
 
     @property
     def trusts_proxies(self) -> bool:
@@ -162,7 +160,14 @@ class ClientAddress:
         since peers and proxies repeat."""
         known = self._cache.get(host)
         if known is None:
-            known = self._cache[host] = self._parse(host)
+            known = self._old.get(host)
+            if known is None:
+                known = self._parse(host)
+            if len(self._cache) >= _CACHE_GENERATION:
+                # Bounded: a flood of distinct spoofed hops cannot grow it without limit, and
+                # what was used in the last generation (a proxy, a busy client) stays.
+                self._old, self._cache = self._cache, {}
+            self._cache[host] = known
         return known
 
     def _parse(self, host: str) -> tuple[str | None, bool]:
@@ -225,9 +230,7 @@ class DefaultIdentityResolver:
     """API key header -> that key's identity and tier; otherwise the client address.
 
     An unknown key is treated as no key: the request is counted by address in the default tier.
-    Everything is worked out in ``__init__``; a request costs one header scan and one look-up in
-    a cache of the addresses used most recently, which expects one thread at a time, as the
-    event loop calls it.
+    Everything is worked out in ``__init__``; a request costs one header scan and a dict lookup.
 
     Args:
         api_keys: API key -> tier.
@@ -242,6 +245,7 @@ class DefaultIdentityResolver:
         "_default_tier",
         "_header",
         "_ip_cache",
+        "_ip_old",
         "_proxied",
     )
 
@@ -262,8 +266,9 @@ class DefaultIdentityResolver:
         self._address = ClientAddress(trusted_proxies)
         #: Whether any proxy is trusted; if not, the address is the peer's.
         self._proxied = self._address.trusts_proxies
-        #: Address as written -> its identity.
-        self._ip_cache: LRUCache[str, Identity] = LRUCache(_CACHE_SIZE)
+        #: Address as written -> its identity: this generation's, and the one before it.
+        self._ip_cache: dict[str, Identity] = {}
+        self._ip_old: dict[str, Identity] = {}
 
     async def __call__(self, scope: Scope) -> Identity:
         return self.resolve(scope)
@@ -294,11 +299,18 @@ class DefaultIdentityResolver:
         return self._ip_cache.get(address) or self._identity(address, normalised=False)
 
     def _identity(self, address: str, *, normalised: bool) -> Identity:
-        """The identity of ``address`` on a miss of the cache, stored in it. Normalised here,
-        once per written form, so a hit in ``resolve`` is one look-up; what is not an address
-        (a server's "testclient") stays as it is."""
-        spelled = address if normalised else normalize_address(address) or address
-        identity = self._ip_cache[address] = Identity(f"ip:{spelled}", self._default_tier)
+        """The identity of ``address`` on a miss of this generation's cache: the previous
+        generation's, else a new one. Normalised here, once per written form, so the hit in
+        ``resolve`` stays as cheap as it was; what is not an address (a server's
+        "testclient") stays as it is."""
+        identity = self._ip_old.get(address)
+        if identity is None:
+            spelled = address if normalised else normalize_address(address) or address
+            identity = Identity(f"ip:{spelled}", self._default_tier)
+        if len(self._ip_cache) >= _CACHE_GENERATION:
+            # Bounded, and a client seen in the last generation keeps its identity.
+            self._ip_old, self._ip_cache = self._ip_cache, {}
+        self._ip_cache[address] = identity
         return identity
 
     @property
