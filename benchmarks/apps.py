@@ -19,9 +19,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
-from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
@@ -287,56 +287,53 @@ def resilience_full_redis(env: BenchEnv) -> ASGIApp:
     return _resilience_full(env.require_redis())
 
 
-class FloorLimiterMiddleware:
+class FloorLimiterStep:
     """The least any limiter with the contract's headers can do per request: a reference.
 
     One fixed-window counter per client address in a dict, the five rate-limit header fields
-    formatted from it and handed to ``CorrelationIdMiddleware``'s list. None of the library's
-    work besides: no tiers or API keys, no route limits, no sliding window, no refusals, no
-    bound on memory, no shadow mode, no storage guard, nothing left in the scope.
+    formatted from it when the response starts, as a step of ``install()``'s pipeline. None of
+    the library's work besides: no tiers or API keys, no route limits, no sliding window, no
+    refusals, no bound on memory, no shadow mode, no storage guard.
     """
 
-    def __init__(self, app: ASGIApp, *, amount: int = 1_000_000_000, period: int = 3600) -> None:
-        self.app = app
+    websocket = False
+
+    def __init__(self, *, amount: int = 1_000_000_000, period: int = 3600) -> None:
         self.amount = amount
         self.period = period
         self.counts: dict[str, list[float]] = {}
         self.policy = b'"anonymous";q=%d;w=%d' % (amount, period)
         self.amount_bytes = b"%d" % amount
-        from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
 
-        self.headers_key = RESPONSE_HEADERS_KEY
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        client = scope.get("client")
+    def enter(self, state: Any) -> None:
+        client = state.scope.get("client")
         address = client[0] if client else "-"
         now = time.monotonic()
         window = self.counts.get(address)
         if window is None or window[0] <= now:
             window = self.counts[address] = [now + self.period, 0]
         window[1] += 1
-        left = self.amount - int(window[1])
-        reset = math.ceil(window[0] - now)
-        scope[self.headers_key] += [
-            (b"ratelimit-policy", self.policy),
-            (b"ratelimit", b'"anonymous";r=%d;t=%d' % (left, reset)),
-            (b"x-ratelimit-limit", self.amount_bytes),
-            (b"x-ratelimit-remaining", b"%d" % left),
-            (b"x-ratelimit-reset", b"%d" % reset),
-        ]
-        await self.app(scope, receive, send)
+        left, reset = self.amount - int(window[1]), math.ceil(window[0] - now)
+        state.fields.append(
+            [
+                (b"ratelimit-policy", self.policy),
+                (b"ratelimit", b'"anonymous";r=%d;t=%d' % (left, reset)),
+                (b"x-ratelimit-limit", self.amount_bytes),
+                (b"x-ratelimit-remaining", b"%d" % left),
+                (b"x-ratelimit-reset", b"%d" % reset),
+            ]
+        )
 
 
 def floor_limiter(env: BenchEnv) -> ASGIApp:
     from fastapi_resilience import ResilienceSettings, install
 
     def setup(app: FastAPI) -> None:
-        # install() without its limiter (IDs, errors, health), then the floor inside the IDs.
+        # install() without its limiter (IDs, errors, health), the floor a step of its layer.
         install(app, ResilienceSettings(rate_limit_enabled=False))
-        app.user_middleware.append(Middleware(FloorLimiterMiddleware))
+        layer = app.user_middleware[0]
+        steps = layer.kwargs["steps"]
+        steps.insert(1, FloorLimiterStep())
 
     return tiny_app(setup)
 

@@ -9,10 +9,11 @@ is what that part costs:
 - ``try_admit``: counting in the sliding window (``MemoryStorage.try_admit``);
 - ``headers``: the five rate-limit header fields, formatted and carried to the response (the
   limiter built with ``headers_enabled=False``; in process, no server checks them);
-- ``admit_tier``: all of the tier-only lean path (``RateLimiter.admit_tier``): plan lookup,
-  counting, the outcome object and the header fields (it appends the pairs it made first);
-- ``limiter``: all of the limiter's work (``admit`` admits without doing anything), leaving
-  the correlation layer, errors, degraded-mode test and app.
+- ``try_check``: all of the limiter's decision for a tier-only request
+  (``RateLimiter.try_check``): plan lookup, counting and the outcome object (the header fields
+  are still formatted from it when the response starts);
+- ``limiter``: all of the rate-limit step's work (its ``enter`` lets every request through
+  undecided), leaving the pipeline, correlation step, errors, degraded-mode test and app.
 
 Same method as ``benchmarks.instructions`` (callgrind, in process, after the lifespan
 start-up; ``warm`` requests subtracted). About 1.5 minutes per part::
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp
 from benchmarks.apps import VARIANTS, BenchEnv
 from benchmarks.instructions import counted_names, drive_app, per_request
 
-PARTS = ("none", "resolve", "try_admit", "headers", "admit_tier", "limiter")
+PARTS = ("none", "resolve", "try_admit", "headers", "try_check", "limiter")
 
 
 def _first_answer(owner: type, name: str) -> None:
@@ -46,25 +47,6 @@ def _first_answer(owner: type, name: str) -> None:
     setattr(owner, name, constant)
 
 
-def _first_admission(owner: type) -> None:
-    """Replace ``owner.admit_tier`` by one that writes what the original wrote first."""
-    from fastapi_resilience._rate_limiter import SCOPE_KEY
-
-    original: Callable[..., bool] = owner.admit_tier  # type: ignore[attr-defined]
-    kept: list[Any] = []
-
-    def constant(self: object, scope: Any, identity: object, headers: list[Any]) -> bool:
-        if not kept:
-            made: list[Any] = []
-            original(self, scope, identity, made)
-            kept.extend((scope[SCOPE_KEY], made))
-        scope[SCOPE_KEY] = kept[0]
-        headers += kept[1]
-        return True
-
-    owner.admit_tier = constant  # type: ignore[attr-defined]
-
-
 def _headers_off(owner: type) -> None:
     """Build every ``owner`` (a ``RateLimiter``) with ``headers_enabled=False``."""
     original: Callable[..., None] = owner.__init__  # type: ignore[misc]
@@ -78,7 +60,7 @@ def _headers_off(owner: type) -> None:
 def build(part: str) -> ASGIApp:
     from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver
     from fastapi_resilience._rate_limit_memory import MemoryStorage
-    from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
+    from fastapi_resilience._rate_limit_middleware import RateLimitStep
     from fastapi_resilience._rate_limiter import RateLimiter
 
     if part == "headers":
@@ -88,14 +70,14 @@ def build(part: str) -> ASGIApp:
         _first_answer(DefaultIdentityResolver, "resolve")
     elif part == "try_admit":
         _first_answer(MemoryStorage, "try_admit")
-    elif part == "admit_tier":
-        _first_admission(RateLimiter)
+    elif part == "try_check":
+        _first_answer(RateLimiter, "try_check")
     elif part == "limiter":
 
-        def admit(self: RateLimitMiddleware, scope: object) -> bool:
-            return True
+        def enter(self: RateLimitStep, state: object) -> None:
+            return None
 
-        RateLimitMiddleware.admit = admit  # type: ignore[method-assign]
+        RateLimitStep.enter = enter  # type: ignore[method-assign]
     elif part not in ("none", "headers"):
         raise SystemExit(f"unknown part {part!r}; one of {', '.join(PARTS)}")
     return app

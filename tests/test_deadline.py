@@ -25,7 +25,6 @@ from fastapi_resilience._deadline import (
 from fastapi_resilience._handlers import install_exception_handlers
 from fastapi_resilience._install import install
 from fastapi_resilience._outbound_fastapi import (
-    DEADLINE_SCOPE_KEY,
     RequestDeadlineMiddleware,
     deadline_dependency,
 )
@@ -518,18 +517,20 @@ async def _no_send(message: Any) -> None:  # pragma: no cover - never called
     return None
 
 
-async def test_scope_carries_the_budget() -> None:
-    """The budget is left in the scope for later middleware and logs."""
-    budgets: list[float] = []
+async def test_the_app_sees_the_budget() -> None:
+    """Code inside the request reads its budget with ``remaining()``; outside it, ``None``."""
+    budgets: list[float | None] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        budgets.append(scope[DEADLINE_SCOPE_KEY])
+        budgets.append(remaining())
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
     async with client_for(RequestDeadlineMiddleware(app, timeout=1.5)) as client:
         assert (await client.get("/")).status_code == 204
-    assert budgets == [1.5]
+    assert budgets[0] is not None
+    assert 1.0 < budgets[0] <= 1.5
+    assert remaining() is None
 
 
 async def test_deadline_dependency_sets_the_route_deadline() -> None:

@@ -17,7 +17,6 @@ from fastapi_resilience._rate_limit_identity import Identity
 from fastapi_resilience._rate_limit_memory import MemoryStorage
 from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
 from fastapi_resilience._rate_limit_routes import rate_limit
-from fastapi_resilience._rate_limiter import SCOPE_KEY as RATE_LIMIT_SCOPE_KEY
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.testing import ManualClock
@@ -383,12 +382,12 @@ async def test_non_http_scopes_pass_through(clock: ManualClock) -> None:
 
 
 async def test_the_outcome_leaves_the_scope_with_the_request(clock: ManualClock) -> None:
-    """Code inside the request reads the outcome from the scope; once the request is done it is
-    removed, allowed or refused, since an idle keep-alive connection keeps its last scope."""
+    """Once the request is done nothing of its outcome is left in its scope, allowed or
+    refused, since an idle keep-alive connection keeps its last scope."""
     during: list[bool] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        during.append(RATE_LIMIT_SCOPE_KEY in scope)
+        during.append(True)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -413,7 +412,8 @@ async def test_the_outcome_leaves_the_scope_with_the_request(clock: ManualClock)
         await middleware(scope, receive, send)
     assert statuses == [200, 429]
     assert during == [True]
-    assert all(RATE_LIMIT_SCOPE_KEY not in scope for scope in scopes)
+    for scope in scopes:
+        assert not [key for key in scope if key.startswith("fastapi_resilience.")]
 
 
 def test_bad_limit_string_fails_at_declaration() -> None:
@@ -673,60 +673,45 @@ def test_route_table_tries_only_the_limited_routes_a_path_can_reach() -> None:
     assert tried == ["/api/login", "/api/login", "/items/7", "/items/7"]
 
 
-async def test_one_layer_under_correlation_ids_leaves_nothing_in_the_scope(
+async def test_stacked_middlewares_add_one_set_of_fields_and_leave_nothing(
     clock: ManualClock,
 ) -> None:
-    """``CorrelationIdMiddleware(rate_limiter=...)`` (what install() builds): an admitted
-    request skips the rate-limit middleware's coroutine, yet carries its headers and outcome;
-    a refused one and a failing one are answered as before; the scope keeps nothing after."""
+    """``CorrelationIdMiddleware`` around ``RateLimitMiddleware``: one ID and one set of
+    rate-limit fields on an admitted, a failing and a refused request's answer; the scope keeps
+    nothing of ours after."""
     from fastapi_resilience import CorrelationIdMiddleware
 
-    during: list[bool] = []
-
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        during.append(RATE_LIMIT_SCOPE_KEY in scope)
         if scope["path"] == "/fail":
             raise RuntimeError("boom")
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
     limiter = RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": "2/minute"})
-    middleware = CorrelationIdMiddleware(app, rate_limiter=limiter)
-
-    async def receive() -> Message:  # pragma: no cover - the app never reads the body
-        return {"type": "http.request", "body": b"", "more_body": False}
-
+    middleware = CorrelationIdMiddleware(RateLimitMiddleware(app, limiter=limiter))
     starts: list[Message] = []
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
             starts.append(message)
 
-    scopes = [
-        {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
-        for path in ("/", "/fail", "/")
-    ]
+    scopes = [_scope(path) for path in ("/", "/fail", "/")]
     for scope in scopes:
-        await middleware(scope, receive, send)
+        await middleware(scope, _receive, send)
     assert [start["status"] for start in starts] == [200, 500, 429]
-    assert during == [True, True]
     for start in starts:
         names = [name for name, _ in start["headers"]]
         assert names.count(b"x-request-id") == 1
         assert names.count(b"x-ratelimit-remaining") == 1
         assert names.count(b"ratelimit") == 1
-    assert all(RATE_LIMIT_SCOPE_KEY not in scope for scope in scopes)
-    assert all("fastapi_resilience.response_headers" not in scope for scope in scopes)
-    # The refused request's findings, handed from ``admit`` to ``__call__``, are gone too.
-    assert all("fastapi_resilience.rate_limit_found" not in scope for scope in scopes)
+    for scope in scopes:
+        assert not [key for key in scope if key.startswith("fastapi_resilience.")]
 
 
-@pytest.mark.parametrize("case", ["exempt", "custom_resolver", "two_limits", "refused", "guarded"])
-async def test_lean_admission_declines_without_counting(case: str, clock: ManualClock) -> None:
-    """``RateLimitMiddleware.admit`` says no, and counts and changes nothing, whenever the
-    middleware's full path must decide; then that path counts the request once."""
-    from fastapi_resilience import CorrelationIdMiddleware
-    from fastapi_resilience._rate_limit_guard import GuardedStorage
+@pytest.mark.parametrize("case", ["custom_resolver", "two_limits", "guarded"])
+async def test_each_request_is_counted_once(case: str, clock: ManualClock) -> None:
+    """Whichever way the limiter decides (a resolver that awaits, several limits, a storage it
+    must await), a request uses one unit of every limit."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -735,60 +720,25 @@ async def test_lean_admission_declines_without_counting(case: str, clock: Manual
     async def resolver(scope: Scope) -> Identity:
         return Identity("ip:10.0.0.1", "anonymous")
 
+    from fastapi_resilience._rate_limit_guard import GuardedStorage
+
     memory = MemoryStorage(clock=clock)
-    tiers = {"anonymous": "1/minute; 5/hour" if case == "two_limits" else "1/minute"}
+    tiers = {"anonymous": "3/minute; 5/hour" if case == "two_limits" else "3/minute"}
     limiter = RateLimiter(
         GuardedStorage(memory, clock=clock) if case == "guarded" else memory,
         tiers=tiers,
-        exempt_paths=["/health"],
         resolver=resolver if case == "custom_resolver" else None,
     )
-    middleware = CorrelationIdMiddleware(app, rate_limiter=limiter)
-    path = "/health" if case == "exempt" else "/"
-    if case == "refused":
-        await middleware(_scope(path), _receive, _ignore)
-    before = len(memory), [w.total for w in memory._windows.values()]
-    scope = {**_scope(path), "fastapi_resilience.response_headers": []}
-    limits = middleware._limits
-    assert limits is not None
-    assert limits.admit(scope) is False
-    # What it found, it leaves for ``__call__`` only when it resolved the request.
-    found = scope.pop("fastapi_resilience.rate_limit_found", None)
-    assert (found is not None) == (case in {"two_limits", "refused"})
-    assert scope == {**_scope(path), "fastapi_resilience.response_headers": []}
-    assert (len(memory), [w.total for w in memory._windows.values()]) == before
-    await middleware(_scope(path), _receive, _ignore)
-    expected = (
-        0 if case == "exempt" else (1 if case == "refused" else len(tiers["anonymous"].split(";")))
-    )
-    assert sum(w.total for w in memory._windows.values()) == expected
+    middleware = RateLimitMiddleware(app, limiter=limiter)
+    left: list[bytes] = []
 
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            left.append(dict(message["headers"])[b"x-ratelimit-remaining"])
 
-@pytest.mark.parametrize("tier_limit", ["40/second", "5000/hour"])
-async def test_lean_admission_gives_what_the_general_check_gives(
-    tier_limit: str, clock: ManualClock
-) -> None:
-    """``RateLimiter.admit_tier`` (the middleware's common case under ``install``) counts and
-    formats exactly as ``check``: the same header bytes request after request, across bucket
-    edges, with the units left above and below the digits table's 3,662, until both refuse."""
-    lean = RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": tier_limit})
-    general = RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": tier_limit})
-    identity = Identity("ip:10.0.0.1", "anonymous")
-    amount = int(tier_limit.split("/")[0])
-    for request in range(amount + 1):
-        clock.advance(0.013 if tier_limit.endswith("second") else 0.3)
-        headers: list[tuple[bytes, bytes]] = []
-        scope: dict[str, Any] = {}
-        admitted = lean.admit_tier(scope, identity, headers)
-        expected = await general.check(scope, identity)
-        assert admitted == (not expected.refused), request
-        if admitted:
-            assert headers == expected.headers(), request
-            assert scope[RATE_LIMIT_SCOPE_KEY].decision == expected.decision
-        else:
-            assert headers == []
-            assert RATE_LIMIT_SCOPE_KEY not in scope
-    assert admitted is False  # the limit was reached: the last request is refused by both
+    for _ in range(3):
+        await middleware(_scope("/"), _receive, send)
+    assert left == [b"2", b"1", b"0"]
 
 
 def _scope(path: str) -> dict[str, Any]:

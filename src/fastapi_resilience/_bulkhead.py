@@ -21,8 +21,7 @@ from typing import Any, TypeVar
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._deadline import to_seconds
 from fastapi_resilience._events import EventBus, EventSource
-from fastapi_resilience._rate_limiter import SCOPE_KEY as RATE_LIMIT_SCOPE_KEY
-from fastapi_resilience._rate_limiter import LimitOutcome
+from fastapi_resilience._pipeline import UNLIMITED, state_of
 from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
 
 __all__ = [
@@ -253,8 +252,9 @@ def tier_from_scope(scope: Mapping[str, Any], default: str) -> str:
     """
     tier = scope.get(TIER_SCOPE_KEY)
     if tier is None:
-        outcome: LimitOutcome | None = scope.get(RATE_LIMIT_SCOPE_KEY)
-        tier = outcome.plan.tier if outcome is not None else None
+        state = state_of(scope)  # type: ignore[arg-type]
+        outcome = state.limit if state is not None else None
+        tier = outcome.plan.tier if outcome is not None and outcome is not UNLIMITED else None
     return tier if isinstance(tier, str) and tier else default
 
 

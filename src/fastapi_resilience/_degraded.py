@@ -18,15 +18,15 @@ from typing import Literal
 
 from starlette.requests import Request
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience._app_state import resilience_of
 from fastapi_resilience._breaker import OPEN, BreakerRegistry, CircuitBreaker, default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._correlation import HEADER_NAME, RESPONSE_HEADERS_KEY
+from fastapi_resilience._correlation import HEADER_NAME
 from fastapi_resilience._events import EventBus, EventSource
 from fastapi_resilience._health import CheckResult
-from fastapi_resilience._request_path import route_path
+from fastapi_resilience._pipeline import Answer, Pipeline, RequestState, state_of
 from fastapi_resilience._route_walk import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import ConfigurationError, FeatureUnavailableError
 
@@ -48,9 +48,6 @@ FEATURE_ENABLED = "feature.enabled"
 DEGRADED_ENTERED = "degraded.entered"
 DEGRADED_LEFT = "degraded.left"
 
-#: Where ``DegradedModeMiddleware`` leaves the mode whose features it has just looked at for
-#: this request, so a ``requires_feature`` of the request decides on that look.
-_LOOKED_KEY = "fastapi_resilience.degraded_looked"
 #: Feature names go into a response header and metric labels: keep them tokens.
 _FEATURE_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 #: The detail of a refusal. Reasons (breaker names, an operator's words) stay in the logs and
@@ -432,82 +429,58 @@ def unavailable_error(status: FeatureStatus) -> FeatureUnavailableError:
     )
 
 
-class DegradedModeMiddleware:
-    """Pure ASGI middleware: while the app is degraded, shed the paths of features that are
-    off (503 ``feature_unavailable`` problem+json, ``Retry-After`` when known) and put the
-    notice header on every response.
+class DegradedStep:
+    """While the app is degraded: shed the paths of features that are off (503
+    ``feature_unavailable`` problem+json, ``Retry-After`` when known) and put the notice header
+    on every response. While nothing is off it costs one attribute test per request.
 
-    While nothing is off it costs one attribute test per request. ``install`` runs it inside
-    the rate limiter (contract order: correlation IDs, rate limiting, degraded mode), in the
-    correlation middleware's layer (ADR 0049). A WebSocket connection to a path it sheds is
-    closed with code 1013 (try again later) before it is accepted; other connections pass.
+    A WebSocket connection to a path it sheds is closed with code 1013 (try again later)
+    before it is accepted; other connections pass.
+    """
+
+    websocket = True
+
+    def __init__(self, mode: DegradedMode) -> None:
+        self.mode = mode
+
+    def enter(self, state: RequestState) -> Answer | None:
+        mode = self.mode
+        if not mode.active:
+            return None
+        mode.refresh()
+        if state.scope["type"] == "websocket":
+            return None if mode.owner_off(state.path) is None else _close_unavailable
+        # The route's ``requires_feature`` decides on this look (one look per request, which
+        # an outage makes every request pay).
+        state.degraded_mode = mode
+        notice = mode.notice_pair()
+        if notice is not None:
+            state.fields.append((notice,))
+        error = mode.shed(state.path)
+        if error is None:
+            return None
+        # Imported here: the renderer pulls in the error handlers.
+        from fastapi_resilience._problem import app_error_response
+
+        return app_error_response(state.scope, error)
+
+
+async def _close_unavailable(scope: Scope, receive: Receive, send: Send) -> None:
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1013, "reason": "feature unavailable"})
+
+
+class DegradedModeMiddleware(Pipeline):
+    """Pure ASGI middleware: :class:`DegradedStep` for ``mode`` in front of an app.
+
+    ``install`` runs the step in its own layer, inside the rate limiter (contract order:
+    correlation IDs, rate limiting, degraded mode; ADR 0049).
     """
 
     def __init__(self, app: ASGIApp, *, mode: DegradedMode) -> None:
-        self.app = app
         self.mode = mode
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.mode.active:
-            await self.app(scope, receive, send)
-            return
-        kind = scope["type"]
-        if kind == "http":
-            await self.degraded(scope, receive, send)
-        elif kind == "websocket":
-            await self.degraded_websocket(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def degraded_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A WebSocket connection while degraded: refused with close code 1013 (try again
-        later) before it is accepted when a feature that is off owns its path."""
-        mode = self.mode
-        mode.refresh()
-        if mode.owner_off(route_path(scope)) is None:
-            await self.app(scope, receive, send)
-            return
-        message = await receive()
-        if message["type"] == "websocket.connect":
-            await send({"type": "websocket.close", "code": 1013, "reason": "feature unavailable"})
-
-    async def degraded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """One request while the app is (or just was) degraded."""
-        mode = self.mode
-        mode.refresh()
-        notice = mode.notice_pair()
-        if notice is not None:
-            extra: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS_KEY)
-            if extra is not None:
-                # The correlation middleware outside adds these to the response start.
-                extra.append(notice)
-            else:
-                send = _adding_header(send, notice)
-        error = mode.shed(route_path(scope))
-        if error is None:
-            # The route's ``requires_feature`` decides on this look (one look per request,
-            # which an outage makes every request pay).
-            scope[_LOOKED_KEY] = mode
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                # ``pop``: nothing of the request stays in its scope (ADR 0044).
-                scope.pop(_LOOKED_KEY, None)
-            return
-        # Imported here: the renderer pulls in the error handlers, which need this module's
-        # neighbours.
-        from fastapi_resilience._problem import app_error_response
-
-        await app_error_response(scope, error)(scope, receive, send)
-
-
-def _adding_header(send: Send, pair: tuple[bytes, bytes]) -> Send:
-    def send_with_notice(message: Message) -> Awaitable[None]:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), pair]
-        return send(message)
-
-    return send_with_notice
+        super().__init__(app, [DegradedStep(mode)])
 
 
 # -- the dependency ----------------------------------------------------------------------
@@ -536,7 +509,8 @@ def requires_feature(
 
         async def dependency(request: Request) -> None:
             found = mode if mode is not None else mode_of(request)
-            found.require(name, looked=request.scope.get(_LOOKED_KEY) is found)
+            state = state_of(request.scope)
+            found.require(name, looked=state is not None and state.degraded_mode is found)
 
         dependency.__name__ = f"requires_feature_{name}"
         dependency.__qualname__ = dependency.__name__

@@ -9,20 +9,17 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience._app_state import APP_STATE_NAME
 from fastapi_resilience._breaker import default_registry
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience._correlation import CorrelationIdMiddleware
-from fastapi_resilience._degraded import DegradedMode
+from fastapi_resilience._correlation import CorrelationStep
+from fastapi_resilience._degraded import DegradedMode, DegradedStep
 from fastapi_resilience._events import Event, EventBus
 from fastapi_resilience._fixed_routes import FixedPathRoutes, route_at
 from fastapi_resilience._handlers import (
     install_exception_handlers,
-    unhandled_exception_handler,
 )
 from fastapi_resilience._health import HealthChecks, add_health_routes
 from fastapi_resilience._metrics import (
@@ -32,7 +29,9 @@ from fastapi_resilience._metrics import (
     warn_prometheus_missing,
 )
 from fastapi_resilience._outbound_fastapi import watch_outbound
+from fastapi_resilience._pipeline import Pipeline
 from fastapi_resilience._rate_limit_guard import STORAGE_DOWN_EVENT, STORAGE_RECOVERED_EVENT
+from fastapi_resilience._rate_limit_middleware import RateLimitStep
 from fastapi_resilience._rate_limit_setup import limiter_from_settings
 from fastapi_resilience._rate_limiter import RateLimiter
 from fastapi_resilience._settings import ENV_PREFIX, ResilienceSettings
@@ -131,18 +130,19 @@ def install(
         correlation_header=settings.correlation_header,
     )
     limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
-    # One layer for all three: the correlation middleware runs the rate limiter and degraded
-    # mode inside it (ADR 0048, ADR 0049).
+    # One layer, its steps in the contract's order: correlation IDs, rate limiting, degraded
+    # mode (ADR 0066).
+    steps: list[Any] = [CorrelationStep(header_name=settings.correlation_header)]
+    if limiter is not None:
+        steps.append(RateLimitStep(limiter))
+    steps.append(DegradedStep(resilience.degraded))
     app.add_middleware(
-        CorrelationIdMiddleware,
-        header_name=settings.correlation_header,
-        raise_server_exceptions=settings.raise_server_exceptions,
-        rate_limiter=limiter,
-        degraded_mode=resilience.degraded,
+        Pipeline,
+        steps=steps,
+        answer_errors=True,
+        reraise=settings.raise_server_exceptions,
     )
-    our_layer = app.user_middleware[0]
     _cors_outside(app)
-    _idle_error_layer(app, our_layer)
     serve_mounted_apps(app, resilience)
     resilience.health.add(
         FEATURES_CHECK, resilience.degraded.health_check, critical=False, cache_seconds=0
@@ -328,55 +328,6 @@ def _around_lifespan(
                 await stopped()
 
     app.router.lifespan_context = lifespan
-
-
-class _IdleServerErrorMiddleware(ServerErrorMiddleware):
-    """Starlette's outermost layer, where our correlation layer answers every error inside it.
-
-    It passes each call through, without a coroutine or a ``send`` wrapper of its own. A
-    subclass with the same handler and debug flag: tools that rebuild the stack around this
-    layer (OpenTelemetry's FastAPI instrumentation) still find the one they expect.
-    """
-
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:  # type: ignore[override]
-        return self.app(scope, receive, send)
-
-
-def _idle_error_layer(app: FastAPI, ours: Middleware) -> None:
-    """Build ``app``'s stack with Starlette's ``ServerErrorMiddleware`` idle (ADR 0050).
-
-    Our correlation layer catches every exception of the app inside it and answers the 500
-    itself, so the layer Starlette puts outside it only costs a coroutine and a ``send`` wrapper
-    per request. It is made idle only while the stack is the expected one: its outermost layer
-    is that middleware, without debug tracebacks and with our own 500 handler, and our layer is
-    the outermost user middleware. Anything else (``app.debug``, a 500 handler of the user's,
-    middleware added after ``install()``, another construction order) keeps it as it is.
-    """
-    build = app.build_middleware_stack
-
-    def build_middleware_stack() -> ASGIApp:
-        stack = build()
-        if (
-            type(stack) is ServerErrorMiddleware
-            and not stack.debug
-            and stack.handler is unhandled_exception_handler
-            and _outermost_but_cors(app.user_middleware, ours)
-        ):
-            return _IdleServerErrorMiddleware(stack.app, handler=stack.handler, debug=False)
-        return stack
-
-    # An instance attribute: Starlette builds the stack on the first request by this name.
-    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
-
-
-def _outermost_but_cors(stack: list[Middleware], ours: Middleware) -> bool:
-    """``ours`` is in ``stack`` with only ``CORSMiddleware`` outside it, which never raises."""
-    for entry in stack:
-        if entry is ours:
-            return True
-        if not _is_cors(entry):
-            return False
-    return False
 
 
 def _install_metrics(

@@ -32,6 +32,7 @@ from fastapi_resilience._bulkhead import (
 from fastapi_resilience._clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._correlation import HEADER_NAME
 from fastapi_resilience._deadline import DEADLINE_EXCEEDED_DETAIL, deadline, to_seconds
+from fastapi_resilience._pipeline import Inner, Pipeline, RequestState
 from fastapi_resilience._problem import problem_response
 from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
@@ -42,16 +43,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BREAKERS_CHECK_NAME",
-    "DEADLINE_SCOPE_KEY",
     "RequestDeadlineMiddleware",
     "breaker_dependency",
     "bulkhead_dependency",
     "deadline_dependency",
     "watch_outbound",
 ]
-
-#: Where ``RequestDeadlineMiddleware`` leaves the request's budget (seconds) in the scope.
-DEADLINE_SCOPE_KEY = "fastapi_resilience.deadline"
 
 #: The readiness check ``watch_outbound`` adds.
 BREAKERS_CHECK_NAME = "breakers"
@@ -232,6 +229,8 @@ class RequestDeadlineMiddleware:
         self._unsettled = settings is None and _FROM_SETTINGS in self._given
         if not self._unsettled:
             self._configure(settings)
+        # The middleware is a pipeline of itself, as a step.
+        self._pipeline = Pipeline(app, [self])
 
     def _configure(self, settings: ResilienceSettings | None) -> None:
         """Take ``header`` and ``header_floor`` from the arguments, else from ``settings``
@@ -273,25 +272,36 @@ class RequestDeadlineMiddleware:
             return asked, True
         return budget, False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._unsettled:
-            self._settle(scope)  # the lifespan's start-up, or the first request
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        budget, from_client = self._budget(scope)
-        if budget is None:
-            await self.app(scope, receive, send)
-            return
-        scope[DEADLINE_SCOPE_KEY] = budget
-        with deadline(budget, clock=self.clock, from_client=from_client):
-            if not self.enforce:
-                await self.app(scope, receive, send)
-                return
-            await self._enforced(scope, receive, send, budget)
+    # -- the step ---------------------------------------------------------------------
 
-    async def _enforced(self, scope: Scope, receive: Receive, send: Send, budget: float) -> None:
+    websocket = False
+
+    def enter(self, state: RequestState) -> None:
+        if self._unsettled:
+            self._settle(state.scope)  # the first request (or the lifespan's start-up)
+        budget, from_client = self._budget(state.scope)
+        if budget is None:
+            return
+        scope_ = deadline(budget, clock=self.clock, from_client=from_client)
+        scope_.__enter__()
+        state.deadline = budget
+        state.deadline_token = scope_
+        if self.enforce:
+            if state.arounds is None:
+                state.arounds = [self]
+            else:
+                state.arounds.append(self)
+
+    def leave(self, state: RequestState) -> None:
+        scope_ = state.deadline_token
+        if scope_ is not None:
+            state.deadline_token = None
+            scope_.__exit__(None, None, None)
+
+    async def around(self, state: RequestState, inner: Inner, send: Send) -> None:
+        """Run the app, cut off when the budget (plus ``grace``) is spent before it answers."""
         started = False
+        budget = state.deadline or 0.0
         cutoff = asyncio.timeout(budget + self.grace)
 
         async def watch_send(message: Message) -> None:
@@ -304,10 +314,11 @@ class RequestDeadlineMiddleware:
 
         try:
             async with cutoff:
-                await self.app(scope, receive, watch_send)
+                await inner(watch_send)
         except TimeoutError:
             if not cutoff.expired() or started:
                 raise
+            scope = state.scope
             error = UpstreamTimeoutError(
                 DEADLINE_EXCEEDED_DETAIL, extensions={"deadline": round(budget, 3)}
             )
@@ -319,7 +330,16 @@ class RequestDeadlineMiddleware:
                 detail=error.detail,
                 extensions=error.extensions,
             )
-            await response(scope, receive, send)
+            await response(scope, _no_body, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._unsettled and scope["type"] == "lifespan":
+            self._settle(scope)
+        await self._pipeline(scope, receive, send)
+
+
+async def _no_body() -> Message:  # pragma: no cover - a problem body never reads the request
+    return {"type": "http.disconnect"}
 
 
 def watch_outbound(

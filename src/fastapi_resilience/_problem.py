@@ -13,14 +13,9 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Scope, Send
 
-from fastapi_resilience._correlation import (
-    LOGGED_KEY,
-    RESPONSE_HEADERS_KEY,
-    SCOPE_KEY,
-    generate_correlation_id,
-    get_correlation_id,
-)
+from fastapi_resilience._correlation import generate_correlation_id, get_correlation_id
 from fastapi_resilience._log_text import printable
+from fastapi_resilience._pipeline import state_of
 from fastapi_resilience.exceptions import AppError
 
 __all__ = [
@@ -129,16 +124,18 @@ def title_for_status(status: int) -> str:
 def _correlation(scope: Scope) -> tuple[str, bool]:
     """The request's ID and whether this answer must carry the header itself.
 
-    A correlation middleware echoes the header on what passes through it while it runs (its
-    header list is in the scope until it returns). An answer sent from outside it, after it
-    finished (a ``RequestDeadlineMiddleware`` added after ``install()``), or where none ran
-    (the handlers alone), carries the header itself: the request's ID if one was given,
-    else a new one.
+    Where a correlation step gave the request its ID, that step renders the header when the
+    response starts. Anywhere else (the handlers alone, an answer sent by a layer outside the
+    request's pipeline) the answer carries it: the ID of the context if one is set, else a
+    new one.
     """
-    current = get_correlation_id() or scope.get(SCOPE_KEY)
-    echoed = RESPONSE_HEADERS_KEY in scope
+    state = state_of(scope)
+    given = state.correlation_id if state is not None else None
+    if given is not None:
+        return given, False  # its correlation step renders the header
+    current = get_correlation_id()
     if current:
-        return current, not echoed
+        return current, True
     return generate_correlation_id(), True
 
 
@@ -251,7 +248,8 @@ def log_unhandled(scope: Scope, exc: BaseException) -> None:
     correlation layer takes the mark out of the scope when the request ends. The method and
     path are the client's text: control characters in them are escaped.
     """
-    if scope.get(LOGGED_KEY) is exc:
+    state = state_of(scope)
+    if state is not None and state.logged is exc:
         return
     logger.error(
         "unhandled %s on %s %s",
@@ -259,11 +257,15 @@ def log_unhandled(scope: Scope, exc: BaseException) -> None:
         printable(scope.get("method", "-")),
         printable(scope.get("path", "-")),
         exc_info=(type(exc), exc, exc.__traceback__),
-        extra={"correlation_id": get_correlation_id() or scope.get(SCOPE_KEY) or "-"},
+        extra={
+            "correlation_id": get_correlation_id()
+            or (state.correlation_id if state is not None else None)
+            or "-"
+        },
     )
-    if RESPONSE_HEADERS_KEY in scope:
-        # A correlation layer outside will meet it again, and removes the mark.
-        scope[LOGGED_KEY] = exc
+    if state is not None:
+        # A layer outside (the app's, around a mounted app) may meet it again.
+        state.logged = exc
 
 
 async def answer_unhandled(

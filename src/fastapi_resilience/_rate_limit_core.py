@@ -33,6 +33,7 @@ __all__ = [
     "Decision",
     "LimitCheck",
     "LimitState",
+    "LocalStorage",
     "RateLimitStorage",
     "StorageUnavailableError",
     "bucket_width",
@@ -193,6 +194,24 @@ class RateLimitStorage(Protocol):
 
     async def aclose(self) -> None:
         """Release connections; the storage is not used afterwards."""
+        ...
+
+
+@runtime_checkable
+class LocalStorage(Protocol):
+    """A storage that answers without awaiting (its counts are in this process).
+
+    The limiter calls these instead of ``check`` on every request: no coroutine for a decision
+    that never waits.
+    """
+
+    def try_admit(self, check: LimitCheck) -> tuple[int, float] | None:
+        """Count a request of one enforced limit when it is admitted: its units left and seconds
+        to reset; ``None``, with nothing counted, when it is not."""
+        ...
+
+    def check_many(self, checks: Sequence[LimitCheck]) -> Decision:
+        """``check``, answered at once."""
         ...
 
 

@@ -22,17 +22,10 @@ from starlette.types import Scope
 
 from fastapi_resilience._app_state import resilience_of
 from fastapi_resilience._limit_string import Limit, parse_limits
+from fastapi_resilience._pipeline import UNLIMITED, state_of
 from fastapi_resilience._rate_limit_core import StorageUnavailableError
 from fastapi_resilience._rate_limit_headers import HeaderPlan
-from fastapi_resilience._rate_limiter import (
-    EXEMPT_KEY,
-    OWN_HEADERS_KEY,
-    SCOPE_KEY,
-    LimitOutcome,
-    RateLimiter,
-    RoutePlan,
-    withdraw_middleware_headers,
-)
+from fastapi_resilience._rate_limiter import LimitOutcome, RateLimiter, RoutePlan
 from fastapi_resilience._request_path import app_path, mount_prefix, route_path
 from fastapi_resilience._route_walk import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import (
@@ -43,6 +36,7 @@ from fastapi_resilience.exceptions import (
 
 __all__ = [
     "RateLimit",
+    "RouteLimitOutcome",
     "RouteLimitRefused",
     "RouteLimitUnavailable",
     "RouteTable",
@@ -75,14 +69,12 @@ class RateLimit:
 
     async def __call__(self, request: Request, response: Response) -> None:
         scope = request.scope
-        if EXEMPT_KEY in scope:
+        state = state_of(scope)
+        if state is not None and state.limit is UNLIMITED:
             return  # the middleware let this request pass unlimited (an exempt path)
-        outcome: LimitOutcome | None = scope.get(SCOPE_KEY)
+        outcome: Any = state.limit if state is not None else _checked_here(request)
         if outcome is not None and self in outcome.route_sources:
-            return  # the middleware checked this route's limits with the tier's
-        checked: frozenset[object] | None = scope.get(OWN_HEADERS_KEY)
-        if checked is not None and self in checked:
-            return  # another rate_limit of this route checked the route's limits, these too
+            return  # its limits were checked: by the middleware with the tier's, or by another
         if not self.limits:
             return  # a cost only: it applies where the middleware sees the route
         limiter = outcome.limiter if outcome is not None else _limiter_of(request)
@@ -91,19 +83,29 @@ class RateLimit:
         identity = outcome.identity if outcome is not None else await limiter.resolver(scope)
         if identity is None:
             return
-        plan = self._plan_for(scope, limiter)
-        scope[OWN_HEADERS_KEY] = plan.sources
-        own = await _check_route_only(limiter, scope, identity, plan)
-        if own is None or own.decision is None:
-            return
-        withdraw_middleware_headers(scope)
+        own = await _check_route_only(limiter, scope, identity, self._plan_for(scope, limiter))
+        if own.decision is None:
+            return  # the storage did not answer and the limiter fails open
+        # The route's limits replace the decision: one set of fields for the tier and the route.
+        decided = RouteLimitOutcome(outcome, own)
+        fields = state.limit_fields if state is not None else None
+        if state is not None:
+            state.limit = decided
+        else:
+            request.state.fastapi_resilience_route_limit = decided
         if own.refused:
+            if fields is not None:
+                fields.clear()  # the refusal carries its own fields
             _, problem = own.problem()
             raise RouteLimitRefused(
                 problem["detail"], extensions=problem["extensions"], headers=problem["headers"]
             )
-        for name, value in _with_the_tiers(outcome, own):
-            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        if fields is not None:
+            fields[:] = decided.headers()  # the decision's fields, replaced
+        else:
+            # No rate-limit step adds fields to this response: the route's response has them.
+            for name, value in decided.headers():
+                response.headers[name.decode("latin-1")] = value.decode("latin-1")
 
     def _plan_for(self, scope: Scope, limiter: RateLimiter) -> RoutePlan:
         """The plan of every ``rate_limit`` of the matched route, keyed by its full template.
@@ -165,22 +167,53 @@ class RouteLimitUnavailable(ServiceUnavailableError, _AlsoHTTPException):  # typ
     __repr__ = ServiceUnavailableError.__repr__
 
 
-def _with_the_tiers(outcome: LimitOutcome | None, own: LimitOutcome) -> list[tuple[bytes, bytes]]:
-    """One set of rate-limit fields for the tier the middleware counted and the route limits
-    checked here: every policy in the IETF fields, the tightest in ``X-RateLimit-*``."""
-    tier = outcome.decision if outcome is not None else None
-    mine = own.decision
-    if tier is None or mine is None or not own.limiter.headers_enabled:
-        return own.headers()
-    assert outcome is not None
-    plan = HeaderPlan.build([*outcome.plan.header.policies, *own.plan.header.policies])
-    states = [*tier.states, *mine.states]
-    return plan.headers([s.remaining for s in states], [s.reset_after for s in states])
+def _checked_here(request: Request) -> Any:
+    """The route limits a ``rate_limit`` of this request checked, where no pipeline runs."""
+    return getattr(request.state, "fastapi_resilience_route_limit", None)
+
+
+class RouteLimitOutcome:
+    """The decision of a request whose route limits were checked apart from its tier (by the
+    route's dependency): the tier's outcome, if a middleware counted one, and the route's."""
+
+    __slots__ = ("route", "tier")
+
+    def __init__(self, tier: LimitOutcome | None, route: LimitOutcome) -> None:
+        self.tier = tier
+        self.route = route
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.route.limiter
+
+    @property
+    def identity(self) -> Any:
+        return self.route.identity
+
+    @property
+    def plan(self) -> Any:
+        return self.route.plan
+
+    @property
+    def route_sources(self) -> frozenset[object]:
+        return self.route.route_sources
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Every policy in the IETF fields, the tightest in ``X-RateLimit-*``."""
+        own = self.route
+        tier = self.tier.decision if self.tier is not None else None
+        mine = own.decision
+        if tier is None or mine is None or not own.limiter.headers_enabled:
+            return own.headers()
+        assert self.tier is not None
+        plan = HeaderPlan.build([*self.tier.plan.header.policies, *own.plan.header.policies])
+        states = [*tier.states, *mine.states]
+        return plan.headers([s.remaining for s in states], [s.reset_after for s in states])
 
 
 async def _check_route_only(
     limiter: RateLimiter, scope: Scope, identity: Any, plan: RoutePlan
-) -> LimitOutcome | None:
+) -> LimitOutcome:
     # Outside the middleware's view only the route's own limits are checked here: the tier was
     # counted by the middleware already, or there is none.
     try:

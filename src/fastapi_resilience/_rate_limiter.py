@@ -10,31 +10,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from math import ceil
 from typing import Any
 
 from starlette.types import Scope
 
-from fastapi_resilience._correlation import RESPONSE_HEADERS_KEY
 from fastapi_resilience._events import EventBus
 from fastapi_resilience._limit_string import Limit, parse_limits
 from fastapi_resilience._rate_limit_core import (
     Decision,
     LimitCheck,
+    LocalStorage,
     RateLimitStorage,
     StorageUnavailableError,
     admitted_decision,
 )
 from fastapi_resilience._rate_limit_headers import (
-    DIGITS,
-    DIGITS_KEPT,
-    IETF_LIMIT,
     QUOTA_EXCEEDED_TYPE,
-    RATE_LIMIT_FIELDS,
     RETRY_AFTER,
     TEMPORARY_REDUCED_CAPACITY_TYPE,
-    X_REMAINING,
-    X_RESET,
     HeaderPlan,
     PolicyHeader,
 )
@@ -43,29 +36,11 @@ from fastapi_resilience._rate_limit_identity import (
     Identity,
     IdentityResolver,
 )
-from fastapi_resilience._rate_limit_memory import MemoryStorage
 from fastapi_resilience._request_path import MountTemplates
 from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
 
-__all__ = [
-    "EXEMPT_KEY",
-    "OWN_HEADERS_KEY",
-    "SCOPE_KEY",
-    "LimitOutcome",
-    "RateLimiter",
-    "RoutePlan",
-    "withdraw_middleware_headers",
-]
+__all__ = ["LimitOutcome", "RateLimiter", "RoutePlan"]
 
-#: Where the middleware leaves the request's :class:`LimitOutcome` in the ASGI scope.
-SCOPE_KEY = "fastapi_resilience.rate_limit"
-#: Set by a ``rate_limit`` dependency that checked (and set the headers of) its route's limits:
-#: the dependency objects whose limits it checked.
-OWN_HEADERS_KEY = "fastapi_resilience.rate_limit_own_headers"
-#: Set by the middleware while it lets a request pass unlimited (an exempt path, or a resolver
-#: that gave no identity): the route's own ``rate_limit`` then counts nothing either.
-EXEMPT_KEY = "fastapi_resilience.rate_limit_exempt"
-_MEMORY_CHECK = MemoryStorage.check
 #: Bound on cached per-identity plans: a flood of identities cannot grow it without limit.
 _PLAN_CACHE_SIZE = 10_000
 
@@ -143,7 +118,7 @@ class LimitOutcome:
 
     @property
     def refused(self) -> bool:
-        decision = self.decision
+        decision = self._decision  # an admitted request has none to build
         return decision is not None and not decision.allowed
 
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -275,11 +250,8 @@ class RateLimiter:
         if not tiers:
             raise ConfigurationError("rate_limit_tiers: at least one tier is needed")
         self._storage = storage
-        #: The storage when it is the in-process one (``MemoryStorage``'s own ``check``; a
-        #: subclass overriding it is awaited): it answers without a coroutine.
-        self._memory: MemoryStorage | None = (
-            storage if type(storage).check is _MEMORY_CHECK else None  # type: ignore[assignment]
-        )
+        #: The storage when it answers without awaiting (in-process).
+        self._local: LocalStorage | None = storage if isinstance(storage, LocalStorage) else None
         self.tiers: dict[str, tuple[Limit, ...]] = {
             name: parse_limits(spec) if isinstance(spec, str) else tuple(spec)
             for name, spec in tiers.items()
@@ -351,7 +323,7 @@ class RateLimiter:
         """
         return await self.resolver(scope)
 
-    def plan(
+    def _plan(
         self, identity: Identity, route: RoutePlan | None = None, *, with_tier: bool = True
     ) -> _Plan:
         """The checks and header bytes of ``identity``'s requests to ``route`` (cached)."""
@@ -395,103 +367,30 @@ class RateLimiter:
         single = checks[0] if len(checks) == 1 and not checks[0].shadow else None
         return _Plan(self, identity.tier, tier, tuple(checks), header, route, single)
 
-    def admit_local(
-        self, identity: Identity, route: RoutePlan | None = None, *, with_tier: bool = True
-    ) -> LimitOutcome | None:
-        """``check``'s answer when the in-process storage admits a request of one enforced limit.
-
-        ``None``, with nothing counted, in every other case (another storage, several limits, a
-        shadow limit, a refusal): then ``check_local`` or ``check`` decides. The common case of
-        the embedded default, on every request: no coroutine, no ``Decision`` built.
-        """
-        storage = self._memory
-        if storage is None:
-            return None
-        plan = self.plan(identity, route, with_tier=with_tier)
-        single = plan.single
-        if single is None:
-            return None
-        admitted = storage.try_admit(single)
-        return None if admitted is None else new_outcome(plan, identity, None, admitted)
-
-    def admit_tier(
-        self, scope: Scope, identity: Identity, headers: list[tuple[bytes, bytes]]
-    ) -> bool:
-        """``admit_local`` of a request its tier alone limits, written into the request.
-
-        When the in-process storage admits it (one enforced limit): its outcome goes into
-        ``scope[SCOPE_KEY]``, its rate-limit header pairs onto ``headers``, and ``True``.
-        Otherwise ``False``, with nothing counted. ``admit_local`` and
-        ``LimitOutcome.headers`` in one call: under ``install`` this runs on most requests.
-        """
-        storage = self._memory
-        if storage is None:
-            return False
-        plan = self._tier_plans.get(identity.key)
-        if plan is None or plan.identity_tier != identity.tier:
-            plan = self.plan(identity)
-        single = plan.single
-        if single is None:
-            return False
-        admitted = storage.try_admit(single)
-        if admitted is None:
-            return False
-        # ``new_outcome`` and, below, ``HeaderPlan.one_policy``, inlined: with the two calls in
-        # their place, ``python -m benchmarks.instructions --only bare,resilience_full_memory``
-        # counted 2,625 more instructions per request, about 0.5 % of a served one.
-        # ``test_lean_admission_gives_what_the_general_check_gives`` holds the copies to them.
-        outcome = LimitOutcome()
-        outcome.plan = plan
-        outcome.identity = identity
-        outcome._decision = None
-        outcome.admitted = admitted
-        scope[SCOPE_KEY] = outcome
-        if self.headers_enabled:
-            # An admitted request has ``remaining >= 0`` and ``reset_after > 0``: none of
-            # ``one_policy``'s guards.
-            left, reset_after = admitted
-            reset = ceil(reset_after - 1e-9)
-            left_digits = DIGITS[left] if left < DIGITS_KEPT else b"%d" % left
-            reset_digits = DIGITS[reset] if reset < DIGITS_KEPT else b"%d" % reset
-            header = plan.header
-            policy = header.policies[0]
-            headers += (
-                header.policy_pair,
-                (
-                    IETF_LIMIT,
-                    b"".join((policy.remaining_prefix, left_digits, b";t=", reset_digits)),
-                ),
-                policy.limit_pair,
-                (X_REMAINING, left_digits),
-                (X_RESET, reset_digits),
-            )
-        return True
-
-    def check_local(
+    def try_check(
         self,
         scope: Scope,
         identity: Identity,
         route: RoutePlan | None = None,
         *,
         with_tier: bool = True,
-        lean_tried: bool = False,
     ) -> LimitOutcome | None:
-        """``check`` without a coroutine when the storage is in-process; else ``None``.
+        """:meth:`check`, when the storage answers without awaiting (an in-process storage:
+        it has ``try_admit`` and ``check_many``); ``None``, with nothing counted, otherwise.
 
-        Only for ``MemoryStorage``'s own ``check`` (a subclass overriding it is awaited by
-        ``check``): the in-process storage never waits, and this runs on every request.
-        ``lean_tried``: ``admit_local`` has just said ``None`` for this request (nothing
-        counted); go straight to the general path.
+        This runs on every request: the in-process storage never waits.
         """
-        storage = self._memory
+        storage = self._local
         if storage is None:
             return None
-        if not lean_tried:
-            outcome = self.admit_local(identity, route, with_tier=with_tier)
-            if outcome is not None:
-                return outcome
-        # Refused, or not the lean case: ``admit_local`` has tried ``try_admit`` where it applies.
-        plan = self.plan(identity, route, with_tier=with_tier)
+        plan = self._plan(identity, route, with_tier=with_tier)
+        single = plan.single
+        if single is not None:
+            # One enforced limit (most requests): counted when admitted, with no ``Decision``.
+            admitted = storage.try_admit(single)
+            if admitted is not None:
+                return new_outcome(plan, identity, None, admitted)
+        # Refused, or not the lean case: the general check decides and counts.
         return self._outcome(scope, identity, plan, storage.check_many(plan.checks))
 
     async def check(
@@ -510,25 +409,10 @@ class RateLimiter:
         Raises:
             StorageUnavailableError: the storage is down and ``fail_open`` is off.
         """
-        local = self.check_local(scope, identity, route, with_tier=with_tier)
+        local = self.try_check(scope, identity, route, with_tier=with_tier)
         if local is not None:
             return local
-        return await self.check_storage(scope, identity, route, with_tier=with_tier)
-
-    async def check_storage(
-        self,
-        scope: Scope,
-        identity: Identity,
-        route: RoutePlan | None = None,
-        *,
-        with_tier: bool = True,
-    ) -> LimitOutcome:
-        """``check`` through the storage's own ``check``, for when ``check_local`` said ``None``.
-
-        Raises:
-            StorageUnavailableError: the storage is down and ``fail_open`` is off.
-        """
-        plan = self.plan(identity, route, with_tier=with_tier)
+        plan = self._plan(identity, route, with_tier=with_tier)
         try:
             decision = await self._storage.check(identity.key, plan.checks)
         except StorageUnavailableError:
@@ -565,7 +449,7 @@ class RateLimiter:
     ) -> dict[str, Any]:
         """``problem_response`` keyword arguments for the fail-closed 503."""
         retry = getattr(exc, "retry_after", None) or 1.0
-        plan = self.plan(identity, route)
+        plan = self._plan(identity, route)
         return {
             "code": "service_unavailable",
             "title": "Service Unavailable",
@@ -594,14 +478,3 @@ def _policy_name(owner: str, limit: Limit, limits: Sequence[Limit]) -> str:
         return owner
     same_period = sum(1 for other in limits if other.period == limit.period)
     return f"{owner}-{limit.period}s" if same_period == 1 else f"{owner}-{limit.policy_name}"
-
-
-def withdraw_middleware_headers(scope: Scope) -> None:
-    """Take back the headers the middleware handed to ``CorrelationIdMiddleware``'s list.
-
-    A ``rate_limit`` dependency that answers with its own set calls this: one set per response.
-    Only the rate-limit middleware adds these fields to that list, so they go by name.
-    """
-    shared: list[tuple[bytes, bytes]] | None = scope.get(RESPONSE_HEADERS_KEY)
-    if shared is not None:
-        shared[:] = [pair for pair in shared if pair[0] not in RATE_LIMIT_FIELDS]
