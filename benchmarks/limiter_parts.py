@@ -58,10 +58,10 @@ def _headers_off(owner: type) -> None:
 
 
 def build(part: str) -> ASGIApp:
-    from fastapi_resilience._rate_limit_identity import DefaultIdentityResolver
-    from fastapi_resilience._rate_limit_memory import MemoryStorage
-    from fastapi_resilience._rate_limit_middleware import RateLimitStep
-    from fastapi_resilience._rate_limiter import RateLimiter
+    from fastapi_resilience.ratelimit._identity import DefaultIdentityResolver
+    from fastapi_resilience.ratelimit._memory import MemoryStorage
+    from fastapi_resilience.ratelimit._middleware import RateLimitStep
+    from fastapi_resilience.ratelimit._limiter import RateLimiter
 
     if part == "headers":
         _headers_off(RateLimiter)

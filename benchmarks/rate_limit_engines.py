@@ -33,10 +33,10 @@ import redis.asyncio.connection
 import redis.connection
 from redis._parsers import _AsyncRESP2Parser
 
-from fastapi_resilience._limit_string import Limit
-from fastapi_resilience._rate_limit_core import LimitCheck
-from fastapi_resilience._rate_limit_guard import GuardedStorage
-from fastapi_resilience._rate_limit_redis import RedisStorage
+from fastapi_resilience._limits import Limit
+from fastapi_resilience.ratelimit._storage import LimitCheck
+from fastapi_resilience.ratelimit._guard import GuardedStorage
+from fastapi_resilience.ratelimit._redis import RedisStorage
 
 SENDS = {"n": 0}
 

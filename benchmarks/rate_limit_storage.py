@@ -18,10 +18,10 @@ import limits.strategies
 import redis
 
 from benchmarks.rate_limit_engines import redis_server, run_async
-from fastapi_resilience._limit_string import Limit
-from fastapi_resilience._rate_limit_core import LimitCheck
-from fastapi_resilience._rate_limit_memory import MemoryStorage
-from fastapi_resilience._rate_limit_redis import RedisStorage
+from fastapi_resilience._limits import Limit
+from fastapi_resilience.ratelimit._storage import LimitCheck
+from fastapi_resilience.ratelimit._memory import MemoryStorage
+from fastapi_resilience.ratelimit._redis import RedisStorage
 from fastapi_resilience.testing import ManualClock
 
 

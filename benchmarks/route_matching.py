@@ -21,7 +21,7 @@ from fastapi import APIRouter, FastAPI
 from starlette.routing import BaseRoute
 
 from benchmarks.apps import tiny_app
-from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
+from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
 
 _FIXED_PATHS = ("/health/live", "/health/ready", "/metrics")
 

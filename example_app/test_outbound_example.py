@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 
 from example_app.outbound import Inventory, build_router
-from fastapi_resilience._handlers import install_exception_handlers
+from fastapi_resilience.problems._handlers import install_exception_handlers
 from fastapi_resilience.testing import ManualClock
 from tests._servers import UvicornProcess
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from fastapi_resilience import install
-from fastapi_resilience._rate_limit_routes import rate_limit
+from fastapi_resilience.ratelimit._routes import rate_limit
 
 app = FastAPI()
 resilience = install(app)

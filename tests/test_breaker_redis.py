@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from fastapi_resilience._breaker import BreakerRegistry, CircuitBreaker
-from fastapi_resilience._breaker_redis import RedisBreakerStore
-from fastapi_resilience._deadline import deadline, timeout
-from fastapi_resilience._events import Event, EventBus
+from fastapi_resilience.outbound._breaker import BreakerRegistry, CircuitBreaker
+from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
+from fastapi_resilience.outbound._deadline import deadline, timeout
+from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ConfigurationError,

@@ -17,7 +17,7 @@ from fastapi_resilience import (
     get_correlation_id,
     install_exception_handlers,
 )
-from fastapi_resilience._correlation import (
+from fastapi_resilience.correlation._ids import (
     is_valid_correlation_id,
 )
 
@@ -290,7 +290,7 @@ async def test_error_after_response_started_is_logged_not_answered_twice(
 
 def test_generated_ids_are_unique_and_valid_across_pool_refills() -> None:
     """IDs cut from one batch of random bytes are all valid and never repeat, refill included."""
-    from fastapi_resilience._correlation import generate_correlation_id
+    from fastapi_resilience.correlation._ids import generate_correlation_id
 
     ids = [generate_correlation_id() for _ in range(2_000)]
     assert len(set(ids)) == len(ids)
@@ -303,7 +303,7 @@ def test_forked_child_does_not_reuse_the_parents_ids() -> None:
     """A worker forked after IDs were pooled makes its own, never its parent's next ones."""
     import os
 
-    from fastapi_resilience._correlation import generate_correlation_id
+    from fastapi_resilience.correlation._ids import generate_correlation_id
 
     generate_correlation_id()  # fill the pool
     read_end, write_end = os.pipe()

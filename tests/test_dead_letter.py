@@ -9,8 +9,8 @@ import httpx
 import pytest
 import redis.asyncio
 
-from fastapi_resilience._correlation import set_correlation_id
-from fastapi_resilience._dead_letter import (
+from fastapi_resilience.correlation._ids import set_correlation_id
+from fastapi_resilience.outbound._dead_letter import (
     DeadLetter,
     DeadLetterQueue,
     MemoryDeadLetterQueue,
@@ -18,8 +18,8 @@ from fastapi_resilience._dead_letter import (
     dead_letter_on_failure,
     error_category,
 )
-from fastapi_resilience._events import Event, EventBus
-from fastapi_resilience._retry import Retry
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ConfigurationError,

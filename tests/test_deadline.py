@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from fastapi_resilience._deadline import (
+from fastapi_resilience.outbound._deadline import (
     DEADLINE_EXCEEDED_DETAIL,
     DeadlineCutError,
     current_deadline,
@@ -22,9 +22,9 @@ from fastapi_resilience._deadline import (
     timeout,
     with_timeout,
 )
-from fastapi_resilience._handlers import install_exception_handlers
-from fastapi_resilience._install import install
-from fastapi_resilience._outbound_fastapi import (
+from fastapi_resilience.problems._handlers import install_exception_handlers
+from fastapi_resilience.integration._install import install
+from fastapi_resilience.integration._dependencies import (
     RequestDeadlineMiddleware,
     deadline_dependency,
 )
@@ -563,8 +563,8 @@ async def test_durations_accept_timedelta() -> None:
     """Every duration argument takes a timedelta as well as seconds."""
     from datetime import timedelta
 
-    from fastapi_resilience._breaker import CircuitBreaker
-    from fastapi_resilience._bulkhead import Bulkhead
+    from fastapi_resilience.outbound._breaker import CircuitBreaker
+    from fastapi_resilience.outbound._bulkhead import Bulkhead
 
     clock = ManualClock()
     with deadline(timedelta(milliseconds=1500), clock=clock):

@@ -29,7 +29,7 @@ from fastapi_resilience import (
     rate_limit,
     requires_feature,
 )
-from fastapi_resilience._breaker import default_registry
+from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect
 

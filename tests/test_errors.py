@@ -21,7 +21,7 @@ from fastapi_resilience import (
     install,
     install_exception_handlers,
 )
-from fastapi_resilience._problem import INTERNAL_ERROR_DETAIL, PROBLEM_CONTENT_TYPE
+from fastapi_resilience.problems._render import INTERNAL_ERROR_DETAIL, PROBLEM_CONTENT_TYPE
 
 pytestmark = pytest.mark.anyio
 

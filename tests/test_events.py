@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from fastapi_resilience import Event, EventBus
-from fastapi_resilience._correlation import _correlation_id
+from fastapi_resilience.correlation._ids import _correlation_id
 
 
 def test_event_is_logged_once_with_the_correlation_id(caplog: pytest.LogCaptureFixture) -> None:

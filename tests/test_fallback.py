@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from fastapi_resilience._breaker import CircuitBreaker
-from fastapi_resilience._fallback import fallback, with_fallback
-from fastapi_resilience._retry import Retry
+from fastapi_resilience.outbound._breaker import CircuitBreaker
+from fastapi_resilience.outbound._fallback import fallback, with_fallback
+from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ConfigurationError,

@@ -184,7 +184,7 @@ async def test_a_failure_is_cached_too_and_the_built_in_checks_never_are() -> No
     asked again by every caller), while the built-in checks, which only read this process's
     state, answer fresh: a breaker opened in between shows at once."""
     from fastapi_resilience import CircuitBreaker
-    from fastapi_resilience._breaker import default_registry
+    from fastapi_resilience.outbound._breaker import default_registry
 
     clock = ManualClock()
     app = FastAPI()
@@ -214,7 +214,7 @@ async def test_the_breaker_check_registered_as_its_docstring_says_is_never_cache
     docstring says to, with ``health_cache_seconds=5``: a breaker opened right after an "ok"
     shows at the next call (it was served "ok" from the cache for up to 5 s)."""
     from fastapi_resilience import CircuitBreaker, breaker_health_check
-    from fastapi_resilience._breaker import default_registry
+    from fastapi_resilience.outbound._breaker import default_registry
 
     clock = ManualClock()
     app = FastAPI()

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from fastapi_resilience._hedging import Hedge
+from fastapi_resilience.outbound._hedging import Hedge
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamError
 from fastapi_resilience.testing import ManualClock
 

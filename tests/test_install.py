@@ -126,7 +126,7 @@ async def test_missing_prometheus_extra_is_named_once_at_install(
 async def test_ready_is_degraded_while_a_breaker_is_open() -> None:
     """/health/ready never says ok while a registered breaker is open, and names it."""
     from fastapi_resilience import CircuitBreaker
-    from fastapi_resilience._breaker import default_registry
+    from fastapi_resilience.outbound._breaker import default_registry
 
     app = FastAPI()
     install(app, ResilienceSettings())
@@ -190,7 +190,7 @@ async def test_health_routes_behind_a_root_path() -> None:
 
 def test_fixed_route_refuses_other_paths_and_parameters() -> None:
     """The early refusal only ever answers NONE for a path the route's regex would refuse."""
-    from fastapi_resilience._fixed_routes import FixedPathRoute, add_fixed_route
+    from fastapi_resilience._asgi.fixed_routes import FixedPathRoute, add_fixed_route
 
     async def endpoint() -> None:  # pragma: no cover - only matched, never called
         return None
@@ -209,7 +209,7 @@ def test_fixed_route_refuses_other_paths_and_parameters() -> None:
 def test_install_puts_its_fixed_paths_behind_one_route_entry() -> None:
     """Health and metrics are one entry of the app's routes (ADR 0046), and still reachable
     by name."""
-    from fastapi_resilience._fixed_routes import FixedPathRoutes
+    from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes
 
     app = FastAPI()
     before = len(app.routes)
@@ -229,7 +229,7 @@ def test_install_puts_its_fixed_paths_behind_one_route_entry() -> None:
 
 
 def test_fixed_path_group_matches_only_its_paths_under_a_root_path() -> None:
-    from fastapi_resilience._fixed_routes import FixedPathRoutes, add_fixed_route
+    from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
 
     async def endpoint() -> None:  # pragma: no cover - only matched, never called
         return None
@@ -281,7 +281,7 @@ async def test_fixed_path_group_under_opentelemetry_instrumentation() -> None:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from fastapi_resilience._fixed_routes import FixedPathRoutes
+    from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes
 
     app = FastAPI()
     install(app, ResilienceSettings(rate_limit_enabled=False))

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from fastapi_resilience import ConfigurationError, Limit, parse_limits
-from fastapi_resilience._limit_string import parse_limit
+from fastapi_resilience._limits import parse_limit
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from fastapi_resilience import CorrelationIdMiddleware, CorrelationIdTransport, correlation_id_hook
-from fastapi_resilience._correlation import set_correlation_id
+from fastapi_resilience.correlation._ids import set_correlation_id
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +56,7 @@ async def test_hook_forwards_id_and_keeps_an_explicit_header() -> None:
             plain = (await client.get("/echo")).json()
             explicit = (await client.get("/echo", headers={"X-Request-ID": "mine"})).json()
     finally:
-        from fastapi_resilience._correlation import _correlation_id
+        from fastapi_resilience.correlation._ids import _correlation_id
 
         _correlation_id.reset(token)  # type: ignore[arg-type]
     assert plain["x-request-id"] == "hook-1"

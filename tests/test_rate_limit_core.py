@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastapi_resilience._limit_string import Limit, parse_limit
-from fastapi_resilience._rate_limit_core import (
+from fastapi_resilience._limits import Limit, parse_limit
+from fastapi_resilience.ratelimit._storage import (
     RESOLUTION,
     Decision,
     LimitCheck,
@@ -14,8 +14,8 @@ from fastapi_resilience._rate_limit_core import (
     bucket_width_ms,
     storage_from_url,
 )
-from fastapi_resilience._rate_limit_memory import MemoryStorage
-from fastapi_resilience._rate_limit_redis import RedisStorage
+from fastapi_resilience.ratelimit._memory import MemoryStorage
+from fastapi_resilience.ratelimit._redis import RedisStorage
 from fastapi_resilience.exceptions import ConfigurationError
 
 pytestmark = pytest.mark.anyio

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastapi_resilience._limit_string import Limit
-from fastapi_resilience._rate_limit_headers import (
+from fastapi_resilience._limits import Limit
+from fastapi_resilience.ratelimit._headers import (
     HeaderPlan,
     PolicyHeader,
     ceil_seconds,

@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 
 from fastapi_resilience import ResilienceSettings, install
-from fastapi_resilience._rate_limit_identity import (
+from fastapi_resilience.ratelimit._identity import (
     ClientAddress,
     DefaultIdentityResolver,
     Identity,

@@ -17,9 +17,9 @@ from fastapi_resilience import (
     install_exception_handlers,
     rate_limit,
 )
-from fastapi_resilience._limit_string import Limit, parse_limit
-from fastapi_resilience._rate_limit_core import Decision, LimitCheck
-from fastapi_resilience._rate_limit_memory import DEFAULT_MAX_KEYS, MemoryStorage
+from fastapi_resilience._limits import Limit, parse_limit
+from fastapi_resilience.ratelimit._storage import Decision, LimitCheck
+from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.testing import ManualClock
 

@@ -13,11 +13,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from fastapi_resilience import Event, ResilienceSettings, install
-from fastapi_resilience._rate_limit_identity import Identity
-from fastapi_resilience._rate_limit_memory import MemoryStorage
-from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
-from fastapi_resilience._rate_limit_routes import rate_limit
-from fastapi_resilience._rate_limiter import RateLimiter
+from fastapi_resilience.ratelimit._identity import Identity
+from fastapi_resilience.ratelimit._memory import MemoryStorage
+from fastapi_resilience.ratelimit._middleware import RateLimitMiddleware
+from fastapi_resilience.ratelimit._routes import rate_limit
+from fastapi_resilience.ratelimit._limiter import RateLimiter
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect
@@ -637,7 +637,7 @@ def test_route_table_tries_only_the_limited_routes_a_path_can_reach() -> None:
     route's literal text, root path taken off: an app's other requests skip them all."""
     from fastapi.routing import APIRoute
 
-    from fastapi_resilience._rate_limit_routes import RouteTable
+    from fastapi_resilience.ratelimit._routes import RouteTable
 
     tried: list[str] = []
 
@@ -720,7 +720,7 @@ async def test_each_request_is_counted_once(case: str, clock: ManualClock) -> No
     async def resolver(scope: Scope) -> Identity:
         return Identity("ip:10.0.0.1", "anonymous")
 
-    from fastapi_resilience._rate_limit_guard import GuardedStorage
+    from fastapi_resilience.ratelimit._guard import GuardedStorage
 
     memory = MemoryStorage(clock=clock)
     tiers = {"anonymous": "3/minute; 5/hour" if case == "two_limits" else "3/minute"}

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fastapi_resilience._breaker import default_registry
+from fastapi_resilience.outbound._breaker import default_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.anyio

@@ -11,8 +11,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from fastapi_resilience._events import Event, EventBus
-from fastapi_resilience._response_cache import (
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.outbound._response_cache import (
     CacheResult,
     CacheStatusMiddleware,
     JsonSerializer,

@@ -18,16 +18,16 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from fastapi_resilience._adaptive_throttle import ThrottledError
-from fastapi_resilience._breaker import default_registry
-from fastapi_resilience._bulkhead import default_bulkhead_registry
-from fastapi_resilience._correlation import CorrelationIdMiddleware, set_correlation_id
-from fastapi_resilience._deadline import DeadlineCutError, deadline
-from fastapi_resilience._events import Event, EventBus
-from fastapi_resilience._handlers import install_exception_handlers
-from fastapi_resilience._outbound_fastapi import RequestDeadlineMiddleware
-from fastapi_resilience._response_cache import ResponseCache, snapshot_response
-from fastapi_resilience._transport import (
+from fastapi_resilience.outbound._adaptive_throttle import ThrottledError
+from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
+from fastapi_resilience.correlation._ids import CorrelationIdMiddleware, set_correlation_id
+from fastapi_resilience.outbound._deadline import DeadlineCutError, deadline
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.problems._handlers import install_exception_handlers
+from fastapi_resilience.integration._dependencies import RequestDeadlineMiddleware
+from fastapi_resilience.outbound._response_cache import ResponseCache, snapshot_response
+from fastapi_resilience.outbound._transport import (
     DEFAULT_MAX_HOSTS,
     HostPolicy,
     ResilientTransport,

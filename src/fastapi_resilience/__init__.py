@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi_resilience._adaptive_throttle import AdaptiveThrottle, ThrottledError
-from fastapi_resilience._breaker import (
+from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle, ThrottledError
+from fastapi_resilience.outbound._breaker import (
     BreakerRegistry,
     BreakerState,
     BreakerStateStore,
@@ -13,16 +13,16 @@ from fastapi_resilience._breaker import (
     breaker_health_check,
     get_breaker,
 )
-from fastapi_resilience._breaker_redis import RedisBreakerStore
-from fastapi_resilience._breaker_window import SlidingWindow
-from fastapi_resilience._bulkhead import Bulkhead, BulkheadRegistry, TieredBulkhead, get_bulkhead
-from fastapi_resilience._clock import Clock, SystemClock
-from fastapi_resilience._correlation import (
+from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
+from fastapi_resilience.outbound._breaker_window import SlidingWindow
+from fastapi_resilience.outbound._bulkhead import Bulkhead, BulkheadRegistry, TieredBulkhead, get_bulkhead
+from fastapi_resilience.clock import Clock, SystemClock
+from fastapi_resilience.correlation._ids import (
     CorrelationIdFilter,
     CorrelationIdMiddleware,
     get_correlation_id,
 )
-from fastapi_resilience._dead_letter import (
+from fastapi_resilience.outbound._dead_letter import (
     DeadLetter,
     DeadLetterQueue,
     MemoryDeadLetterQueue,
@@ -30,37 +30,37 @@ from fastapi_resilience._dead_letter import (
     ReplayReport,
     dead_letter_on_failure,
 )
-from fastapi_resilience._deadline import (
+from fastapi_resilience.outbound._deadline import (
     DeadlineCutError,
     deadline,
     remaining,
     timeout,
     with_timeout,
 )
-from fastapi_resilience._degraded import (
+from fastapi_resilience.operations._degraded import (
     DegradedMode,
     DegradedModeMiddleware,
     Feature,
     FeatureStatus,
     requires_feature,
 )
-from fastapi_resilience._events import Event, EventBus
-from fastapi_resilience._fallback import fallback, with_fallback
-from fastapi_resilience._handlers import install_exception_handlers
-from fastapi_resilience._health import CheckResult, HealthChecks
-from fastapi_resilience._hedging import Hedge
-from fastapi_resilience._install import Resilience, install
-from fastapi_resilience._limit_string import Limit, parse_limits
-from fastapi_resilience._outbound_fastapi import (
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.outbound._fallback import fallback, with_fallback
+from fastapi_resilience.problems._handlers import install_exception_handlers
+from fastapi_resilience.health._checks import CheckResult, HealthChecks
+from fastapi_resilience.outbound._hedging import Hedge
+from fastapi_resilience.integration._install import Resilience, install
+from fastapi_resilience._limits import Limit, parse_limits
+from fastapi_resilience.integration._dependencies import (
     RequestDeadlineMiddleware,
     breaker_dependency,
     bulkhead_dependency,
     deadline_dependency,
     watch_outbound,
 )
-from fastapi_resilience._outbound_headers import CorrelationIdTransport, correlation_id_hook
-from fastapi_resilience._problem import ProblemResponse
-from fastapi_resilience._rate_limit_core import (
+from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
+from fastapi_resilience.problems._render import ProblemResponse
+from fastapi_resilience.ratelimit._storage import (
     Decision,
     LimitCheck,
     LimitState,
@@ -68,17 +68,17 @@ from fastapi_resilience._rate_limit_core import (
     StorageUnavailableError,
     storage_from_url,
 )
-from fastapi_resilience._rate_limit_guard import GuardedStorage, guarded_storage_from_url
-from fastapi_resilience._rate_limit_identity import (
+from fastapi_resilience.ratelimit._guard import GuardedStorage, guarded_storage_from_url
+from fastapi_resilience.ratelimit._identity import (
     DefaultIdentityResolver,
     Identity,
     IdentityResolver,
 )
-from fastapi_resilience._rate_limit_memory import MemoryStorage
-from fastapi_resilience._rate_limit_middleware import RateLimitMiddleware
-from fastapi_resilience._rate_limit_routes import RateLimit, rate_limit
-from fastapi_resilience._rate_limiter import RateLimiter
-from fastapi_resilience._response_cache import (
+from fastapi_resilience.ratelimit._memory import MemoryStorage
+from fastapi_resilience.ratelimit._middleware import RateLimitMiddleware
+from fastapi_resilience.ratelimit._routes import RateLimit, rate_limit
+from fastapi_resilience.ratelimit._limiter import RateLimiter
+from fastapi_resilience.outbound._response_cache import (
     CacheEntry,
     CacheResult,
     CacheStatusMiddleware,
@@ -88,10 +88,10 @@ from fastapi_resilience._response_cache import (
     current_cache_status,
     record_cache_status,
 )
-from fastapi_resilience._retry import Retry
-from fastapi_resilience._retry_budget import RetryBudget
+from fastapi_resilience.outbound._retry import Retry
+from fastapi_resilience.outbound._retry_budget import RetryBudget
 from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience._transport import (
+from fastapi_resilience.outbound._transport import (
     HostPolicy,
     ResilientTransport,
     UpstreamStatusError,
@@ -230,7 +230,7 @@ __all__ = [
 
 
 if TYPE_CHECKING:
-    from fastapi_resilience._rate_limit_redis import RedisStorage
+    from fastapi_resilience.ratelimit._redis import RedisStorage
 
 
 def __getattr__(name: str) -> Any:
@@ -240,7 +240,7 @@ def __getattr__(name: str) -> Any:
         return version("fastapi-resilience")
     if name == "RedisStorage":
         # Imported on first use: redis is the optional ``redis`` extra.
-        from fastapi_resilience._rate_limit_redis import RedisStorage
+        from fastapi_resilience.ratelimit._redis import RedisStorage
 
         return RedisStorage
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

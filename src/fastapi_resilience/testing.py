@@ -21,12 +21,12 @@ import httpx
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastapi_resilience._problem import problem_response
-from fastapi_resilience._request_path import route_path
+from fastapi_resilience.problems._render import problem_response
+from fastapi_resilience._asgi.paths import route_path
 from fastapi_resilience.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from fastapi_resilience._breaker import BreakerRegistry, BreakerState, CircuitBreaker
+    from fastapi_resilience.outbound._breaker import BreakerRegistry, BreakerState, CircuitBreaker
 
 __all__ = [
     "FAULT_CODE",
@@ -303,7 +303,7 @@ def force_breaker(
 
     .. versionadded:: 0.1.0
     """
-    from fastapi_resilience._breaker import get_breaker
+    from fastapi_resilience.outbound._breaker import get_breaker
 
     if state not in ("open", "half_open", "closed"):
         raise ConfigurationError(f"state must be 'open', 'half_open' or 'closed', got {state!r}")

@@ -1,0 +1,201 @@
+"""Correlation IDs: one ID per request, in a context variable, on every response and log record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import deque
+from collections.abc import Callable
+from contextvars import ContextVar
+
+from starlette.types import ASGIApp
+
+from fastapi_resilience._asgi.pipeline import Pipeline, RequestState
+
+__all__ = [
+    "HEADER_NAME",
+    "CorrelationIdFilter",
+    "CorrelationIdMiddleware",
+    "CorrelationStep",
+    "generate_correlation_id",
+    "get_correlation_id",
+    "is_valid_correlation_id",
+]
+
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+#: An HTTP header name (an RFC 9110 token): every header name a setting or argument gives.
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]+")
+
+_correlation_id: ContextVar[str | None] = ContextVar(
+    "fastapi_resilience_correlation_id", default=None
+)
+
+
+def get_correlation_id() -> str | None:
+    """The current request's correlation ID, or ``None`` outside a request."""
+    return _correlation_id.get()
+
+
+def set_correlation_id(value: str | None) -> object:
+    """Set the ID for the current context (tests, workers); returns a token for ``reset``."""
+    return _correlation_id.set(value)
+
+
+#: IDs made ahead, 256 per ``os.urandom`` call instead of one syscall per request.
+#: ``deque.popleft`` is atomic, so threads never share an ID.
+_ID_POOL: deque[str] = deque()
+# A forked worker (gunicorn, uvicorn --workers) must not hand out its parent's IDs.
+os.register_at_fork(after_in_child=_ID_POOL.clear)
+
+
+def generate_correlation_id() -> str:
+    """128 random bits as 32 lower-case hex characters (no dashes: cheaper to type and grep)."""
+    try:
+        return _ID_POOL.popleft()
+    except IndexError:
+        # One separator every 16 bytes, split in C: no Python-level loop over the 256 IDs.
+        batch = os.urandom(16 * 256).hex(" ", 16).split()
+        mine = batch.pop()
+        _ID_POOL.extend(batch)
+        return mine
+
+
+def is_valid_correlation_id(value: str | bytes) -> bool:
+    """True for 1 to 128 characters of ``[A-Za-z0-9._:-]``; anything else is never reflected."""
+    raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    return _VALID_ID.fullmatch(raw) is not None
+
+
+class CorrelationIdFilter(logging.Filter):
+    """Stamps every log record with ``record.correlation_id`` (``default`` outside a request).
+
+    Attach it to a handler, then use ``%(correlation_id)s`` in the format.
+    """
+
+    def __init__(self, name: str = "", *, default: str = "-") -> None:
+        super().__init__(name)
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # An explicit ``extra={"correlation_id": ...}`` wins over the context.
+        if not getattr(record, "correlation_id", None):
+            record.correlation_id = _correlation_id.get() or self.default
+        return True
+
+
+class CorrelationStep:
+    """The correlation ID of a request: from the incoming header when valid, else a new one;
+    in a context variable while the request runs, and echoed on the response.
+
+    A request that already has an ID (a correlation step outside this one gave it) is left as
+    it is: the outer ID serves, once.
+    """
+
+    websocket = True
+
+    def __init__(
+        self,
+        *,
+        header_name: str = "X-Request-ID",
+        generator: Callable[[], str] = generate_correlation_id,
+        update_request_header: bool = True,
+    ) -> None:
+        if not HEADER_NAME.fullmatch(header_name):
+            raise ValueError(f"header_name: {header_name!r} is not a valid HTTP header name")
+        self.header_name = header_name
+        self._header = header_name.lower().encode("latin-1")
+        self._generate = generator
+        self._update_request_header = update_request_header
+
+    def enter(self, state: RequestState) -> None:
+        if state.correlation_id is not None:
+            return
+        # The incoming header, inlined (this runs on every request): a valid value is kept,
+        # anything else is replaced by a new ID, in the request's headers too.
+        scope = state.scope
+        header = self._header
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        raw: bytes | None = None
+        for name, value in headers:
+            if name == header:
+                raw = value
+                break
+        if raw is not None and _VALID_ID.fullmatch(raw):
+            correlation_id = raw.decode("ascii")
+            echoed = raw
+        else:
+            generate = self._generate
+            try:
+                # The default generator's pool, inlined; an empty pool refills in ``generate``.
+                correlation_id = (
+                    _ID_POOL.popleft() if generate is generate_correlation_id else generate()
+                )
+            except IndexError:
+                correlation_id = generate()
+            echoed = correlation_id.encode("ascii")
+            if self._update_request_header:
+                new_raw = echoed
+                if raw is None and type(headers) is list:
+                    # The server built this list for this request alone: append in place.
+                    headers.append((header, new_raw))
+                else:
+                    # ASGI allows any iterable of pairs (a tuple, say): build a new list.
+                    kept = [(n, v) for n, v in headers if n != header]
+                    scope["headers"] = [*kept, (header, new_raw)]
+        state.correlation_id = correlation_id
+        state.fields.append(((header, echoed),))
+        token = _correlation_id.set(correlation_id)
+        context = state.context
+        if context is None:
+            state.context = [_correlation_id, correlation_id, token]
+        else:
+            context += (_correlation_id, correlation_id, token)
+
+
+class CorrelationIdMiddleware(Pipeline):
+    """Pure ASGI middleware that gives every request a correlation ID.
+
+    The ID comes from ``header_name`` when it is valid (1 to 128 characters of
+    ``[A-Za-z0-9._:-]``); otherwise a new one is generated, so a malformed, oversized or
+    injected header is never reflected. The ID is echoed on every response and is returned by
+    :func:`get_correlation_id` in routes, dependencies, background tasks and log records.
+
+    Place it outermost among user middleware (``install`` does). Starlette's
+    ``ServerErrorMiddleware`` sits outside every user middleware and sends its 500 through the
+    server's ``send``, past any header-adding wrapper; so this middleware catches an unhandled
+    exception itself while the response has not started, logs it once with its traceback and
+    the ID, and answers the 500 problem+json carrying the ID in header and body.
+
+    Inside another correlation layer (an app with its own, mounted in an app with one) it steps
+    aside: the outer one's ID, response headers and 500s serve the request.
+
+    Args:
+        app: the ASGI app to wrap.
+        header_name: the header read and echoed.
+        generator: makes a new ID; must return a valid one.
+        update_request_header: also put a generated ID into the request's headers, so code
+            reading the header directly sees the same ID.
+        raise_server_exceptions: after answering an unhandled exception's 500, raise it again
+            to the server, as Starlette's own error middleware does. ``None`` (the default):
+            only for Starlette's ``TestClient``, so a failing route fails the test that calls
+            it (``TestClient(app, raise_server_exceptions=False)`` gets the 500 instead); a
+            real server is not handed the exception, which it would log a second time.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header_name: str = "X-Request-ID",
+        generator: Callable[[], str] = generate_correlation_id,
+        update_request_header: bool = True,
+        raise_server_exceptions: bool | None = None,
+    ) -> None:
+        self.step = CorrelationStep(
+            header_name=header_name,
+            generator=generator,
+            update_request_header=update_request_header,
+        )
+        self.header_name = header_name
+        super().__init__(app, [self.step], answer_errors=True, reraise=raise_server_exceptions)

@@ -1,0 +1,342 @@
+"""``install(app, settings)``: the one-line set-up, and the ``Resilience`` object it returns."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute
+
+from fastapi_resilience._asgi.app_state import APP_STATE_NAME
+from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.correlation._ids import CorrelationStep
+from fastapi_resilience.operations._degraded import DegradedMode, DegradedStep
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, route_at
+from fastapi_resilience.problems._handlers import (
+    install_exception_handlers,
+)
+from fastapi_resilience.health._checks import HealthChecks, add_health_routes
+from fastapi_resilience.operations._metrics import (
+    PrometheusListener,
+    add_metrics_route,
+    prometheus_available,
+    warn_prometheus_missing,
+)
+from fastapi_resilience.integration._dependencies import watch_outbound
+from fastapi_resilience._asgi.pipeline import Pipeline
+from fastapi_resilience.ratelimit._guard import STORAGE_DOWN_EVENT, STORAGE_RECOVERED_EVENT
+from fastapi_resilience.ratelimit._middleware import RateLimitStep
+from fastapi_resilience.ratelimit._setup import limiter_from_settings
+from fastapi_resilience.ratelimit._limiter import RateLimiter
+from fastapi_resilience._settings import ENV_PREFIX, ResilienceSettings
+from fastapi_resilience.integration._sub_apps import refuse_websocket_route_limits, serve_mounted_apps
+from fastapi_resilience.exceptions import ConfigurationError
+
+__all__ = ["APP_STATE_NAME", "Resilience", "install"]
+
+
+class Resilience:
+    """What ``install`` set up for one app: settings, the event bus, health checks, the rate
+    limiter and the degraded mode (``degraded``, where the app's features are declared)."""
+
+    def __init__(
+        self,
+        settings: ResilienceSettings,
+        *,
+        events: EventBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.events = events or EventBus()
+        self.health = HealthChecks(
+            default_timeout=settings.health_check_timeout,
+            cache_seconds=settings.health_cache_seconds,
+            clock=clock,
+        )
+        #: The app's rate limiter; ``None`` when ``rate_limit_enabled`` is off.
+        self.rate_limiter: RateLimiter | None = None
+        #: The app's switchable features; the breakers they name are the default registry's.
+        self.degraded = DegradedMode(
+            breakers=default_registry,
+            events=self.events,
+            clock=clock,
+            notice_header=settings.degraded_header,
+            disabled=settings.disabled_features,
+        )
+        self.metrics: PrometheusListener | None = None
+        self._on_start: Callable[[], None] | None = None
+        self._on_stop: Callable[[], Awaitable[None]] | None = None
+        #: Apps with their own ``install()`` mounted in this one: started and stopped with it.
+        self._mounted: list[Resilience] = []
+
+    def start(self) -> None:
+        """Run ``install()``'s start-up checks: the app's lifespan calls it after the app's own
+        start-up; an app mounted in another with its own ``install()`` is started by that one
+        (Starlette runs no lifespan of a mounted app)."""
+        if self._on_start is not None:
+            self._on_start()
+
+    async def stop(self) -> None:
+        """Close what ``install()`` opened (the rate-limit storage), mounted installs' too."""
+        try:
+            for mounted in self._mounted:
+                await mounted.stop()
+        finally:
+            if self._on_stop is not None:
+                await self._on_stop()
+
+    def __repr__(self) -> str:
+        return f"Resilience(checks={len(self.health._checks)})"
+
+
+def install(
+    app: FastAPI,
+    settings: ResilienceSettings | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Resilience:
+    """Set up everything on ``app`` and return the :class:`Resilience` object.
+
+    Adds, from the outside in: correlation IDs, rate limiting (if enabled), degraded mode;
+    registers the problem-details exception handlers; mounts the health routes. With no
+    ``settings``, ``ResilienceSettings()`` reads the environment.
+
+    Raises:
+        ConfigurationError: a setting is invalid; the message names it.
+    """
+    if isinstance(getattr(app.state, APP_STATE_NAME, None), Resilience):
+        # A second call would stack a second limiter, counting every request twice.
+        raise ConfigurationError(
+            "install() was already called on this app; call it once, with all the settings"
+        )
+    settings = settings if settings is not None else ResilienceSettings()
+    fixed_paths = _fixed_paths(settings)
+    # The app's routes so far; those defined later are checked at start-up.
+    _refuse_app_routes_at(app.router.routes, fixed_paths)
+    resilience = Resilience(settings, clock=clock)
+    setattr(app.state, APP_STATE_NAME, resilience)
+
+    install_exception_handlers(
+        app,
+        type_base=settings.problem_type_base,
+        expose_error_details=settings.expose_error_details,
+        correlation_header=settings.correlation_header,
+    )
+    limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
+    # One layer, its steps in the contract's order: correlation IDs, rate limiting, degraded
+    # mode (ADR 0066).
+    steps: list[Any] = [CorrelationStep(header_name=settings.correlation_header)]
+    if limiter is not None:
+        steps.append(RateLimitStep(limiter))
+    steps.append(DegradedStep(resilience.degraded))
+    app.add_middleware(
+        Pipeline,
+        steps=steps,
+        answer_errors=True,
+        reraise=settings.raise_server_exceptions,
+    )
+    _cors_outside(app)
+    serve_mounted_apps(app, resilience)
+    resilience.health.add(
+        FEATURES_CHECK, resilience.degraded.health_check, critical=False, cache_seconds=0
+    )
+    # Straight onto the app's router: routes defined after ``install()`` meet these first on
+    # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
+    first_of_ours = len(app.router.routes)
+    group: FixedPathRoutes | None = None
+    if not settings.health_in_schema:
+        group = FixedPathRoutes()
+        app.router.routes.append(group)
+    add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
+    # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
+    watch_outbound(resilience)
+    if settings.metrics_enabled:
+        if prometheus_available():
+            _install_metrics(app, resilience, settings.metrics_path, group)
+        else:
+            warn_prometheus_missing(settings.metrics_path)
+    ours = app.router.routes[first_of_ours:]
+
+    def started() -> None:
+        # Once the app is built, after the user's own start-up code (which may add routes):
+        # what the features name is checked (they are declared after install()), and the
+        # group moves back past the routes that cannot serve its paths (ADR 0047).
+        resilience.degraded.validate(app.router.routes)
+        refuse_websocket_route_limits(app.router.routes)
+        _start_mounted_apps(app, resilience)
+        _refuse_app_routes_at(app.router.routes, fixed_paths, ours=ours)
+        if group is not None:
+            group.settle(app.router.routes)
+
+    resilience._on_start = started
+    resilience._on_stop = limiter.aclose if limiter is not None else None
+    _around_lifespan(app, started=resilience.start, stopped=resilience.stop)
+    return resilience
+
+
+def _start_mounted_apps(app: FastAPI, resilience: Resilience) -> None:
+    """At start-up: serve the sub-apps mounted so far, check what their routes name, and start
+    those with their own ``install()`` (Starlette runs no lifespan of a mounted app)."""
+    resilience._mounted = []
+    for sub in serve_mounted_apps(app, resilience):
+        if sub.app is None:
+            continue  # routes mounted without an app: the app's own, checked with it
+        if sub.installed:
+            own: Resilience = getattr(sub.app.state, APP_STATE_NAME)
+            resilience._mounted.append(own)
+            own.start()
+        else:
+            resilience.degraded.validate(sub.app.router.routes)
+            refuse_websocket_route_limits(sub.app.router.routes, sub.template)
+
+
+#: Name of the degraded mode's readiness check.
+FEATURES_CHECK = "features"
+#: Name of the rate-limit storage's readiness check.
+RATE_LIMIT_CHECK = "rate_limit_storage"
+
+
+#: For each setting that places a fixed-path route: what it serves, and how to move it.
+_MOVE_FIXED_PATH = {
+    "health_path": ("health routes", "/_health", ""),
+    "metrics_path": (
+        "Prometheus metrics",
+        "/_metrics",
+        " or metrics_enabled=False to serve only the app's,",
+    ),
+}
+
+
+def _fixed_paths(settings: ResilienceSettings) -> dict[str, str]:
+    """The paths ``install()`` serves, each with the setting that moves it."""
+    paths = {f"{settings.health_path}{end}": "health_path" for end in ("/live", "/ready")}
+    if settings.metrics_enabled and prometheus_available():
+        paths[settings.metrics_path] = "metrics_path"
+    return paths
+
+
+def _refuse_app_routes_at(
+    routes: list[BaseRoute], fixed_paths: dict[str, str], *, ours: Sequence[BaseRoute] = ()
+) -> None:
+    """Refuse an app route written for one of ``install()``'s paths (ADR 0062).
+
+    The router serves whichever comes first, so the other one would never answer, in silence.
+    ``ours``: the entries ``install()`` added to ``routes``.
+
+    Raises:
+        ConfigurationError: naming the setting that moves ``install()``'s route.
+    """
+    apps = [route for route in routes if not any(route is mine for mine in ours)]
+    for path, setting in fixed_paths.items():
+        route = route_at(apps, path)
+        if route is None:
+            continue
+        what, elsewhere, or_off = _MOVE_FIXED_PATH[setting]
+        env = f"{ENV_PREFIX}{setting.upper()}"
+        raise ConfigurationError(
+            f"{setting} (env {env}): the app has its own route at {path!r} "
+            f"({type(route).__name__} {getattr(route, 'name', None)!r}), where install() serves "
+            f"its {what}; one would hide the other. Move install()'s with "
+            f"{setting}={elsewhere!r} ({env}={elsewhere}),{or_off} or move the app's route."
+        )
+
+
+def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
+    settings = resilience.settings
+    limiter = limiter_from_settings(
+        settings,
+        events=resilience.events,
+        clock=resilience.clock,
+        exempt_paths=_docs_paths(app) if settings.rate_limit_exempt_docs else (),
+    )
+    resilience.rate_limiter = limiter
+    storage_health = getattr(limiter.storage, "health", None)
+    if storage_health is not None:
+        # Failing open, a dead storage degrades the service; failing closed, it stops it.
+        resilience.health.add(
+            RATE_LIMIT_CHECK, storage_health, critical=not settings.rate_limit_fail_open
+        )
+        # Its result is cached; a change of the storage's state shows at the next call.
+        resilience.events.subscribe(_forget_storage_check(resilience.health))
+    return limiter
+
+
+def _docs_paths(app: FastAPI) -> list[str]:
+    """FastAPI's own documentation routes: the schema, Swagger UI and its OAuth2 redirect,
+    ReDoc. A browser loads them with their assets; they are not the API being protected."""
+    paths = [app.openapi_url, app.redoc_url]
+    if app.docs_url:
+        paths += [app.docs_url, app.swagger_ui_oauth2_redirect_url]
+    return [path for path in paths if path]
+
+
+def _cors_outside(app: FastAPI) -> None:
+    """Move every ``CORSMiddleware`` added before ``install()`` outside the library's layer.
+
+    The library's layer answers 429, 503 and 500 itself; only a CORS layer outside it adds
+    ``Access-Control-Allow-Origin`` to those answers, so a browser shows the page the 429
+    rather than a CORS error; and it answers preflights before they are counted.
+    """
+    stack = app.user_middleware
+    cors = [entry for entry in stack[1:] if _is_cors(entry)]
+    for entry in cors:
+        stack.remove(entry)
+    stack[0:0] = cors
+
+
+def _is_cors(entry: Middleware) -> bool:
+    return isinstance(entry.cls, type) and issubclass(entry.cls, CORSMiddleware)
+
+
+def _forget_storage_check(health: HealthChecks) -> Callable[[Event], None]:
+    def forget(event: Event) -> None:
+        if event.kind in (STORAGE_DOWN_EVENT, STORAGE_RECOVERED_EVENT):
+            health.forget(RATE_LIMIT_CHECK)
+
+    return forget
+
+
+def _around_lifespan(
+    app: FastAPI,
+    *,
+    started: Callable[[], None] | None = None,
+    stopped: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run ``started`` after the app's own start-up and ``stopped`` after its own shutdown.
+
+    Wrapping the router's lifespan keeps the user's ``lifespan=`` (or on_event handlers)
+    running as before; ``stopped`` runs even when they fail.
+    """
+    original: Callable[[Any], AbstractAsyncContextManager[Any]] = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        try:
+            async with original(app_) as state:
+                if started is not None:
+                    started()
+                yield state
+        finally:
+            if stopped is not None:
+                await stopped()
+
+    app.router.lifespan_context = lifespan
+
+
+def _install_metrics(
+    app: FastAPI, resilience: Resilience, path: str, group: FixedPathRoutes | None
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    # A registry per app: two apps in one process (tests, mounted sub-apps) never collide.
+    registry = CollectorRegistry()
+    resilience.metrics = PrometheusListener(registry)
+    resilience.events.subscribe(resilience.metrics)
+    add_metrics_route(app.router, registry, path=path, group=group)

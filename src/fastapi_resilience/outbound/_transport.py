@@ -1,0 +1,710 @@
+"""``ResilientTransport``: breaker, retry with a budget, timeout and bulkhead per upstream host.
+
+Wraps any httpx async transport. Each host gets its own policy objects, built on first use
+from the transport's options (or given explicitly), so one sick upstream cannot trip another's
+breaker or spend another's retry budget. An attempt goes through, outermost first:
+
+    cache (GET) -> retry (+ budget) -> adaptive throttle -> hedge -> breaker -> bulkhead
+    -> timeout (inherits the request deadline) -> the wrapped transport
+
+Failures come out as the library's errors: a transport error is an :class:`UpstreamError`,
+a timeout an :class:`UpstreamTimeoutError`, a 5xx answer an :class:`UpstreamError` after
+retries (or the answer itself with ``raise_for_5xx=False``); retries that ran out raise
+:class:`RetryExhaustedError` with the last error chained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import random as _random
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict, Unpack, cast
+
+import httpx
+
+from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
+from fastapi_resilience.outbound._breaker import (
+    BreakerRegistry,
+    CircuitBreaker,
+    default_registry,
+    holds_calls_back,
+)
+from fastapi_resilience.outbound._bulkhead import Bulkhead, BulkheadRegistry, default_bulkhead_registry
+from fastapi_resilience.outbound._cache_sharing import SharingRules, credential_headers
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.outbound._deadline import (
+    DEADLINE_EXCEEDED_DETAIL,
+    effective_timeout,
+    remaining,
+    timeout_error,
+)
+from fastapi_resilience.events import EventBus
+from fastapi_resilience.outbound._hedging import Hedge
+from fastapi_resilience.outbound._headers import inject_outbound_headers
+from fastapi_resilience.outbound._response_cache import (
+    CACHE_STATUS_HEADER,
+    ResponseCache,
+    restore_response,
+    snapshot_response,
+)
+from fastapi_resilience.outbound._retry import Retry
+from fastapi_resilience.outbound._retry_budget import RetryBudget
+from fastapi_resilience.exceptions import (
+    ClientError,
+    ConfigurationError,
+    RateLimitedError,
+    RetryExhaustedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+
+__all__ = [
+    "HostPolicy",
+    "PolicyOptions",
+    "ResilientTransport",
+    "UpstreamStatusError",
+    "parse_retry_after",
+    "resilient_client",
+]
+
+#: Methods safe to send twice at once (hedging): idempotent and without a body.
+_HEDGE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered 5xx; ``response`` is that answer, ``upstream_status`` its code."""
+
+    def __init__(self, response: httpx.Response, host: str, retry_after: float | None) -> None:
+        super().__init__(
+            f"Upstream {host} answered {response.status_code}.",
+            extensions={"upstream": host, "upstream_status": response.status_code},
+            retry_after=retry_after,
+        )
+        self.response = response
+        self.upstream_status = response.status_code
+
+
+class _UpstreamRateLimited(RateLimitedError):
+    """The upstream answered 429: retried after its Retry-After, never counted by a breaker."""
+
+    def __init__(self, response: httpx.Response, host: str, retry_after: float | None) -> None:
+        super().__init__(
+            f"Upstream {host} answered 429.",
+            extensions={"upstream": host, "upstream_status": 429},
+            retry_after=retry_after,
+        )
+        self.response = response
+        self.upstream_status = 429
+
+
+class _NotCacheable(ClientError):
+    """Carries an answer that must not be cached (not 2xx) out of the cached call."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__("not cacheable")
+        self.response = response
+
+
+_PHASES = ("connect", "read", "write", "pool")
+
+
+def _tighten_timeouts(request: httpx.Request, limit: float) -> None:
+    """Cap httpx's per-phase timeouts for this request at ``limit`` seconds."""
+    current = request.extensions.get("timeout")
+    if current is None:
+        request.extensions["timeout"] = dict.fromkeys(_PHASES, limit)
+        return
+    # The client builds a fresh dict per request, so it can be changed in place.
+    for phase in _PHASES:
+        value = current.get(phase)
+        if value is None or value > limit:
+            current[phase] = limit
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent
+    or unreadable. ``now`` is the wall clock in seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    seconds = when.timestamp() - now
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class PolicyOptions(TypedDict, total=False):
+    """The per-host policy options of :class:`ResilientTransport` and :func:`resilient_client`."""
+
+    attempts: int
+    base_delay: float
+    max_delay: float
+    jitter: bool | str
+    retry_deadline: float | None
+    retry_budget: bool | float
+    retry_non_idempotent: bool
+    failure_threshold: int | None
+    recovery_timeout: float
+    half_open_max_calls: int
+    max_recovery_timeout: float | None
+    timeout: float | None
+    max_concurrent: int | None
+    max_waiting: int
+    wait_timeout: float | None
+    adaptive_throttle: bool
+    hedge_after: float | None
+    hedge_percentile: float | None
+    cache: ResponseCache | None
+    cache_ttl: float | None
+    credential_headers: Sequence[str]
+
+
+_DEFAULTS: PolicyOptions = {
+    "attempts": 3,
+    "base_delay": 0.1,
+    "max_delay": 10.0,
+    "jitter": True,
+    "retry_deadline": None,
+    "retry_budget": True,
+    "retry_non_idempotent": False,
+    "failure_threshold": 5,
+    "recovery_timeout": 30.0,
+    "half_open_max_calls": 1,
+    "max_recovery_timeout": None,
+    "timeout": 10.0,
+    "max_concurrent": None,
+    "max_waiting": 0,
+    "wait_timeout": None,
+    "adaptive_throttle": False,
+    "hedge_after": None,
+    "hedge_percentile": None,
+    "cache": None,
+    "cache_ttl": None,
+    "credential_headers": (),
+}
+
+
+@dataclass(slots=True)
+class HostPolicy:
+    """The guards for one upstream host; any may be ``None`` (off).
+
+    Build one yourself to share a breaker with the rest of the app, or let the transport
+    build one per host from its options. ``credential_headers`` are request headers that
+    make a cached answer someone's own, added to ``Authorization``, ``Cookie``,
+    ``Proxy-Authorization`` and ``X-API-Key``, which always are.
+
+    Raises:
+        ConfigurationError: ``credential_headers`` is not a list of header names.
+    """
+
+    retry: Retry | None = None
+    breaker: CircuitBreaker | None = None
+    bulkhead: Bulkhead | None = None
+    timeout: float | None = None
+    throttle: AdaptiveThrottle | None = None
+    hedge: Hedge | None = None
+    cache: ResponseCache | None = None
+    cache_ttl: float | None = None
+    credential_headers: Sequence[str] = ()
+    #: Who may share the cache's answers; built from the above.
+    sharing: SharingRules | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        credential_headers(self.credential_headers)  # a bad name fails here, at start-up
+
+    def sharing_rules(self) -> SharingRules:
+        """Who may share the cache's answers: built on first use, then kept."""
+        if self.sharing is None:
+            max_urls = self.cache.max_entries if self.cache is not None else 1
+            names = credential_headers(self.credential_headers)
+            self.sharing = SharingRules(names, max_urls=max_urls)
+        return self.sharing
+
+    @classmethod
+    def build(
+        cls,
+        host: str,
+        options: PolicyOptions,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+        random: Callable[[], float] = _random.random,
+        register: bool = True,
+    ) -> HostPolicy:
+        """A fresh policy for ``host`` from ``options`` (missing keys take the defaults).
+
+        The breaker and bulkhead are registered by name (``upstream:<host>``) so health
+        checks and admin pages see them, unless ``register`` is false.
+        """
+        unknown = set(options) - set(_DEFAULTS)
+        if unknown:
+            raise ConfigurationError(f"unknown transport option(s): {', '.join(sorted(unknown))}")
+        o: dict[str, Any] = {**_DEFAULTS, **options}
+        retry = None
+        if o["attempts"] != 1:  # 0 or less reaches Retry, which refuses it
+            budget = None
+            if o["retry_budget"] is not False:
+                ratio = 0.1 if o["retry_budget"] is True else float(o["retry_budget"])
+                budget = RetryBudget(ratio=ratio, name=host, clock=clock, events=events)
+            retry = Retry(
+                o["attempts"],
+                base_delay=o["base_delay"],
+                max_delay=o["max_delay"],
+                jitter=o["jitter"],
+                deadline=o["retry_deadline"],
+                budget=budget,
+                retry_non_idempotent=o["retry_non_idempotent"],
+                name=host,
+                clock=clock,
+                random=random,
+                events=events,
+            )
+        breaker = None
+        if o["failure_threshold"] is not None:
+            breaker = CircuitBreaker(
+                f"upstream:{host}",
+                failure_threshold=o["failure_threshold"],
+                recovery_timeout=o["recovery_timeout"],
+                half_open_max_calls=o["half_open_max_calls"],
+                max_recovery_timeout=o["max_recovery_timeout"],
+                clock=clock,
+                events=events,
+                registry=default_registry if register else None,
+            )
+        bulkhead = None
+        if o["max_concurrent"] is not None:
+            bulkhead = Bulkhead(
+                f"upstream:{host}",
+                max_concurrent=o["max_concurrent"],
+                max_waiting=o["max_waiting"],
+                wait_timeout=o["wait_timeout"],
+                clock=clock,
+                events=events,
+                registry=default_bulkhead_registry if register else None,
+            )
+        throttle = (
+            AdaptiveThrottle(name=host, clock=clock, random=random, events=events)
+            if o["adaptive_throttle"]
+            else None
+        )
+        hedge = None
+        if o["hedge_after"] is not None or o["hedge_percentile"] is not None:
+            hedge = Hedge(
+                delay=o["hedge_after"], percentile=o["hedge_percentile"], name=host, clock=clock
+            )
+        if o["timeout"] is not None and (math.isnan(o["timeout"]) or o["timeout"] < 0):
+            raise ConfigurationError(f"timeout must be >= 0 seconds or None, got {o['timeout']!r}")
+        return cls(
+            retry,
+            breaker,
+            bulkhead,
+            o["timeout"],
+            throttle,
+            hedge,
+            o["cache"],
+            o["cache_ttl"],
+            o["credential_headers"],
+        )
+
+
+#: How many hosts a transport keeps policies for, unless told otherwise.
+DEFAULT_MAX_HOSTS = 1024
+#: Busy policies passed over while looking for idle ones to forget, per new host beyond
+#: ``max_hosts``.
+_EVICTION_SCAN = 16
+
+
+def _busy(policy: HostPolicy) -> bool:
+    """Forgetting it would lose something: a breaker that keeps calls back (open with time
+    left, or a half-open trial running: the next call would reach a sick upstream), or a
+    bulkhead with calls in it (more would be let in). An open breaker whose time is up, or a
+    half-open one with no trial, would let the next call through anyway: not busy."""
+    breaker, bulkhead = policy.breaker, policy.bulkhead
+    if breaker is not None and holds_calls_back(breaker):
+        return True
+    return bulkhead is not None and (bulkhead.active > 0 or bulkhead.waiting > 0)
+
+
+def _registered(registry: BreakerRegistry | BulkheadRegistry, name: str, guard: object) -> bool:
+    """Whether ``registry`` holds ``guard`` itself under ``name``."""
+    return name in registry and registry.get(name) is guard
+
+
+class ResilientTransport(httpx.AsyncBaseTransport):
+    """An httpx async transport that guards every upstream host on its own.
+
+    ``httpx.AsyncClient(transport=ResilientTransport())``, or :func:`resilient_client`.
+    Per host it applies, by default: 3 attempts with full-jitter backoff (idempotent methods
+    only) under a retry budget of 10% of recent calls, a breaker opening after 5 failures in
+    a row for 30 s, and a 10 s timeout per attempt that never outlives the request's
+    deadline. It forwards the correlation ID and ``traceparent``, and honours an upstream's
+    ``Retry-After`` on 429 and 503.
+
+    Args:
+        transport: the transport that talks to the network (default
+            ``httpx.AsyncHTTPTransport()``).
+        hosts: per-host policies, keyed by ``host`` or ``host:port``: a :class:`HostPolicy`,
+            or a dict of options overriding the transport's.
+        raise_for_5xx: after retries, raise :class:`UpstreamError` for a 5xx answer (default),
+            or return the answer. Either way the breaker counts it as a failure.
+        read_body: read the whole body inside the guards (default), so the timeout covers it
+            and a failing read is retried; ``False`` streams a 2xx body to the caller.
+        header_name: the correlation ID header forwarded upstream.
+        max_hosts: how many hosts' policies (breaker, bulkhead, retry budget...) to keep;
+            beyond it the least recently used idle one is forgotten (ADR 0058). A policy whose
+            breaker keeps calls back (open with time left, a half-open trial running) or whose
+            bulkhead is in use is kept until it is idle; a policy that ``hosts`` gave is never
+            lost (only its entry, found again on the next call). ``None``: keep every host
+            (only for a fixed set of hosts).
+        clock, random, events: injectable time, jitter source and event bus.
+        **options: the default :class:`PolicyOptions` for every host.
+
+    Raises:
+        ConfigurationError: an option is unknown or out of range; the message names it.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        hosts: Mapping[str, HostPolicy | PolicyOptions] | None = None,
+        raise_for_5xx: bool = True,
+        read_body: bool = True,
+        header_name: str = "X-Request-ID",
+        max_hosts: int | None = DEFAULT_MAX_HOSTS,
+        clock: Clock = SYSTEM_CLOCK,
+        random: Callable[[], float] = _random.random,
+        events: EventBus | None = None,
+        **options: Unpack[PolicyOptions],
+    ) -> None:
+        if max_hosts is not None and (
+            isinstance(max_hosts, bool) or not isinstance(max_hosts, int) or max_hosts < 1
+        ):
+            raise ConfigurationError(f"max_hosts must be an int >= 1 or None, got {max_hosts!r}")
+        self.max_hosts = max_hosts
+        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        self.raise_for_5xx = raise_for_5xx
+        self.read_body = read_body
+        self._header_name = header_name
+        self._clock = clock
+        self._random = random
+        self._events = events
+        # Build once, registering nothing, so that a bad option fails at start-up.
+        HostPolicy.build("options-check", options, clock=clock, register=False)
+        self._options = options
+        self._explicit = dict(hosts or {})
+        # Least recently used first. A policy ``hosts`` gave stays in ``_explicit`` whatever
+        # happens here, so its entries (one per ``host:port`` it matches) may go like any.
+        self._policies: OrderedDict[str, HostPolicy] = OrderedDict()
+        self._given = frozenset(id(p) for p in self._explicit.values() if isinstance(p, HostPolicy))
+        self._by_origin: dict[tuple[bytes, int | None], tuple[HostPolicy, str]] = {}
+        self._origin_of: dict[str, tuple[bytes, int | None]] = {}
+
+    def policy_for(self, host: str) -> HostPolicy:
+        """The policy used for ``host`` (``host`` or ``host:port``), built on first use."""
+        policy = self._policies.get(host)
+        if policy is not None:
+            self._policies.move_to_end(host)
+            return policy
+        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        explicit = self._explicit.get(host, self._explicit.get(bare))
+        if isinstance(explicit, HostPolicy):
+            policy = explicit
+        else:
+            options: PolicyOptions = {**self._options, **(explicit or {})}
+            policy = HostPolicy.build(
+                host, options, clock=self._clock, events=self._events, random=self._random
+            )
+        self._policies[host] = policy
+        self._forget_idle(host)
+        return policy
+
+    def hosts(self) -> list[str]:
+        """The hosts (``host`` or ``host:port``) it keeps a policy for, least recently used
+        first."""
+        return list(self._policies)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        inject_outbound_headers(request.headers, header_name=self._header_name)
+        url = request.url
+        found = self._by_origin.get((url.raw_host, url.port))
+        if found is None:
+            found = self._origin(url)
+        else:
+            self._policies.move_to_end(found[1])
+        policy, host = found
+        if policy.cache is not None and request.method == "GET":
+            return await self._cached(policy, host, request)
+        return await self._send(policy, host, request)
+
+    def _origin(self, url: httpx.URL) -> tuple[HostPolicy, str]:
+        host = url.netloc.decode("ascii")
+        origin = (url.raw_host, url.port)
+        found = self._by_origin[origin] = (self.policy_for(host), host)
+        self._origin_of[host] = origin
+        return found
+
+    def _forget_idle(self, newest: str) -> None:
+        """Beyond ``max_hosts``, forget least recently used idle policies; a busy one counts
+        as used now. At most ``_EVICTION_SCAN`` busy ones are passed over per new host, so a
+        table full of busy hosts costs each new one a bounded scan. Idle ones met are all
+        forgotten: each was added by a new host once, so that work is bounded by the hosts
+        added, and a table that grew while many breakers were open is back to the bound at
+        the first new host after they fall idle."""
+        if self.max_hosts is None:
+            return
+        policies = self._policies
+        passed_over = 0
+        while len(policies) > self.max_hosts and passed_over < _EVICTION_SCAN:
+            host, policy = next(iter(policies.items()))
+            given = id(policy) in self._given
+            if host == newest or (not given and _busy(policy)):
+                policies.move_to_end(host)
+                passed_over += 1
+            else:
+                self._forget(host, policy, given)
+
+    def _forget(self, host: str, policy: HostPolicy, given: bool) -> None:
+        del self._policies[host]
+        origin = self._origin_of.pop(host, None)
+        if origin is not None:
+            del self._by_origin[origin]
+        if given:
+            return  # the user's policy: its guards stay where the user put them
+        # The registries hold the newest object per name: another client's may be there.
+        name = f"upstream:{host}"
+        breaker, bulkhead = policy.breaker, policy.bulkhead
+        if breaker is not None and _registered(default_registry, name, breaker):
+            default_registry.unregister(name)
+        if bulkhead is not None and _registered(default_bulkhead_registry, name, bulkhead):
+            default_bulkhead_registry.unregister(name)
+
+    async def _send(self, policy: HostPolicy, host: str, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._send_or_raise(policy, host, request)
+        except UpstreamError as exc:
+            response = self._answer_instead(exc)
+            if response is None:
+                raise
+            return response
+
+    async def _send_or_raise(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        retry = policy.retry
+        try:
+            if (
+                retry is not None
+                and retry.allows_method(request.method)
+                and isinstance(request.stream, httpx.ByteStream)  # a body we can send again
+            ):
+                return await retry.call(self._attempt, policy, host, request)
+            return await self._attempt(policy, host, request)
+        except _UpstreamRateLimited as exc:
+            return exc.response
+        except RetryExhaustedError as exc:
+            if isinstance(exc.__cause__, _UpstreamRateLimited):
+                return exc.__cause__.response
+            raise
+
+    def _answer_instead(self, exc: BaseException) -> httpx.Response | None:
+        """With ``raise_for_5xx=False``, the 5xx answer to return instead of raising."""
+        if self.raise_for_5xx:
+            return None
+        if isinstance(exc, RetryExhaustedError):
+            exc = exc.__cause__  # type: ignore[assignment]
+        return exc.response if isinstance(exc, UpstreamStatusError) else None
+
+    async def _attempt(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        throttle = policy.throttle
+        if throttle is not None:
+            return await throttle.call(self._hedged, policy, host, request)
+        return await self._hedged(policy, host, request)
+
+    async def _hedged(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        hedge = policy.hedge
+        if hedge is not None and request.method in _HEDGE_METHODS:
+            return await hedge.call(self._guarded, policy, host, request)
+        return await self._guarded(policy, host, request)
+
+    async def _guarded(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        breaker = policy.breaker
+        if breaker is not None:
+            return await breaker.call(self._bulkheaded, policy, host, request)
+        return await self._bulkheaded(policy, host, request)
+
+    async def _bulkheaded(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        bulkhead = policy.bulkhead
+        if bulkhead is not None:
+            async with bulkhead:
+                return await self._exchange(policy, host, request)
+        return await self._exchange(policy, host, request)
+
+    async def _exchange(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        limit, by_deadline = effective_timeout(policy.timeout)
+        try:
+            if limit is None:
+                response = await self._roundtrip(request)
+            elif limit <= 0:
+                raise timeout_error(
+                    DEADLINE_EXCEEDED_DETAIL,
+                    started=False,
+                    by_deadline=by_deadline,
+                    extensions={"upstream": host},
+                )
+            else:
+                # The wrapped transport enforces the limit on every phase (connect, write,
+                # read, pool) at no extra cost; a request deadline is also a hard bound on the
+                # whole exchange, so a body that trickles in cannot outlive it.
+                _tighten_timeouts(request, limit)
+                if remaining() is not None:
+                    async with asyncio.timeout(limit):
+                        response = await self._roundtrip(request)
+                else:
+                    response = await self._roundtrip(request)
+        except TimeoutError as exc:
+            if isinstance(exc, UpstreamTimeoutError):
+                raise
+            detail = (
+                DEADLINE_EXCEEDED_DETAIL
+                if by_deadline
+                else f"Upstream {host} did not answer within {limit:g}s."
+            )
+            raise timeout_error(
+                detail,
+                started=True,
+                by_deadline=by_deadline,
+                extensions={"upstream": host, "timeout": limit},
+            ) from exc
+        except httpx.TimeoutException as exc:
+            # httpx's phase timeouts were capped at ``limit``; waiting for a pooled connection
+            # is a call that has not reached the upstream yet.
+            raise timeout_error(
+                f"Upstream {host} timed out ({type(exc).__name__}).",
+                started=not (by_deadline and isinstance(exc, httpx.PoolTimeout)),
+                by_deadline=by_deadline,
+                extensions={"upstream": host},
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError(
+                f"Upstream {host} could not be reached ({type(exc).__name__}).",
+                extensions={"upstream": host},
+            ) from exc
+        status = response.status_code
+        if status >= 500 or status == 429:
+            if not self.read_body:
+                await response.aread()
+            retry_after = (
+                parse_retry_after(response.headers.get("retry-after"), now=self._clock.time())
+                if status in (429, 503)
+                else None
+            )
+            if status == 429:
+                raise _UpstreamRateLimited(response, host, retry_after)
+            raise UpstreamStatusError(response, host, retry_after)
+        return response
+
+    async def _roundtrip(self, request: httpx.Request) -> httpx.Response:
+        response = await self._transport.handle_async_request(request)
+        if self.read_body and not isinstance(response.stream, httpx.ByteStream):
+            # Read the raw (still encoded) body here, inside the timeout, and hand the client
+            # an in-memory stream; the client decodes it as usual.
+            stream = cast(httpx.AsyncByteStream, response.stream)
+            try:
+                body = b"".join([chunk async for chunk in stream])
+            finally:
+                await stream.aclose()
+            response.stream = httpx.ByteStream(body)
+        return response
+
+    async def _cached(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        cache, sharing = policy.cache, policy.sharing_rules()
+        assert cache is not None
+        key = sharing.key(request)
+        if key is None:
+            return await self._send(policy, host, request)  # the upstream said Vary: *
+        made_here = False
+
+        async def fetch() -> dict[str, Any]:
+            nonlocal made_here
+            made_here = True
+            # Always raise on 5xx here, so that a failure can be answered from the stale entry.
+            response = await self._send_or_raise(policy, host, request)
+            await response.aread()
+            if not sharing.storable(key, response):
+                raise _NotCacheable(response)
+            return snapshot_response(response)
+
+        try:
+            result = await cache.call(key.key, fetch, ttl=policy.cache_ttl)
+        except _NotCacheable as exc:
+            # An answer that was not stored may be meant for its caller alone: a caller that
+            # waited on another's call makes its own.
+            return exc.response if made_here else await self._send(policy, host, request)
+        except UpstreamError as exc:
+            answer = self._answer_instead(exc)
+            if answer is None:
+                raise
+            return answer if made_here else await self._send(policy, host, request)
+        response = restore_response(result.value, request)
+        response.headers[CACHE_STATUS_HEADER] = result.cache_status()
+        return response
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+def resilient_client(
+    base_url: str | httpx.URL = "",
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    hosts: Mapping[str, HostPolicy | PolicyOptions] | None = None,
+    raise_for_5xx: bool = True,
+    max_hosts: int | None = DEFAULT_MAX_HOSTS,
+    events: EventBus | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    client_options: Mapping[str, Any] | None = None,
+    **options: Unpack[PolicyOptions],
+) -> httpx.AsyncClient:
+    """A resilient ``httpx.AsyncClient`` in one line.
+
+    ``client = resilient_client("https://inventory.internal", attempts=3, timeout=2.0)``;
+    options are :class:`PolicyOptions`, applied per host; ``client_options`` go to
+    ``httpx.AsyncClient`` (headers, auth, ...). Close it with ``await client.aclose()`` or
+    ``async with``. ``max_hosts`` bounds the hosts it keeps state for (see
+    :class:`ResilientTransport`): keep it for a client that calls URLs its users supply.
+
+    .. versionadded:: 0.1.0
+    """
+    resilient = ResilientTransport(
+        transport,
+        hosts=hosts,
+        raise_for_5xx=raise_for_5xx,
+        max_hosts=max_hosts,
+        events=events,
+        clock=clock,
+        **options,
+    )
+    return httpx.AsyncClient(base_url=base_url, transport=resilient, **dict(client_options or {}))

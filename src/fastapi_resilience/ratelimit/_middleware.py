@@ -1,0 +1,173 @@
+"""Tiered rate limiting in the request pipeline: ``RateLimitStep`` and ``RateLimitMiddleware``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.events import EventBus
+from fastapi_resilience._asgi.pipeline import PENDING, UNLIMITED, Answer, Pipeline, RequestState
+from fastapi_resilience.problems._render import problem_response
+from fastapi_resilience.ratelimit._storage import RateLimitStorage, StorageUnavailableError
+from fastapi_resilience.ratelimit._identity import (
+    DefaultIdentityResolver,
+    IdentityResolver,
+)
+from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter, RoutePlan
+
+__all__ = ["RateLimitMiddleware", "RateLimitStep"]
+
+
+class RateLimitStep:
+    """Counts every HTTP request against its identity's tier, and its route's own limits.
+
+    Per request: exempt paths pass uncounted (no storage call, so they never wait on a stalled
+    Redis); the identity and tier are resolved; the route's ``rate_limit(...)`` limits are found
+    (ADR 0013); and all of them are checked and counted in one storage call, so a request refused
+    by one limit uses nothing of the others. The in-process storage decides without awaiting.
+    A refused request is answered 429 problem+json with ``Retry-After``; an admitted one gets the
+    rate-limit fields when its response starts. When the storage is down, ``fail_open`` lets
+    requests through, otherwise they get 503 with ``Retry-After``.
+
+    A request a limiter outside this one has judged (an app with ``install()`` mounted in
+    another) is left to it: one limiter per request, one set of fields (ADR 0052).
+    """
+
+    websocket = False
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self._routes: Any = None
+        self._routes_app: Any = None
+
+    def enter(self, state: RequestState) -> Answer | None:
+        if state.limit is not None:
+            return None  # judged already, by a limiter outside this one
+        limiter = self.limiter
+        scope = state.scope
+        # ``state.path`` without its call where no ``root_path`` is set (every request).
+        path = state.path if scope.get("root_path") else scope["path"]
+        if limiter.is_exempt(path):
+            state.limit = UNLIMITED
+            return None
+        resolver = limiter.resolver
+        if type(resolver) is not DefaultIdentityResolver:
+            return PENDING  # a custom resolver may await: ``decide``
+        # The built-in resolver never waits: called without a coroutine (every request).
+        identity = resolver.resolve(scope)
+        if identity is None:
+            state.limit = UNLIMITED  # the resolver leaves the request unlimited
+            return None
+        outcome = limiter.try_check(scope, identity, self._route(scope, path))
+        if outcome is None:
+            return PENDING  # the storage must be awaited: ``decide``
+        return self._decided(state, outcome)
+
+    async def decide(self, state: RequestState) -> Answer | None:
+        """The answer when ``enter`` could not decide without awaiting (a custom resolver, a
+        shared storage)."""
+        limiter = self.limiter
+        scope = state.scope
+        identity = await limiter.resolver(scope)
+        if identity is None:
+            state.limit = UNLIMITED
+            return None
+        route = self._route(scope, state.path)
+        try:
+            outcome = await limiter.check(scope, identity, route)
+        except StorageUnavailableError as exc:
+            problem = limiter.unavailable_problem(scope, identity, route, exc)
+            return problem_response(scope, status=503, **problem)
+        return self._decided(state, outcome)
+
+    def _route(self, scope: Scope, path: str) -> RoutePlan | None:
+        """The limits ``rate_limit(...)`` sets on the route ``path`` matches (ADR 0013)."""
+        # The route table is rebuilt only when the app changes (first request, mounted apps).
+        table = self._routes if scope.get("app") is self._routes_app else self._table_for(scope)
+        return table.match(scope, path) if table is not None else None
+
+    def _decided(self, state: RequestState, outcome: LimitOutcome) -> Answer | None:
+        state.limit = outcome
+        limiter = self.limiter
+        if outcome.refused and not limiter.shadow:
+            status, problem = outcome.problem(raw_headers=True)
+            limiter.events.emit(
+                "rate_limit.refused",
+                outcome.plan.tier,
+                level=logging.DEBUG,
+                policies=",".join(problem["extensions"]["violated-policies"]),
+            )
+            # The answer carries the fields itself.
+            return problem_response(state.scope, status=status, **problem)
+        fields = state.limit_fields = outcome.headers()
+        state.fields.append(fields)
+        return None
+
+    def _table_for(self, scope: Scope) -> Any:
+        from fastapi_resilience.ratelimit._routes import RouteTable
+
+        app = scope.get("app")
+        table = RouteTable.for_app(app)
+        # ``None`` when no route is limited: one test less on every request.
+        self._routes = table if table else None
+        self._routes_app = app
+        return self._routes
+
+
+class RateLimitMiddleware(Pipeline):
+    """Pure ASGI middleware: :class:`RateLimitStep` in front of an app.
+
+    Place it inside ``CorrelationIdMiddleware`` (``install`` runs the step in its own layer),
+    so that its 429 and 503 answers carry the correlation ID. Non-HTTP scopes pass through.
+
+    Args:
+        app: the ASGI app to wrap.
+        limiter: the :class:`RateLimiter` to use; built from ``settings`` when not given.
+        settings: a ``ResilienceSettings``; ``ResilienceSettings()`` (the environment) when
+            neither this nor ``limiter`` is given.
+        storage: overrides the storage the settings name.
+        resolver: overrides the built-in identity resolver.
+        events: the event bus for storage state changes and shadow refusals.
+        clock: the clock of the storage and its breaker.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter | None = None,
+        settings: Any = None,
+        storage: RateLimitStorage | None = None,
+        resolver: IdentityResolver | None = None,
+        events: EventBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._owns_limiter = limiter is None
+        if limiter is None:
+            from fastapi_resilience.ratelimit._setup import limiter_from_settings
+
+            limiter = limiter_from_settings(
+                settings, storage=storage, resolver=resolver, events=events, clock=clock
+            )
+        self.limiter = limiter
+        super().__init__(app, [RateLimitStep(limiter)])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self._owns_limiter:
+            # The middleware built this limiter, so it closes its storage at shutdown.
+            await self.app(scope, receive, self._closing_send(send))
+            return
+        await super().__call__(scope, receive, send)
+
+    def _closing_send(self, send: Send) -> Send:
+        async def closing_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.limiter.aclose()
+            await send(message)
+
+        return closing_send

@@ -1,0 +1,261 @@
+"""The rate-limit engine's types and algorithm, shared by every storage.
+
+The algorithm is a *bucketed sliding log* (see ``adr/0010-rate-limit-algorithm.md``): each limit
+keeps the requests it admitted in at most ``RESOLUTION + 1`` time buckets of width
+``period / RESOLUTION``, and a request is admitted when the requests still held plus its cost fit
+in the limit. A request is held until the end of its bucket plus the period, so it is never
+forgotten before a full period has passed: no window of ``period`` seconds ever contains more
+than ``amount`` admitted units. The price is precision, not safety: a unit may be held up to one
+bucket width (1/60 of the period) longer than a perfect sliding log would hold it.
+
+Memory per identity and limit is bounded by ``min(amount, RESOLUTION + 1)`` buckets whatever the
+limit, and Redis does O(1) amortised work per check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience._limits import Limit
+from fastapi_resilience.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from fastapi_resilience.ratelimit._memory import MemoryStorage
+    from fastapi_resilience.ratelimit._redis import RedisStorage
+
+__all__ = [
+    "DEFAULT_STORAGE_TIMEOUT",
+    "RESOLUTION",
+    "Decision",
+    "LimitCheck",
+    "LimitState",
+    "LocalStorage",
+    "RateLimitStorage",
+    "StorageUnavailableError",
+    "bucket_width",
+    "positive_seconds",
+    "storage_from_url",
+]
+
+#: Buckets per period: a unit is held at most ``period / RESOLUTION`` longer than a perfect log.
+RESOLUTION = 60
+
+#: Seconds a storage call may take before it counts as unavailable (contract: at most 0.25).
+DEFAULT_STORAGE_TIMEOUT = 0.25
+
+
+def positive_seconds(value: float | timedelta, name: str) -> float:
+    """``value`` in seconds (a ``timedelta`` is accepted); ConfigurationError unless > 0."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if not seconds or seconds <= 0:
+        raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(seconds)
+
+
+def bucket_width(limit: Limit) -> float:
+    """The width in seconds of one time bucket of ``limit`` (``period / RESOLUTION``)."""
+    return limit.period / RESOLUTION
+
+
+def bucket_width_ms(limit: Limit) -> int:
+    """The bucket width in whole milliseconds, as the Redis script uses it (at least 1)."""
+    return max(1, (limit.period * 1000) // RESOLUTION)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCheck:
+    """One limit that applies to a request.
+
+    ``key`` names what is counted, scoped by identity but without the storage prefix, for
+    example ``"tier:premium:key:abc"`` or ``"route:/login:ip:1.2.3.4"``; the storage adds the
+    prefix, the identity hash tag and the limit's policy name. ``cost`` is how many units the
+    request uses. A ``shadow`` limit is report-only: it is counted and reported, it never
+    refuses, and it never blocks the other limits.
+    """
+
+    key: str
+    limit: Limit
+    cost: int = 1
+    shadow: bool = False
+    #: ``"{key}@{amount}/{period}"``: the memory storage's key for this limit, built once (a
+    #: string caches its hash; a tuple would hash its items on every lookup).
+    window_key: str = field(init=False, repr=False, compare=False)
+    #: ``limit.amount``, ``limit.period`` and the bucket width, read once per request each:
+    #: one attribute read instead of two (the memory storage runs on every request).
+    amount: int = field(init=False, repr=False, compare=False)
+    period: int = field(init=False, repr=False, compare=False)
+    width: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.cost < 1:
+            raise ConfigurationError(f"rate-limit cost must be >= 1, got {self.cost!r}")
+        limit = self.limit
+        object.__setattr__(self, "window_key", f"{self.key}@{limit.amount}/{limit.period}")
+        object.__setattr__(self, "amount", limit.amount)
+        object.__setattr__(self, "period", limit.period)
+        object.__setattr__(self, "width", limit.period / RESOLUTION)
+
+
+class LimitState(NamedTuple):
+    """The outcome of one ``LimitCheck``.
+
+    ``allowed`` says whether this limit alone would admit the request. ``remaining`` is what is
+    left of the limit after this call (unchanged when the request as a whole was refused, since
+    then nothing was counted); never below 0. ``reset_after`` is the number of seconds until
+    the oldest counted unit leaves the window and frees room (0.0 when nothing is counted).
+    ``retry_after`` is the number of seconds until this limit would admit the request (0.0 when
+    it admits it; the full period when ``cost`` exceeds the limit and it never will).
+    """
+
+    check: LimitCheck
+    allowed: bool
+    remaining: int
+    reset_after: float
+    retry_after: float
+
+
+class Decision(NamedTuple):
+    """The verdict on all limits of one request, states in the order the checks were given.
+
+    ``allowed`` is true when every non-shadow limit admits the request; then every limit,
+    shadow ones included, was counted. Otherwise nothing was counted. ``degraded`` is true when
+    the answer came from a per-instance fallback limiter because the shared storage was down.
+    """
+
+    allowed: bool
+    states: tuple[LimitState, ...]
+    degraded: bool = False
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until every refusing non-shadow limit would admit the request (0.0: now)."""
+        wait = 0.0
+        for state in self.states:
+            if not state.allowed and not state.check.shadow and state.retry_after > wait:
+                wait = state.retry_after
+        return wait
+
+
+# Both are named tuples: immutable, and built in C (``tuple.__new__``) on the request path,
+# about half the cost of a frozen dataclass, whose ``__init__`` goes through
+# ``object.__setattr__`` field by field.
+_tuple_new = tuple.__new__
+
+
+def new_state(
+    check: LimitCheck, allowed: bool, remaining: int, reset_after: float, retry_after: float
+) -> LimitState:
+    """``LimitState(check, allowed, remaining, reset_after, retry_after)``, built faster."""
+    return _tuple_new(LimitState, (check, allowed, remaining, reset_after, retry_after))
+
+
+def new_decision(allowed: bool, states: tuple[LimitState, ...]) -> Decision:
+    """``Decision(allowed, states)``, built faster."""
+    return _tuple_new(Decision, (allowed, states, False))
+
+
+def admitted_decision(check: LimitCheck, admitted: tuple[int, float]) -> Decision:
+    """The ``Decision`` of one limit that admitted a request, from what ``try_admit`` returns:
+    ``(remaining, reset_after)``."""
+    state = new_state(check, True, admitted[0], admitted[1], 0.0)
+    return new_decision(True, (state,))
+
+
+class StorageUnavailableError(Exception):
+    """Raised when the rate-limit storage cannot answer within its timeout, or is down.
+
+    ``retry_after`` is the number of seconds until the storage will be tried again, when known.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@runtime_checkable
+class RateLimitStorage(Protocol):
+    """Where counts live. One ``check`` call decides and counts all limits atomically."""
+
+    async def check(self, identity_tag: str, checks: Sequence[LimitCheck]) -> Decision:
+        """Decide and count ``checks`` atomically, in one round trip for remote storages.
+
+        ``identity_tag`` becomes the Redis Cluster hash tag, so every key of one call lives
+        in one slot. Raises ``StorageUnavailableError`` when the storage cannot answer.
+        """
+        ...
+
+    async def ping(self) -> bool:
+        """True when the storage answers."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the storage is not used afterwards."""
+        ...
+
+
+@runtime_checkable
+class LocalStorage(Protocol):
+    """A storage that answers without awaiting (its counts are in this process).
+
+    The limiter calls these instead of ``check`` on every request: no coroutine for a decision
+    that never waits.
+    """
+
+    def try_admit(self, check: LimitCheck) -> tuple[int, float] | None:
+        """Count a request of one enforced limit when it is admitted: its units left and seconds
+        to reset; ``None``, with nothing counted, when it is not."""
+        ...
+
+    def check_many(self, checks: Sequence[LimitCheck]) -> Decision:
+        """``check``, answered at once."""
+        ...
+
+
+def storage_from_url(
+    url: str,
+    *,
+    prefix: str = "rl:",
+    timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
+    clock: Clock = SYSTEM_CLOCK,
+    max_keys: int | None = None,
+) -> MemoryStorage | RedisStorage:
+    """Build a storage from a URL.
+
+    ``"memory://"`` is the in-process default (``clock`` and ``max_keys`` apply);
+    ``"redis://host:port/db"``, ``"rediss://..."`` and ``"unix:///path?db=0"`` give a shared
+    Redis storage whose keys start with ``prefix`` and whose connect and read timeouts are
+    ``timeout`` seconds (default 0.25).
+
+    Raises:
+        ConfigurationError: the URL's scheme is unknown, or the ``redis`` extra is missing.
+
+    .. versionadded:: 0.1.0
+    """
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigurationError(
+            f"rate_limit_storage {url!r}: expected 'memory://' or 'redis://host:port/db'"
+        )
+    timeout = positive_seconds(timeout, "storage timeout")
+    if scheme == "memory":
+        from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
+
+        return MemoryStorage(clock=clock, max_keys=max_keys or DEFAULT_MAX_KEYS)
+    if scheme in ("redis", "rediss", "unix"):
+        try:
+            from fastapi_resilience.ratelimit._redis import RedisStorage
+        except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+            raise ConfigurationError(
+                f"rate_limit_storage {url!r} needs the redis extra: "
+                "pip install 'fastapi-resilience[redis]'"
+            ) from exc
+        return RedisStorage.from_url(url, prefix=prefix, timeout=timeout)
+    raise ConfigurationError(
+        f"rate_limit_storage {url!r}: unknown scheme {scheme!r} "
+        "(expected memory, redis, rediss or unix)"
+    )
