@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 UPSTREAM_PORT ?= 8001
 
-.PHONY: install run test check lint format typecheck bench clean
+.PHONY: install run test check lint format typecheck imports bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,12 @@ format: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-## Quality gates: ruff (lint + format) and mypy --strict on src/.
-check: lint typecheck
+## The layers of the package (.importlinter): no upward import, no cycle in a concept.
+imports: install
+	$(VENV)/bin/lint-imports
+
+## Quality gates: ruff (lint + format), mypy --strict on src/ and the import contracts.
+check: lint typecheck imports
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'

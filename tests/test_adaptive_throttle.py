@@ -2,11 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle, ThrottledError, is_overload
-from fastapi_resilience.outbound._bulkhead import Bulkhead
-from fastapi_resilience.outbound._deadline import DeadlineCutError, deadline, timeout
 from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.exceptions import (
     BulkheadFullError,
     ConfigurationError,
@@ -15,6 +11,14 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from fastapi_resilience.outbound._adaptive_throttle import (
+    AdaptiveThrottle,
+    ThrottledError,
+    is_overload,
+)
+from fastapi_resilience.outbound._bulkhead import Bulkhead
+from fastapi_resilience.outbound._deadline import DeadlineCutError, deadline, timeout
+from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

@@ -8,6 +8,21 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
+from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.exceptions import (
+    BadRequestError,
+    BulkheadFullError,
+    CircuitOpenError,
+    ConfigurationError,
+    NotFoundError,
+    RetryExhaustedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from fastapi_resilience.health._checks import HealthChecks
+from fastapi_resilience.integration._dependencies import breaker_dependency, watch_outbound
+from fastapi_resilience.integration._install import install
 from fastapi_resilience.outbound._breaker import (
     CIRCUIT_OPEN_DETAIL,
     BreakerRegistry,
@@ -19,23 +34,8 @@ from fastapi_resilience.outbound._breaker import (
 )
 from fastapi_resilience.outbound._breaker_window import SlidingWindow
 from fastapi_resilience.outbound._bulkhead import Bulkhead, BulkheadRegistry
-from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience.problems._handlers import install_exception_handlers
-from fastapi_resilience.health._checks import HealthChecks
-from fastapi_resilience.integration._install import install
-from fastapi_resilience.integration._dependencies import breaker_dependency, watch_outbound
 from fastapi_resilience.outbound._retry import Retry
-from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience.exceptions import (
-    BadRequestError,
-    BulkheadFullError,
-    CircuitOpenError,
-    ConfigurationError,
-    NotFoundError,
-    RetryExhaustedError,
-    UpstreamError,
-    UpstreamTimeoutError,
-)
+from fastapi_resilience.problems._handlers import install_exception_handlers
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

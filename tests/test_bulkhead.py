@@ -6,6 +6,9 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
+from fastapi_resilience.integration._dependencies import bulkhead_dependency
 from fastapi_resilience.outbound._bulkhead import (
     TIER_SCOPE_KEY,
     Bulkhead,
@@ -14,10 +17,7 @@ from fastapi_resilience.outbound._bulkhead import (
     default_bulkhead_registry,
     get_bulkhead,
 )
-from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.problems._handlers import install_exception_handlers
-from fastapi_resilience.integration._dependencies import bulkhead_dependency
-from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
 
 pytestmark = pytest.mark.anyio
 

@@ -10,6 +10,14 @@ import pytest
 import redis.asyncio
 
 from fastapi_resilience.correlation._ids import set_correlation_id
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.exceptions import (
+    CircuitOpenError,
+    ConfigurationError,
+    ConflictError,
+    RetryExhaustedError,
+    UpstreamError,
+)
 from fastapi_resilience.outbound._dead_letter import (
     DeadLetter,
     DeadLetterQueue,
@@ -18,15 +26,7 @@ from fastapi_resilience.outbound._dead_letter import (
     dead_letter_on_failure,
     error_category,
 )
-from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.outbound._retry import Retry
-from fastapi_resilience.exceptions import (
-    CircuitOpenError,
-    ConfigurationError,
-    ConflictError,
-    RetryExhaustedError,
-    UpstreamError,
-)
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
 

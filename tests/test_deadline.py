@@ -12,6 +12,18 @@ from fastapi.testclient import TestClient
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience.exceptions import (
+    ConfigurationError,
+    RetryExhaustedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from fastapi_resilience.integration._dependencies import (
+    RequestDeadlineMiddleware,
+    deadline_dependency,
+)
+from fastapi_resilience.integration._install import install
 from fastapi_resilience.outbound._deadline import (
     DEADLINE_EXCEEDED_DETAIL,
     DeadlineCutError,
@@ -23,18 +35,6 @@ from fastapi_resilience.outbound._deadline import (
     with_timeout,
 )
 from fastapi_resilience.problems._handlers import install_exception_handlers
-from fastapi_resilience.integration._install import install
-from fastapi_resilience.integration._dependencies import (
-    RequestDeadlineMiddleware,
-    deadline_dependency,
-)
-from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience.exceptions import (
-    ConfigurationError,
-    RetryExhaustedError,
-    UpstreamError,
-    UpstreamTimeoutError,
-)
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

@@ -5,9 +5,6 @@ from typing import Any
 
 import pytest
 
-from fastapi_resilience.outbound._breaker import CircuitBreaker
-from fastapi_resilience.outbound._fallback import fallback, with_fallback
-from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ConfigurationError,
@@ -15,6 +12,9 @@ from fastapi_resilience.exceptions import (
     RetryExhaustedError,
     UpstreamError,
 )
+from fastapi_resilience.outbound._breaker import CircuitBreaker
+from fastapi_resilience.outbound._fallback import fallback, with_fallback
+from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

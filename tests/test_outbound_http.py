@@ -17,6 +17,13 @@ import pytest
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fastapi_resilience import CorrelationIdMiddleware
+from fastapi_resilience.exceptions import UpstreamError, UpstreamTimeoutError
+from fastapi_resilience.integration._dependencies import (
+    RequestDeadlineMiddleware,
+    breaker_dependency,
+    bulkhead_dependency,
+)
 from fastapi_resilience.outbound._breaker import CircuitBreaker, default_registry
 from fastapi_resilience.outbound._bulkhead import (
     TIER_SCOPE_KEY,
@@ -24,17 +31,10 @@ from fastapi_resilience.outbound._bulkhead import (
     TieredBulkhead,
     default_bulkhead_registry,
 )
-from fastapi_resilience.correlation._ids import CorrelationIdMiddleware
 from fastapi_resilience.outbound._deadline import remaining, timeout
-from fastapi_resilience.problems._handlers import install_exception_handlers
-from fastapi_resilience.integration._dependencies import (
-    RequestDeadlineMiddleware,
-    breaker_dependency,
-    bulkhead_dependency,
-)
-from fastapi_resilience.problems._render import PROBLEM_CONTENT_TYPE
 from fastapi_resilience.outbound._transport import resilient_client
-from fastapi_resilience.exceptions import UpstreamError, UpstreamTimeoutError
+from fastapi_resilience.problems._handlers import install_exception_handlers
+from fastapi_resilience.problems._render import PROBLEM_CONTENT_TYPE
 from fastapi_resilience.testing import ManualClock
 from tests._servers import UvicornProcess
 

@@ -3,6 +3,10 @@ from __future__ import annotations
 import pytest
 
 from fastapi_resilience._limits import Limit, parse_limit
+from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.ratelimit._memory import MemoryStorage
+from fastapi_resilience.ratelimit._redis import RedisStorage
+from fastapi_resilience.ratelimit._setup import storage_from_url
 from fastapi_resilience.ratelimit._storage import (
     RESOLUTION,
     Decision,
@@ -12,11 +16,7 @@ from fastapi_resilience.ratelimit._storage import (
     StorageUnavailableError,
     bucket_width,
     bucket_width_ms,
-    storage_from_url,
 )
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._redis import RedisStorage
-from fastapi_resilience.exceptions import ConfigurationError
 
 pytestmark = pytest.mark.anyio
 

@@ -8,23 +8,23 @@ from typing import Any
 
 import pytest
 
-from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience._limits import Limit, parse_limit
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.ratelimit._guard import (
+    STORAGE_DOWN_EVENT,
+    STORAGE_RECOVERED_EVENT,
+    GuardedStorage,
+)
+from fastapi_resilience.ratelimit._memory import MemoryStorage
+from fastapi_resilience.ratelimit._redis import RedisStorage
+from fastapi_resilience.ratelimit._setup import guarded_storage_from_url
 from fastapi_resilience.ratelimit._storage import (
     DEFAULT_STORAGE_TIMEOUT,
     Decision,
     LimitCheck,
     StorageUnavailableError,
 )
-from fastapi_resilience.ratelimit._guard import (
-    STORAGE_DOWN_EVENT,
-    STORAGE_RECOVERED_EVENT,
-    GuardedStorage,
-    guarded_storage_from_url,
-)
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._redis import RedisStorage
-from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
 

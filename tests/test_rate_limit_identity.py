@@ -10,12 +10,12 @@ import pytest
 from fastapi import FastAPI
 
 from fastapi_resilience import ResilienceSettings, install
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.ratelimit._identity import (
     ClientAddress,
     DefaultIdentityResolver,
     Identity,
 )
-from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

@@ -18,9 +18,9 @@ from fastapi_resilience import (
     rate_limit,
 )
 from fastapi_resilience._limits import Limit, parse_limit
-from fastapi_resilience.ratelimit._storage import Decision, LimitCheck
-from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
+from fastapi_resilience.ratelimit._storage import Decision, LimitCheck
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

@@ -12,13 +12,12 @@ from fastapi import Depends, FastAPI, WebSocket
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from fastapi_resilience import Event, ResilienceSettings, install
-from fastapi_resilience.ratelimit._identity import Identity
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._middleware import RateLimitMiddleware
-from fastapi_resilience.ratelimit._routes import rate_limit
-from fastapi_resilience.ratelimit._limiter import RateLimiter
+from fastapi_resilience import Event, RateLimitMiddleware, ResilienceSettings, install
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.ratelimit._identity import Identity
+from fastapi_resilience.ratelimit._limiter import RateLimiter
+from fastapi_resilience.ratelimit._memory import MemoryStorage
+from fastapi_resilience.ratelimit._routes import rate_limit
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect
 

@@ -10,12 +10,12 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from fastapi_resilience._limits import Limit, parse_limit
+from fastapi_resilience.ratelimit._redis import CHECK_SCRIPT_SHA, RedisStorage
 from fastapi_resilience.ratelimit._storage import (
     DEFAULT_STORAGE_TIMEOUT,
     LimitCheck,
     StorageUnavailableError,
 )
-from fastapi_resilience.ratelimit._redis import CHECK_SCRIPT_SHA, RedisStorage
 from tests._servers import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]

@@ -12,6 +12,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.exceptions import (
+    CircuitOpenError,
+    ConfigurationError,
+    NotFoundError,
+    RetryExhaustedError,
+    UpstreamError,
+)
 from fastapi_resilience.outbound._response_cache import (
     CacheResult,
     CacheStatusMiddleware,
@@ -23,13 +30,6 @@ from fastapi_resilience.outbound._response_cache import (
     record_cache_status,
     restore_response,
     snapshot_response,
-)
-from fastapi_resilience.exceptions import (
-    CircuitOpenError,
-    ConfigurationError,
-    NotFoundError,
-    RetryExhaustedError,
-    UpstreamError,
 )
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer

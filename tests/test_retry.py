@@ -7,12 +7,7 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from fastapi_resilience.outbound._breaker import CircuitBreaker
-from fastapi_resilience.outbound._bulkhead import Bulkhead
-from fastapi_resilience.outbound._deadline import deadline
 from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience.outbound._retry import Retry, default_retryable
-from fastapi_resilience.outbound._retry_budget import RetryBudget
 from fastapi_resilience.exceptions import (
     AppError,
     BadRequestError,
@@ -27,6 +22,11 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from fastapi_resilience.outbound._breaker import CircuitBreaker
+from fastapi_resilience.outbound._bulkhead import Bulkhead
+from fastapi_resilience.outbound._deadline import deadline
+from fastapi_resilience.outbound._retry import Retry, default_retryable
+from fastapi_resilience.outbound._retry_budget import RetryBudget
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience.outbound._retry_budget import RetryBudget, SlidingCounter
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.outbound._retry_budget import RetryBudget, SlidingCounter
 from fastapi_resilience.testing import ManualClock
 
 

@@ -18,14 +18,22 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from fastapi_resilience import CorrelationIdMiddleware
+from fastapi_resilience.correlation._ids import set_correlation_id
+from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.exceptions import (
+    BulkheadFullError,
+    CircuitOpenError,
+    ConfigurationError,
+    RetryExhaustedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from fastapi_resilience.integration._dependencies import RequestDeadlineMiddleware
 from fastapi_resilience.outbound._adaptive_throttle import ThrottledError
 from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
-from fastapi_resilience.correlation._ids import CorrelationIdMiddleware, set_correlation_id
 from fastapi_resilience.outbound._deadline import DeadlineCutError, deadline
-from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience.problems._handlers import install_exception_handlers
-from fastapi_resilience.integration._dependencies import RequestDeadlineMiddleware
 from fastapi_resilience.outbound._response_cache import ResponseCache, snapshot_response
 from fastapi_resilience.outbound._transport import (
     DEFAULT_MAX_HOSTS,
@@ -35,14 +43,7 @@ from fastapi_resilience.outbound._transport import (
     parse_retry_after,
     resilient_client,
 )
-from fastapi_resilience.exceptions import (
-    BulkheadFullError,
-    CircuitOpenError,
-    ConfigurationError,
-    RetryExhaustedError,
-    UpstreamError,
-    UpstreamTimeoutError,
-)
+from fastapi_resilience.problems._handlers import install_exception_handlers
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer, free_port
 

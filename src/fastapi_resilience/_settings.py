@@ -10,10 +10,10 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience._limits import parse_limits
-from fastapi_resilience.problems._render import DEFAULT_TYPE_BASE
+from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.problems._render import DEFAULT_TYPE_BASE
 
 __all__ = ["ENV_PREFIX", "ResilienceSettings"]
 

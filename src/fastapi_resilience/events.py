@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi_resilience.correlation._ids import get_correlation_id
 from fastapi_resilience._text import printable
+from fastapi_resilience.correlation._ids import get_correlation_id
 
 __all__ = ["FALLBACK_EVENTS", "Event", "EventBus", "EventListener", "EventSource"]
 

@@ -21,9 +21,9 @@ import httpx
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastapi_resilience.problems._render import problem_response
 from fastapi_resilience._asgi.paths import route_path
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.problems._render import problem_response
 
 if TYPE_CHECKING:
     from fastapi_resilience.outbound._breaker import BreakerRegistry, BreakerState, CircuitBreaker

@@ -47,6 +47,15 @@ Answer = Callable[[Scope, Receive, Send], Awaitable[None]]
 Inner = Callable[[Send], Awaitable[None]]
 
 
+class ErrorAnswer(Protocol):
+    """Answers an exception the app raised: ``response_started`` says whether the response
+    had started (then only logging is left)."""
+
+    def __call__(
+        self, scope: Scope, exc: Exception, send: Send, *, response_started: bool
+    ) -> Awaitable[None]: ...
+
+
 class _Pending:
     __slots__ = ()
 
@@ -194,10 +203,11 @@ class Pipeline:
     Args:
         app: the ASGI app.
         steps: the steps, outermost first.
-        answer_errors: catch an exception raised before the app answered, log it once and
-            answer the 500 problem+json with the correlation ID (``install()`` and
-            ``CorrelationIdMiddleware`` set it). Starlette's own error layer sits outside every
-            middleware and would send its 500 past the headers the steps add.
+        on_error: answers an exception raised inside the layer (``install()`` and
+            ``CorrelationIdMiddleware`` give the one that logs it once and answers the 500
+            problem+json with the correlation ID); ``None``: it propagates. Starlette's own
+            error layer sits outside every middleware and would send its 500 past the fields
+            the steps add.
         reraise: after that 500, raise the exception again; ``None``: under Starlette's
             ``TestClient`` only (ADR 0054).
     """
@@ -207,14 +217,14 @@ class Pipeline:
         app: ASGIApp,
         steps: Sequence[Any],
         *,
-        answer_errors: bool = False,
+        on_error: ErrorAnswer | None = None,
         reraise: bool | None = None,
     ) -> None:
         self.app = app
         self.steps = tuple(steps)
         self._websocket_steps = tuple(s for s in self.steps if s.websocket)
         self._leaving = tuple(reversed([s for s in self.steps if hasattr(s, "leave")]))
-        self.answer_errors = answer_errors
+        self.on_error = on_error
         self.reraise = reraise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -247,12 +257,9 @@ class Pipeline:
             else:
                 await self.app(scope, receive, send)
         except Exception as exc:
-            if not self.answer_errors:
+            if self.on_error is None:
                 raise
-            # Imported here: the renderer pulls in the error handlers.
-            from fastapi_resilience.problems._render import answer_unhandled
-
-            await answer_unhandled(scope, exc, send, response_started=state.started)
+            await self.on_error(scope, exc, send, response_started=state.started)
             if self._reraise(scope):
                 raise
         finally:

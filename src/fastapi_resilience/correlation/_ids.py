@@ -9,14 +9,11 @@ from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 
-from starlette.types import ASGIApp
-
-from fastapi_resilience._asgi.pipeline import Pipeline, RequestState
+from fastapi_resilience._asgi.pipeline import RequestState
 
 __all__ = [
     "HEADER_NAME",
     "CorrelationIdFilter",
-    "CorrelationIdMiddleware",
     "CorrelationStep",
     "generate_correlation_id",
     "get_correlation_id",
@@ -151,51 +148,3 @@ class CorrelationStep:
             state.context = [_correlation_id, correlation_id, token]
         else:
             context += (_correlation_id, correlation_id, token)
-
-
-class CorrelationIdMiddleware(Pipeline):
-    """Pure ASGI middleware that gives every request a correlation ID.
-
-    The ID comes from ``header_name`` when it is valid (1 to 128 characters of
-    ``[A-Za-z0-9._:-]``); otherwise a new one is generated, so a malformed, oversized or
-    injected header is never reflected. The ID is echoed on every response and is returned by
-    :func:`get_correlation_id` in routes, dependencies, background tasks and log records.
-
-    Place it outermost among user middleware (``install`` does). Starlette's
-    ``ServerErrorMiddleware`` sits outside every user middleware and sends its 500 through the
-    server's ``send``, past any header-adding wrapper; so this middleware catches an unhandled
-    exception itself while the response has not started, logs it once with its traceback and
-    the ID, and answers the 500 problem+json carrying the ID in header and body.
-
-    Inside another correlation layer (an app with its own, mounted in an app with one) it steps
-    aside: the outer one's ID, response headers and 500s serve the request.
-
-    Args:
-        app: the ASGI app to wrap.
-        header_name: the header read and echoed.
-        generator: makes a new ID; must return a valid one.
-        update_request_header: also put a generated ID into the request's headers, so code
-            reading the header directly sees the same ID.
-        raise_server_exceptions: after answering an unhandled exception's 500, raise it again
-            to the server, as Starlette's own error middleware does. ``None`` (the default):
-            only for Starlette's ``TestClient``, so a failing route fails the test that calls
-            it (``TestClient(app, raise_server_exceptions=False)`` gets the 500 instead); a
-            real server is not handed the exception, which it would log a second time.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        header_name: str = "X-Request-ID",
-        generator: Callable[[], str] = generate_correlation_id,
-        update_request_header: bool = True,
-        raise_server_exceptions: bool | None = None,
-    ) -> None:
-        self.step = CorrelationStep(
-            header_name=header_name,
-            generator=generator,
-            update_request_header=update_request_header,
-        )
-        self.header_name = header_name
-        super().__init__(app, [self.step], answer_errors=True, reraise=raise_server_exceptions)

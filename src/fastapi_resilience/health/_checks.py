@@ -15,8 +15,8 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
-from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 
 __all__ = [
     "CheckResult",

@@ -17,6 +17,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience._asgi.app_state import resilience_of
+from fastapi_resilience._asgi.pipeline import Inner, Pipeline, RequestState
+from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.correlation._ids import HEADER_NAME
+from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
 from fastapi_resilience.outbound._breaker import (
     BreakerRegistry,
     CircuitBreaker,
@@ -29,17 +34,11 @@ from fastapi_resilience.outbound._bulkhead import (
     TieredBulkhead,
     default_bulkhead_registry,
 )
-from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.outbound._deadline import DEADLINE_EXCEEDED_DETAIL, deadline, to_seconds
-from fastapi_resilience._asgi.pipeline import Inner, Pipeline, RequestState
 from fastapi_resilience.problems._render import problem_response
-from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
 
 if TYPE_CHECKING:
-    # ``install`` may call ``watch_outbound``: a run-time import would be circular.
-    from fastapi_resilience.integration._install import Resilience
+    from fastapi_resilience.integration._resilience import Resilience
 
 __all__ = [
     "BREAKERS_CHECK_NAME",

@@ -12,88 +12,37 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
 from fastapi_resilience._asgi.app_state import APP_STATE_NAME
-from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, route_at
+from fastapi_resilience._asgi.pipeline import Pipeline
+from fastapi_resilience._settings import ENV_PREFIX, ResilienceSettings
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import CorrelationStep
-from fastapi_resilience.operations._degraded import DegradedMode, DegradedStep
-from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, route_at
-from fastapi_resilience.problems._handlers import (
-    install_exception_handlers,
-)
+from fastapi_resilience.events import Event
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import HealthChecks, add_health_routes
+from fastapi_resilience.integration._dependencies import watch_outbound
+from fastapi_resilience.integration._resilience import Resilience
+from fastapi_resilience.integration._sub_apps import (
+    refuse_websocket_route_limits,
+    serve_mounted_apps,
+)
+from fastapi_resilience.operations._degraded import DegradedStep
 from fastapi_resilience.operations._metrics import (
     PrometheusListener,
     add_metrics_route,
     prometheus_available,
     warn_prometheus_missing,
 )
-from fastapi_resilience.integration._dependencies import watch_outbound
-from fastapi_resilience._asgi.pipeline import Pipeline
+from fastapi_resilience.problems._handlers import (
+    install_exception_handlers,
+)
+from fastapi_resilience.problems._render import answer_unhandled
 from fastapi_resilience.ratelimit._guard import STORAGE_DOWN_EVENT, STORAGE_RECOVERED_EVENT
-from fastapi_resilience.ratelimit._middleware import RateLimitStep
-from fastapi_resilience.ratelimit._setup import limiter_from_settings
 from fastapi_resilience.ratelimit._limiter import RateLimiter
-from fastapi_resilience._settings import ENV_PREFIX, ResilienceSettings
-from fastapi_resilience.integration._sub_apps import refuse_websocket_route_limits, serve_mounted_apps
-from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.ratelimit._setup import limiter_from_settings
+from fastapi_resilience.ratelimit._step import RateLimitStep
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
-
-
-class Resilience:
-    """What ``install`` set up for one app: settings, the event bus, health checks, the rate
-    limiter and the degraded mode (``degraded``, where the app's features are declared)."""
-
-    def __init__(
-        self,
-        settings: ResilienceSettings,
-        *,
-        events: EventBus | None = None,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
-        self.settings = settings
-        self.clock = clock
-        self.events = events or EventBus()
-        self.health = HealthChecks(
-            default_timeout=settings.health_check_timeout,
-            cache_seconds=settings.health_cache_seconds,
-            clock=clock,
-        )
-        #: The app's rate limiter; ``None`` when ``rate_limit_enabled`` is off.
-        self.rate_limiter: RateLimiter | None = None
-        #: The app's switchable features; the breakers they name are the default registry's.
-        self.degraded = DegradedMode(
-            breakers=default_registry,
-            events=self.events,
-            clock=clock,
-            notice_header=settings.degraded_header,
-            disabled=settings.disabled_features,
-        )
-        self.metrics: PrometheusListener | None = None
-        self._on_start: Callable[[], None] | None = None
-        self._on_stop: Callable[[], Awaitable[None]] | None = None
-        #: Apps with their own ``install()`` mounted in this one: started and stopped with it.
-        self._mounted: list[Resilience] = []
-
-    def start(self) -> None:
-        """Run ``install()``'s start-up checks: the app's lifespan calls it after the app's own
-        start-up; an app mounted in another with its own ``install()`` is started by that one
-        (Starlette runs no lifespan of a mounted app)."""
-        if self._on_start is not None:
-            self._on_start()
-
-    async def stop(self) -> None:
-        """Close what ``install()`` opened (the rate-limit storage), mounted installs' too."""
-        try:
-            for mounted in self._mounted:
-                await mounted.stop()
-        finally:
-            if self._on_stop is not None:
-                await self._on_stop()
-
-    def __repr__(self) -> str:
-        return f"Resilience(checks={len(self.health._checks)})"
 
 
 def install(
@@ -139,7 +88,7 @@ def install(
     app.add_middleware(
         Pipeline,
         steps=steps,
-        answer_errors=True,
+        on_error=answer_unhandled,
         reraise=settings.raise_server_exceptions,
     )
     _cors_outside(app)

@@ -21,12 +21,12 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Host, Mount, Router, WebSocketRoute
 
 from fastapi_resilience._asgi.app_state import APP_STATE_NAME, OUTER_STATE_NAME
+from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience.exceptions import AppError, ConfigurationError
 from fastapi_resilience.problems._handlers import http_exception_handler as problem_http_handler
 from fastapi_resilience.problems._handlers import install_exception_handlers
 from fastapi_resilience.problems._render import APP_STATE_KEY as PROBLEM_STATE_KEY
 from fastapi_resilience.problems._render import ProblemConfig
-from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience.exceptions import AppError, ConfigurationError
 
 __all__ = [
     "MountedApp",
@@ -162,8 +162,8 @@ def refuse_websocket_route_limits(routes: Any, where: str = "") -> None:
     Raises:
         ConfigurationError: a WebSocket route carries a ``rate_limit`` dependency.
     """
-    from fastapi_resilience.ratelimit._routes import route_plan
     from fastapi_resilience._asgi.routes import flat_routes
+    from fastapi_resilience.ratelimit._routes import route_plan
 
     for route in flat_routes(routes):
         original = getattr(route, "original_route", route)

@@ -18,17 +18,22 @@ from typing import Literal
 
 from starlette.requests import Request
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._asgi.app_state import resilience_of
-from fastapi_resilience.outbound._breaker import OPEN, BreakerRegistry, CircuitBreaker, default_registry
+from fastapi_resilience._asgi.pipeline import Answer, RequestState, state_of
+from fastapi_resilience._asgi.routes import dependency_calls, flat_routes
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.events import EventBus, EventSource
-from fastapi_resilience.health._checks import CheckResult
-from fastapi_resilience._asgi.pipeline import Answer, Pipeline, RequestState, state_of
-from fastapi_resilience._asgi.routes import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import ConfigurationError, FeatureUnavailableError
+from fastapi_resilience.health._checks import CheckResult
+from fastapi_resilience.outbound._breaker import (
+    OPEN,
+    BreakerRegistry,
+    CircuitBreaker,
+    default_registry,
+)
 
 __all__ = [
     "DEGRADED_ENTERED",
@@ -36,7 +41,6 @@ __all__ = [
     "FEATURE_DISABLED",
     "FEATURE_ENABLED",
     "DegradedMode",
-    "DegradedModeMiddleware",
     "Feature",
     "FeatureStatus",
     "requires_feature",
@@ -469,18 +473,6 @@ async def _close_unavailable(scope: Scope, receive: Receive, send: Send) -> None
     message = await receive()
     if message["type"] == "websocket.connect":
         await send({"type": "websocket.close", "code": 1013, "reason": "feature unavailable"})
-
-
-class DegradedModeMiddleware(Pipeline):
-    """Pure ASGI middleware: :class:`DegradedStep` for ``mode`` in front of an app.
-
-    ``install`` runs the step in its own layer, inside the rate limiter (contract order:
-    correlation IDs, rate limiting, degraded mode; ADR 0049).
-    """
-
-    def __init__(self, app: ASGIApp, *, mode: DegradedMode) -> None:
-        self.mode = mode
-        super().__init__(app, [DegradedStep(mode)])
 
 
 # -- the dependency ----------------------------------------------------------------------

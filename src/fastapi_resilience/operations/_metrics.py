@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from fastapi_resilience.operations._degraded import DEGRADED_ENTERED, DEGRADED_LEFT
-from fastapi_resilience.events import Event
 from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
+from fastapi_resilience.events import Event
+from fastapi_resilience.operations._degraded import DEGRADED_ENTERED, DEGRADED_LEFT
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -21,9 +21,7 @@ from typing import ParamSpec, TypeVar
 import httpx
 
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 from fastapi_resilience.events import EventBus, EventSource
-from fastapi_resilience.outbound._retry_budget import SlidingCounter, seconds
 from fastapi_resilience.exceptions import (
     BulkheadFullError,
     ConfigurationError,
@@ -32,6 +30,8 @@ from fastapi_resilience.exceptions import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
+from fastapi_resilience.outbound._retry_budget import SlidingCounter, seconds
 
 __all__ = ["AdaptiveThrottle", "ThrottledError", "is_overload", "refused_here"]
 

@@ -20,6 +20,14 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.events import EventBus, EventSource
+from fastapi_resilience.exceptions import (
+    CircuitOpenError,
+    ClientError,
+    ConfigurationError,
+)
+from fastapi_resilience.health._checks import CheckResult
 from fastapi_resilience.outbound._adaptive_throttle import refused_here
 from fastapi_resilience.outbound._breaker_window import (
     CountWindowState,
@@ -27,15 +35,7 @@ from fastapi_resilience.outbound._breaker_window import (
     TimeWindowState,
     WindowCounts,
 )
-from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure, to_seconds
-from fastapi_resilience.events import EventBus, EventSource
-from fastapi_resilience.health._checks import CheckResult
-from fastapi_resilience.exceptions import (
-    CircuitOpenError,
-    ClientError,
-    ConfigurationError,
-)
 
 __all__ = [
     "CLOSED",

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.outbound._breaker import (
     CLOSED,
     OPEN,
@@ -27,7 +28,6 @@ from fastapi_resilience.outbound._breaker import (
     CircuitBreaker,
     TrialVerdict,
 )
-from fastapi_resilience.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

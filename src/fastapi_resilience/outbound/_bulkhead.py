@@ -18,11 +18,11 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
-from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.outbound._deadline import to_seconds
-from fastapi_resilience.events import EventBus, EventSource
 from fastapi_resilience._asgi.pipeline import UNLIMITED, state_of
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.events import EventBus, EventSource
 from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
+from fastapi_resilience.outbound._deadline import to_seconds
 
 __all__ = [
     "BULKHEAD_FULL_DETAIL",

@@ -16,8 +16,8 @@ from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.outbound._retry_budget import seconds
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.outbound._retry_budget import seconds
 
 __all__ = ["Hedge"]
 

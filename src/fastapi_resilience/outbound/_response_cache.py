@@ -30,9 +30,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 from fastapi_resilience.events import EventBus
-from fastapi_resilience.health._checks import CheckResult
 from fastapi_resilience.exceptions import (
     AppError,
     BulkheadFullError,
@@ -40,6 +38,8 @@ from fastapi_resilience.exceptions import (
     ClientError,
     ConfigurationError,
 )
+from fastapi_resilience.health._checks import CheckResult
+from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -17,11 +17,11 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import httpx
 
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.events import EventBus
+from fastapi_resilience.exceptions import AppError, ConfigurationError, RetryExhaustedError
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 from fastapi_resilience.outbound._deadline import remaining as _request_remaining
-from fastapi_resilience.events import EventBus
 from fastapi_resilience.outbound._retry_budget import RetryBudget, seconds
-from fastapi_resilience.exceptions import AppError, ConfigurationError, RetryExhaustedError
 
 __all__ = [
     "DEFAULT_IDEMPOTENT_METHODS",

@@ -26,33 +26,8 @@ from typing import Any, TypedDict, Unpack, cast
 
 import httpx
 
-from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
-from fastapi_resilience.outbound._breaker import (
-    BreakerRegistry,
-    CircuitBreaker,
-    default_registry,
-    holds_calls_back,
-)
-from fastapi_resilience.outbound._bulkhead import Bulkhead, BulkheadRegistry, default_bulkhead_registry
-from fastapi_resilience.outbound._cache_sharing import SharingRules, credential_headers
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.outbound._deadline import (
-    DEADLINE_EXCEEDED_DETAIL,
-    effective_timeout,
-    remaining,
-    timeout_error,
-)
 from fastapi_resilience.events import EventBus
-from fastapi_resilience.outbound._hedging import Hedge
-from fastapi_resilience.outbound._headers import inject_outbound_headers
-from fastapi_resilience.outbound._response_cache import (
-    CACHE_STATUS_HEADER,
-    ResponseCache,
-    restore_response,
-    snapshot_response,
-)
-from fastapi_resilience.outbound._retry import Retry
-from fastapi_resilience.outbound._retry_budget import RetryBudget
 from fastapi_resilience.exceptions import (
     ClientError,
     ConfigurationError,
@@ -61,6 +36,35 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
+from fastapi_resilience.outbound._breaker import (
+    BreakerRegistry,
+    CircuitBreaker,
+    default_registry,
+    holds_calls_back,
+)
+from fastapi_resilience.outbound._bulkhead import (
+    Bulkhead,
+    BulkheadRegistry,
+    default_bulkhead_registry,
+)
+from fastapi_resilience.outbound._cache_sharing import SharingRules, credential_headers
+from fastapi_resilience.outbound._deadline import (
+    DEADLINE_EXCEEDED_DETAIL,
+    effective_timeout,
+    remaining,
+    timeout_error,
+)
+from fastapi_resilience.outbound._headers import inject_outbound_headers
+from fastapi_resilience.outbound._hedging import Hedge
+from fastapi_resilience.outbound._response_cache import (
+    CACHE_STATUS_HEADER,
+    ResponseCache,
+    restore_response,
+    snapshot_response,
+)
+from fastapi_resilience.outbound._retry import Retry
+from fastapi_resilience.outbound._retry_budget import RetryBudget
 
 __all__ = [
     "HostPolicy",

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from fastapi_resilience.exceptions import AppError, InvalidInputError
 from fastapi_resilience.problems._render import (
     APP_STATE_KEY,
     DEFAULT_TYPE_BASE,
@@ -23,7 +24,6 @@ from fastapi_resilience.problems._render import (
     title_for_status,
     unhandled_response,
 )
-from fastapi_resilience.exceptions import AppError, InvalidInputError
 
 __all__ = [
     "app_error_handler",

@@ -14,10 +14,11 @@ import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
+from fastapi_resilience._limits import Limit
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import CheckResult, HealthStatus
-from fastapi_resilience._limits import Limit
 from fastapi_resilience.ratelimit._storage import (
     DEFAULT_STORAGE_TIMEOUT,
     Decision,
@@ -25,16 +26,12 @@ from fastapi_resilience.ratelimit._storage import (
     RateLimitStorage,
     StorageUnavailableError,
     positive_seconds,
-    storage_from_url,
 )
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.exceptions import ConfigurationError
 
 __all__ = [
     "STORAGE_DOWN_EVENT",
     "STORAGE_RECOVERED_EVENT",
     "GuardedStorage",
-    "guarded_storage_from_url",
 ]
 
 STORAGE_DOWN_EVENT = "rate_limit.storage_down"
@@ -230,30 +227,3 @@ class GuardedStorage:
     def __repr__(self) -> str:
         state = "closed" if self._opened_at is None else "open"
         return f"GuardedStorage({self.storage!r}, state={state!r}, timeout={self.timeout})"
-
-
-def guarded_storage_from_url(
-    url: str,
-    *,
-    fail_open: bool = True,
-    fallback_limiter: bool = True,
-    prefix: str = "rl:",
-    timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
-    events: EventBus | None = None,
-    clock: Clock = SYSTEM_CLOCK,
-    max_keys: int | None = None,
-) -> MemoryStorage | GuardedStorage:
-    """The storage an app should use for ``url``.
-
-    ``"memory://"`` gives a ``MemoryStorage`` as is (it cannot be down). A Redis URL gives a
-    ``GuardedStorage``; with ``fail_open`` and ``fallback_limiter`` it limits each instance in
-    memory while Redis is down, with ``fail_open`` alone it raises ``StorageUnavailableError``
-    (the caller lets the request through), and with neither the caller answers 503.
-
-    .. versionadded:: 0.1.0
-    """
-    storage = storage_from_url(url, prefix=prefix, timeout=timeout, clock=clock, max_keys=max_keys)
-    if isinstance(storage, MemoryStorage):
-        return storage
-    fallback = MemoryStorage(clock=clock) if fail_open and fallback_limiter else None
-    return GuardedStorage(storage, timeout=timeout, fallback=fallback, events=events, clock=clock)

@@ -14,16 +14,10 @@ from typing import Any
 
 from starlette.types import Scope
 
-from fastapi_resilience.events import EventBus
+from fastapi_resilience._asgi.paths import MountTemplates
 from fastapi_resilience._limits import Limit, parse_limits
-from fastapi_resilience.ratelimit._storage import (
-    Decision,
-    LimitCheck,
-    LocalStorage,
-    RateLimitStorage,
-    StorageUnavailableError,
-    admitted_decision,
-)
+from fastapi_resilience.events import EventBus
+from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
 from fastapi_resilience.ratelimit._headers import (
     QUOTA_EXCEEDED_TYPE,
     RETRY_AFTER,
@@ -36,8 +30,14 @@ from fastapi_resilience.ratelimit._identity import (
     Identity,
     IdentityResolver,
 )
-from fastapi_resilience._asgi.paths import MountTemplates
-from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
+from fastapi_resilience.ratelimit._storage import (
+    Decision,
+    LimitCheck,
+    LocalStorage,
+    RateLimitStorage,
+    StorageUnavailableError,
+    admitted_decision,
+)
 
 __all__ = ["LimitOutcome", "RateLimiter", "RoutePlan"]
 

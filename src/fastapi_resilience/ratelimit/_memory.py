@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock, SystemClock
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.ratelimit._storage import (
     Decision,
     LimitCheck,
@@ -24,7 +25,6 @@ from fastapi_resilience.ratelimit._storage import (
     new_decision,
     new_state,
 )
-from fastapi_resilience.exceptions import ConfigurationError
 
 __all__ = ["DEFAULT_MAX_KEYS", "MemoryStorage"]
 

@@ -21,18 +21,18 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from fastapi_resilience._asgi.app_state import resilience_of
-from fastapi_resilience._limits import Limit, parse_limits
-from fastapi_resilience._asgi.pipeline import UNLIMITED, state_of
-from fastapi_resilience.ratelimit._storage import StorageUnavailableError
-from fastapi_resilience.ratelimit._headers import HeaderPlan
-from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter, RoutePlan
 from fastapi_resilience._asgi.paths import app_path, mount_prefix, route_path
+from fastapi_resilience._asgi.pipeline import UNLIMITED, state_of
 from fastapi_resilience._asgi.routes import dependency_calls, flat_routes
+from fastapi_resilience._limits import Limit, parse_limits
 from fastapi_resilience.exceptions import (
     ConfigurationError,
     RateLimitedError,
     ServiceUnavailableError,
 )
+from fastapi_resilience.ratelimit._headers import HeaderPlan
+from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter, RoutePlan
+from fastapi_resilience.ratelimit._storage import StorageUnavailableError
 
 __all__ = [
     "RateLimit",

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
-from fastapi_resilience.ratelimit._storage import RateLimitStorage
-from fastapi_resilience.ratelimit._guard import guarded_storage_from_url
+from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.ratelimit._guard import GuardedStorage
 from fastapi_resilience.ratelimit._identity import DefaultIdentityResolver, IdentityResolver
 from fastapi_resilience.ratelimit._limiter import RateLimiter
+from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
+from fastapi_resilience.ratelimit._storage import (
+    DEFAULT_STORAGE_TIMEOUT,
+    RateLimitStorage,
+    positive_seconds,
+)
 
-__all__ = ["limiter_from_settings", "standalone_limiter"]
+if TYPE_CHECKING:
+    from fastapi_resilience.ratelimit._redis import RedisStorage
+
+__all__ = [
+    "guarded_storage_from_url",
+    "limiter_from_settings",
+    "standalone_limiter",
+    "storage_from_url",
+]
 
 _STANDALONE: RateLimiter | None = None
 
@@ -78,3 +93,74 @@ def standalone_limiter() -> RateLimiter:
 
         _STANDALONE = RateLimiter(MemoryStorage(), tiers={"anonymous": "1000000/second"})
     return _STANDALONE
+
+
+def storage_from_url(
+    url: str,
+    *,
+    prefix: str = "rl:",
+    timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
+    clock: Clock = SYSTEM_CLOCK,
+    max_keys: int | None = None,
+) -> MemoryStorage | RedisStorage:
+    """Build a storage from a URL.
+
+    ``"memory://"`` is the in-process default (``clock`` and ``max_keys`` apply);
+    ``"redis://host:port/db"``, ``"rediss://..."`` and ``"unix:///path?db=0"`` give a shared
+    Redis storage whose keys start with ``prefix`` and whose connect and read timeouts are
+    ``timeout`` seconds (default 0.25).
+
+    Raises:
+        ConfigurationError: the URL's scheme is unknown, or the ``redis`` extra is missing.
+
+    .. versionadded:: 0.1.0
+    """
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigurationError(
+            f"rate_limit_storage {url!r}: expected 'memory://' or 'redis://host:port/db'"
+        )
+    timeout = positive_seconds(timeout, "storage timeout")
+    if scheme == "memory":
+        return MemoryStorage(clock=clock, max_keys=max_keys or DEFAULT_MAX_KEYS)
+    if scheme in ("redis", "rediss", "unix"):
+        try:
+            from fastapi_resilience.ratelimit._redis import RedisStorage
+        except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+            raise ConfigurationError(
+                f"rate_limit_storage {url!r} needs the redis extra: "
+                "pip install 'fastapi-resilience[redis]'"
+            ) from exc
+        return RedisStorage.from_url(url, prefix=prefix, timeout=timeout)
+    raise ConfigurationError(
+        f"rate_limit_storage {url!r}: unknown scheme {scheme!r} "
+        "(expected memory, redis, rediss or unix)"
+    )
+
+
+def guarded_storage_from_url(
+    url: str,
+    *,
+    fail_open: bool = True,
+    fallback_limiter: bool = True,
+    prefix: str = "rl:",
+    timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
+    events: EventBus | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    max_keys: int | None = None,
+) -> MemoryStorage | GuardedStorage:
+    """The storage an app should use for ``url``.
+
+    ``"memory://"`` gives a ``MemoryStorage`` as is (it cannot be down). A Redis URL gives a
+    ``GuardedStorage``; with ``fail_open`` and ``fallback_limiter`` it limits each instance in
+    memory while Redis is down, with ``fail_open`` alone it raises ``StorageUnavailableError``
+    (the caller lets the request through), and with neither the caller answers 503.
+
+    .. versionadded:: 0.1.0
+    """
+    storage = storage_from_url(url, prefix=prefix, timeout=timeout, clock=clock, max_keys=max_keys)
+    if isinstance(storage, MemoryStorage):
+        return storage
+    fallback = MemoryStorage(clock=clock) if fail_open and fallback_limiter else None
+    return GuardedStorage(storage, timeout=timeout, fallback=fallback, events=events, clock=clock)

@@ -17,15 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience._limits import Limit
 from fastapi_resilience.exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from fastapi_resilience.ratelimit._memory import MemoryStorage
-    from fastapi_resilience.ratelimit._redis import RedisStorage
 
 __all__ = [
     "DEFAULT_STORAGE_TIMEOUT",
@@ -38,7 +33,6 @@ __all__ = [
     "StorageUnavailableError",
     "bucket_width",
     "positive_seconds",
-    "storage_from_url",
 ]
 
 #: Buckets per period: a unit is held at most ``period / RESOLUTION`` longer than a perfect log.
@@ -213,49 +207,3 @@ class LocalStorage(Protocol):
     def check_many(self, checks: Sequence[LimitCheck]) -> Decision:
         """``check``, answered at once."""
         ...
-
-
-def storage_from_url(
-    url: str,
-    *,
-    prefix: str = "rl:",
-    timeout: float | timedelta = DEFAULT_STORAGE_TIMEOUT,
-    clock: Clock = SYSTEM_CLOCK,
-    max_keys: int | None = None,
-) -> MemoryStorage | RedisStorage:
-    """Build a storage from a URL.
-
-    ``"memory://"`` is the in-process default (``clock`` and ``max_keys`` apply);
-    ``"redis://host:port/db"``, ``"rediss://..."`` and ``"unix:///path?db=0"`` give a shared
-    Redis storage whose keys start with ``prefix`` and whose connect and read timeouts are
-    ``timeout`` seconds (default 0.25).
-
-    Raises:
-        ConfigurationError: the URL's scheme is unknown, or the ``redis`` extra is missing.
-
-    .. versionadded:: 0.1.0
-    """
-    scheme, sep, _ = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise ConfigurationError(
-            f"rate_limit_storage {url!r}: expected 'memory://' or 'redis://host:port/db'"
-        )
-    timeout = positive_seconds(timeout, "storage timeout")
-    if scheme == "memory":
-        from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
-
-        return MemoryStorage(clock=clock, max_keys=max_keys or DEFAULT_MAX_KEYS)
-    if scheme in ("redis", "rediss", "unix"):
-        try:
-            from fastapi_resilience.ratelimit._redis import RedisStorage
-        except ImportError as exc:  # pragma: no cover - the extra is installed in tests
-            raise ConfigurationError(
-                f"rate_limit_storage {url!r} needs the redis extra: "
-                "pip install 'fastapi-resilience[redis]'"
-            ) from exc
-        return RedisStorage.from_url(url, prefix=prefix, timeout=timeout)
-    raise ConfigurationError(
-        f"rate_limit_storage {url!r}: unknown scheme {scheme!r} "
-        "(expected memory, redis, rediss or unix)"
-    )

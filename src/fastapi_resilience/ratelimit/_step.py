@@ -5,20 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
-from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.events import EventBus
-from fastapi_resilience._asgi.pipeline import PENDING, UNLIMITED, Answer, Pipeline, RequestState
+from fastapi_resilience._asgi.pipeline import PENDING, UNLIMITED, Answer, RequestState
 from fastapi_resilience.problems._render import problem_response
-from fastapi_resilience.ratelimit._storage import RateLimitStorage, StorageUnavailableError
 from fastapi_resilience.ratelimit._identity import (
     DefaultIdentityResolver,
-    IdentityResolver,
 )
 from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter, RoutePlan
+from fastapi_resilience.ratelimit._storage import StorageUnavailableError
 
-__all__ = ["RateLimitMiddleware", "RateLimitStep"]
+__all__ = ["RateLimitStep"]
 
 
 class RateLimitStep:
@@ -115,59 +112,3 @@ class RateLimitStep:
         self._routes = table if table else None
         self._routes_app = app
         return self._routes
-
-
-class RateLimitMiddleware(Pipeline):
-    """Pure ASGI middleware: :class:`RateLimitStep` in front of an app.
-
-    Place it inside ``CorrelationIdMiddleware`` (``install`` runs the step in its own layer),
-    so that its 429 and 503 answers carry the correlation ID. Non-HTTP scopes pass through.
-
-    Args:
-        app: the ASGI app to wrap.
-        limiter: the :class:`RateLimiter` to use; built from ``settings`` when not given.
-        settings: a ``ResilienceSettings``; ``ResilienceSettings()`` (the environment) when
-            neither this nor ``limiter`` is given.
-        storage: overrides the storage the settings name.
-        resolver: overrides the built-in identity resolver.
-        events: the event bus for storage state changes and shadow refusals.
-        clock: the clock of the storage and its breaker.
-
-    .. versionadded:: 0.1.0
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        limiter: RateLimiter | None = None,
-        settings: Any = None,
-        storage: RateLimitStorage | None = None,
-        resolver: IdentityResolver | None = None,
-        events: EventBus | None = None,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
-        self._owns_limiter = limiter is None
-        if limiter is None:
-            from fastapi_resilience.ratelimit._setup import limiter_from_settings
-
-            limiter = limiter_from_settings(
-                settings, storage=storage, resolver=resolver, events=events, clock=clock
-            )
-        self.limiter = limiter
-        super().__init__(app, [RateLimitStep(limiter)])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan" and self._owns_limiter:
-            # The middleware built this limiter, so it closes its storage at shutdown.
-            await self.app(scope, receive, self._closing_send(send))
-            return
-        await super().__call__(scope, receive, send)
-
-    def _closing_send(self, send: Send) -> Send:
-        async def closing_send(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                await self.limiter.aclose()
-            await send(message)
-
-        return closing_send

@@ -1,0 +1,143 @@
+"""The public middlewares: each a pipeline of one step, for apps that do not use ``install()``.
+
+``install()`` runs the same steps in one layer. Stacked by hand, or mounted inside an app that
+has them, these join the outer request: one ID, one set of fields, one 500 per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastapi_resilience._asgi.pipeline import Pipeline
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.correlation._ids import CorrelationStep, generate_correlation_id
+from fastapi_resilience.events import EventBus
+from fastapi_resilience.operations._degraded import DegradedMode, DegradedStep
+from fastapi_resilience.problems._render import answer_unhandled
+from fastapi_resilience.ratelimit._identity import IdentityResolver
+from fastapi_resilience.ratelimit._limiter import RateLimiter
+from fastapi_resilience.ratelimit._step import RateLimitStep
+from fastapi_resilience.ratelimit._storage import RateLimitStorage
+
+__all__ = ["CorrelationIdMiddleware", "DegradedModeMiddleware", "RateLimitMiddleware"]
+
+
+class CorrelationIdMiddleware(Pipeline):
+    """Pure ASGI middleware that gives every request a correlation ID.
+
+    The ID comes from ``header_name`` when it is valid (1 to 128 characters of
+    ``[A-Za-z0-9._:-]``); otherwise a new one is generated, so a malformed, oversized or
+    injected header is never reflected. The ID is echoed on every response and is returned by
+    :func:`get_correlation_id` in routes, dependencies, background tasks and log records.
+
+    Place it outermost among user middleware (``install`` does). Starlette's
+    ``ServerErrorMiddleware`` sits outside every user middleware and sends its 500 through the
+    server's ``send``, past any header-adding wrapper; so this middleware catches an unhandled
+    exception itself while the response has not started, logs it once with its traceback and
+    the ID, and answers the 500 problem+json carrying the ID in header and body.
+
+    Inside another correlation layer (an app with its own, mounted in an app with one) it steps
+    aside: the outer one's ID, response headers and 500s serve the request.
+
+    Args:
+        app: the ASGI app to wrap.
+        header_name: the header read and echoed.
+        generator: makes a new ID; must return a valid one.
+        update_request_header: also put a generated ID into the request's headers, so code
+            reading the header directly sees the same ID.
+        raise_server_exceptions: after answering an unhandled exception's 500, raise it again
+            to the server, as Starlette's own error middleware does. ``None`` (the default):
+            only for Starlette's ``TestClient``, so a failing route fails the test that calls
+            it (``TestClient(app, raise_server_exceptions=False)`` gets the 500 instead); a
+            real server is not handed the exception, which it would log a second time.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header_name: str = "X-Request-ID",
+        generator: Callable[[], str] = generate_correlation_id,
+        update_request_header: bool = True,
+        raise_server_exceptions: bool | None = None,
+    ) -> None:
+        self.step = CorrelationStep(
+            header_name=header_name,
+            generator=generator,
+            update_request_header=update_request_header,
+        )
+        self.header_name = header_name
+        super().__init__(
+            app, [self.step], on_error=answer_unhandled, reraise=raise_server_exceptions
+        )
+
+
+class RateLimitMiddleware(Pipeline):
+    """Pure ASGI middleware: :class:`RateLimitStep` in front of an app.
+
+    Place it inside ``CorrelationIdMiddleware`` (``install`` runs the step in its own layer),
+    so that its 429 and 503 answers carry the correlation ID. Non-HTTP scopes pass through.
+
+    Args:
+        app: the ASGI app to wrap.
+        limiter: the :class:`RateLimiter` to use; built from ``settings`` when not given.
+        settings: a ``ResilienceSettings``; ``ResilienceSettings()`` (the environment) when
+            neither this nor ``limiter`` is given.
+        storage: overrides the storage the settings name.
+        resolver: overrides the built-in identity resolver.
+        events: the event bus for storage state changes and shadow refusals.
+        clock: the clock of the storage and its breaker.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter | None = None,
+        settings: Any = None,
+        storage: RateLimitStorage | None = None,
+        resolver: IdentityResolver | None = None,
+        events: EventBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._owns_limiter = limiter is None
+        if limiter is None:
+            from fastapi_resilience.ratelimit._setup import limiter_from_settings
+
+            limiter = limiter_from_settings(
+                settings, storage=storage, resolver=resolver, events=events, clock=clock
+            )
+        self.limiter = limiter
+        super().__init__(app, [RateLimitStep(limiter)])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self._owns_limiter:
+            # The middleware built this limiter, so it closes its storage at shutdown.
+            await self.app(scope, receive, self._closing_send(send))
+            return
+        await super().__call__(scope, receive, send)
+
+    def _closing_send(self, send: Send) -> Send:
+        async def closing_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.limiter.aclose()
+            await send(message)
+
+        return closing_send
+
+
+class DegradedModeMiddleware(Pipeline):
+    """Pure ASGI middleware: :class:`DegradedStep` for ``mode`` in front of an app.
+
+    ``install`` runs the step in its own layer, inside the rate limiter (contract order:
+    correlation IDs, rate limiting, degraded mode; ADR 0049).
+    """
+
+    def __init__(self, app: ASGIApp, *, mode: DegradedMode) -> None:
+        self.mode = mode
+        super().__init__(app, [DegradedStep(mode)])

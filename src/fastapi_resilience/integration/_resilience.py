@@ -1,0 +1,74 @@
+"""What ``install()`` sets up for one app, and hands back: :class:`Resilience`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.events import EventBus
+from fastapi_resilience.health._checks import HealthChecks
+from fastapi_resilience.operations._degraded import DegradedMode
+from fastapi_resilience.outbound._breaker import default_registry
+
+if TYPE_CHECKING:
+    from fastapi_resilience.operations._metrics import PrometheusListener
+    from fastapi_resilience.ratelimit._limiter import RateLimiter
+
+__all__ = ["Resilience"]
+
+
+class Resilience:
+    """What ``install`` set up for one app: settings, the event bus, health checks, the rate
+    limiter and the degraded mode (``degraded``, where the app's features are declared)."""
+
+    def __init__(
+        self,
+        settings: ResilienceSettings,
+        *,
+        events: EventBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.events = events or EventBus()
+        self.health = HealthChecks(
+            default_timeout=settings.health_check_timeout,
+            cache_seconds=settings.health_cache_seconds,
+            clock=clock,
+        )
+        #: The app's rate limiter; ``None`` when ``rate_limit_enabled`` is off.
+        self.rate_limiter: RateLimiter | None = None
+        #: The app's switchable features; the breakers they name are the default registry's.
+        self.degraded = DegradedMode(
+            breakers=default_registry,
+            events=self.events,
+            clock=clock,
+            notice_header=settings.degraded_header,
+            disabled=settings.disabled_features,
+        )
+        self.metrics: PrometheusListener | None = None
+        self._on_start: Callable[[], None] | None = None
+        self._on_stop: Callable[[], Awaitable[None]] | None = None
+        #: Apps with their own ``install()`` mounted in this one: started and stopped with it.
+        self._mounted: list[Resilience] = []
+
+    def start(self) -> None:
+        """Run ``install()``'s start-up checks: the app's lifespan calls it after the app's own
+        start-up; an app mounted in another with its own ``install()`` is started by that one
+        (Starlette runs no lifespan of a mounted app)."""
+        if self._on_start is not None:
+            self._on_start()
+
+    async def stop(self) -> None:
+        """Close what ``install()`` opened (the rate-limit storage), mounted installs' too."""
+        try:
+            for mounted in self._mounted:
+                await mounted.stop()
+        finally:
+            if self._on_stop is not None:
+                await self._on_stop()
+
+    def __repr__(self) -> str:
+        return f"Resilience(checks={len(self.health._checks)})"
