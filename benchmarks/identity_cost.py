@@ -12,7 +12,7 @@ import random
 import time
 from typing import Any
 
-from fastapi_resilience import DefaultIdentityResolver
+from fastapi_resilience.ratelimit import DefaultIdentityResolver
 
 PROXY = "192.0.2.1"
 

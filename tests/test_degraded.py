@@ -20,8 +20,6 @@ from fastapi_resilience import (
     CorrelationIdMiddleware,
     DegradedMode,
     DegradedModeMiddleware,
-    Event,
-    EventBus,
     Resilience,
     ResilienceSettings,
     install,
@@ -29,6 +27,7 @@ from fastapi_resilience import (
     rate_limit,
     requires_feature,
 )
+from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect

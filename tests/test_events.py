@@ -4,8 +4,8 @@ import logging
 
 import pytest
 
-from fastapi_resilience import Event, EventBus
 from fastapi_resilience.correlation._ids import _correlation_id
+from fastapi_resilience.events import Event, EventBus
 
 
 def test_event_is_logged_once_with_the_correlation_id(caplog: pytest.LogCaptureFixture) -> None:

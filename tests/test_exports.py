@@ -1,39 +1,100 @@
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import version
+
+import pytest
 
 import fastapi_resilience
 
 
-def test_all_is_sorted_and_complete() -> None:
-    """__all__ lists every public name once, sorted, and each resolves."""
+def test_all_lists_every_top_level_name_once() -> None:
+    """__all__ lists every public name of the top level once, and each resolves."""
     names = fastapi_resilience.__all__
-    assert list(names) == sorted(names)
     assert len(set(names)) == len(names)
     # ``annotations`` is the ``from __future__`` import every module has.
     public = {n for n in vars(fastapi_resilience) if not n.startswith("_")}
-    public -= {"annotations", "TYPE_CHECKING", "Any"}
-    # Names resolved lazily by the module's __getattr__ (optional extras).
-    public |= {"RedisStorage"}
+    public -= {"annotations", "Any"}
     for name in names:
         assert getattr(fastapi_resilience, name) is not None
     modules = {n for n in public if type(getattr(fastapi_resilience, n)).__name__ == "module"}
     assert public - modules == set(names)
 
 
+def test_every_error_class_is_at_the_top_and_in_exceptions() -> None:
+    """Each error class lives in ``fastapi_resilience.exceptions`` and imports from the top."""
+    from fastapi_resilience import exceptions
+
+    for name in exceptions.__all__:
+        error = getattr(exceptions, name)
+        assert isinstance(error, type), name
+        assert issubclass(error, Exception), name
+        assert getattr(fastapi_resilience, name) is error, name
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "fastapi_resilience.ratelimit",
+        "fastapi_resilience.outbound",
+        "fastapi_resilience.health",
+        "fastapi_resilience.operations",
+        "fastapi_resilience.problems",
+        "fastapi_resilience.correlation",
+        "fastapi_resilience.testing",
+    ],
+)
+def test_public_submodules_resolve_every_name_they_list(module: str) -> None:
+    imported = importlib.import_module(module)
+    for name in imported.__all__:
+        assert getattr(imported, name) is not None, (module, name)
+
+
 def test_contract_names_are_importable() -> None:
-    """The names CONTRACT.md promises so far import from the top level."""
+    """The names CONTRACT.md names import from the top level."""
     for name in [
         "ResilienceSettings",
         "install",
         "Resilience",
         "CorrelationIdMiddleware",
+        "RateLimitMiddleware",
+        "RequestDeadlineMiddleware",
+        "DegradedMode",
         "install_exception_handlers",
         "get_correlation_id",
+        "rate_limit",
+        "requires_feature",
+        "breaker_dependency",
+        "resilient_client",
+        "Bulkhead",
+        "CircuitBreaker",
+        "Retry",
         "AppError",
+        "ClientError",
         "NotFoundError",
+        "RateLimitedError",
+        "CircuitOpenError",
+        "BulkheadFullError",
+        "RetryExhaustedError",
     ]:
         assert hasattr(fastapi_resilience, name), name
+
+
+def test_importing_the_package_leaves_the_optional_extras_unimported() -> None:
+    """``import fastapi_resilience`` imports none of redis, prometheus-client or
+    OpenTelemetry's SDK: an app that never uses them does not pay for them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastapi_resilience\n"
+        "print(sorted(m for m in ('redis', 'prometheus_client', 'opentelemetry.sdk')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout.strip() == "[]", result.stderr
 
 
 def test_version_comes_from_package_metadata() -> None:
@@ -65,6 +126,8 @@ _WITHOUT_REDIS = """
 import json, sys
 sys.modules["redis"] = None  # not installed, as far as imports can tell
 import fastapi_resilience as fr
+import fastapi_resilience.outbound as ob
+import fastapi_resilience.ratelimit as rl
 from fastapi import FastAPI
 
 def outcome(call):
@@ -75,18 +138,18 @@ def outcome(call):
     return ["ok", False, ""]
 
 def import_redis_storage():
-    from fastapi_resilience import RedisStorage  # noqa: F401
+    from fastapi_resilience.ratelimit import RedisStorage
 
 def import_breaker_store():
-    from fastapi_resilience import RedisBreakerStore  # noqa: F401
+    from fastapi_resilience.outbound import RedisBreakerStore
 
 url = "redis://127.0.0.1:1/0"
 print(json.dumps({
     "RedisStorage": outcome(import_redis_storage),
     "RedisBreakerStore": outcome(import_breaker_store),
-    "storage_from_url": outcome(lambda: fr.storage_from_url(url)),
-    "RedisDeadLetterQueue": outcome(lambda: fr.RedisDeadLetterQueue(url)),
-    "ResponseCache": outcome(lambda: fr.ResponseCache(ttl=1, redis_url=url)),
+    "storage_from_url": outcome(lambda: rl.storage_from_url(url)),
+    "RedisDeadLetterQueue": outcome(lambda: ob.RedisDeadLetterQueue(url)),
+    "ResponseCache": outcome(lambda: ob.ResponseCache(ttl=1, redis_url=url)),
     "install": outcome(
         lambda: fr.install(FastAPI(), fr.ResilienceSettings(rate_limit_storage=url))
     ),

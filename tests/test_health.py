@@ -7,8 +7,9 @@ import pytest
 import redis.asyncio
 from fastapi import FastAPI
 
-from fastapi_resilience import CheckResult, HealthChecks, ResilienceSettings, install
+from fastapi_resilience import ResilienceSettings, install
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.health import CheckResult, HealthChecks
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
 
@@ -213,7 +214,8 @@ async def test_the_breaker_check_registered_as_its_docstring_says_is_never_cache
     """``resilience.health.add("breakers", breaker_health_check(), critical=False)``, as the
     docstring says to, with ``health_cache_seconds=5``: a breaker opened right after an "ok"
     shows at the next call (it was served "ok" from the cache for up to 5 s)."""
-    from fastapi_resilience import CircuitBreaker, breaker_health_check
+    from fastapi_resilience import CircuitBreaker
+    from fastapi_resilience.outbound import breaker_health_check
     from fastapi_resilience.outbound._breaker import default_registry
 
     clock = ManualClock()

@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from fastapi_resilience import ConfigurationError, Limit, parse_limits
+from fastapi_resilience import ConfigurationError
 from fastapi_resilience._limits import parse_limit
+from fastapi_resilience.ratelimit import Limit, parse_limits
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ from fastapi import FastAPI, Request
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from fastapi_resilience import CorrelationIdMiddleware, CorrelationIdTransport, correlation_id_hook
+from fastapi_resilience import CorrelationIdMiddleware
 from fastapi_resilience.correlation._ids import set_correlation_id
+from fastapi_resilience.outbound import CorrelationIdTransport, correlation_id_hook
 
 pytestmark = pytest.mark.anyio
 

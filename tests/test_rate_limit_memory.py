@@ -10,8 +10,6 @@ import pytest
 from fastapi import Depends, FastAPI
 
 from fastapi_resilience import (
-    Identity,
-    RateLimiter,
     RateLimitMiddleware,
     ResilienceSettings,
     install_exception_handlers,
@@ -19,6 +17,7 @@ from fastapi_resilience import (
 )
 from fastapi_resilience._limits import Limit, parse_limit
 from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.ratelimit import Identity, RateLimiter
 from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
 from fastapi_resilience.ratelimit._storage import Decision, LimitCheck
 from fastapi_resilience.testing import ManualClock

@@ -12,7 +12,8 @@ from fastapi import Depends, FastAPI, WebSocket
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from fastapi_resilience import Event, RateLimitMiddleware, ResilienceSettings, install
+from fastapi_resilience import RateLimitMiddleware, ResilienceSettings, install
+from fastapi_resilience.events import Event
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.ratelimit._identity import Identity
 from fastapi_resilience.ratelimit._limiter import RateLimiter

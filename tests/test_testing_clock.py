@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastapi_resilience import Clock, SystemClock
+from fastapi_resilience.clock import Clock, SystemClock
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

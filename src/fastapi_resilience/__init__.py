@@ -1,17 +1,18 @@
-"""fastapi-resilience: problem-details errors, correlation IDs, rate limiting and guarded calls."""
+"""fastapi-resilience: problem-details errors, correlation IDs, rate limiting and guarded calls.
+
+The top level holds what an app author types. What only implementers need (storages, the
+limiter, registries, caches, transports, clocks, events) lives in public submodules:
+``fastapi_resilience.ratelimit``, ``.outbound``, ``.health``, ``.operations``, ``.problems``,
+``.correlation``, ``.clock``, ``.events`` and ``.testing``. Every error class is also in
+``fastapi_resilience.exceptions``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi_resilience._limits import Limit, parse_limits
 from fastapi_resilience._settings import ResilienceSettings
-from fastapi_resilience.clock import Clock, SystemClock
-from fastapi_resilience.correlation._ids import (
-    CorrelationIdFilter,
-    get_correlation_id,
-)
-from fastapi_resilience.events import Event, EventBus
+from fastapi_resilience.correlation._ids import CorrelationIdFilter, get_correlation_id
 from fastapi_resilience.exceptions import (
     AppError,
     AuthenticationError,
@@ -21,6 +22,7 @@ from fastapi_resilience.exceptions import (
     ClientError,
     ConfigurationError,
     ConflictError,
+    DeadlineCutError,
     FeatureUnavailableError,
     InternalError,
     InvalidInputError,
@@ -30,10 +32,12 @@ from fastapi_resilience.exceptions import (
     RetryExhaustedError,
     ServerError,
     ServiceUnavailableError,
+    StorageUnavailableError,
+    ThrottledError,
     UpstreamError,
+    UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.health._checks import CheckResult, HealthChecks
 from fastapi_resilience.integration._dependencies import (
     RequestDeadlineMiddleware,
     breaker_dependency,
@@ -41,203 +45,85 @@ from fastapi_resilience.integration._dependencies import (
     deadline_dependency,
     watch_outbound,
 )
-from fastapi_resilience.integration._install import Resilience, install
+from fastapi_resilience.integration._install import install
 from fastapi_resilience.integration._middleware import (
     CorrelationIdMiddleware,
     DegradedModeMiddleware,
     RateLimitMiddleware,
 )
-from fastapi_resilience.operations._degraded import (
-    DegradedMode,
-    Feature,
-    FeatureStatus,
-    requires_feature,
-)
-from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle, ThrottledError
-from fastapi_resilience.outbound._breaker import (
-    BreakerRegistry,
-    BreakerState,
-    BreakerStateStore,
-    CircuitBreaker,
-    breaker_health_check,
-    get_breaker,
-)
-from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
-from fastapi_resilience.outbound._breaker_window import SlidingWindow
-from fastapi_resilience.outbound._bulkhead import (
-    Bulkhead,
-    BulkheadRegistry,
-    TieredBulkhead,
-    get_bulkhead,
-)
-from fastapi_resilience.outbound._dead_letter import (
-    DeadLetter,
-    DeadLetterQueue,
-    MemoryDeadLetterQueue,
-    RedisDeadLetterQueue,
-    ReplayReport,
-    dead_letter_on_failure,
-)
-from fastapi_resilience.outbound._deadline import (
-    DeadlineCutError,
-    deadline,
-    remaining,
-    timeout,
-    with_timeout,
-)
-from fastapi_resilience.outbound._fallback import fallback, with_fallback
-from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
-from fastapi_resilience.outbound._hedging import Hedge
-from fastapi_resilience.outbound._response_cache import (
-    CacheEntry,
-    CacheResult,
-    CacheStatusMiddleware,
-    ResponseCache,
-    cached,
-    cached_call,
-    current_cache_status,
-    record_cache_status,
-)
+from fastapi_resilience.integration._resilience import Resilience
+from fastapi_resilience.operations._degraded import DegradedMode, requires_feature
+from fastapi_resilience.outbound._breaker import CircuitBreaker, get_breaker
+from fastapi_resilience.outbound._bulkhead import Bulkhead, get_bulkhead
+from fastapi_resilience.outbound._deadline import deadline, remaining, timeout
+from fastapi_resilience.outbound._fallback import fallback
+from fastapi_resilience.outbound._response_cache import cached
 from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.outbound._retry_budget import RetryBudget
-from fastapi_resilience.outbound._transport import (
-    HostPolicy,
-    ResilientTransport,
-    UpstreamStatusError,
-    resilient_client,
-)
+from fastapi_resilience.outbound._transport import resilient_client
 from fastapi_resilience.problems._handlers import install_exception_handlers
-from fastapi_resilience.problems._render import ProblemResponse
-from fastapi_resilience.ratelimit._guard import GuardedStorage
-from fastapi_resilience.ratelimit._identity import (
-    DefaultIdentityResolver,
-    Identity,
-    IdentityResolver,
-)
-from fastapi_resilience.ratelimit._limiter import RateLimiter
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._routes import RateLimit, rate_limit
-from fastapi_resilience.ratelimit._setup import guarded_storage_from_url, storage_from_url
-from fastapi_resilience.ratelimit._storage import (
-    Decision,
-    LimitCheck,
-    LimitState,
-    RateLimitStorage,
-    StorageUnavailableError,
-)
+from fastapi_resilience.ratelimit._routes import rate_limit
 
-__all__ = [
-    "AdaptiveThrottle",
-    "AppError",
-    "AuthenticationError",
-    "BadRequestError",
-    "BreakerRegistry",
-    "BreakerState",
-    "BreakerStateStore",
-    "Bulkhead",
-    "BulkheadFullError",
-    "BulkheadRegistry",
-    "CacheEntry",
-    "CacheResult",
-    "CacheStatusMiddleware",
-    "CheckResult",
-    "CircuitBreaker",
-    "CircuitOpenError",
-    "ClientError",
-    "Clock",
-    "ConfigurationError",
-    "ConflictError",
-    "CorrelationIdFilter",
-    "CorrelationIdMiddleware",
-    "CorrelationIdTransport",
-    "DeadLetter",
-    "DeadLetterQueue",
-    "DeadlineCutError",
-    "Decision",
-    "DefaultIdentityResolver",
-    "DegradedMode",
-    "DegradedModeMiddleware",
-    "Event",
-    "EventBus",
-    "Feature",
-    "FeatureStatus",
-    "FeatureUnavailableError",
-    "GuardedStorage",
-    "HealthChecks",
-    "Hedge",
-    "HostPolicy",
-    "Identity",
-    "IdentityResolver",
-    "InternalError",
-    "InvalidInputError",
-    "Limit",
-    "LimitCheck",
-    "LimitState",
-    "MemoryDeadLetterQueue",
-    "MemoryStorage",
-    "NotFoundError",
-    "PermissionDeniedError",
-    "ProblemResponse",
-    "RateLimit",
-    "RateLimitMiddleware",
-    "RateLimitStorage",
-    "RateLimitedError",
-    "RateLimiter",
-    "RedisBreakerStore",
-    "RedisDeadLetterQueue",
-    "RedisStorage",
-    "ReplayReport",
-    "RequestDeadlineMiddleware",
+__all__ = [  # noqa: RUF022 - grouped by what an app author does
+    # Setting up an app
     "Resilience",
     "ResilienceSettings",
-    "ResilientTransport",
-    "ResponseCache",
+    "install",
+    "install_exception_handlers",
+    # Middleware, for apps that do not use install()
+    "CorrelationIdMiddleware",
+    "DegradedModeMiddleware",
+    "RateLimitMiddleware",
+    "RequestDeadlineMiddleware",
+    # Correlation IDs
+    "CorrelationIdFilter",
+    "get_correlation_id",
+    # Route dependencies
+    "breaker_dependency",
+    "bulkhead_dependency",
+    "deadline_dependency",
+    "rate_limit",
+    "requires_feature",
+    # Guarding calls
+    "Bulkhead",
+    "CircuitBreaker",
+    "DegradedMode",
     "Retry",
     "RetryBudget",
-    "RetryExhaustedError",
-    "ServerError",
-    "ServiceUnavailableError",
-    "SlidingWindow",
-    "StorageUnavailableError",
-    "SystemClock",
-    "ThrottledError",
-    "TieredBulkhead",
-    "UpstreamError",
-    "UpstreamStatusError",
-    "UpstreamTimeoutError",
-    "breaker_dependency",
-    "breaker_health_check",
-    "bulkhead_dependency",
     "cached",
-    "cached_call",
-    "correlation_id_hook",
-    "current_cache_status",
-    "dead_letter_on_failure",
     "deadline",
-    "deadline_dependency",
     "fallback",
     "get_breaker",
     "get_bulkhead",
-    "get_correlation_id",
-    "guarded_storage_from_url",
-    "install",
-    "install_exception_handlers",
-    "parse_limits",
-    "rate_limit",
-    "record_cache_status",
     "remaining",
-    "requires_feature",
     "resilient_client",
-    "storage_from_url",
     "timeout",
     "watch_outbound",
-    "with_fallback",
-    "with_timeout",
+    # Errors (also in fastapi_resilience.exceptions)
+    "AppError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "ClientError",
+    "ConfigurationError",
+    "ConflictError",
+    "DeadlineCutError",
+    "FeatureUnavailableError",
+    "InternalError",
+    "InvalidInputError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "RetryExhaustedError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "StorageUnavailableError",
+    "ThrottledError",
+    "UpstreamError",
+    "UpstreamStatusError",
+    "UpstreamTimeoutError",
 ]
-
-
-if TYPE_CHECKING:
-    from fastapi_resilience.ratelimit._redis import RedisStorage
 
 
 def __getattr__(name: str) -> Any:
@@ -245,9 +131,4 @@ def __getattr__(name: str) -> Any:
         from importlib.metadata import version
 
         return version("fastapi-resilience")
-    if name == "RedisStorage":
-        # Imported on first use: redis is the optional ``redis`` extra.
-        from fastapi_resilience.ratelimit._redis import RedisStorage
-
-        return RedisStorage
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "AppError",
@@ -40,6 +43,7 @@ __all__ = [
     "ClientError",
     "ConfigurationError",
     "ConflictError",
+    "DeadlineCutError",
     "FeatureUnavailableError",
     "InternalError",
     "InvalidInputError",
@@ -49,7 +53,10 @@ __all__ = [
     "RetryExhaustedError",
     "ServerError",
     "ServiceUnavailableError",
+    "StorageUnavailableError",
+    "ThrottledError",
     "UpstreamError",
+    "UpstreamStatusError",
     "UpstreamTimeoutError",
 ]
 
@@ -248,3 +255,50 @@ class FeatureUnavailableError(ServiceUnavailableError):
 
     code = "feature_unavailable"
     title = "Feature Unavailable"
+
+
+class ThrottledError(ServiceUnavailableError):
+    """Adaptive throttling dropped the call locally: the upstream has been refusing work.
+
+    Not retryable: retrying a local drop would add the very load the throttle sheds.
+    """
+
+    code = "upstream_throttled"
+    title = "Upstream Throttled"
+    retryable = False
+
+
+class DeadlineCutError(UpstreamTimeoutError):
+    """The caller's time, not the upstream, ended the call: it never started (the deadline
+    was spent), or a deadline the client chose cut it.
+
+    An :class:`UpstreamTimeoutError` like any other (504 ``upstream_timeout``, a
+    ``TimeoutError``), but no breaker counts it against the upstream, adaptive throttling takes
+    it for no refusal, and ``Retry`` does not retry it: there is no time left to retry in.
+    """
+
+    retryable = False
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered 5xx; ``response`` is that answer, ``upstream_status`` its code."""
+
+    def __init__(self, response: httpx.Response, host: str, retry_after: float | None) -> None:
+        super().__init__(
+            f"Upstream {host} answered {response.status_code}.",
+            extensions={"upstream": host, "upstream_status": response.status_code},
+            retry_after=retry_after,
+        )
+        self.response = response
+        self.upstream_status = response.status_code
+
+
+class StorageUnavailableError(Exception):
+    """Raised when the rate-limit storage cannot answer within its timeout, or is down.
+
+    ``retry_after`` is the number of seconds until the storage will be tried again, when known.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

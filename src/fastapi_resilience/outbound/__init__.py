@@ -1,1 +1,73 @@
-"""TODO."""
+"""Guarded outbound calls for implementers: registries, stores, caches, transports, dead letters.
+
+App authors find the everyday names at the top level (``CircuitBreaker``, ``Retry``,
+``Bulkhead``, ``fallback``, ``cached``, ``timeout``, ``resilient_client``); the names here
+build on them.
+"""
+
+from __future__ import annotations
+
+from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
+from fastapi_resilience.outbound._breaker import (
+    BreakerRegistry,
+    BreakerState,
+    BreakerStateStore,
+    breaker_health_check,
+)
+from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
+from fastapi_resilience.outbound._breaker_window import SlidingWindow
+from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
+from fastapi_resilience.outbound._dead_letter import (
+    DeadLetter,
+    DeadLetterQueue,
+    MemoryDeadLetterQueue,
+    RedisDeadLetterQueue,
+    ReplayReport,
+    dead_letter_on_failure,
+)
+from fastapi_resilience.outbound._deadline import with_timeout
+from fastapi_resilience.outbound._fallback import with_fallback
+from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
+from fastapi_resilience.outbound._hedging import Hedge
+from fastapi_resilience.outbound._response_cache import (
+    CacheEntry,
+    CacheResult,
+    CacheStatusMiddleware,
+    ResponseCache,
+    cached_call,
+    current_cache_status,
+    record_cache_status,
+)
+from fastapi_resilience.outbound._transport import HostPolicy, ResilientTransport
+
+__all__ = [
+    "AdaptiveThrottle",
+    "BreakerRegistry",
+    "BreakerState",
+    "BreakerStateStore",
+    "BulkheadRegistry",
+    "CacheEntry",
+    "CacheResult",
+    "CacheStatusMiddleware",
+    "CorrelationIdTransport",
+    "DeadLetter",
+    "DeadLetterQueue",
+    "Hedge",
+    "HostPolicy",
+    "MemoryDeadLetterQueue",
+    "RedisBreakerStore",
+    "RedisDeadLetterQueue",
+    "ReplayReport",
+    "ResilientTransport",
+    "ResponseCache",
+    "SlidingWindow",
+    "TieredBulkhead",
+    "breaker_health_check",
+    "cached_call",
+    "correlation_id_hook",
+    "current_cache_status",
+    "dead_letter_on_failure",
+    "record_cache_status",
+    "with_fallback",
+    "with_timeout",
+]

@@ -28,6 +28,7 @@ from fastapi_resilience.exceptions import (
     RateLimitedError,
     RetryExhaustedError,
     ServiceUnavailableError,
+    ThrottledError,
     UpstreamError,
 )
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
@@ -43,17 +44,6 @@ THROTTLING_STOPPED = "throttle.stopped"
 
 _REQUESTS = 0
 _ACCEPTS = 1
-
-
-class ThrottledError(ServiceUnavailableError):
-    """Adaptive throttling dropped the call locally: the upstream has been refusing work.
-
-    Not retryable: retrying a local drop would add the very load the throttle sheds.
-    """
-
-    code = "upstream_throttled"
-    title = "Upstream Throttled"
-    retryable = False
 
 
 def refused_here(exc: BaseException) -> bool:

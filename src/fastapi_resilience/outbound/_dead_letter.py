@@ -23,6 +23,7 @@ import inspect
 import itertools
 import json
 import logging
+import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -409,7 +410,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         try:
             async with asyncio.timeout(self.timeout):
                 result = await awaitable
-        except _DOWN_ERRORS as error:
+        except _down_errors() as error:
             if not self._down:
                 self._down = True
                 self.events.emit(
@@ -457,7 +458,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             rows: Any = await self._run(
                 self._redis.xrange(self.stream, letter_id, letter_id, count=1)
             )
-        except _RedisError as error:
+        except _redis_error() as error:
             if "Invalid stream ID" in str(error):
                 return None
             raise
@@ -466,7 +467,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
     async def delete(self, letter_id: str) -> bool:
         try:
             removed = await self._run(self._delete_script(keys=self._keys, args=[letter_id]))
-        except _RedisError as error:
+        except _redis_error() as error:
             if "Invalid stream ID" in str(error):
                 return False
             raise
@@ -583,19 +584,23 @@ def _decode(letter_id: Any, fields: Any) -> DeadLetter:
     return DeadLetter.from_json(_text(letter_id), raw)
 
 
-try:  # redis is an optional extra
-    from redis.exceptions import ConnectionError as _RedisConnectionError
-    from redis.exceptions import RedisError as _RedisError
-    from redis.exceptions import TimeoutError as _RedisTimeoutError
-except ImportError:  # pragma: no cover - exercised only without the extra
+class _NeverRaised(Exception):
+    """Stands for redis's errors while redis is not imported: nothing can raise them then."""
 
-    class _RedisError(Exception):  # type: ignore[no-redef]
-        pass
 
-    _RedisConnectionError = _RedisTimeoutError = _RedisError  # type: ignore[misc,assignment]
+def _redis_error() -> type[Exception]:
+    """redis's base error, once redis is imported. Looked up when an error is caught: redis is
+    an optional extra, and importing it would cost every app that never uses it."""
+    errors = sys.modules.get("redis.exceptions")
+    return errors.RedisError if errors is not None else _NeverRaised
 
-# A storage that cannot be reached; a command error (bad id) says nothing about its health.
-_DOWN_ERRORS = (OSError, TimeoutError, _RedisConnectionError, _RedisTimeoutError)
+
+def _down_errors() -> tuple[type[BaseException], ...]:
+    """A storage that cannot be reached; a command error (bad id) says nothing of its health."""
+    errors = sys.modules.get("redis.exceptions")
+    if errors is None:
+        return (OSError, TimeoutError)
+    return (OSError, TimeoutError, errors.ConnectionError, errors.TimeoutError)
 
 
 def _client_from_url(url: str) -> Redis:
@@ -682,7 +687,7 @@ async def _record_quietly(
     try:
         key = None if key_of is None else key_of(*args, **kwargs)
         await queue.record(operation, error, context=build(*args, **kwargs), key=key)
-    except _DOWN_ERRORS:
+    except _down_errors():
         # Already published once as dlq.storage_down; the caller's own error stays on top.
         logger.debug("dead letter for %s not stored", operation, exc_info=True)
     except Exception as failure:

@@ -21,6 +21,7 @@ import httpx
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.exceptions import (
     ConfigurationError,
+    DeadlineCutError,
     RetryExhaustedError,
     UpstreamTimeoutError,
 )
@@ -80,18 +81,6 @@ class Deadline:
 
     def __repr__(self) -> str:
         return f"Deadline(remaining={self.remaining():.3f}s, from_client={self.from_client})"
-
-
-class DeadlineCutError(UpstreamTimeoutError):
-    """The caller's time, not the upstream, ended the call: it never started (the deadline
-    was spent), or a deadline the client chose cut it.
-
-    An :class:`UpstreamTimeoutError` like any other (504 ``upstream_timeout``, a
-    ``TimeoutError``), but no breaker counts it against the upstream, adaptive throttling takes
-    it for no refusal, and ``Retry`` does not retry it: there is no time left to retry in.
-    """
-
-    retryable = False
 
 
 _DEADLINE: ContextVar[Deadline | None] = ContextVar("fastapi_resilience.deadline", default=None)

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -602,7 +603,7 @@ class ResponseCache:
         try:
             async with asyncio.timeout(self.l2_timeout):
                 value = await awaitable
-        except (OSError, TimeoutError, _RedisError) as exc:
+        except (OSError, TimeoutError, _redis_error()) as exc:
             self._l2_failed(exc)
             return False, None
         if self._l2_down_until is not None:
@@ -656,12 +657,15 @@ class ResponseCache:
         return _Slot(value, stored, self._clock.monotonic() - age, float(ttl), float(stale_ttl))
 
 
-try:  # redis is an optional extra
-    from redis.exceptions import RedisError as _RedisError
-except ImportError:  # pragma: no cover - exercised only without the extra
+class _NeverRaised(Exception):
+    """Stands for redis's errors while redis is not imported: nothing can raise them then."""
 
-    class _RedisError(Exception):  # type: ignore[no-redef]
-        pass
+
+def _redis_error() -> type[Exception]:
+    """redis's base error, once redis is imported. Looked up when an error is caught: redis is
+    an optional extra, and importing it would cost every app that never uses it."""
+    errors = sys.modules.get("redis.exceptions")
+    return errors.RedisError if errors is not None else _NeverRaised
 
 
 def _redis_from_url(url: str | None) -> Redis | None:

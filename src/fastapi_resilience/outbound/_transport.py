@@ -34,6 +34,7 @@ from fastapi_resilience.exceptions import (
     RateLimitedError,
     RetryExhaustedError,
     UpstreamError,
+    UpstreamStatusError,
     UpstreamTimeoutError,
 )
 from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
@@ -77,19 +78,6 @@ __all__ = [
 
 #: Methods safe to send twice at once (hedging): idempotent and without a body.
 _HEDGE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-class UpstreamStatusError(UpstreamError):
-    """The upstream answered 5xx; ``response`` is that answer, ``upstream_status`` its code."""
-
-    def __init__(self, response: httpx.Response, host: str, retry_after: float | None) -> None:
-        super().__init__(
-            f"Upstream {host} answered {response.status_code}.",
-            extensions={"upstream": host, "upstream_status": response.status_code},
-            retry_after=retry_after,
-        )
-        self.response = response
-        self.upstream_status = response.status_code
 
 
 class _UpstreamRateLimited(RateLimitedError):

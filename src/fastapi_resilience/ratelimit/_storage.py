@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from fastapi_resilience._limits import Limit
-from fastapi_resilience.exceptions import ConfigurationError
+from fastapi_resilience.exceptions import ConfigurationError, StorageUnavailableError
 
 __all__ = [
     "DEFAULT_STORAGE_TIMEOUT",
@@ -157,17 +157,6 @@ def admitted_decision(check: LimitCheck, admitted: tuple[int, float]) -> Decisio
     ``(remaining, reset_after)``."""
     state = new_state(check, True, admitted[0], admitted[1], 0.0)
     return new_decision(True, (state,))
-
-
-class StorageUnavailableError(Exception):
-    """Raised when the rate-limit storage cannot answer within its timeout, or is down.
-
-    ``retry_after`` is the number of seconds until the storage will be tried again, when known.
-    """
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @runtime_checkable
