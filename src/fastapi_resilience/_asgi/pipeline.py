@@ -10,9 +10,9 @@ Response headers are added once, when the response starts: the fields each step 
 the request, a list per step in ``state.fields``. A route-level limit checked later replaces
 the rate-limit decision and its list; nothing is withdrawn.
 
-``install()`` builds one :class:`Pipeline` (correlation ID, rate limiting, degraded mode). Each public middleware (``CorrelationIdMiddleware``,
-``RateLimitMiddleware``, ``DegradedModeMiddleware``, ``RequestDeadlineMiddleware``) is a
-pipeline of its one step. A pipeline inside another (an app with ``install()`` mounted in
+``install()`` builds one :class:`Pipeline` (correlation ID, rate limiting, degraded mode).
+Each public middleware (``CorrelationIdMiddleware``, ``RateLimitMiddleware``,
+``DegradedModeMiddleware``, ``RequestDeadlineMiddleware``) is a pipeline of its one step. A pipeline inside another (an app with ``install()`` mounted in
 another, middleware stacked by hand) joins the request of the outer one: its steps see what the
 outer steps decided, and the outer pipeline adds every step's fields.
 """
