@@ -12,9 +12,10 @@ the rate-limit decision and its list; nothing is withdrawn.
 
 ``install()`` builds one :class:`Pipeline` (correlation ID, rate limiting, degraded mode).
 Each public middleware (``CorrelationIdMiddleware``, ``RateLimitMiddleware``,
-``DegradedModeMiddleware``, ``RequestDeadlineMiddleware``) is a pipeline of its one step. A pipeline inside another (an app with ``install()`` mounted in
-another, middleware stacked by hand) joins the request of the outer one: its steps see what the
-outer steps decided, and the outer pipeline adds every step's fields.
+``DegradedModeMiddleware``, ``RequestDeadlineMiddleware``) is a pipeline of its one step. A
+pipeline inside another (an app with ``install()`` mounted in another, middleware stacked by
+hand) joins the request of the outer one: its steps see what the outer steps decided, and the
+outer pipeline adds every step's fields.
 """
 
 from __future__ import annotations
