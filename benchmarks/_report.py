@@ -188,6 +188,11 @@ def client_section(summaries: Sequence[ClientSummary]) -> str:
     )
 
 
+#: Kept in the raw results, left out of the doc: a user doc holds no dates or commits (the run
+#: diary is benchmarks/HISTORY.md).
+_NOT_IN_DOC = ("date", "commit")
+
+
 def machine_section(info: Mapping[str, Any]) -> str:
     """The run's conditions, as a list; package versions on one line each."""
     lines = [
@@ -195,6 +200,8 @@ def machine_section(info: Mapping[str, Any]) -> str:
         "Figures from this machine only; compare ratios, not absolute numbers.\n",
     ]
     for key, value in info.items():
+        if key in _NOT_IN_DOC:
+            continue
         if isinstance(value, Mapping):
             lines.append(f"- {key}:")
             lines.extend(f"  - {k} {v}" for k, v in value.items())

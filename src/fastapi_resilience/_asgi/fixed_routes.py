@@ -1,18 +1,17 @@
-"""Routes at fixed paths that cost other requests as little as possible (ADRs 0045, 0046).
+"""Routes at fixed paths that cost other requests as little as possible (ADR 0045).
 
 ``install()`` adds ``/health/*`` and ``/metrics`` to the app when it is called, which the README
 and most apps do before defining their own routes. Starlette matches routes in order, so every
-request of the app's own routes is first tried against these. With FastAPI 0.165 and its docs
-off, an included router costs each such request 2.43 µs (it resolves its routes in every
-``matches``) and a plain ``APIRoute`` 0.75 µs; a ``FixedPathRoute`` turns a request for another
-path away after one ``str.endswith``, 0.28 µs (``python -m benchmarks.route_matching``).
+request of the app's own routes is first tried against these. An included router resolves its
+routes in every ``matches``, and a plain ``APIRoute`` runs its regular expression; a
+``FixedPathRoute`` turns a request for another path away after one ``str.endswith``
+(``python -m benchmarks.route_matching`` measures the three).
 
 Each entry in the route list also costs the router's own loop: in Python 3.11 it reads
 ``Match.FULL`` and ``Match.PARTIAL`` through ``EnumType.__getattr__`` for every route it tries,
 whatever that route's ``matches`` does. :class:`FixedPathRoutes` puts several fixed-path routes
-behind one entry: 4,167 instructions per request for the app's other requests, against 16,646
-for three ``FixedPathRoute``s (``python -m benchmarks.instructions --only
-routes_three_fixed,routes_one_group``, ADR 0046).
+behind one entry, so the app's other requests pay for one (``python -m benchmarks.instructions
+--only routes_three_fixed,routes_one_group`` compares it with three ``FixedPathRoute``s).
 """
 
 from __future__ import annotations
@@ -117,7 +116,7 @@ class FixedPathRoutes(BaseRoute):
     def settle(self, routes: list[BaseRoute]) -> None:
         """Move this group back in ``routes`` past every later route that cannot serve its paths.
 
-        Called at start-up, when the app's routes are known (ADR 0047). The router tries routes
+        Called at start-up, when the app's routes are known (ADR 0045). The router tries routes
         in order, so a request for one of the group's paths meets the same routes before it as
         before (none of those it moved past can match that path, nor answers ``url_path_for``
         for one of its route names), while every request for the app's other routes no longer
@@ -192,7 +191,7 @@ def route_at(routes: Iterable[BaseRoute], path: str) -> BaseRoute | None:
 
     Routes with parameters (a catch-all) and ``Mount``s elsewhere do not count: they serve
     what no route was written for, and the router keeps the fixed paths ahead of the
-    catch-alls defined after ``install()`` (ADR 0047).
+    catch-alls defined after ``install()`` (ADR 0045).
     """
     # Included routers' routes too, with their prefixes (one entry of the list in FastAPI).
     for context in flat_routes(list(routes)):

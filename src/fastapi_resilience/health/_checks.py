@@ -198,7 +198,7 @@ def add_health_routes(
 ) -> None:
     """``GET {prefix}/live`` (200 while the process serves) and ``GET {prefix}/ready``, added
     to ``router`` (the app's own: an included router costs every other request, ADR 0045), or
-    into ``group`` (one route entry for all, out of the OpenAPI schema: ADR 0046)."""
+    into ``group`` (one route entry for all, out of the OpenAPI schema: ADR 0045)."""
 
     async def live() -> dict[str, str]:
         return {"status": "ok"}

@@ -97,7 +97,7 @@ def install(
         FEATURES_CHECK, resilience.degraded.health_check, critical=False, cache_seconds=0
     )
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
-    # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0046).
+    # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0045).
     first_of_ours = len(app.router.routes)
     group: FixedPathRoutes | None = None
     if not settings.health_in_schema:
@@ -116,7 +116,7 @@ def install(
     def started() -> None:
         # Once the app is built, after the user's own start-up code (which may add routes):
         # what the features name is checked (they are declared after install()), and the
-        # group moves back past the routes that cannot serve its paths (ADR 0047).
+        # group moves back past the routes that cannot serve its paths (ADR 0045).
         resilience.degraded.validate(app.router.routes)
         refuse_websocket_route_limits(app.router.routes)
         _start_mounted_apps(app, resilience)

@@ -444,23 +444,9 @@ class CircuitBreaker(EventSource):
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """Use as a decorator on an ``async def``: every call goes through the breaker."""
 
-        breaker = self
-
         @functools.wraps(fn)
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-            # ``call``'s closed fast path, inlined: a decorator is the common way in, and one
-            # coroutine frame less is a third of the overhead.
-            if breaker._fast:
-                generation = breaker._generation
-                try:
-                    result = await fn(*args, **kwargs)
-                except BaseException as exc:
-                    breaker._on_error(exc, generation, False, 0.0)
-                    raise
-                if breaker._failures and generation == breaker._generation:
-                    breaker._failures = 0
-                return result
-            return await breaker._call_guarded(fn, args, kwargs)
+            return await self.call(fn, *args, **kwargs)
 
         return guarded
 

@@ -237,18 +237,7 @@ class Retry:
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            # call()'s body, inlined: one coroutine frame less on the success path.
-            budget = self._budget
-            started = None if self.deadline is None else self._clock.monotonic()
-            try:
-                result = await fn(*args, **kwargs)
-            except Exception as exc:
-                if budget is not None and not not_the_upstreams_failure(exc):
-                    budget.record_call()
-                return await self._retry(exc, started, fn, args, kwargs)
-            if budget is not None:
-                budget.record_call()
-            return result
+            return await self.call(fn, *args, **kwargs)
 
         return wrapper
 

@@ -294,7 +294,7 @@ def _literal_prefix(route: Any) -> str:
     return path_format.split("{", 1)[0]
 
 
-# Read once: ``Match.FULL`` goes through ``EnumType.__getattr__`` in Python 3.11 (ADR 0046), and
+# Read once: ``Match.FULL`` goes through ``EnumType.__getattr__`` in Python 3.11 (ADR 0045), and
 # ``match`` reads it for every limited route on every request.
 _FULL = Match.FULL
 
