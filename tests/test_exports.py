@@ -12,13 +12,37 @@ def test_all_lists_every_top_level_name_once() -> None:
     """__all__ lists every public name of the top level once, and each resolves."""
     names = fastapi_resilience.__all__
     assert len(set(names)) == len(names)
-    # ``annotations`` is the ``from __future__`` import every module has.
-    public = {n for n in vars(fastapi_resilience) if not n.startswith("_")}
-    public -= {"annotations", "Any"}
+    # ``annotations`` is the ``from __future__`` import every module has; the typing names
+    # are for type checkers.
+    public = {n for n in dir(fastapi_resilience) if not n.startswith("_")}
+    public -= {"annotations", "Any", "TYPE_CHECKING"}
     for name in names:
         assert getattr(fastapi_resilience, name) is not None
     modules = {n for n in public if type(getattr(fastapi_resilience, n)).__name__ == "module"}
     assert public - modules == set(names)
+
+
+def test_importing_the_package_imports_no_part_until_it_is_used() -> None:
+    """``import fastapi_resilience`` loads only the error classes; a name loads its own
+    modules: the breaker does not bring in the rate limiter, httpx or the settings."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import fastapi_resilience\n"
+        "first = sorted(m for m in sys.modules if m.startswith('fastapi_resilience.'))\n"
+        "from fastapi_resilience import CircuitBreaker\n"
+        "after = [m for m in ('httpx', 'fastapi_resilience.ratelimit._limiter',"
+        " 'fastapi_resilience._settings') if m in sys.modules]\n"
+        "print(first, after)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout.strip() == (
+        "['fastapi_resilience._exports', 'fastapi_resilience.exceptions'] []"
+    ), result.stderr
 
 
 def test_every_error_class_is_at_the_top_and_in_exceptions() -> None:

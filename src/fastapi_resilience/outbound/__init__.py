@@ -7,38 +7,43 @@ build on them.
 
 from __future__ import annotations
 
-from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
-from fastapi_resilience.outbound._breaker import (
-    BreakerRegistry,
-    BreakerState,
-    BreakerStateStore,
-    breaker_health_check,
-)
-from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
-from fastapi_resilience.outbound._breaker_window import SlidingWindow
-from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
-from fastapi_resilience.outbound._dead_letter import (
-    DeadLetter,
-    DeadLetterQueue,
-    MemoryDeadLetterQueue,
-    RedisDeadLetterQueue,
-    ReplayReport,
-    dead_letter_on_failure,
-)
-from fastapi_resilience.outbound._deadline import with_timeout
-from fastapi_resilience.outbound._fallback import with_fallback
-from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
-from fastapi_resilience.outbound._hedging import Hedge
-from fastapi_resilience.outbound._response_cache import (
-    CacheEntry,
-    CacheResult,
-    CacheStatusMiddleware,
-    ResponseCache,
-    cached_call,
-    current_cache_status,
-    record_cache_status,
-)
-from fastapi_resilience.outbound._transport import HostPolicy, ResilientTransport
+from typing import TYPE_CHECKING
+
+from fastapi_resilience._exports import lazy_exports as _lazy_exports
+
+if TYPE_CHECKING:
+    from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
+    from fastapi_resilience.outbound._breaker import (
+        BreakerRegistry,
+        BreakerState,
+        BreakerStateStore,
+        breaker_health_check,
+    )
+    from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
+    from fastapi_resilience.outbound._breaker_window import SlidingWindow
+    from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
+    from fastapi_resilience.outbound._dead_letter import (
+        DeadLetter,
+        DeadLetterQueue,
+        MemoryDeadLetterQueue,
+        RedisDeadLetterQueue,
+        ReplayReport,
+        dead_letter_on_failure,
+    )
+    from fastapi_resilience.outbound._deadline import with_timeout
+    from fastapi_resilience.outbound._fallback import with_fallback
+    from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
+    from fastapi_resilience.outbound._hedging import Hedge
+    from fastapi_resilience.outbound._response_cache import (
+        CacheEntry,
+        CacheResult,
+        CacheStatusMiddleware,
+        ResponseCache,
+        cached_call,
+        current_cache_status,
+        record_cache_status,
+    )
+    from fastapi_resilience.outbound._transport import HostPolicy, ResilientTransport
 
 __all__ = [
     "AdaptiveThrottle",
@@ -71,3 +76,37 @@ __all__ = [
     "with_fallback",
     "with_timeout",
 ]
+
+#: Each public name and the module it is imported from on first use.
+_EXPORTS = {
+    "AdaptiveThrottle": "fastapi_resilience.outbound._adaptive_throttle",
+    "BreakerRegistry": "fastapi_resilience.outbound._breaker",
+    "BreakerState": "fastapi_resilience.outbound._breaker",
+    "BreakerStateStore": "fastapi_resilience.outbound._breaker",
+    "BulkheadRegistry": "fastapi_resilience.outbound._bulkhead",
+    "CacheEntry": "fastapi_resilience.outbound._response_cache",
+    "CacheResult": "fastapi_resilience.outbound._response_cache",
+    "CacheStatusMiddleware": "fastapi_resilience.outbound._response_cache",
+    "CorrelationIdTransport": "fastapi_resilience.outbound._headers",
+    "DeadLetter": "fastapi_resilience.outbound._dead_letter",
+    "DeadLetterQueue": "fastapi_resilience.outbound._dead_letter",
+    "Hedge": "fastapi_resilience.outbound._hedging",
+    "HostPolicy": "fastapi_resilience.outbound._transport",
+    "MemoryDeadLetterQueue": "fastapi_resilience.outbound._dead_letter",
+    "RedisBreakerStore": "fastapi_resilience.outbound._breaker_redis",
+    "RedisDeadLetterQueue": "fastapi_resilience.outbound._dead_letter",
+    "ReplayReport": "fastapi_resilience.outbound._dead_letter",
+    "ResilientTransport": "fastapi_resilience.outbound._transport",
+    "ResponseCache": "fastapi_resilience.outbound._response_cache",
+    "SlidingWindow": "fastapi_resilience.outbound._breaker_window",
+    "TieredBulkhead": "fastapi_resilience.outbound._bulkhead",
+    "breaker_health_check": "fastapi_resilience.outbound._breaker",
+    "cached_call": "fastapi_resilience.outbound._response_cache",
+    "correlation_id_hook": "fastapi_resilience.outbound._headers",
+    "current_cache_status": "fastapi_resilience.outbound._response_cache",
+    "dead_letter_on_failure": "fastapi_resilience.outbound._dead_letter",
+    "record_cache_status": "fastapi_resilience.outbound._response_cache",
+    "with_fallback": "fastapi_resilience.outbound._fallback",
+    "with_timeout": "fastapi_resilience.outbound._deadline",
+}
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

@@ -18,8 +18,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import ParamSpec, TypeVar
 
-import httpx
-
+from fastapi_resilience._optional import exception_of
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus, EventSource
 from fastapi_resilience.exceptions import (
@@ -59,7 +58,13 @@ def is_overload(exc: BaseException) -> bool:
     one) nor a call that the caller's own deadline ended."""
     return (
         isinstance(
-            exc, UpstreamError | ServiceUnavailableError | RateLimitedError | httpx.TransportError
+            exc,
+            (
+                UpstreamError,
+                ServiceUnavailableError,
+                RateLimitedError,
+                exception_of("httpx", "TransportError"),
+            ),
         )
         and not refused_here(exc)
         and not not_the_upstreams_failure(exc)

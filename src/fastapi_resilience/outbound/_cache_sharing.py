@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import httpx
 from cachetools import LRUCache
 
 from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["CREDENTIAL_HEADERS", "CacheKey", "SharingRules", "credential_headers"]
 

@@ -23,13 +23,13 @@ import inspect
 import itertools
 import json
 import logging
-import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from fastapi_resilience._optional import exception_of
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import get_correlation_id
 from fastapi_resilience.events import EventBus
@@ -458,7 +458,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             rows: Any = await self._run(
                 self._redis.xrange(self.stream, letter_id, letter_id, count=1)
             )
-        except _redis_error() as error:
+        except exception_of("redis.exceptions", "RedisError") as error:
             if "Invalid stream ID" in str(error):
                 return None
             raise
@@ -467,7 +467,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
     async def delete(self, letter_id: str) -> bool:
         try:
             removed = await self._run(self._delete_script(keys=self._keys, args=[letter_id]))
-        except _redis_error() as error:
+        except exception_of("redis.exceptions", "RedisError") as error:
             if "Invalid stream ID" in str(error):
                 return False
             raise
@@ -584,23 +584,14 @@ def _decode(letter_id: Any, fields: Any) -> DeadLetter:
     return DeadLetter.from_json(_text(letter_id), raw)
 
 
-class _NeverRaised(Exception):
-    """Stands for redis's errors while redis is not imported: nothing can raise them then."""
-
-
-def _redis_error() -> type[Exception]:
-    """redis's base error, once redis is imported. Looked up when an error is caught: redis is
-    an optional extra, and importing it would cost every app that never uses it."""
-    errors = sys.modules.get("redis.exceptions")
-    return errors.RedisError if errors is not None else _NeverRaised
-
-
 def _down_errors() -> tuple[type[BaseException], ...]:
     """A storage that cannot be reached; a command error (bad id) says nothing of its health."""
-    errors = sys.modules.get("redis.exceptions")
-    if errors is None:
-        return (OSError, TimeoutError)
-    return (OSError, TimeoutError, errors.ConnectionError, errors.TimeoutError)
+    return (
+        OSError,
+        TimeoutError,
+        exception_of("redis.exceptions", "ConnectionError"),
+        exception_of("redis.exceptions", "TimeoutError"),
+    )
 
 
 def _client_from_url(url: str) -> Redis:

@@ -16,8 +16,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
-import httpx
-
+from fastapi_resilience._optional import exception_of
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.exceptions import (
     ConfigurationError,
@@ -259,9 +258,9 @@ def not_the_upstreams_failure(exc: BaseException) -> bool:
 
 def _unjudged_timeout(exc: BaseException | None) -> bool:
     """A timeout raised by other code: the library's own say whose bound was tighter."""
-    return isinstance(exc, TimeoutError | httpx.TimeoutException) and not isinstance(
-        exc, UpstreamTimeoutError
-    )
+    return isinstance(
+        exc, (TimeoutError, exception_of("httpx", "TimeoutException"))
+    ) and not isinstance(exc, UpstreamTimeoutError)
 
 
 @asynccontextmanager

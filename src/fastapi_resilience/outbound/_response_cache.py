@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from datetime import timedelta
 from hashlib import blake2b as _blake2b
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar
 
-import httpx
 from cachetools import TLRUCache
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fastapi_resilience._optional import exception_of
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import (
@@ -43,6 +42,7 @@ from fastapi_resilience.health._checks import CheckResult
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 
 if TYPE_CHECKING:
+    import httpx
     from redis.asyncio import Redis
 
 __all__ = [
@@ -603,7 +603,7 @@ class ResponseCache:
         try:
             async with asyncio.timeout(self.l2_timeout):
                 value = await awaitable
-        except (OSError, TimeoutError, _redis_error()) as exc:
+        except (OSError, TimeoutError, exception_of("redis.exceptions", "RedisError")) as exc:
             self._l2_failed(exc)
             return False, None
         if self._l2_down_until is not None:
@@ -657,17 +657,6 @@ class ResponseCache:
         return _Slot(value, stored, self._clock.monotonic() - age, float(ttl), float(stale_ttl))
 
 
-class _NeverRaised(Exception):
-    """Stands for redis's errors while redis is not imported: nothing can raise them then."""
-
-
-def _redis_error() -> type[Exception]:
-    """redis's base error, once redis is imported. Looked up when an error is caught: redis is
-    an optional extra, and importing it would cost every app that never uses it."""
-    errors = sys.modules.get("redis.exceptions")
-    return errors.RedisError if errors is not None else _NeverRaised
-
-
 def _redis_from_url(url: str | None) -> Redis | None:
     if url is None:
         return None
@@ -698,6 +687,8 @@ def snapshot_response(response: httpx.Response) -> dict[str, Any]:
 
 def restore_response(snapshot: dict[str, Any], request: httpx.Request) -> httpx.Response:
     """An httpx response rebuilt from :func:`snapshot_response` for ``request``."""
+    import httpx
+
     headers = [
         (k, v)
         for k, v in snapshot["headers"]

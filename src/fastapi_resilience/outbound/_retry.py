@@ -14,8 +14,7 @@ from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 from typing import Any, Literal, ParamSpec, TypeVar
 
-import httpx
-
+from fastapi_resilience._optional import exception_of
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import AppError, ConfigurationError, RetryExhaustedError
@@ -61,7 +60,7 @@ def default_retryable(exc: BaseException) -> bool:
     """
     if isinstance(exc, AppError):
         return exc.retryable
-    return isinstance(exc, httpx.TransportError)
+    return isinstance(exc, exception_of("httpx", "TransportError"))
 
 
 def _types_predicate(types: tuple[type[BaseException], ...]) -> RetryPredicate:

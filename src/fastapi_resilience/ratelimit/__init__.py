@@ -6,28 +6,29 @@ level; a custom storage, resolver or limiter is built from the names here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fastapi_resilience._limits import Limit, parse_limits
-from fastapi_resilience.ratelimit._guard import GuardedStorage
-from fastapi_resilience.ratelimit._identity import (
-    DefaultIdentityResolver,
-    Identity,
-    IdentityResolver,
-)
-from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._routes import RateLimit
-from fastapi_resilience.ratelimit._setup import guarded_storage_from_url, storage_from_url
-from fastapi_resilience.ratelimit._storage import (
-    Decision,
-    LimitCheck,
-    LimitState,
-    RateLimitStorage,
-)
+from fastapi_resilience._exports import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
+    from fastapi_resilience._limits import Limit, parse_limits
+    from fastapi_resilience.ratelimit._guard import GuardedStorage
+    from fastapi_resilience.ratelimit._identity import (
+        DefaultIdentityResolver,
+        Identity,
+        IdentityResolver,
+    )
+    from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter
+    from fastapi_resilience.ratelimit._memory import MemoryStorage
     from fastapi_resilience.ratelimit._redis import RedisStorage
+    from fastapi_resilience.ratelimit._routes import RateLimit
+    from fastapi_resilience.ratelimit._setup import guarded_storage_from_url, storage_from_url
+    from fastapi_resilience.ratelimit._storage import (
+        Decision,
+        LimitCheck,
+        LimitState,
+        RateLimitStorage,
+    )
 
 __all__ = [
     "Decision",
@@ -49,11 +50,24 @@ __all__ = [
     "storage_from_url",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "RedisStorage":
-        # Imported on first use: redis is the optional ``redis`` extra.
-        from fastapi_resilience.ratelimit._redis import RedisStorage
-
-        return RedisStorage
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: Each public name and the module it is imported from on first use.
+_EXPORTS = {
+    "Decision": "fastapi_resilience.ratelimit._storage",
+    "DefaultIdentityResolver": "fastapi_resilience.ratelimit._identity",
+    "GuardedStorage": "fastapi_resilience.ratelimit._guard",
+    "Identity": "fastapi_resilience.ratelimit._identity",
+    "IdentityResolver": "fastapi_resilience.ratelimit._identity",
+    "Limit": "fastapi_resilience._limits",
+    "LimitCheck": "fastapi_resilience.ratelimit._storage",
+    "LimitOutcome": "fastapi_resilience.ratelimit._limiter",
+    "LimitState": "fastapi_resilience.ratelimit._storage",
+    "MemoryStorage": "fastapi_resilience.ratelimit._memory",
+    "RateLimit": "fastapi_resilience.ratelimit._routes",
+    "RateLimitStorage": "fastapi_resilience.ratelimit._storage",
+    "RateLimiter": "fastapi_resilience.ratelimit._limiter",
+    "RedisStorage": "fastapi_resilience.ratelimit._redis",
+    "guarded_storage_from_url": "fastapi_resilience.ratelimit._setup",
+    "parse_limits": "fastapi_resilience._limits",
+    "storage_from_url": "fastapi_resilience.ratelimit._setup",
+}
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
