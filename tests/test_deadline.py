@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from fastapi_resilience import RequestDeadlineMiddleware
 from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import (
     ConfigurationError,
@@ -20,7 +21,6 @@ from fastapi_resilience.exceptions import (
     UpstreamTimeoutError,
 )
 from fastapi_resilience.integration._dependencies import (
-    RequestDeadlineMiddleware,
     deadline_dependency,
 )
 from fastapi_resilience.integration._install import install

@@ -17,10 +17,9 @@ import pytest
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastapi_resilience import CorrelationIdMiddleware
+from fastapi_resilience import CorrelationIdMiddleware, RequestDeadlineMiddleware
 from fastapi_resilience.exceptions import UpstreamError, UpstreamTimeoutError
 from fastapi_resilience.integration._dependencies import (
-    RequestDeadlineMiddleware,
     breaker_dependency,
     bulkhead_dependency,
 )

@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from fastapi_resilience import CorrelationIdMiddleware
+from fastapi_resilience import CorrelationIdMiddleware, RequestDeadlineMiddleware
 from fastapi_resilience.correlation._ids import set_correlation_id
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
@@ -29,7 +29,6 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.integration._dependencies import RequestDeadlineMiddleware
 from fastapi_resilience.outbound._adaptive_throttle import ThrottledError
 from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from fastapi_resilience._settings import ResilienceSettings
     from fastapi_resilience.correlation._ids import CorrelationIdFilter, get_correlation_id
     from fastapi_resilience.integration._dependencies import (
-        RequestDeadlineMiddleware,
         breaker_dependency,
         bulkhead_dependency,
         deadline_dependency,
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
         CorrelationIdMiddleware,
         DegradedModeMiddleware,
         RateLimitMiddleware,
+        RequestDeadlineMiddleware,
     )
     from fastapi_resilience.integration._resilience import Resilience
     from fastapi_resilience.operations._degraded import DegradedMode, requires_feature
@@ -137,7 +137,7 @@ _EXPORTS = {
     "CorrelationIdMiddleware": "fastapi_resilience.integration._middleware",
     "DegradedModeMiddleware": "fastapi_resilience.integration._middleware",
     "RateLimitMiddleware": "fastapi_resilience.integration._middleware",
-    "RequestDeadlineMiddleware": "fastapi_resilience.integration._dependencies",
+    "RequestDeadlineMiddleware": "fastapi_resilience.integration._middleware",
     "CorrelationIdFilter": "fastapi_resilience.correlation._ids",
     "get_correlation_id": "fastapi_resilience.correlation._ids",
     "breaker_dependency": "fastapi_resilience.integration._dependencies",

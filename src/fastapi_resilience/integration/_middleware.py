@@ -7,22 +7,30 @@ has them, these join the outer request: one ID, one set of fields, one 500 per r
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_resilience._asgi.pipeline import Pipeline
+from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import CorrelationStep, generate_correlation_id
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.operations._degraded import DegradedMode, DegradedStep
+from fastapi_resilience.outbound._deadline_step import FROM_SETTINGS, DeadlineStep
 from fastapi_resilience.problems._render import answer_unhandled
 from fastapi_resilience.ratelimit._identity import IdentityResolver
 from fastapi_resilience.ratelimit._limiter import RateLimiter
 from fastapi_resilience.ratelimit._step import RateLimitStep
 from fastapi_resilience.ratelimit._storage import RateLimitStorage
 
-__all__ = ["CorrelationIdMiddleware", "DegradedModeMiddleware", "RateLimitMiddleware"]
+__all__ = [
+    "CorrelationIdMiddleware",
+    "DegradedModeMiddleware",
+    "RateLimitMiddleware",
+    "RequestDeadlineMiddleware",
+]
 
 
 class CorrelationIdMiddleware(Pipeline):
@@ -141,3 +149,70 @@ class DegradedModeMiddleware(Pipeline):
     def __init__(self, app: ASGIApp, *, mode: DegradedMode) -> None:
         self.mode = mode
         super().__init__(app, [DegradedStep(mode)])
+
+
+class RequestDeadlineMiddleware(Pipeline):
+    """Gives every HTTP request a time budget that outbound calls inherit.
+
+    Sets the request's deadline (a context variable read by ``remaining()``, ``timeout()``
+    and every guarded call), so a chain of upstream calls never gets more than the request
+    has left. A client may ask for less with ``header`` (seconds, e.g. ``X-Request-Timeout:
+    1.5``), never for more than ``timeout`` and never for less than ``header_floor`` (a
+    smaller value is raised to it); a value that is not a number of seconds is ignored. A
+    call that a deadline the client chose cuts is not counted against the upstream by any
+    breaker (ADR 0056).
+
+    With ``enforce=True`` (the default) a request still running when the budget is spent,
+    and that has not started its answer, is cancelled and answered 504 ``upstream_timeout``
+    (problem+json) that carries the correlation ID, inside or outside the correlation
+    middleware; an answer already started is left to finish.
+
+    Args:
+        app: the ASGI app.
+        timeout: the budget in seconds; ``None`` sets no deadline (a header may still).
+        header: request header a client may use to shorten the budget; ``None`` or ``""``:
+            ignored. Default: the ``request_deadline_header`` setting.
+        header_floor: the least budget a client may ask for, seconds (> 0). Default: the
+            ``request_deadline_header_floor`` setting.
+        enforce: cut off requests that overrun the budget (plus ``grace`` seconds).
+        grace: extra seconds before cutting off, for the route to answer its own 504.
+        clock: time source for the deadline.
+        settings: where ``header`` and ``header_floor`` come from when not given. ``None``:
+            the settings ``install()`` was given for the app (a mounted app: the app around
+            it), else ``ResilienceSettings()`` (the environment); read once, at start-up (the
+            lifespan) or on the first request.
+
+    Raises:
+        ConfigurationError: an argument or setting is out of range; the message names it.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        timeout: float | timedelta | None = 30.0,
+        header: str | None = FROM_SETTINGS,
+        header_floor: float = FROM_SETTINGS,
+        enforce: bool = True,
+        grace: float = 0.0,
+        clock: Clock = SYSTEM_CLOCK,
+        settings: ResilienceSettings | None = None,
+    ) -> None:
+        self.step = DeadlineStep(
+            timeout=timeout,
+            header=header,
+            header_floor=header_floor,
+            enforce=enforce,
+            grace=grace,
+            clock=clock,
+            settings=settings,
+        )
+        self.timeout = self.step.timeout
+        super().__init__(app, [self.step])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            self.step.settle(scope)
+        await super().__call__(scope, receive, send)
