@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fastapi_resilience import CorrelationIdMiddleware
+
+T = TypeVar("T")
 
 
 async def websocket_connect(
@@ -35,3 +40,33 @@ async def websocket_connect(
     }
     await app(scope, receive, send)
     return sent
+
+
+async def in_request(correlation_id: str, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``await fn()`` as a route would, in a request that came with ``X-Request-ID:
+    <correlation_id>`` (behind ``CorrelationIdMiddleware``); what it returned, or what it
+    raised."""
+    results: list[T] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        results.append(await fn())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "root_path": "",
+        "headers": [(b"x-request-id", correlation_id.encode())],
+        "query_string": b"",
+    }
+    await CorrelationIdMiddleware(app, raise_server_exceptions=True)(scope, receive, send)
+    (result,) = results
+    return result

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI
 
-from fastapi_resilience import install
-from fastapi_resilience.ratelimit._routes import rate_limit
+from fastapi_resilience import install, rate_limit
 
 app = FastAPI()
 resilience = install(app)

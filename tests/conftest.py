@@ -5,6 +5,13 @@ from pathlib import Path
 
 import pytest
 
+# The one private import the tests keep: the library has no public handle on the registries
+# that CircuitBreaker(name), Bulkhead(name) and resilient_client() register in by default, and
+# tests that use them must take their breakers and bulkheads out again. Tests get them from
+# the fixtures below, never from these modules.
+from fastapi_resilience.outbound import BreakerRegistry, BulkheadRegistry
+from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
 from tests._servers import RedisServer, require_binary
 
 
@@ -22,3 +29,15 @@ def _redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def default_breakers() -> BreakerRegistry:
+    """The registry ``CircuitBreaker(name)`` registers in and ``get_breaker`` reads."""
+    return default_registry
+
+
+@pytest.fixture
+def default_bulkheads() -> BulkheadRegistry:
+    """The registry ``Bulkhead(name)`` registers in and ``get_bulkhead`` reads."""
+    return default_bulkhead_registry

@@ -2,23 +2,19 @@ from __future__ import annotations
 
 import pytest
 
+from fastapi_resilience import Bulkhead, Retry, deadline, timeout
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     BulkheadFullError,
     ConfigurationError,
+    DeadlineCutError,
     NotFoundError,
     RetryExhaustedError,
+    ThrottledError,
     UpstreamError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.outbound._adaptive_throttle import (
-    AdaptiveThrottle,
-    ThrottledError,
-    is_overload,
-)
-from fastapi_resilience.outbound._bulkhead import Bulkhead
-from fastapi_resilience.outbound._deadline import DeadlineCutError, deadline, timeout
-from fastapi_resilience.outbound._retry import Retry
+from fastapi_resilience.outbound import AdaptiveThrottle
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
@@ -126,10 +122,19 @@ async def test_recovers_when_the_window_forgets_the_outage() -> None:
 
 
 def test_non_overload_errors_count_as_accepted() -> None:
-    """A 404 from the upstream is an answer, not a refusal."""
-    assert not is_overload(NotFoundError())
-    assert is_overload(UpstreamError())
-    assert not is_overload(ThrottledError())
+    """A 404 from the upstream is an answer, not a refusal; nor is a local drop. Only a
+    refusal by the upstream raises the drop probability."""
+
+    def probability_after_20(error: Exception) -> float:
+        throttle = AdaptiveThrottle(k=2, min_requests=0, clock=ManualClock(), random=lambda: 0.999)
+        for _ in range(20):
+            assert throttle.allow()
+            throttle.record(error)
+        return throttle.probability()
+
+    assert probability_after_20(NotFoundError()) == 0.0
+    assert probability_after_20(UpstreamError()) == pytest.approx(20 / 21)
+    assert probability_after_20(ThrottledError()) == 0.0
 
 
 async def test_retries_that_ended_on_a_full_bulkhead_are_no_refusals() -> None:

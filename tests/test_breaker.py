@@ -8,7 +8,17 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
-from fastapi_resilience._settings import ResilienceSettings
+from fastapi_resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    ResilienceSettings,
+    Retry,
+    breaker_dependency,
+    get_breaker,
+    install,
+    install_exception_handlers,
+    watch_outbound,
+)
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     BadRequestError,
@@ -20,22 +30,14 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.health._checks import HealthChecks
-from fastapi_resilience.integration._dependencies import breaker_dependency, watch_outbound
-from fastapi_resilience.integration._install import install
-from fastapi_resilience.outbound._breaker import (
-    CIRCUIT_OPEN_DETAIL,
+from fastapi_resilience.health import HealthChecks
+from fastapi_resilience.outbound import (
     BreakerRegistry,
     BreakerState,
-    CircuitBreaker,
+    BulkheadRegistry,
+    SlidingWindow,
     breaker_health_check,
-    default_registry,
-    get_breaker,
 )
-from fastapi_resilience.outbound._breaker_window import SlidingWindow
-from fastapi_resilience.outbound._bulkhead import Bulkhead, BulkheadRegistry
-from fastapi_resilience.outbound._retry import Retry
-from fastapi_resilience.problems._handlers import install_exception_handlers
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
@@ -127,7 +129,7 @@ async def test_open_rejects_at_once_without_calling(
     assert info.value.retry_after == pytest.approx(19.5)
     assert info.value.headers["Retry-After"] == "20"
     assert info.value.extensions["breaker"] == "inv"
-    assert info.value.detail == CIRCUIT_OPEN_DETAIL.format(name="inv")
+    assert info.value.detail == "Circuit 'inv' is open; the call was not made."
     assert breaker.time_left_open() == pytest.approx(19.5)
 
 
@@ -549,17 +551,18 @@ async def test_record_success_and_failure_from_outside(
     assert not breaker.allow()
 
 
-async def test_registry_by_name(clock: ManualClock) -> None:
+async def test_registry_by_name(clock: ManualClock, default_breakers: BreakerRegistry) -> None:
     """Breakers register by name; the newest of a name wins; unknown names raise LookupError."""
     first = CircuitBreaker("catalog-test", clock=clock)
     assert get_breaker("catalog-test") is first
     second = CircuitBreaker("catalog-test", clock=clock)
     assert get_breaker("catalog-test") is second
-    default_registry.unregister("catalog-test")
+    default_breakers.unregister("catalog-test")
     with pytest.raises(LookupError, match="catalog-test"):
         get_breaker("catalog-test")
     alone = CircuitBreaker("alone", registry=None)
-    assert "alone" not in default_registry
+    with pytest.raises(LookupError, match="alone"):
+        get_breaker("alone")
     assert alone.state == "closed"
 
 
@@ -581,7 +584,9 @@ async def test_health_check_degraded_while_a_breaker_is_open(
     assert (await checks.run())[0] == "ok"
 
 
-async def test_breaker_dependency_is_cached_and_overridable(clock: ManualClock) -> None:
+async def test_breaker_dependency_is_cached_and_overridable(
+    clock: ManualClock, default_breakers: BreakerRegistry
+) -> None:
     """breaker_dependency(name) is one callable per name, so dependency_overrides replace it."""
     CircuitBreaker("inventory-dep", failure_threshold=1, clock=clock)
     assert breaker_dependency("inventory-dep") is breaker_dependency("inventory-dep")
@@ -601,7 +606,7 @@ async def test_breaker_dependency_is_cached_and_overridable(clock: ManualClock) 
         fake.force_open()
         app.dependency_overrides[breaker_dependency("inventory-dep")] = lambda: fake
         assert (await client.get("/state")).json() == {"name": "fake", "state": "open"}
-    default_registry.unregister("inventory-dep")
+    default_breakers.unregister("inventory-dep")
 
 
 @pytest.mark.parametrize(

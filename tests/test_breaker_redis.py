@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from fastapi_resilience import CircuitBreaker, deadline, timeout
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
@@ -18,9 +19,7 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.outbound._breaker import BreakerRegistry, CircuitBreaker
-from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
-from fastapi_resilience.outbound._deadline import deadline, timeout
+from fastapi_resilience.outbound import BreakerRegistry, RedisBreakerStore
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
 

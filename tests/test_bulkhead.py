@@ -6,20 +6,21 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
+from fastapi_resilience import (
+    Bulkhead,
+    bulkhead_dependency,
+    get_bulkhead,
+    install_exception_handlers,
+)
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import BulkheadFullError, ConfigurationError
-from fastapi_resilience.integration._dependencies import bulkhead_dependency
-from fastapi_resilience.outbound._bulkhead import (
-    TIER_SCOPE_KEY,
-    Bulkhead,
-    BulkheadRegistry,
-    TieredBulkhead,
-    default_bulkhead_registry,
-    get_bulkhead,
-)
-from fastapi_resilience.problems._handlers import install_exception_handlers
+from fastapi_resilience.outbound import BulkheadRegistry, TieredBulkhead
 
 pytestmark = pytest.mark.anyio
+
+#: Where the rate limiter (or a middleware of the app's own) records the request's tier, as
+#: docs/bulkhead.md names it.
+TIER_SCOPE_KEY = "fastapi_resilience.rate_limit_tier"
 
 
 def make(**kwargs: object) -> Bulkhead:
@@ -203,12 +204,12 @@ async def test_registry_and_dependency_pick_the_tier_compartment() -> None:
         assert (await busy).json() == {"compartment": "dep:free"}
 
 
-async def test_default_registry_replaces_by_name() -> None:
+async def test_default_registry_replaces_by_name(default_bulkheads: BulkheadRegistry) -> None:
     """Registering a bulkhead name again replaces it; unknown names raise LookupError."""
     first = Bulkhead("reg-test")
     second = Bulkhead("reg-test")
     assert get_bulkhead("reg-test") is second is not first
-    default_bulkhead_registry.unregister("reg-test")
+    default_bulkheads.unregister("reg-test")
     with pytest.raises(LookupError, match="reg-test"):
         get_bulkhead("reg-test")
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,11 +18,17 @@ from fastapi_resilience import (
     get_correlation_id,
     install_exception_handlers,
 )
-from fastapi_resilience.correlation._ids import (
-    is_valid_correlation_id,
-)
+from fastapi_resilience.correlation import generate_correlation_id
 
 pytestmark = pytest.mark.anyio
+
+#: The IDs an incoming header may carry (docs/correlation-ids.md): anything else is replaced.
+VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def is_valid_correlation_id(value: str | bytes) -> bool:
+    raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    return VALID_ID.fullmatch(raw) is not None
 
 
 def _client(app: Any) -> httpx.AsyncClient:
@@ -85,6 +92,9 @@ async def test_invalid_incoming_id_is_never_reflected(bad: bytes) -> None:
     assert echoed != bad
     assert is_valid_correlation_id(echoed)
     assert sent[1]["body"] == echoed
+    # The replacement is one the next service (or this one) takes as it is.
+    again = await _drive(CorrelationIdMiddleware(_echo_app), [(b"x-request-id", echoed)])
+    assert _response_id(again) == echoed
 
 
 async def test_generated_id_replaces_the_request_header() -> None:
@@ -290,8 +300,6 @@ async def test_error_after_response_started_is_logged_not_answered_twice(
 
 def test_generated_ids_are_unique_and_valid_across_pool_refills() -> None:
     """IDs cut from one batch of random bytes are all valid and never repeat, refill included."""
-    from fastapi_resilience.correlation._ids import generate_correlation_id
-
     ids = [generate_correlation_id() for _ in range(2_000)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and is_valid_correlation_id(i) for i in ids)
@@ -302,8 +310,6 @@ def test_generated_ids_are_unique_and_valid_across_pool_refills() -> None:
 def test_forked_child_does_not_reuse_the_parents_ids() -> None:
     """A worker forked after IDs were pooled makes its own, never its parent's next ones."""
     import os
-
-    from fastapi_resilience.correlation._ids import generate_correlation_id
 
     generate_correlation_id()  # fill the pool
     read_end, write_end = os.pipe()

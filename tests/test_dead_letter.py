@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis.asyncio
 
-from fastapi_resilience.correlation._ids import set_correlation_id
+from fastapi_resilience import Retry
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
@@ -18,16 +18,15 @@ from fastapi_resilience.exceptions import (
     RetryExhaustedError,
     UpstreamError,
 )
-from fastapi_resilience.outbound._dead_letter import (
+from fastapi_resilience.outbound import (
     DeadLetter,
     DeadLetterQueue,
     MemoryDeadLetterQueue,
     RedisDeadLetterQueue,
     dead_letter_on_failure,
-    error_category,
 )
-from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.testing import ManualClock
+from tests._asgi import in_request
 from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -70,11 +69,11 @@ async def test_record_keeps_category_context_correlation_and_attempts(
     queue: DeadLetterQueue, clock: ManualClock
 ) -> None:
     """An entry keeps error code, cause, message, context, correlation ID and attempts."""
-    set_correlation_id("req-42")
-    try:
-        letter = await queue.record("reserve-stock", exhausted(), context={"sku": "a", "qty": 2})
-    finally:
-        set_correlation_id(None)
+
+    async def record() -> DeadLetter:
+        return await queue.record("reserve-stock", exhausted(), context={"sku": "a", "qty": 2})
+
+    letter = await in_request("req-42", record)
     (stored,) = await queue.list()
     assert stored == letter
     assert stored.id
@@ -178,11 +177,16 @@ async def test_decorator_when_filters_what_is_recorded(queue: DeadLetterQueue) -
     assert await queue.size() == 0
 
 
-def test_error_category_names_codes_and_types() -> None:
+async def test_error_category_names_codes_and_types(clock: ManualClock) -> None:
     """AppErrors are categorised by code, others by package and type name."""
-    assert error_category(CircuitOpenError()) == "circuit_open"
-    assert error_category(httpx.ReadTimeout("t")) == "httpx.ReadTimeout"
-    assert error_category(ValueError("v")) == "ValueError"
+    queue = MemoryDeadLetterQueue(100, clock=clock)
+    for error in (CircuitOpenError(), httpx.ReadTimeout("t"), ValueError("v")):
+        await queue.record("op", error)
+    assert [letter.error_code for letter in await queue.list()] == [
+        "circuit_open",
+        "httpx.ReadTimeout",
+        "ValueError",
+    ]
 
 
 async def test_memory_queue_is_bounded_and_says_so_once(

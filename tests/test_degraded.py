@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -28,7 +29,7 @@ from fastapi_resilience import (
     requires_feature,
 )
 from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience.outbound import BreakerRegistry
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect
 
@@ -43,13 +44,13 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def breaker(clock: ManualClock) -> Iterator[CircuitBreaker]:
+def breaker(clock: ManualClock, default_breakers: BreakerRegistry) -> Iterator[CircuitBreaker]:
     """A breaker in the default registry (where install's degraded mode looks), removed after."""
     made = CircuitBreaker(
         "degraded-test-recs", failure_threshold=2, recovery_timeout=30.0, clock=clock
     )
     yield made
-    default_registry.unregister(made.name)
+    default_breakers.unregister(made.name)
 
 
 def recorded(bus: EventBus) -> list[Event]:
@@ -593,21 +594,37 @@ async def test_example_app_exports_feature() -> None:
     assert refused.headers["x-degraded"] == "exports"
 
 
-def test_a_mode_that_is_gone_stops_listening(breaker: CircuitBreaker) -> None:
+class ListenerCountingBreaker(CircuitBreaker):
+    """Counts the listeners held: added by ``add_listener``, let go by the function it returns."""
+
+    held = 0
+
+    def add_listener(self, listener: Any) -> Callable[[], None]:
+        remove = super().add_listener(listener)
+        self.held += 1
+
+        def counted_remove() -> None:
+            self.held -= 1
+            remove()
+
+        return counted_remove
+
+
+def test_a_mode_that_is_gone_stops_listening(clock: ManualClock) -> None:
     """Breakers outlive the apps (and modes) that watch them: a collected mode's listener
     removes itself at the breaker's next change instead of piling up."""
-    import gc
-
-    before = len(breaker._listeners)
-    mode = DegradedMode(events=EventBus(log=False))
+    registry = BreakerRegistry()
+    breaker = ListenerCountingBreaker("recs", failure_threshold=2, clock=clock, registry=registry)
+    before = breaker.held
+    mode = DegradedMode(breakers=registry, events=EventBus(log=False))
     mode.feature("recs", depends_on=[breaker.name])
-    assert len(breaker._listeners) == before + 1
+    assert breaker.held == before + 1
     breaker.force_open()
     assert mode.active
     del mode
     gc.collect()
     breaker.force_closed()
-    assert len(breaker._listeners) == before
+    assert breaker.held == before
 
 
 async def test_websocket_shed_under_install(clock: ManualClock) -> None:

@@ -21,9 +21,13 @@ from fastapi_resilience import (
     install,
     install_exception_handlers,
 )
-from fastapi_resilience.problems._render import INTERNAL_ERROR_DETAIL, PROBLEM_CONTENT_TYPE
 
 pytestmark = pytest.mark.anyio
+
+#: RFC 9457's media type, the Content-Type of every problem answer.
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+#: The detail a client reads for an unhandled exception (expose_error_details off).
+INTERNAL_ERROR_DETAIL = "The server failed to answer this request. It has been logged."
 
 PROBLEM_MEMBERS = {"type", "title", "status", "detail", "instance", "code", "correlation_id"}
 

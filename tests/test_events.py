@@ -4,19 +4,22 @@ import logging
 
 import pytest
 
-from fastapi_resilience.correlation._ids import _correlation_id
 from fastapi_resilience.events import Event, EventBus
+from tests._asgi import in_request
 
 
-def test_event_is_logged_once_with_the_correlation_id(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.anyio
+async def test_event_is_logged_once_with_the_correlation_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """emit() logs one record carrying the kind, the name, the figures and the request's ID."""
     bus = EventBus()
-    token = _correlation_id.set("ev-1")
-    try:
-        caplog.set_level(logging.INFO)
-        event = bus.emit("breaker.opened", "inventory", failures=5)
-    finally:
-        _correlation_id.reset(token)
+    caplog.set_level(logging.INFO)
+
+    async def emit() -> Event:
+        return bus.emit("breaker.opened", "inventory", failures=5)
+
+    event = await in_request("ev-1", emit)
     records = [r for r in caplog.records if r.name == "fastapi_resilience.events"]
     assert len(records) == 1
     assert records[0].getMessage() == "breaker.opened inventory failures=5"

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from fastapi_resilience import CircuitBreaker, Retry, fallback
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ConfigurationError,
@@ -12,9 +13,7 @@ from fastapi_resilience.exceptions import (
     RetryExhaustedError,
     UpstreamError,
 )
-from fastapi_resilience.outbound._breaker import CircuitBreaker
-from fastapi_resilience.outbound._fallback import fallback, with_fallback
-from fastapi_resilience.outbound._retry import Retry
+from fastapi_resilience.outbound import with_fallback
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

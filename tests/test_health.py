@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi_resilience import ResilienceSettings, install
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health import CheckResult, HealthChecks
+from fastapi_resilience.outbound import BreakerRegistry
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
 
@@ -180,12 +181,13 @@ async def test_ready_runs_a_check_once_per_cache_period_and_shares_a_run() -> No
     assert database.runs == 2
 
 
-async def test_a_failure_is_cached_too_and_the_built_in_checks_never_are() -> None:
+async def test_a_failure_is_cached_too_and_the_built_in_checks_never_are(
+    default_breakers: BreakerRegistry,
+) -> None:
     """A failed check is served from the cache like a passing one (a slow dependency is not
     asked again by every caller), while the built-in checks, which only read this process's
     state, answer fresh: a breaker opened in between shows at once."""
     from fastapi_resilience import CircuitBreaker
-    from fastapi_resilience.outbound._breaker import default_registry
 
     clock = ManualClock()
     app = FastAPI()
@@ -203,20 +205,21 @@ async def test_a_failure_is_cached_too_and_the_built_in_checks_never_are() -> No
         breaker.force_open()
         second = (await _get(app, "/health/ready")).json()
     finally:
-        default_registry.unregister("health-cache-test")
+        default_breakers.unregister("health-cache-test")
     assert first["checks"]["search"]["status"] == second["checks"]["search"]["status"] == "degraded"
     assert len(runs) == 1
     assert first["checks"]["breakers"]["status"] == "ok"
     assert second["checks"]["breakers"]["status"] == "degraded"
 
 
-async def test_the_breaker_check_registered_as_its_docstring_says_is_never_cached() -> None:
+async def test_the_breaker_check_registered_as_its_docstring_says_is_never_cached(
+    default_breakers: BreakerRegistry,
+) -> None:
     """``resilience.health.add("breakers", breaker_health_check(), critical=False)``, as the
     docstring says to, with ``health_cache_seconds=5``: a breaker opened right after an "ok"
     shows at the next call (it was served "ok" from the cache for up to 5 s)."""
     from fastapi_resilience import CircuitBreaker
     from fastapi_resilience.outbound import breaker_health_check
-    from fastapi_resilience.outbound._breaker import default_registry
 
     clock = ManualClock()
     app = FastAPI()
@@ -228,7 +231,7 @@ async def test_the_breaker_check_registered_as_its_docstring_says_is_never_cache
         breaker.force_open()
         after = (await _get(app, "/health/ready")).json()
     finally:
-        default_registry.unregister("health-docstring-test")
+        default_breakers.unregister("health-docstring-test")
     assert before["checks"]["breakers"]["status"] == "ok"
     assert after["status"] == "degraded"
     assert "health-docstring-test open" in after["checks"]["breakers"]["detail"]

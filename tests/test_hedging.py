@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamError
-from fastapi_resilience.outbound._hedging import Hedge
+from fastapi_resilience.outbound import Hedge
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio

@@ -21,6 +21,7 @@ from fastapi_resilience import (
     ResilienceSettings,
     install,
 )
+from fastapi_resilience.outbound import BreakerRegistry
 
 pytestmark = pytest.mark.anyio
 
@@ -123,10 +124,11 @@ async def test_missing_prometheus_extra_is_named_once_at_install(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-async def test_ready_is_degraded_while_a_breaker_is_open() -> None:
+async def test_ready_is_degraded_while_a_breaker_is_open(
+    default_breakers: BreakerRegistry,
+) -> None:
     """/health/ready never says ok while a registered breaker is open, and names it."""
     from fastapi_resilience import CircuitBreaker
-    from fastapi_resilience.outbound._breaker import default_registry
 
     app = FastAPI()
     install(app, ResilienceSettings())
@@ -139,7 +141,7 @@ async def test_ready_is_degraded_while_a_breaker_is_open() -> None:
             breaker.reset()
             after = (await client.get("/health/ready")).json()
     finally:
-        default_registry.unregister("install-test-inventory")
+        default_breakers.unregister("install-test-inventory")
     assert body["status"] == "degraded"
     assert "install-test-inventory" in body["checks"]["breakers"]["detail"]
     assert after["status"] == "ok"
@@ -188,70 +190,22 @@ async def test_health_routes_behind_a_root_path() -> None:
     assert live.json() == {"status": "ok"}
 
 
-def test_fixed_route_refuses_other_paths_and_parameters() -> None:
-    """The early refusal only ever answers NONE for a path the route's regex would refuse."""
-    from fastapi_resilience._asgi.fixed_routes import FixedPathRoute, add_fixed_route
-
-    async def endpoint() -> None:  # pragma: no cover - only matched, never called
-        return None
-
-    route = FixedPathRoute("/health/live", endpoint, methods=["GET"])
-    scope = {"type": "http", "method": "GET", "root_path": ""}
-    assert route.matches({**scope, "path": "/orders"})[0] is Match.NONE
-    assert route.matches({**scope, "path": "/x/health/live"})[0] is Match.NONE
-    assert route.matches({**scope, "path": "/health/live"})[0] is Match.FULL
-    assert route.matches({**scope, "path": "/health/live", "method": "POST"})[0] is Match.PARTIAL
-    app = FastAPI()
-    with pytest.raises(ValueError, match="no path parameters"):
-        add_fixed_route(app.router, "/items/{item_id}", endpoint)
-
-
 def test_install_puts_its_fixed_paths_behind_one_route_entry() -> None:
     """Health and metrics are one entry of the app's routes (ADR 0046), and still reachable
     by name."""
-    from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes
-
     app = FastAPI()
     before = len(app.routes)
     install(app, ResilienceSettings(rate_limit_enabled=False))
     added = app.routes[before:]
     assert len(added) == 1
-    assert isinstance(added[0], FixedPathRoutes)
-    assert [route.path for route in added[0].routes] == [
-        "/health/live",
-        "/health/ready",
-        "/metrics",
-    ]
+    scope = {"type": "http", "method": "GET", "root_path": ""}
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        assert added[0].matches({**scope, "path": path})[0] is Match.FULL
+    assert added[0].matches({**scope, "path": "/orders"})[0] is Match.NONE
     assert app.url_path_for("ready") == "/health/ready"
     assert app.url_path_for("metrics") == "/metrics"
     with pytest.raises(NoMatchFound):
         app.url_path_for("no-such-route")
-
-
-def test_fixed_path_group_matches_only_its_paths_under_a_root_path() -> None:
-    from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
-
-    async def endpoint() -> None:  # pragma: no cover - only matched, never called
-        return None
-
-    app = FastAPI()
-    group = FixedPathRoutes()
-    app.router.routes.append(group)
-    add_fixed_route(app.router, "/health/live", endpoint, group=group)
-    assert app.routes[-1] is group
-    scope = {"type": "http", "method": "GET", "root_path": "/api"}
-    assert group.matches({**scope, "path": "/api/health/live"})[0] is Match.FULL
-    assert group.matches({**scope, "path": "/api/health/live", "method": "POST"})[0] is (
-        Match.PARTIAL
-    )
-    # Starlette takes a root path off only at a "/" boundary: "/apix/..." is not under "/api".
-    assert group.matches({**scope, "path": "/apix/health/live"})[0] is Match.NONE
-    assert group.matches({**scope, "path": "/api"})[0] is Match.NONE
-    assert group.matches({**scope, "path": "/orders", "root_path": ""})[0] is Match.NONE
-    assert group.matches({**scope, "path": "/health/live", "root_path": ""})[0] is Match.FULL
-    assert "/health/live" in repr(group)
-    with pytest.raises(ValueError, match="no path parameters"):
-        group.add(APIRoute("/items/{item_id}", endpoint))
 
 
 async def test_health_in_schema_lists_the_health_routes() -> None:
@@ -281,16 +235,15 @@ async def test_fixed_path_group_under_opentelemetry_instrumentation() -> None:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes
-
     app = FastAPI()
+    before = len(app.routes)
     install(app, ResilienceSettings(rate_limit_enabled=False))
+    (group,) = app.routes[before:]  # the one entry install adds (ADR 0046)
 
     @app.get("/orders/{order_id}")
     async def order(order_id: int) -> int:
         return order_id
 
-    group = next(route for route in app.routes if isinstance(route, FixedPathRoutes))
     assert group.path is None
     assert group.path_format is None
     exporter = InMemorySpanExporter()

@@ -5,7 +5,6 @@ import re
 import pytest
 
 from fastapi_resilience import ConfigurationError
-from fastapi_resilience._limits import parse_limit
 from fastapi_resilience.ratelimit import Limit, parse_limits
 
 
@@ -24,7 +23,7 @@ from fastapi_resilience.ratelimit import Limit, parse_limits
 )
 def test_slowapi_syntax_is_accepted(text: str, limit: Limit) -> None:
     """The slowapi / limits syntax parses to amount and period in seconds."""
-    assert parse_limit(text) == limit
+    assert parse_limits(text) == (limit,)
 
 
 def test_several_limits_and_round_trip_to_text() -> None:

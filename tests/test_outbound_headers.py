@@ -7,8 +7,8 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from fastapi_resilience import CorrelationIdMiddleware
-from fastapi_resilience.correlation._ids import set_correlation_id
 from fastapi_resilience.outbound import CorrelationIdTransport, correlation_id_hook
+from tests._asgi import in_request
 
 pytestmark = pytest.mark.anyio
 
@@ -47,8 +47,8 @@ async def test_transport_forwards_the_request_id_from_a_route() -> None:
 
 async def test_hook_forwards_id_and_keeps_an_explicit_header() -> None:
     """The event hook adds the ID, but never overrides a header the caller set."""
-    token = set_correlation_id("hook-1")
-    try:
+
+    async def call_upstream() -> tuple[dict[str, str | None], dict[str, str | None]]:
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=_upstream()),
             base_url="http://up",
@@ -56,10 +56,9 @@ async def test_hook_forwards_id_and_keeps_an_explicit_header() -> None:
         ) as client:
             plain = (await client.get("/echo")).json()
             explicit = (await client.get("/echo", headers={"X-Request-ID": "mine"})).json()
-    finally:
-        from fastapi_resilience.correlation._ids import _correlation_id
+        return plain, explicit
 
-        _correlation_id.reset(token)  # type: ignore[arg-type]
+    plain, explicit = await in_request("hook-1", call_upstream)
     assert plain["x-request-id"] == "hook-1"
     assert explicit["x-request-id"] == "mine"
     assert plain["traceparent"] is None

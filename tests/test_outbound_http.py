@@ -17,29 +17,34 @@ import pytest
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastapi_resilience import CorrelationIdMiddleware, RequestDeadlineMiddleware
-from fastapi_resilience.exceptions import UpstreamError, UpstreamTimeoutError
-from fastapi_resilience.integration._dependencies import (
+from fastapi_resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    CorrelationIdMiddleware,
+    RequestDeadlineMiddleware,
     breaker_dependency,
     bulkhead_dependency,
+    get_breaker,
+    get_bulkhead,
+    install_exception_handlers,
+    remaining,
+    resilient_client,
+    timeout,
 )
-from fastapi_resilience.outbound._breaker import CircuitBreaker, default_registry
-from fastapi_resilience.outbound._bulkhead import (
-    TIER_SCOPE_KEY,
-    Bulkhead,
-    TieredBulkhead,
-    default_bulkhead_registry,
-)
-from fastapi_resilience.outbound._deadline import remaining, timeout
-from fastapi_resilience.outbound._transport import resilient_client
-from fastapi_resilience.problems._handlers import install_exception_handlers
-from fastapi_resilience.problems._render import PROBLEM_CONTENT_TYPE
+from fastapi_resilience.exceptions import UpstreamError, UpstreamTimeoutError
+from fastapi_resilience.outbound import BreakerRegistry, BulkheadRegistry, TieredBulkhead
 from fastapi_resilience.testing import ManualClock
 from tests._servers import UvicornProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: RFC 9457's media type, the Content-Type of every problem answer.
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+#: Where the rate limiter (or a middleware of the app's own) records the request's tier, as
+#: docs/bulkhead.md names it.
+TIER_SCOPE_KEY = "fastapi_resilience.rate_limit_tier"
 
 
 @pytest.fixture(name="upstream_url", scope="module")
@@ -89,7 +94,7 @@ def client_for(app: ASGIApp) -> httpx.AsyncClient:
 
 @pytest.mark.parametrize("half_open_max_calls", [1, 3])
 async def test_breaker_against_real_upstream(
-    upstream: httpx.AsyncClient, half_open_max_calls: int
+    upstream: httpx.AsyncClient, half_open_max_calls: int, default_breakers: BreakerRegistry
 ) -> None:
     """Opens after the threshold, spares the upstream while open (503 circuit_open with
     Retry-After), lets at most half_open_max_calls of 100 concurrent callers through after
@@ -153,7 +158,7 @@ async def test_breaker_against_real_upstream(
             assert (await client.get("/stock")).status_code == 200
             assert await hits(upstream) == 6 + half_open_max_calls
     finally:
-        default_registry.unregister("inventory-http")
+        default_breakers.unregister("inventory-http")
 
 
 @pytest.mark.parametrize("route_uses_timeout", [True, False], ids=["timeout()", "middleware"])
@@ -246,7 +251,9 @@ async def premium_latencies(client: httpx.AsyncClient, n: int = 5) -> list[tuple
     return out
 
 
-async def test_free_tier_saturation_does_not_delay_premium(upstream: httpx.AsyncClient) -> None:
+async def test_free_tier_saturation_does_not_delay_premium(
+    upstream: httpx.AsyncClient, default_bulkheads: BulkheadRegistry
+) -> None:
     """With per-tier compartments, premium calls answer at once while free-tier calls fill
     their compartment (and more free calls get 503 bulkhead_full); with one shared bulkhead,
     the same free load shuts premium out."""
@@ -275,12 +282,12 @@ async def test_free_tier_saturation_does_not_delay_premium(upstream: httpx.Async
 
             # Compartments off: one shared bulkhead of the same total size.
             Bulkhead("search-http", max_concurrent=2)
-            free_calls = await saturate_free(client, default_bulkhead_registry.get("search-http"))  # type: ignore[arg-type]
+            free_calls = await saturate_free(client, get_bulkhead("search-http"))  # type: ignore[arg-type]
             shared = await premium_latencies(client, 1)
             assert shared[0][0] == 503
             await asyncio.gather(*free_calls)
     finally:
-        default_bulkhead_registry.unregister("search-http")
+        default_bulkheads.unregister("search-http")
 
 
 # --- a deadline is the caller's, not the upstream's ----------------------------------------
@@ -296,8 +303,12 @@ class Guarded:
     ``CircuitBreaker`` used through ``call``, ``async with`` or as a decorator.
     """
 
-    def __init__(self, style: str, upstream_url: str, clock: ManualClock) -> None:
+    def __init__(
+        self, style: str, upstream_url: str, clock: ManualClock, registry: BreakerRegistry
+    ) -> None:
         self.style = style
+        #: Where the transport registers its per-host breaker (the default registry).
+        self.registry = registry
         self.host = upstream_url.removeprefix("http://")
         self.http = (
             resilient_client(upstream_url, attempts=1, failure_threshold=2, clock=clock)
@@ -312,7 +323,7 @@ class Guarded:
     @property
     def breaker(self) -> CircuitBreaker:
         if self.style == "transport":
-            return default_registry.get(f"upstream:{self.host}")
+            return get_breaker(f"upstream:{self.host}")
         return self._breaker
 
     async def _plain(self, delay: float) -> dict[str, Any]:
@@ -335,7 +346,7 @@ class Guarded:
     async def aclose(self) -> None:
         await self.http.aclose()
         if self.style == "transport":
-            default_registry.unregister(f"upstream:{self.host}")
+            self.registry.unregister(f"upstream:{self.host}")
 
 
 def guarded_app(guarded: Guarded, **deadline_options: Any) -> FastAPI:
@@ -357,7 +368,7 @@ def guarded_app(guarded: Guarded, **deadline_options: Any) -> FastAPI:
 
 
 async def test_requests_asking_for_a_microsecond_do_not_open_the_upstreams_breaker(
-    upstream: httpx.AsyncClient,
+    upstream: httpx.AsyncClient, default_breakers: BreakerRegistry
 ) -> None:
     """Five anonymous requests with X-Request-Timeout: 0.000001 leave the shared breaker of a
     healthy upstream closed: the header is raised to the floor, so the calls are made and
@@ -382,15 +393,15 @@ async def test_requests_asking_for_a_microsecond_do_not_open_the_upstreams_break
             after = await client.get("/stock")
         assert [a.status_code for a in asked] == [200] * 5
         assert after.status_code == 200
-        assert default_registry.get(f"upstream:{host}").state == "closed"
+        assert get_breaker(f"upstream:{host}").state == "closed"
         assert await hits(upstream) == 6
     finally:
         await http.aclose()
-        default_registry.unregister(f"upstream:{host}")
+        default_breakers.unregister(f"upstream:{host}")
 
 
 async def test_a_microsecond_below_a_lowered_floor_still_leaves_the_breaker_closed(
-    upstream: httpx.AsyncClient,
+    upstream: httpx.AsyncClient, default_breakers: BreakerRegistry
 ) -> None:
     """With the floor lowered to a microsecond, X-Request-Timeout: 0.000001 is taken as asked:
     each call is stopped before it is sent (504 upstream_timeout), and the upstream's shared
@@ -413,24 +424,24 @@ async def test_a_microsecond_below_a_lowered_floor_still_leaves_the_breaker_clos
                 await client.get("/stock", headers={"X-Request-Timeout": "0.000001"})
                 for _ in range(5)
             ]
-            assert default_registry.get(f"upstream:{host}").state == "closed"
+            assert get_breaker(f"upstream:{host}").state == "closed"
             after = await client.get("/stock")
         assert [(a.status_code, a.json()["code"]) for a in asked] == [(504, "upstream_timeout")] * 5
         assert after.status_code == 200
         assert await hits(upstream) == 1
     finally:
         await http.aclose()
-        default_registry.unregister(f"upstream:{host}")
+        default_breakers.unregister(f"upstream:{host}")
 
 
 @pytest.mark.parametrize("style", GUARD_STYLES)
 async def test_calls_cut_by_the_servers_own_budget_still_open_the_breaker(
-    upstream: httpx.AsyncClient, style: str
+    upstream: httpx.AsyncClient, style: str, default_breakers: BreakerRegistry
 ) -> None:
     """The operator's budget (the middleware's 0.15 s, no header) cuts calls to an upstream
     that takes 1 s: those are the upstream's failures, so the breaker (threshold 2) opens and
     the next caller is refused at once (503 circuit_open) without reaching the upstream."""
-    guarded = Guarded(style, str(upstream.base_url), ManualClock())
+    guarded = Guarded(style, str(upstream.base_url), ManualClock(), default_breakers)
     app = guarded_app(guarded, timeout=0.15, grace=0.5)
     try:
         async with client_for(app) as client:
@@ -449,12 +460,12 @@ async def test_calls_cut_by_the_servers_own_budget_still_open_the_breaker(
 
 @pytest.mark.parametrize("style", GUARD_STYLES)
 async def test_calls_cut_by_the_clients_own_deadline_never_open_the_breaker(
-    upstream: httpx.AsyncClient, style: str
+    upstream: httpx.AsyncClient, style: str, default_breakers: BreakerRegistry
 ) -> None:
     """A slow but healthy upstream, and clients that ask for 0.15 s: their calls are cut and
     answered 504, and the breaker (threshold 2) stays closed for the next caller. With a
     grace period the route's own timeout, not the middleware, cuts the call."""
-    guarded = Guarded(style, str(upstream.base_url), ManualClock())
+    guarded = Guarded(style, str(upstream.base_url), ManualClock(), default_breakers)
     app = guarded_app(guarded, timeout=5.0, grace=0.5)
     try:
         async with client_for(app) as client:
@@ -570,11 +581,11 @@ async def test_a_header_on_every_request_hides_fixed_driver_timeouts(
 
 @pytest.mark.parametrize("style", GUARD_STYLES)
 async def test_calls_the_deadline_stopped_before_they_started_are_not_counted(
-    upstream: httpx.AsyncClient, style: str
+    upstream: httpx.AsyncClient, style: str, default_breakers: BreakerRegistry
 ) -> None:
     """The server's own deadline spent before the call: no request leaves, the route answers
     504, and the breaker (threshold 2) does not count it."""
-    guarded = Guarded(style, str(upstream.base_url), ManualClock())
+    guarded = Guarded(style, str(upstream.base_url), ManualClock(), default_breakers)
     app = guarded_app(guarded, timeout=1.0, clock=ManualClock())
     try:
         async with client_for(app) as client:
@@ -591,13 +602,13 @@ async def test_calls_the_deadline_stopped_before_they_started_are_not_counted(
 
 @pytest.mark.parametrize("style", GUARD_STYLES)
 async def test_a_half_open_trial_cut_by_the_clients_deadline_hands_back_its_slot(
-    upstream: httpx.AsyncClient, style: str
+    upstream: httpx.AsyncClient, style: str, default_breakers: BreakerRegistry
 ) -> None:
     """Half-open with one trial slot: a trial the client's own deadline cuts is neither a
     failure (the breaker does not open again) nor a success (it does not close); the slot is
     free for the next caller, whose success closes the breaker."""
     clock = ManualClock()
-    guarded = Guarded(style, str(upstream.base_url), clock)
+    guarded = Guarded(style, str(upstream.base_url), clock, default_breakers)
     app = guarded_app(guarded, timeout=5.0, grace=0.5)
     try:
         async with client_for(app) as client:
@@ -623,6 +634,8 @@ async def test_a_half_open_trial_cut_by_the_clients_deadline_hands_back_its_slot
 
 async def test_a_full_bulkhead_answers_503_at_once_and_leaves_the_apps_breaker_closed(
     upstream: httpx.AsyncClient,
+    default_breakers: BreakerRegistry,
+    default_bulkheads: BulkheadRegistry,
 ) -> None:
     """The contract's pattern, ``breaker.call(fetch)`` with a ``resilient_client`` on its
     default retries (3 attempts) and a bulkhead of one: while one call holds the slot, six more
@@ -659,5 +672,5 @@ async def test_a_full_bulkhead_answers_503_at_once_and_leaves_the_apps_breaker_c
         assert await hits(upstream) == 2
     finally:
         await http.aclose()
-        default_registry.unregister(f"upstream:{host}")
-        default_bulkhead_registry.unregister(f"upstream:{host}")
+        default_breakers.unregister(f"upstream:{host}")
+        default_bulkheads.unregister(f"upstream:{host}")

@@ -2,21 +2,18 @@ from __future__ import annotations
 
 import pytest
 
-from fastapi_resilience._limits import Limit, parse_limit
-from fastapi_resilience.exceptions import ConfigurationError
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._redis import RedisStorage
-from fastapi_resilience.ratelimit._setup import storage_from_url
-from fastapi_resilience.ratelimit._storage import (
-    RESOLUTION,
+from fastapi_resilience.exceptions import ConfigurationError, StorageUnavailableError
+from fastapi_resilience.ratelimit import (
     Decision,
+    Limit,
     LimitCheck,
     LimitState,
+    MemoryStorage,
     RateLimitStorage,
-    StorageUnavailableError,
-    bucket_width,
-    bucket_width_ms,
+    RedisStorage,
+    storage_from_url,
 )
+from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
 
@@ -68,15 +65,17 @@ def test_non_positive_timeout_is_rejected() -> None:
 def test_cost_below_one_is_rejected() -> None:
     """A request cannot cost less than one unit."""
     with pytest.raises(ConfigurationError, match="cost"):
-        LimitCheck("k", parse_limit("1/second"), cost=0)
+        LimitCheck("k", Limit(1, 1), cost=0)
 
 
-def test_bucket_width_is_a_sixtieth_of_the_period() -> None:
-    """Units are held at most 1/60 of the period longer than a perfect sliding log would."""
-    assert RESOLUTION == 60
-    assert bucket_width(Limit(100, 60)) == 1.0
-    assert bucket_width_ms(Limit(100, 60)) == 1000
-    assert bucket_width_ms(Limit(5, 1)) == 16
+async def test_bucket_width_is_a_sixtieth_of_the_period() -> None:
+    """Units are held at most 1/60 of the period longer than a perfect sliding log would: one
+    admitted at the start of a time bucket frees its room a period and a sixtieth later.
+    (Redis keeps whole milliseconds: tests/test_rate_limit_redis.py checks a 1 s log's TTL.)"""
+    storage = MemoryStorage(clock=ManualClock(start=6_000.0))  # a bucket boundary of both
+    for limit in (Limit(100, 60), Limit(5, 1)):
+        state = (await storage.check("id", [LimitCheck(f"k{limit.period}", limit)])).states[0]
+        assert state.reset_after == pytest.approx(limit.period * 61 / 60)
 
 
 def test_decision_retry_after_ignores_shadow_and_admitting_limits() -> None:

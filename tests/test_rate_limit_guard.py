@@ -8,29 +8,28 @@ from typing import Any
 
 import pytest
 
-from fastapi_resilience._limits import Limit, parse_limit
 from fastapi_resilience.events import Event, EventBus
-from fastapi_resilience.exceptions import ConfigurationError
-from fastapi_resilience.ratelimit._guard import (
-    STORAGE_DOWN_EVENT,
-    STORAGE_RECOVERED_EVENT,
-    GuardedStorage,
-)
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._redis import RedisStorage
-from fastapi_resilience.ratelimit._setup import guarded_storage_from_url
-from fastapi_resilience.ratelimit._storage import (
-    DEFAULT_STORAGE_TIMEOUT,
+from fastapi_resilience.exceptions import ConfigurationError, StorageUnavailableError
+from fastapi_resilience.ratelimit import (
     Decision,
+    GuardedStorage,
+    Limit,
     LimitCheck,
-    StorageUnavailableError,
+    MemoryStorage,
+    RedisStorage,
+    guarded_storage_from_url,
 )
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 
-CHECK = [LimitCheck("tier:free:ip:1", parse_limit("100/minute"))]
+CHECK = [LimitCheck("tier:free:ip:1", Limit(100, 60))]
+#: The event kinds docs/rate-limit-storage.md names, once each per outage.
+STORAGE_DOWN_EVENT = "rate_limit.storage_down"
+STORAGE_RECOVERED_EVENT = "rate_limit.storage_recovered"
+#: How long a storage call may take by default (``rate_limit_storage_timeout``, at most 0.25 s).
+DEFAULT_STORAGE_TIMEOUT = 0.25
 
 
 class SwitchableStorage:

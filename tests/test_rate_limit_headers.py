@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastapi_resilience._limits import Limit
+from fastapi_resilience.ratelimit import Limit
 from fastapi_resilience.ratelimit._headers import (
     HeaderPlan,
     PolicyHeader,

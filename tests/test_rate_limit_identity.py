@@ -11,14 +11,15 @@ from fastapi import FastAPI
 
 from fastapi_resilience import ResilienceSettings, install
 from fastapi_resilience.exceptions import ConfigurationError
-from fastapi_resilience.ratelimit._identity import (
-    ClientAddress,
-    DefaultIdentityResolver,
-    Identity,
-)
+from fastapi_resilience.ratelimit import DefaultIdentityResolver, Identity
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
+
+
+def client_address(trusted_proxies: list[str] | None = None) -> Any:
+    """The client-address part of the default resolver, as custom resolvers reach it."""
+    return DefaultIdentityResolver(trusted_proxies=trusted_proxies or ()).client_address
 
 
 def scope(peer: str | None, *headers: tuple[str, str]) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def scope(peer: str | None, *headers: tuple[str, str]) -> dict[str, Any]:
 )
 def test_client_address(peer: str, forwarded: str | list[str] | None, expected: str) -> None:
     """X-Forwarded-For is read right to left, skipping trusted hops, and only from trusted peers."""
-    address = ClientAddress(["10.0.0.0/8", "fd00::/8"])
+    address = client_address(["10.0.0.0/8", "fd00::/8"])
     values = [forwarded] if isinstance(forwarded, str) else (forwarded or [])
     headers = [("X-Forwarded-For", v) for v in values]
     assert address(scope(peer, *headers)) == expected
@@ -59,7 +60,7 @@ def test_client_address(peer: str, forwarded: str | list[str] | None, expected: 
 
 def test_no_trusted_proxies_never_reads_the_header() -> None:
     """With no trusted proxies configured the peer address is the identity, whatever it sends."""
-    address = ClientAddress()
+    address = client_address()
     assert address(scope("10.0.0.1", ("X-Forwarded-For", "1.2.3.4"))) == "10.0.0.1"
     assert address(scope(None)) == "unknown"
 
@@ -67,7 +68,7 @@ def test_no_trusted_proxies_never_reads_the_header() -> None:
 def test_bad_trusted_proxy_is_a_configuration_error() -> None:
     """A trusted proxy that is not an address or network fails at start-up, naming it."""
     with pytest.raises(ConfigurationError, match=r"'proxy\.local'"):
-        ClientAddress(["proxy.local"])
+        client_address(["proxy.local"])
 
 
 async def test_api_key_identity_is_hashed_and_tiered() -> None:

@@ -15,16 +15,20 @@ from fastapi_resilience import (
     install_exception_handlers,
     rate_limit,
 )
-from fastapi_resilience._limits import Limit, parse_limit
 from fastapi_resilience.exceptions import ConfigurationError
-from fastapi_resilience.ratelimit import Identity, RateLimiter
-from fastapi_resilience.ratelimit._memory import DEFAULT_MAX_KEYS, MemoryStorage
-from fastapi_resilience.ratelimit._storage import Decision, LimitCheck
+from fastapi_resilience.ratelimit import (
+    Decision,
+    Identity,
+    Limit,
+    LimitCheck,
+    MemoryStorage,
+    RateLimiter,
+)
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
 
-PER_MINUTE = parse_limit("100/minute")
+PER_MINUTE = Limit(100, 60)
 
 
 def _rss_mib() -> float:
@@ -219,7 +223,8 @@ def test_million_identities_leave_memory_bounded() -> None:
     """1,000,000 distinct identities keep at most ``max_keys`` windows and bounded memory."""
     clock = ManualClock()
     storage = MemoryStorage(clock=clock)
-    limit = parse_limit("10/minute")
+    assert storage.max_keys == 100_000  # the default docs/rate-limit-storage.md gives
+    limit = Limit(10, 60)
     gc.collect()
     before = _rss_mib()
     for n in range(1_000_000):
@@ -227,11 +232,11 @@ def test_million_identities_leave_memory_bounded() -> None:
         if n % 1000 == 0:
             clock.advance(0.001)
     grown = _rss_mib() - before
-    assert len(storage) == DEFAULT_MAX_KEYS
+    assert len(storage) == storage.max_keys
     # Measured about 70 MiB at the default cap of 100,000 windows; the bound is generous.
     assert grown < 150, f"memory grew by {grown:.0f} MiB"
     clock.advance(61)
-    assert storage.sweep() == DEFAULT_MAX_KEYS
+    assert storage.sweep() == storage.max_keys
     assert len(storage) == 0
 
 

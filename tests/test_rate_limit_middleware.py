@@ -10,15 +10,12 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, WebSocket
 from starlette.responses import StreamingResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_resilience import RateLimitMiddleware, ResilienceSettings, install
+from fastapi_resilience import RateLimitMiddleware, ResilienceSettings, install, rate_limit
 from fastapi_resilience.events import Event
 from fastapi_resilience.exceptions import ConfigurationError
-from fastapi_resilience.ratelimit._identity import Identity
-from fastapi_resilience.ratelimit._limiter import RateLimiter
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._routes import rate_limit
+from fastapi_resilience.ratelimit import GuardedStorage, Identity, MemoryStorage, RateLimiter
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect
 
@@ -632,42 +629,66 @@ async def test_exempt_paths_hold_behind_a_root_path(clock: ManualClock) -> None:
     assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in answers)
 
 
-def test_route_table_tries_only_the_limited_routes_a_path_can_reach() -> None:
-    """Per request the table runs a limited route's regex only when the path starts with the
-    route's literal text, root path taken off: an app's other requests skip them all."""
+async def test_route_table_tries_only_the_limited_routes_a_path_can_reach(
+    clock: ManualClock,
+) -> None:
+    """Per request the limiter runs a limited route's regex only when the path starts with the
+    route's literal text, root path taken off: an app's other requests skip them all. The
+    routes see it: what they are asked before the app's own routing starts is the limiter's."""
     from fastapi.routing import APIRoute
 
-    from fastapi_resilience.ratelimit._routes import RouteTable
-
+    routing = {"started": False}
     tried: list[str] = []
 
     class SpyRoute(APIRoute):
         def matches(self, scope: Scope) -> Any:
-            tried.append(scope["path"])
+            if not routing["started"]:
+                tried.append(scope["path"])
             return super().matches(scope)
+
+    class RoutingStarts:
+        """Innermost middleware: what runs inside it is the app's own routing."""
+
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            routing["started"] = True
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                routing["started"] = False
 
     app = FastAPI()
     app.router.route_class = SpyRoute
 
     @app.post("/login", dependencies=[Depends(rate_limit("2/minute"))])
-    async def login() -> None:  # pragma: no cover - only matched, never called
+    async def login() -> None:
         return None
 
     @app.get("/items/{item_id}", dependencies=[Depends(rate_limit("9/minute"))])
-    async def item(item_id: int) -> None:  # pragma: no cover - only matched, never called
+    async def item(item_id: int) -> None:
         return None
 
-    table = RouteTable(app.router.routes)
-    base = {"type": "http", "method": "GET", "root_path": ""}
-    assert table.match({**base, "path": "/plain"}) is None
-    assert table.match({**base, "path": "/api/login", "root_path": "/api"}) is None  # a GET
-    assert tried == ["/api/login"]
-    found = table.match({**base, "path": "/api/login", "root_path": "/api", "method": "POST"})
-    assert found is not None
-    assert found.path == "/login"
-    item_plan = table.match({**base, "path": "/items/7"})
-    assert item_plan is not None
-    assert item_plan.path == "/items/{item_id}"
+    app.add_middleware(RoutingStarts)
+    limiter = RateLimiter(MemoryStorage(clock=clock), tiers={"anonymous": "100/minute"})
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    tier = '"anonymous";q=100;w=60'
+    under_api = httpx.ASGITransport(app=app, root_path="/api")
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+        httpx.AsyncClient(transport=under_api, base_url="http://t") as api,
+    ):
+        plain = await c.get("/plain")
+        assert (plain.status_code, plain.headers["ratelimit-policy"]) == (404, tier)
+        assert tried == []
+        wrong_method = await api.get("/api/login")  # a GET: the limited route is a POST
+        assert wrong_method.headers["ratelimit-policy"] == tier
+        assert tried == ["/api/login"]
+        login_answer = await api.post("/api/login")
+        assert login_answer.headers["ratelimit-policy"] == f'{tier}, "/login";q=2;w=60'
+        item_answer = await c.get("/items/7")
+        assert item_answer.headers["ratelimit-policy"] == f'{tier}, "/items/{{item_id}}";q=9;w=60'
     # A limited route that matched is then checked against the routes before it (an earlier
     # route wins): only requests for limited routes pay for that.
     assert tried == ["/api/login", "/api/login", "/items/7", "/items/7"]
@@ -719,8 +740,6 @@ async def test_each_request_is_counted_once(case: str, clock: ManualClock) -> No
 
     async def resolver(scope: Scope) -> Identity:
         return Identity("ip:10.0.0.1", "anonymous")
-
-    from fastapi_resilience.ratelimit._guard import GuardedStorage
 
     memory = MemoryStorage(clock=clock)
     tiers = {"anonymous": "3/minute; 5/hour" if case == "two_limits" else "3/minute"}

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience.outbound import BreakerRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.anyio
@@ -19,7 +19,7 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
 
-async def test_readme_examples_run() -> None:
+async def test_readme_examples_run(default_breakers: BreakerRegistry) -> None:
     """The 20-line example answers the documented 404; the guarded route answers its stock."""
     blocks = _python_blocks()
     namespace: dict[str, Any] = {}
@@ -37,7 +37,7 @@ async def test_readme_examples_run() -> None:
             shipped = await client.post("/orders/1/ship")
             stock = await client.get("/stock/tea")
     finally:
-        default_registry.unregister("inventory")
+        default_breakers.unregister("inventory")
     body = missing.json()
     assert missing.status_code == 404
     assert body["type"] == "urn:fastapi-resilience:problem:not_found"

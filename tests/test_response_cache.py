@@ -11,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from fastapi_resilience import cached
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     CircuitOpenError,
@@ -19,17 +20,15 @@ from fastapi_resilience.exceptions import (
     RetryExhaustedError,
     UpstreamError,
 )
-from fastapi_resilience.outbound._response_cache import (
+from fastapi_resilience.outbound import (
     CacheResult,
     CacheStatusMiddleware,
-    JsonSerializer,
+    HostPolicy,
+    ResilientTransport,
     ResponseCache,
-    cached,
     cached_call,
     current_cache_status,
     record_cache_status,
-    restore_response,
-    snapshot_response,
 )
 from fastapi_resilience.testing import ManualClock
 from tests._servers import RedisServer
@@ -308,11 +307,21 @@ def test_bad_arguments_fail_at_construction_naming_the_argument(
         ResponseCache(**kwargs)
 
 
-def test_json_serializer_round_trips_bytes() -> None:
-    """Snapshotted HTTP bodies (bytes) survive the trip through Redis."""
-    serializer = JsonSerializer()
+@pytest.mark.redis
+async def test_json_serializer_round_trips_bytes(redis_server: RedisServer) -> None:
+    """Snapshotted HTTP bodies (bytes) survive the trip through Redis: another instance, its
+    own L1 empty, reads back what was stored."""
     value = {"status": 200, "content": b"\x00\xffbody", "headers": [["a", "b"]]}
-    assert serializer.loads(serializer.dumps(value)) == value
+    writer = ResponseCache(ttl=60, redis_url=redis_server.url)
+    reader = ResponseCache(ttl=60, redis_url=redis_server.url)
+    try:
+        await writer.set("k", value)
+        entry = await reader.get("k")
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+    assert entry is not None
+    assert entry.value == value
 
 
 async def test_cached_decorator_returns_plain_values_and_records_status() -> None:
@@ -499,20 +508,43 @@ async def test_redis_back_after_outage_is_used_again_with_recovered_event(
         await cache.aclose()
 
 
-async def test_httpx_response_snapshot_round_trips_through_redis_serializer() -> None:
-    """A read httpx response survives snapshot -> JSON -> restore with status, headers and body."""
-    request = httpx.Request("GET", "http://upstream/stock/1")
-    original = httpx.Response(
-        200, headers={"content-type": "application/json", "x-a": "1"}, content=b'{"n":1}'
-    )
-    original.request = request
-    serializer = JsonSerializer()
-    snapshot = serializer.loads(serializer.dumps(snapshot_response(original)))
-    restored = restore_response(snapshot, request)
+@pytest.mark.redis
+async def test_httpx_response_snapshot_round_trips_through_redis_serializer(
+    redis_server: RedisServer,
+) -> None:
+    """A read httpx response that one instance's transport cached in Redis is served by
+    another's from Redis (snapshot -> JSON -> restore) with status, headers and body, as the
+    answer to that instance's own request."""
+    asked: list[httpx.Request] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        return httpx.Response(
+            200, headers={"content-type": "application/json", "x-a": "1"}, content=b'{"n":1}'
+        )
+
+    async def get_once(cache: ResponseCache) -> httpx.Response:
+        policy = HostPolicy(cache=cache, cache_ttl=60)
+        transport = ResilientTransport(httpx.MockTransport(upstream), hosts={"upstream": policy})
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await client.get("http://upstream/stock/1")
+
+    first = ResponseCache(ttl=60, redis_url=redis_server.url)
+    second = ResponseCache(ttl=60, redis_url=redis_server.url)
+    try:
+        original = await get_once(first)
+        restored = await get_once(second)
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert len(asked) == 1
+    assert original.json() == {"n": 1}
     assert restored.status_code == 200
+    assert "hit" in restored.headers["cache-status"]
     assert restored.headers["x-a"] == "1"
     assert restored.json() == {"n": 1}
-    assert restored.request is request
+    assert restored.request.url == "http://upstream/stock/1"
+    assert restored.request is not asked[0]
 
 
 @pytest.mark.redis

@@ -7,6 +7,7 @@ from datetime import timedelta
 import httpx
 import pytest
 
+from fastapi_resilience import Bulkhead, CircuitBreaker, Retry, RetryBudget, deadline
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     AppError,
@@ -22,11 +23,6 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.outbound._breaker import CircuitBreaker
-from fastapi_resilience.outbound._bulkhead import Bulkhead
-from fastapi_resilience.outbound._deadline import deadline
-from fastapi_resilience.outbound._retry import Retry, default_retryable
-from fastapi_resilience.outbound._retry_budget import RetryBudget
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
@@ -327,10 +323,11 @@ def test_timedelta_durations_are_accepted() -> None:
 
 def test_default_retryable() -> None:
     """The default classification: retryable AppErrors and httpx transport errors only."""
-    assert default_retryable(UpstreamError())
-    assert default_retryable(httpx.ReadError("x"))
-    assert not default_retryable(BadRequestError())
-    assert not default_retryable(OSError())
+    retry = Retry()
+    assert retry.is_retryable(UpstreamError())
+    assert retry.is_retryable(httpx.ReadError("x"))
+    assert not retry.is_retryable(BadRequestError())
+    assert not retry.is_retryable(OSError())
 
 
 async def test_budget_stops_retries_and_reports_once() -> None:

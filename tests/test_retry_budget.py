@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from fastapi_resilience import RetryBudget
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import ConfigurationError
-from fastapi_resilience.outbound._retry_budget import RetryBudget, SlidingCounter
 from fastapi_resilience.testing import ManualClock
 
 
@@ -46,20 +46,25 @@ def test_calls_and_retries_leave_the_window() -> None:
 
 
 def test_window_slides_bucket_by_bucket() -> None:
-    """Calls expire one slice at a time, not all at once at the window's end."""
+    """Calls expire one slice (a tenth of the window) at a time, not all at once at the
+    window's end."""
     clock = ManualClock(start=0.0)
-    counter = SlidingCounter(10, buckets=10, clock=clock)
+    budget = RetryBudget(window=10, clock=clock)
+
+    def calls() -> float:
+        return budget.snapshot()["calls"]
+
     for second in range(10):
-        counter.add()
+        budget.record_call()
         if second < 9:
             clock.advance(1)
-    assert counter.total() == 10
+    assert calls() == 10
     clock.advance(1)
-    assert counter.total() == 9
+    assert calls() == 9
     clock.advance(5)
-    assert counter.total() == 4
+    assert calls() == 4
     clock.advance(100)
-    assert counter.total() == 0
+    assert calls() == 0
 
 
 def test_exhaustion_is_published_once_per_episode_and_recovery_once() -> None:

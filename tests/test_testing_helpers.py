@@ -7,9 +7,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from fastapi_resilience import CircuitBreaker, install_exception_handlers
 from fastapi_resilience.exceptions import CircuitOpenError, ConfigurationError
-from fastapi_resilience.outbound._breaker import BreakerRegistry, CircuitBreaker
-from fastapi_resilience.problems._handlers import install_exception_handlers
+from fastapi_resilience.outbound import BreakerRegistry
 from fastapi_resilience.testing import (
     FAULT_CODE,
     FaultInjectionMiddleware,

@@ -18,35 +18,41 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from fastapi_resilience import CorrelationIdMiddleware, RequestDeadlineMiddleware
-from fastapi_resilience.correlation._ids import set_correlation_id
+from fastapi_resilience import (
+    CorrelationIdMiddleware,
+    RequestDeadlineMiddleware,
+    deadline,
+    get_breaker,
+    install_exception_handlers,
+    resilient_client,
+)
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import (
     BulkheadFullError,
     CircuitOpenError,
     ConfigurationError,
+    DeadlineCutError,
     RetryExhaustedError,
+    ThrottledError,
     UpstreamError,
+    UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.outbound._adaptive_throttle import ThrottledError
-from fastapi_resilience.outbound._breaker import default_registry
-from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
-from fastapi_resilience.outbound._deadline import DeadlineCutError, deadline
-from fastapi_resilience.outbound._response_cache import ResponseCache, snapshot_response
-from fastapi_resilience.outbound._transport import (
-    DEFAULT_MAX_HOSTS,
+from fastapi_resilience.outbound import (
+    BreakerRegistry,
+    BulkheadRegistry,
     HostPolicy,
     ResilientTransport,
-    UpstreamStatusError,
-    parse_retry_after,
-    resilient_client,
+    ResponseCache,
 )
-from fastapi_resilience.problems._handlers import install_exception_handlers
 from fastapi_resilience.testing import ManualClock
+from tests._asgi import in_request
 from tests._servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
+
+#: How many hosts a transport keeps by default (``max_hosts``, docs/http-client.md).
+DEFAULT_MAX_HOSTS = 1024
 
 
 class Upstream:
@@ -121,15 +127,27 @@ async def _upstream() -> AsyncIterator[Upstream]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_registry() -> Any:
+def _clean_registry(default_breakers: BreakerRegistry, default_bulkheads: BulkheadRegistry) -> Any:
     """Breakers and bulkheads built per host register by name; forget them between tests."""
     yield
-    for name in list(default_registry.names()):
+    for name in list(default_breakers.names()):
         if name.startswith("upstream:"):
-            default_registry.unregister(name)
-    for bulkhead in list(default_bulkhead_registry):
+            default_breakers.unregister(name)
+    for bulkhead in list(default_bulkheads):
         if bulkhead.name.startswith("upstream:"):
-            default_bulkhead_registry.unregister(bulkhead.name)
+            default_bulkheads.unregister(bulkhead.name)
+
+
+class RecordingCache(ResponseCache):
+    """A response cache that also keeps every value it is given to store."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.stored: list[Any] = []
+
+    async def set(self, key: str, value: Any, **options: Any) -> None:
+        self.stored.append(value)
+        await super().set(key, value, **options)
 
 
 def client(upstream: Upstream, **options: Any) -> httpx.AsyncClient:
@@ -148,12 +166,12 @@ async def test_success_passes_through_once(upstream: Upstream) -> None:
 
 async def test_correlation_id_arrives_at_the_upstream(upstream: Upstream) -> None:
     """The current correlation ID is sent upstream as X-Request-ID."""
-    set_correlation_id("req-42")
-    try:
+
+    async def call_upstream() -> None:
         async with client(upstream) as http:
             await http.get("/item")
-    finally:
-        set_correlation_id(None)
+
+    await in_request("req-42", call_upstream)
     assert upstream.headers[0]["x-request-id"] == "req-42"
 
 
@@ -488,10 +506,13 @@ async def test_entries_an_older_version_stored_are_never_served(
     to another caller: it asks the upstream."""
     upstream.echo = "X-API-Key"
     url = f"{upstream.url}/item"
-    async with httpx.AsyncClient() as plain:
-        alices = await plain.get(url, headers={"X-API-Key": "alice"})
+    # What the transport stores for Alice's answer, as the older version stored it too.
+    recording = RecordingCache(ttl=60)
+    async with client(upstream, cache=recording) as http:
+        await http.get("/item", headers={"X-API-Key": "alice"})
+    (alices,) = recording.stored
     older = ResponseCache(ttl=60, redis_url=redis_server.url)
-    await older.set(f"GET {url}", snapshot_response(alices))
+    await older.set(f"GET {url}", alices)
     await older.aclose()
     cache = ResponseCache(ttl=60, redis_url=redis_server.url)
     try:
@@ -654,11 +675,7 @@ async def test_route_answers_problem_details_for_upstream_failures(upstream: Ups
         assert opened.json()["code"] == "circuit_open"
         assert opened.headers["retry-after"] == "30"
         hits = upstream.hits
-        transport = http._transport
-        assert isinstance(transport, ResilientTransport)
-        breaker = transport.policy_for(upstream.url.removeprefix("http://")).breaker
-        assert breaker is not None
-        breaker.reset()
+        get_breaker(f"upstream:{upstream.url.removeprefix('http://')}").reset()
         upstream.script(200)
         upstream.hang = True
         loop = asyncio.get_running_loop()
@@ -686,7 +703,9 @@ def test_per_host_policies_are_separate() -> None:
     assert transport.policy_for("a.internal") is a
 
 
-async def test_per_host_state_stays_bounded_but_keeps_what_is_in_use(upstream: Upstream) -> None:
+async def test_per_host_state_stays_bounded_but_keeps_what_is_in_use(
+    upstream: Upstream, default_breakers: BreakerRegistry, default_bulkheads: BulkheadRegistry
+) -> None:
     """A client calling 60 hosts with max_hosts=8 keeps at most 8 hosts' breakers and bulkheads
     registered; a host whose breaker is open keeps failing fast, and a host whose bulkhead
     holds a call still refuses a second one."""
@@ -709,8 +728,8 @@ async def test_per_host_state_stays_bounded_but_keeps_what_is_in_use(upstream: U
         for url in refused[1:]:
             with pytest.raises(UpstreamError):
                 await http.get(url)
-        breakers = [n for n in default_registry.names() if n.endswith(f":{port}")]
-        bulkheads = [b.name for b in default_bulkhead_registry if b.name.endswith(f":{port}")]
+        breakers = [n for n in default_breakers.names() if n.endswith(f":{port}")]
+        bulkheads = [b.name for b in default_bulkheads if b.name.endswith(f":{port}")]
         assert len(breakers) <= 8
         assert len(bulkheads) <= 8
         assert f"upstream:127.0.0.2:{port}" in breakers
@@ -724,7 +743,7 @@ async def test_per_host_state_stays_bounded_but_keeps_what_is_in_use(upstream: U
 
 
 async def test_hosts_whose_breaker_opened_are_forgotten_once_it_would_let_calls_through(
-    upstream: Upstream,
+    upstream: Upstream, default_breakers: BreakerRegistry
 ) -> None:
     """60 dead hosts (max_hosts=8) open their breakers and are kept while open. Once their
     recovery time is up a fresh breaker would let the next call through anyway, so they are
@@ -741,10 +760,10 @@ async def test_hosts_whose_breaker_opened_are_forgotten_once_it_would_let_calls_
         for url in dead:
             with pytest.raises(UpstreamError):
                 await http.get(url)
-        assert len([n for n in default_registry.names() if n.endswith(f":{port}")]) == 60
+        assert len([n for n in default_breakers.names() if n.endswith(f":{port}")]) == 60
         clock.advance(31)
         assert (await http.get(f"{upstream.url}/item")).status_code == 200
-    kept = [n for n in default_registry.names() if n.endswith(f":{port}")]
+    kept = [n for n in default_breakers.names() if n.endswith(f":{port}")]
     assert len(kept) == 8
     assert [e.name for e in seen if e.kind == "breaker.half_open"] == []
 
@@ -762,7 +781,9 @@ async def test_a_given_policy_is_shared_by_every_port_without_growing_the_table(
     assert transport.policy_for(f"127.0.0.1:{free_port()}") is given
 
 
-def test_a_transport_keeps_the_most_recently_used_hosts_by_default() -> None:
+def test_a_transport_keeps_the_most_recently_used_hosts_by_default(
+    default_breakers: BreakerRegistry, default_bulkheads: BulkheadRegistry
+) -> None:
     """Beyond DEFAULT_MAX_HOSTS hosts the least recently used idle one is forgotten, breaker
     and bulkhead registration included; a host used again counts as new."""
     transport = ResilientTransport(max_concurrent=2)
@@ -771,8 +792,8 @@ def test_a_transport_keeps_the_most_recently_used_hosts_by_default() -> None:
     first = transport.policy_for("h0.example:443")
     for i in range(DEFAULT_MAX_HOSTS, DEFAULT_MAX_HOSTS + 100):
         transport.policy_for(f"h{i}.example:443")
-    breakers = [n for n in default_registry.names() if n.endswith(".example:443")]
-    bulkheads = [b.name for b in default_bulkhead_registry if b.name.endswith(".example:443")]
+    breakers = [n for n in default_breakers.names() if n.endswith(".example:443")]
+    bulkheads = [b.name for b in default_bulkheads if b.name.endswith(".example:443")]
     assert len(breakers) == len(bulkheads) == DEFAULT_MAX_HOSTS
     assert "upstream:h0.example:443" in breakers
     assert "upstream:h1.example:443" not in breakers
@@ -806,9 +827,19 @@ def test_bad_options_fail_at_construction(options: dict[str, Any]) -> None:
         ("Tue, 14 Nov 2023 22:13:00 GMT", 0.0),
     ],
 )
-def test_parse_retry_after(value: str | None, expected: float | None) -> None:
-    """Retry-After is read as seconds or as an HTTP date relative to now."""
-    assert parse_retry_after(value, now=1_700_000_000.0) == expected
+async def test_parse_retry_after(
+    upstream: Upstream, value: str | None, expected: float | None
+) -> None:
+    """An upstream 503's Retry-After is read as seconds or as an HTTP date relative to now."""
+    clock = ManualClock(wall_start=1_700_000_000.0)
+    upstream.script(503, retry_after=value)
+    async with client(upstream, attempts=1, clock=clock) as http:
+        with pytest.raises(UpstreamError) as info:
+            await http.get("/item")
+    error = info.value if isinstance(info.value, UpstreamStatusError) else info.value.__cause__
+    assert isinstance(error, UpstreamStatusError)
+    assert error.upstream_status == 503
+    assert error.retry_after == expected
 
 
 async def test_streaming_body_still_works(upstream: Upstream) -> None:
