@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests._servers import RedisServer, free_port, wait_for_port
+from loopback import RedisServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0) -> Non
 class RedisProcess:
     """A private ``redis-server`` without persistence, on a free port, for one run.
 
-    The same server the tests start (``tests._servers.RedisServer``), as a context manager.
+    The same server the tests start (``loopback.RedisServer``), as a context manager.
     """
 
     def __init__(self) -> None:

@@ -32,7 +32,7 @@ class FixedTransport(httpx.AsyncBaseTransport):
 
 
 def variants() -> dict[str, httpx.AsyncClient]:
-    from fastapi_resilience.outbound._transport import ResilientTransport
+    from fastapi_resilience.outbound import ResilientTransport
 
     def wrapped(**options: object) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=ResilientTransport(FixedTransport(), **options))  # type: ignore[arg-type]

@@ -12,11 +12,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi_resilience import fallback
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import UpstreamError
-from fastapi_resilience.outbound._dead_letter import MemoryDeadLetterQueue, RedisDeadLetterQueue
-from fastapi_resilience.outbound._fallback import fallback, with_fallback
-from fastapi_resilience.outbound._response_cache import ResponseCache
+from fastapi_resilience.outbound import (
+    MemoryDeadLetterQueue,
+    RedisDeadLetterQueue,
+    ResponseCache,
+    with_fallback,
+)
 
 
 async def upstream(sku: str = "a") -> dict[str, Any]:

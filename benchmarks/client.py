@@ -80,7 +80,7 @@ def plain_transport() -> httpx.AsyncBaseTransport:
 
 
 def resilience_transport() -> httpx.AsyncBaseTransport:
-    from fastapi_resilience.outbound._transport import ResilientTransport
+    from fastapi_resilience.outbound import ResilientTransport
 
     # The defaults: per-host breaker, 3 attempts under a retry budget, 10 s timeout.
     return ResilientTransport(httpx.AsyncHTTPTransport())

@@ -58,9 +58,7 @@ def _headers_off(owner: type) -> None:
 
 
 def build(part: str) -> ASGIApp:
-    from fastapi_resilience.ratelimit._identity import DefaultIdentityResolver
-    from fastapi_resilience.ratelimit._limiter import RateLimiter
-    from fastapi_resilience.ratelimit._memory import MemoryStorage
+    from fastapi_resilience.ratelimit import DefaultIdentityResolver, MemoryStorage, RateLimiter
     from fastapi_resilience.ratelimit._step import RateLimitStep
 
     if part == "headers":

@@ -189,7 +189,7 @@ async def pybreaker_async() -> Call:
 
 
 async def resilience_breaker() -> Call:
-    from fastapi_resilience.outbound._breaker import CircuitBreaker
+    from fastapi_resilience import CircuitBreaker
 
     breaker = CircuitBreaker(
         "bench", failure_threshold=5, recovery_timeout=30, half_open_max_calls=1, registry=None
@@ -198,7 +198,7 @@ async def resilience_breaker() -> Call:
 
 
 async def resilience_breaker_call() -> Call:
-    from fastapi_resilience.outbound._breaker import CircuitBreaker
+    from fastapi_resilience import CircuitBreaker
 
     breaker = CircuitBreaker("bench-call", failure_threshold=5, recovery_timeout=30, registry=None)
     return lambda: breaker.call(noop)
@@ -208,21 +208,20 @@ async def resilience_breaker_call() -> Call:
 
 
 async def resilience_retry() -> Call:
-    from fastapi_resilience.outbound._retry import Retry
+    from fastapi_resilience import Retry
 
     return Retry(attempts=3)(noop)
 
 
 async def resilience_retry_call() -> Call:
-    from fastapi_resilience.outbound._retry import Retry
+    from fastapi_resilience import Retry
 
     retry = Retry(attempts=3)
     return lambda: retry.call(noop)
 
 
 async def resilience_retry_budget() -> Call:
-    from fastapi_resilience.outbound._retry import Retry
-    from fastapi_resilience.outbound._retry_budget import RetryBudget
+    from fastapi_resilience import Retry, RetryBudget
 
     retry = Retry(attempts=3, budget=RetryBudget())
     return lambda: retry.call(noop)

@@ -15,9 +15,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from fastapi_resilience._limits import Limit
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._storage import LimitCheck
+from fastapi_resilience.ratelimit import Limit, LimitCheck, MemoryStorage
 from fastapi_resilience.testing import ManualClock
 
 N, P = 100, 60.0

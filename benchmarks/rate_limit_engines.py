@@ -33,10 +33,7 @@ import redis.asyncio.connection
 import redis.connection
 from redis._parsers import _AsyncRESP2Parser
 
-from fastapi_resilience._limits import Limit
-from fastapi_resilience.ratelimit._guard import GuardedStorage
-from fastapi_resilience.ratelimit._redis import RedisStorage
-from fastapi_resilience.ratelimit._storage import LimitCheck
+from fastapi_resilience.ratelimit import GuardedStorage, Limit, LimitCheck, RedisStorage
 
 SENDS = {"n": 0}
 

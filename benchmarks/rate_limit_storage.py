@@ -18,10 +18,7 @@ import limits.strategies
 import redis
 
 from benchmarks.rate_limit_engines import redis_server, run_async
-from fastapi_resilience._limits import Limit
-from fastapi_resilience.ratelimit._memory import MemoryStorage
-from fastapi_resilience.ratelimit._redis import RedisStorage
-from fastapi_resilience.ratelimit._storage import LimitCheck
+from fastapi_resilience.ratelimit import Limit, LimitCheck, MemoryStorage, RedisStorage
 from fastapi_resilience.testing import ManualClock
 
 

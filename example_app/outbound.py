@@ -29,6 +29,7 @@ import httpx
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from fastapi_resilience import Bulkhead, CircuitBreaker, Retry, RetryBudget, resilient_client
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.exceptions import (
     NotFoundError,
@@ -36,19 +37,15 @@ from fastapi_resilience.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.outbound._breaker import CircuitBreaker
-from fastapi_resilience.outbound._bulkhead import Bulkhead
-from fastapi_resilience.outbound._dead_letter import DeadLetter, MemoryDeadLetterQueue
-from fastapi_resilience.outbound._fallback import with_fallback
-from fastapi_resilience.outbound._headers import CorrelationIdTransport
-from fastapi_resilience.outbound._response_cache import (
+from fastapi_resilience.outbound import (
     CACHE_STATUS_HEADER,
     CacheResult,
+    CorrelationIdTransport,
+    DeadLetter,
+    MemoryDeadLetterQueue,
     ResponseCache,
+    with_fallback,
 )
-from fastapi_resilience.outbound._retry import Retry
-from fastapi_resilience.outbound._retry_budget import RetryBudget
-from fastapi_resilience.outbound._transport import resilient_client
 
 __all__ = ["INVENTORY_URL_ENV", "Inventory", "build_router", "inventory", "router"]
 

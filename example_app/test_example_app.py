@@ -9,8 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests._servers import UvicornProcess
+from loopback import UvicornProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -7,11 +7,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from loopback import UvicornProcess
 
 from example_app.outbound import Inventory, build_router
-from fastapi_resilience.problems._handlers import install_exception_handlers
+from fastapi_resilience import install_exception_handlers
 from fastapi_resilience.testing import ManualClock
-from tests._servers import UvicornProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests._servers import free_port, wait_for_port
+from loopback import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

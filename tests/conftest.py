@@ -4,15 +4,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopback import RedisServer, require_binary
 
 # The one private import the tests keep: the library has no public handle on the registries
 # that CircuitBreaker(name), Bulkhead(name) and resilient_client() register in by default, and
 # tests that use them must take their breakers and bulkheads out again. Tests get them from
 # the fixtures below, never from these modules.
-from fastapi_resilience.outbound import BreakerRegistry, BulkheadRegistry
-from fastapi_resilience.outbound._breaker import default_registry
-from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
-from tests._servers import RedisServer, require_binary
+from fastapi_resilience.outbound import (
+    BreakerRegistry,
+    BulkheadRegistry,
+    default_bulkhead_registry,
+    default_registry,
+)
 
 
 @pytest.fixture(name="redis_server")

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from loopback import UvicornProcess
 
-from tests._servers import UvicornProcess
 from tests._shapes import ORIGIN, ROOT_PATH, ROUTE_LIMIT, SHAPES, TIER_LIMIT, build
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from loopback import RedisServer
 from redis.asyncio import Redis
 
 from fastapi_resilience import CircuitBreaker, deadline, timeout
@@ -21,7 +22,6 @@ from fastapi_resilience.exceptions import (
 )
 from fastapi_resilience.outbound import BreakerRegistry, RedisBreakerStore
 from fastapi_resilience.testing import ManualClock
-from tests._servers import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 

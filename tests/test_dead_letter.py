@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio
+from loopback import RedisServer
 
 from fastapi_resilience import Retry
 from fastapi_resilience.events import Event, EventBus
@@ -27,7 +28,6 @@ from fastapi_resilience.outbound import (
 )
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import in_request
-from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -6,13 +6,13 @@ import httpx
 import pytest
 import redis.asyncio
 from fastapi import FastAPI
+from loopback import RedisServer
 
 from fastapi_resilience import ResilienceSettings, install
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health import CheckResult, HealthChecks
 from fastapi_resilience.outbound import BreakerRegistry
 from fastapi_resilience.testing import ManualClock
-from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 

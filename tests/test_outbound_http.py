@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
+from loopback import UvicornProcess
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastapi_resilience import (
@@ -34,7 +35,6 @@ from fastapi_resilience import (
 from fastapi_resilience.exceptions import UpstreamError, UpstreamTimeoutError
 from fastapi_resilience.outbound import BreakerRegistry, BulkheadRegistry, TieredBulkhead
 from fastapi_resilience.testing import ManualClock
-from tests._servers import UvicornProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

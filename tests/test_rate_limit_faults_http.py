@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import redis.asyncio as aioredis
-
-from tests._servers import RedisServer, UvicornProcess
+from loopback import RedisServer, UvicornProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 

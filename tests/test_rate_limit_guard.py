@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from loopback import RedisServer
 
 from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.exceptions import ConfigurationError, StorageUnavailableError
@@ -20,7 +21,6 @@ from fastapi_resilience.ratelimit import (
     guarded_storage_from_url,
 )
 from fastapi_resilience.testing import ManualClock
-from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 

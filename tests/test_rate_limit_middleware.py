@@ -509,7 +509,7 @@ async def test_exempt_path_prefixes(clock: ManualClock) -> None:
 
 
 def dead_redis_url() -> str:
-    from tests._servers import free_port
+    from loopback import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there: connection refused
 

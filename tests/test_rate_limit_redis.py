@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from loopback import RedisServer
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from fastapi_resilience.exceptions import StorageUnavailableError
 from fastapi_resilience.ratelimit import Limit, LimitCheck, RedisStorage
-from tests._servers import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 

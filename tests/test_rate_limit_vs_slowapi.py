@@ -9,9 +9,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
+from loopback import RedisServer
 
 from fastapi_resilience import ResilienceSettings, install
-from tests._servers import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 

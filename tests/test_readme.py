@@ -60,7 +60,7 @@ def _run_walk_through(script: str) -> list[int]:
     """Run it with bash; every curl prints only its status code."""
     import subprocess
 
-    from tests._servers import require_binary
+    from loopback import require_binary
 
     require_binary("curl")
     status_only = "curl() { command curl -s -o /dev/null -w '%{http_code} ' \"$@\"; }\n"
@@ -82,7 +82,7 @@ def test_readme_walk_through_runs_twice_in_a_row() -> None:
     import subprocess
     import sys
 
-    from tests._servers import free_port, wait_for_port
+    from loopback import free_port, wait_for_port
 
     port, upstream_port = free_port(), free_port()
     script = (

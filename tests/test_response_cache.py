@@ -10,6 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from loopback import RedisServer
 
 from fastapi_resilience import cached
 from fastapi_resilience.events import Event, EventBus
@@ -31,7 +32,6 @@ from fastapi_resilience.outbound import (
     record_cache_status,
 )
 from fastapi_resilience.testing import ManualClock
-from tests._servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-
-from tests._servers import RedisServer
+from loopback import RedisServer
 
 pytestmark = pytest.mark.redis
 

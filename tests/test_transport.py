@@ -16,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from loopback import RedisServer, free_port
 from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience import (
@@ -47,7 +48,6 @@ from fastapi_resilience.outbound import (
 )
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import in_request
-from tests._servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 

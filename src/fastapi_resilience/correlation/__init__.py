@@ -12,6 +12,7 @@ if TYPE_CHECKING:
         CorrelationStep,
         generate_correlation_id,
         get_correlation_id,
+        set_correlation_id,
     )
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CorrelationStep",
     "generate_correlation_id",
     "get_correlation_id",
+    "set_correlation_id",
 ]
 
 #: Each public name and the module it is imported from on first use.
@@ -27,5 +29,6 @@ _EXPORTS = {
     "CorrelationStep": "fastapi_resilience.correlation._ids",
     "generate_correlation_id": "fastapi_resilience.correlation._ids",
     "get_correlation_id": "fastapi_resilience.correlation._ids",
+    "set_correlation_id": "fastapi_resilience.correlation._ids",
 }
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

@@ -12,16 +12,22 @@ from typing import TYPE_CHECKING
 from fastapi_resilience._exports import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
-    from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
+    from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle, is_overload
     from fastapi_resilience.outbound._breaker import (
         BreakerRegistry,
         BreakerState,
         BreakerStateStore,
         breaker_health_check,
+        default_registry,
     )
     from fastapi_resilience.outbound._breaker_redis import RedisBreakerStore
     from fastapi_resilience.outbound._breaker_window import SlidingWindow
-    from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
+    from fastapi_resilience.outbound._bulkhead import (
+        TIER_SCOPE_KEY,
+        BulkheadRegistry,
+        TieredBulkhead,
+        default_bulkhead_registry,
+    )
     from fastapi_resilience.outbound._dead_letter import (
         DeadLetter,
         DeadLetterQueue,
@@ -35,10 +41,13 @@ if TYPE_CHECKING:
     from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
     from fastapi_resilience.outbound._hedging import Hedge
     from fastapi_resilience.outbound._response_cache import (
+        CACHE_STATUS_HEADER,
         CacheEntry,
         CacheResult,
         CacheStatusMiddleware,
+        JsonSerializer,
         ResponseCache,
+        Serializer,
         cached_call,
         current_cache_status,
         record_cache_status,
@@ -46,6 +55,8 @@ if TYPE_CHECKING:
     from fastapi_resilience.outbound._transport import HostPolicy, ResilientTransport
 
 __all__ = [
+    "CACHE_STATUS_HEADER",
+    "TIER_SCOPE_KEY",
     "AdaptiveThrottle",
     "BreakerRegistry",
     "BreakerState",
@@ -59,12 +70,14 @@ __all__ = [
     "DeadLetterQueue",
     "Hedge",
     "HostPolicy",
+    "JsonSerializer",
     "MemoryDeadLetterQueue",
     "RedisBreakerStore",
     "RedisDeadLetterQueue",
     "ReplayReport",
     "ResilientTransport",
     "ResponseCache",
+    "Serializer",
     "SlidingWindow",
     "TieredBulkhead",
     "breaker_health_check",
@@ -72,6 +85,9 @@ __all__ = [
     "correlation_id_hook",
     "current_cache_status",
     "dead_letter_on_failure",
+    "default_bulkhead_registry",
+    "default_registry",
+    "is_overload",
     "record_cache_status",
     "with_fallback",
     "with_timeout",
@@ -108,5 +124,12 @@ _EXPORTS = {
     "record_cache_status": "fastapi_resilience.outbound._response_cache",
     "with_fallback": "fastapi_resilience.outbound._fallback",
     "with_timeout": "fastapi_resilience.outbound._deadline",
+    "default_registry": "fastapi_resilience.outbound._breaker",
+    "default_bulkhead_registry": "fastapi_resilience.outbound._bulkhead",
+    "TIER_SCOPE_KEY": "fastapi_resilience.outbound._bulkhead",
+    "is_overload": "fastapi_resilience.outbound._adaptive_throttle",
+    "Serializer": "fastapi_resilience.outbound._response_cache",
+    "JsonSerializer": "fastapi_resilience.outbound._response_cache",
+    "CACHE_STATUS_HEADER": "fastapi_resilience.outbound._response_cache",
 }
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from fastapi_resilience._limits import Limit, parse_limits
     from fastapi_resilience.ratelimit._guard import GuardedStorage
     from fastapi_resilience.ratelimit._identity import (
+        ClientAddress,
         DefaultIdentityResolver,
         Identity,
         IdentityResolver,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "ClientAddress",
     "Decision",
     "DefaultIdentityResolver",
     "GuardedStorage",
@@ -69,5 +71,6 @@ _EXPORTS = {
     "guarded_storage_from_url": "fastapi_resilience.ratelimit._setup",
     "parse_limits": "fastapi_resilience._limits",
     "storage_from_url": "fastapi_resilience.ratelimit._setup",
+    "ClientAddress": "fastapi_resilience.ratelimit._identity",
 }
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

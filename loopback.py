@@ -1,4 +1,4 @@
-"""Real servers for tests: a ``redis-server`` on a free port, and uvicorn processes.
+"""Real servers on 127.0.0.1 for the tests and the benchmarks: ``redis-server``, uvicorn.
 
 Each can be killed, stalled (``SIGSTOP``) and brought back, so fault tests use the real thing.
 When a binary is missing the test is skipped on a laptop and fails under ``CI=true``.
