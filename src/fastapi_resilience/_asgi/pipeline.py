@@ -83,13 +83,11 @@ class RequestState:
         "arounds",
         "context",
         "correlation_id",
-        "deadline",
-        "deadline_token",
+        "deadlines",
         "degraded_mode",
         "fields",
         "limit",
         "limit_fields",
-        "logged",
         "scope",
         "started",
     )
@@ -114,11 +112,8 @@ class RequestState:
     limit_fields: list[tuple[bytes, bytes]] | None
     #: The degraded mode whose features were looked at for this request (``None``: none).
     degraded_mode: Any
-    #: The request's time budget in seconds, when a deadline step set one, and its scope.
-    deadline: float | None
-    deadline_token: Any
-    #: The unhandled exception logged for this request, so that a second layer does not.
-    logged: BaseException | None
+    #: The deadlines the deadline steps opened for the request: (step, budget, scope) each.
+    deadlines: list[tuple[Any, float, Any]] | None
     #: Steps that run the app inside themselves (``around``), added by their ``enter``.
     arounds: list[Any] | None
     #: The response has started.
@@ -129,8 +124,8 @@ class RequestState:
         self._send = send
         self._path = self._path_root = None
         self.correlation_id = self.context = self.limit = self.limit_fields = None
-        self.degraded_mode = self.deadline = self.deadline_token = None
-        self.logged = self.arounds = None
+        self.degraded_mode = self.deadlines = None
+        self.arounds = None
         self.fields = []
         self.started = False
 
@@ -240,6 +235,9 @@ class Pipeline:
             state = scope[REQUEST_KEY] = RequestState(scope, send)
             send = state.send
         # else: a pipeline outside this one runs the request, and these steps join it.
+        # The context variables this pipeline's steps set come after ``mark``: it unsets them
+        # itself, in its own task (a layer between two pipelines may run the inner in another).
+        mark = len(state.context) if state.context else 0
         # One coroutine per request: the steps, the app and the error answer, inlined.
         try:
             answer: Answer | None = None
@@ -265,9 +263,9 @@ class Pipeline:
         finally:
             for step in self._leaving:
                 step.leave(state)
+            if state.context and len(state.context) > mark:
+                _unset(state.context, mark)
             if owner:
-                if state.context:
-                    _reset(state)
                 # Nothing of the request stays reachable from its scope (ADR 0044).
                 del scope[REQUEST_KEY]
 
@@ -282,6 +280,7 @@ class Pipeline:
         owned = state is None
         if state is None:
             state = scope[REQUEST_KEY] = RequestState(scope, send)
+        mark = len(state.context) if state.context else 0
         try:
             for step in self._websocket_steps:
                 answer = step.enter(state)
@@ -294,8 +293,9 @@ class Pipeline:
         finally:
             for step in self._leaving:
                 step.leave(state)
+            if state.context and len(state.context) > mark:
+                _unset(state.context, mark)
             if owned:
-                _reset(state)
                 del scope[REQUEST_KEY]
 
 
@@ -307,27 +307,35 @@ async def _last_body(context: list[Any], send: Send, message: Message) -> None:
     until the connection's next request (ADR 0044). They are set again afterwards, for
     background tasks.
     """
-    try:
-        for index in range(len(context) - 3, -1, -3):
-            context[index].reset(context[index + 2])
-    except ValueError:
-        # Sent from a copied context (a streaming body's task group): nothing to unset.
-        await send(message)
-        return
+    unset: list[int] = []
+    for index in range(len(context) - 3, -1, -3):
+        if _unset_one(context[index], context[index + 2]):
+            unset.append(index)
     try:
         await send(message)
     finally:
-        for index in range(0, len(context), 3):
+        for index in reversed(unset):
             context[index + 2] = context[index].set(context[index + 1])
 
 
-def _reset(state: RequestState) -> None:
-    """Unset the context variables the steps set for the request, the last set first."""
-    context = state.context
-    while context:
+def _unset(context: list[Any], start: int) -> None:
+    """Unset the context variables of ``context`` from ``start`` on, the last set first, and
+    drop them from the list."""
+    while len(context) > start:
         token = context.pop()
         context.pop()
-        context.pop().reset(token)
+        _unset_one(context.pop(), token)
+
+
+def _unset_one(variable: Any, token: Any) -> bool:
+    """Unset ``variable`` back to before ``token``; ``False`` when this task cannot: it was
+    set in another task's context (a streaming body's task group, a nested layer's task),
+    whose end drops it anyway."""
+    try:
+        variable.reset(token)
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 async def _around(

@@ -15,7 +15,12 @@ from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.exceptions import ConfigurationError, UpstreamTimeoutError
-from fastapi_resilience.outbound._deadline import DEADLINE_EXCEEDED_DETAIL, deadline, to_seconds
+from fastapi_resilience.outbound._deadline import (
+    DEADLINE_EXCEEDED_DETAIL,
+    DeadlineScope,
+    deadline,
+    to_seconds,
+)
 from fastapi_resilience.problems._render import problem_response
 
 __all__ = ["FROM_SETTINGS", "DeadlineStep", "check_budget"]
@@ -136,8 +141,13 @@ class DeadlineStep:
             return
         scope_ = deadline(budget, clock=self.clock, from_client=from_client)
         scope_.__enter__()
-        state.deadline = budget
-        state.deadline_token = scope_
+        # One entry per deadline step: two ``RequestDeadlineMiddleware`` on one request (an
+        # app's and a mounted app's) each exit their own.
+        entry = (self, budget, scope_)
+        if state.deadlines is None:
+            state.deadlines = [entry]
+        else:
+            state.deadlines.append(entry)
         if self.enforce:
             if state.arounds is None:
                 state.arounds = [self]
@@ -145,15 +155,25 @@ class DeadlineStep:
                 state.arounds.append(self)
 
     def leave(self, state: RequestState) -> None:
-        scope_ = state.deadline_token
-        if scope_ is not None:
-            state.deadline_token = None
-            scope_.__exit__(None, None, None)
+        entry = self._entry(state)
+        if entry is not None:
+            assert state.deadlines is not None
+            state.deadlines.remove(entry)
+            entry[2].__exit__(None, None, None)
+
+    def _entry(self, state: RequestState) -> tuple[DeadlineStep, float, DeadlineScope] | None:
+        """This step's deadline of the request, the latest if it entered twice."""
+        entries: list[tuple[DeadlineStep, float, DeadlineScope]] = state.deadlines or []
+        for entry in reversed(entries):
+            if entry[0] is self:
+                return entry
+        return None
 
     async def around(self, state: RequestState, inner: Inner, send: Send) -> None:
         """Run the app, cut off when the budget (plus ``grace``) is spent before it answers."""
         started = False
-        budget = state.deadline or 0.0
+        entry = self._entry(state)
+        budget = entry[1] if entry is not None else 0.0
         cutoff = asyncio.timeout(budget + self.grace)
 
         async def watch_send(message: Message) -> None:

@@ -240,17 +240,24 @@ def _exposed_detail(exc: BaseException) -> str:
     return message or INTERNAL_ERROR_DETAIL
 
 
-def log_unhandled(scope: Scope, exc: BaseException) -> None:
-    """Log an unhandled exception once per request, with its traceback and the correlation ID.
+#: Where the ``id`` of the exception logged for a request is kept in its scope: the layers it
+#: passes later in the request (the app's pipeline around a mounted app's handler, Starlette's
+#: error layer after a re-raise) may meet it once the request's state is gone. An ``id``, not
+#: the exception: nothing of the request stays reachable from its scope (ADR 0044).
+LOGGED_KEY = "fastapi_resilience.logged"
 
-    Once: an exception that passes two of the library's layers in one request (a mounted
-    sub-app's error handler, then the app's correlation layer) is logged by the first only; the
-    correlation layer takes the mark out of the scope when the request ends. The method and
-    path are the client's text: control characters in them are escaped.
+
+def log_unhandled(scope: Scope, exc: BaseException) -> None:
+    """Log an unhandled exception once, with its traceback and the correlation ID.
+
+    Once: an exception that passes several of the library's layers (a mounted sub-app's error
+    handler, then the app's pipeline, then Starlette's error layer when it is raised again) is
+    logged by the first only. The method and path are the client's text: control characters in
+    them are escaped.
     """
-    state = state_of(scope)
-    if state is not None and state.logged is exc:
+    if scope.get(LOGGED_KEY) == id(exc):
         return
+    state = state_of(scope)
     logger.error(
         "unhandled %s on %s %s",
         type(exc).__name__,
@@ -263,9 +270,7 @@ def log_unhandled(scope: Scope, exc: BaseException) -> None:
             or "-"
         },
     )
-    if state is not None:
-        # A layer outside (the app's, around a mounted app) may meet it again.
-        state.logged = exc
+    scope[LOGGED_KEY] = id(exc)
 
 
 async def answer_unhandled(

@@ -409,11 +409,12 @@ class RateLimiter:
         Raises:
             StorageUnavailableError: the storage is down and ``fail_open`` is off.
         """
-        local = self.try_check(scope, identity, route, with_tier=with_tier)
-        if local is not None:
-            return local
         plan = self._plan(identity, route, with_tier=with_tier)
         try:
+            # An in-process storage answers at once: ``try_check`` asks it.
+            local = self.try_check(scope, identity, route, with_tier=with_tier)
+            if local is not None:
+                return local
             decision = await self._storage.check(identity.key, plan.checks)
         except StorageUnavailableError:
             if not self.fail_open:

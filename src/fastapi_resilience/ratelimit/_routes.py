@@ -30,7 +30,7 @@ from fastapi_resilience.exceptions import (
     RateLimitedError,
     ServiceUnavailableError,
 )
-from fastapi_resilience.ratelimit._headers import HeaderPlan
+from fastapi_resilience.ratelimit._headers import HeaderPlan, PolicyHeader
 from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter, RoutePlan
 from fastapi_resilience.ratelimit._storage import StorageUnavailableError
 
@@ -174,13 +174,24 @@ def _checked_here(request: Request) -> Any:
 
 class RouteLimitOutcome:
     """The decision of a request whose route limits were checked apart from its tier (by the
-    route's dependency): the tier's outcome, if a middleware counted one, and the route's."""
+    route's dependencies): every outcome that counted it, the tier's first when a middleware
+    counted one, then one per ``rate_limit`` dependency in the order they were awaited."""
 
-    __slots__ = ("route", "tier")
+    __slots__ = ("parts",)
 
-    def __init__(self, tier: LimitOutcome | None, route: LimitOutcome) -> None:
-        self.tier = tier
-        self.route = route
+    parts: tuple[LimitOutcome, ...]
+
+    def __init__(self, earlier: LimitOutcome | RouteLimitOutcome | None, route: LimitOutcome):
+        if isinstance(earlier, RouteLimitOutcome):
+            before: tuple[LimitOutcome, ...] = earlier.parts
+        else:
+            before = (earlier,) if earlier is not None else ()
+        self.parts = (*before, route)
+
+    @property
+    def route(self) -> LimitOutcome:
+        """The outcome of the dependency checked last."""
+        return self.parts[-1]
 
     @property
     def limiter(self) -> RateLimiter:
@@ -196,19 +207,33 @@ class RouteLimitOutcome:
 
     @property
     def route_sources(self) -> frozenset[object]:
-        return self.route.route_sources
+        return frozenset().union(*(part.route_sources for part in self.parts))
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Every policy in the IETF fields, the tightest in ``X-RateLimit-*``."""
         own = self.route
-        tier = self.tier.decision if self.tier is not None else None
-        mine = own.decision
-        if tier is None or mine is None or not own.limiter.headers_enabled:
+        decided = [(part, part.decision) for part in self.parts if part.decision is not None]
+        if len(decided) < 2 or own.decision is None or not own.limiter.headers_enabled:
             return own.headers()
-        assert self.tier is not None
-        plan = HeaderPlan.build([*self.tier.plan.header.policies, *own.plan.header.policies])
-        states = [*tier.states, *mine.states]
+        plan = HeaderPlan.build(
+            _distinct([policy for part, _ in decided for policy in part.plan.header.policies])
+        )
+        states = [state for _, decision in decided if decision for state in decision.states]
         return plan.headers([s.remaining for s in states], [s.reset_after for s in states])
+
+
+def _distinct(policies: list[PolicyHeader]) -> list[PolicyHeader]:
+    """``policies`` with names that say which is which: two dependencies on one route name
+    their limits after the route, so a repeated name gets its limit appended
+    (``/search``, ``/search-2/minute``)."""
+    seen: set[str] = set()
+    out = []
+    for policy in policies:
+        if policy.name in seen:
+            policy = PolicyHeader.build(f"{policy.name}-{policy.limit.policy_name}", policy.limit)
+        seen.add(policy.name)
+        out.append(policy)
+    return out
 
 
 async def _check_route_only(

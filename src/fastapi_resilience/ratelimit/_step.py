@@ -58,7 +58,10 @@ class RateLimitStep:
         if identity is None:
             state.limit = UNLIMITED  # the resolver leaves the request unlimited
             return None
-        outcome = limiter.try_check(scope, identity, self._route(scope, path))
+        try:
+            outcome = limiter.try_check(scope, identity, self._route(scope, path))
+        except StorageUnavailableError:
+            return PENDING  # ``decide`` asks again through ``check``, which fails open or not
         if outcome is None:
             return PENDING  # the storage must be awaited: ``decide``
         return self._decided(state, outcome)

@@ -185,7 +185,10 @@ class LocalStorage(Protocol):
     """A storage that answers without awaiting (its counts are in this process).
 
     The limiter calls these instead of ``check`` on every request: no coroutine for a decision
-    that never waits.
+    that never waits. A storage that has them is asked only through them: a subclass of
+    ``MemoryStorage`` that changes the answers (a test double for an outage) overrides
+    ``try_admit`` and ``check_many``, which may raise ``StorageUnavailableError`` as ``check``
+    may.
     """
 
     def try_admit(self, check: LimitCheck) -> tuple[int, float] | None:
