@@ -49,10 +49,11 @@ Inner = Callable[[Send], Awaitable[None]]
 
 class ErrorAnswer(Protocol):
     """Answers an exception the app raised: ``response_started`` says whether the response
-    had started (then only logging is left)."""
+    had started (then only logging is left), ``reraise`` whether the pipeline raises the
+    exception again afterwards."""
 
     def __call__(
-        self, scope: Scope, exc: Exception, send: Send, *, response_started: bool
+        self, scope: Scope, exc: Exception, send: Send, *, response_started: bool, reraise: bool
     ) -> Awaitable[None]: ...
 
 
@@ -257,8 +258,9 @@ class Pipeline:
         except Exception as exc:
             if self.on_error is None:
                 raise
-            await self.on_error(scope, exc, send, response_started=state.started)
-            if self._reraise(scope):
+            reraise = self._reraise(scope)
+            await self.on_error(scope, exc, send, response_started=state.started, reraise=reraise)
+            if reraise:
                 raise
         finally:
             for step in self._leaving:

@@ -274,14 +274,26 @@ def log_unhandled(scope: Scope, exc: BaseException) -> None:
 
 
 async def answer_unhandled(
-    scope: Scope, exc: Exception, send: Send, *, response_started: bool
+    scope: Scope, exc: Exception, send: Send, *, response_started: bool, reraise: bool = False
 ) -> None:
     """Log ``exc`` once and, if nothing was sent yet, answer the sanitized 500.
 
     When the response had already started (a failing stream or background task) there is
     nothing left to say to the client: the error is logged and the server closes the
-    connection on the incomplete response.
+    connection on the incomplete response. ``reraise``: the caller raises ``exc`` again, so a
+    layer outside (Starlette's error layer) meets it and must find it logged; otherwise the
+    mark leaves the scope.
     """
+    try:
+        await _answer_unhandled(scope, exc, send, response_started=response_started)
+    finally:
+        if not reraise:
+            scope.pop(LOGGED_KEY, None)
+
+
+async def _answer_unhandled(
+    scope: Scope, exc: Exception, send: Send, *, response_started: bool
+) -> None:
     log_unhandled(scope, exc)
     if response_started:
         return
