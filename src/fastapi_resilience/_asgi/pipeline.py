@@ -184,8 +184,9 @@ class Step(Protocol):
     two). A step appends the response fields it decided to ``state.fields`` (a list of its
     own) and the context variables it set to ``state.context``; one with ``leave(state)`` is
     called after the app, whatever happened; one with ``around(state, inner, send)`` runs the
-    app inside itself once its ``enter`` appended it to ``state.arounds``. ``websocket``: the
-    step looks at WebSocket connections too.
+    app inside itself once its ``enter`` appended it to ``state.arounds``; ``startup(scope)``
+    and ``async shutdown()``, when a step has them, run with the app's lifespan.
+    ``websocket``: the step looks at WebSocket connections too.
     """
 
     websocket: bool
@@ -220,6 +221,8 @@ class Pipeline:
         self.steps = tuple(steps)
         self._websocket_steps = tuple(s for s in self.steps if s.websocket)
         self._leaving = tuple(reversed([s for s in self.steps if hasattr(s, "leave")]))
+        self._starting = tuple(s for s in self.steps if hasattr(s, "startup"))
+        self._stopping = tuple(s for s in self.steps if hasattr(s, "shutdown"))
         self.on_error = on_error
         self.reraise = reraise
 
@@ -227,6 +230,8 @@ class Pipeline:
         if scope["type"] != "http":
             if scope["type"] == "websocket" and self._websocket_steps:
                 await self._websocket(scope, receive, send)
+            elif scope["type"] == "lifespan" and (self._starting or self._stopping):
+                await self._lifespan(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
@@ -263,13 +268,7 @@ class Pipeline:
             if reraise:
                 raise
         finally:
-            for step in self._leaving:
-                step.leave(state)
-            if state.context and len(state.context) > mark:
-                _unset(state.context, mark)
-            if owner:
-                # Nothing of the request stays reachable from its scope (ADR 0044).
-                del scope[REQUEST_KEY]
+            self._finish(state, mark, owner)
 
     def _reraise(self, scope: Scope) -> bool:
         if self.reraise is not None:
@@ -293,12 +292,32 @@ class Pipeline:
                     return
             await self.app(scope, receive, send)
         finally:
-            for step in self._leaving:
-                step.leave(state)
-            if state.context and len(state.context) > mark:
-                _unset(state.context, mark)
-            if owned:
-                del scope[REQUEST_KEY]
+            self._finish(state, mark, owned)
+
+    def _finish(self, state: RequestState, mark: int, owner: bool) -> None:
+        """The steps leave, the context variables they set after ``mark`` are unset; the
+        pipeline that made the state (``owner``) takes it out of the scope."""
+        for step in self._leaving:
+            step.leave(state)
+        if state.context and len(state.context) > mark:
+            _unset(state.context, mark)
+        if owner:
+            # Nothing of the request stays reachable from its scope (ADR 0044).
+            del state.scope[REQUEST_KEY]
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's lifespan, with the steps' ``startup(scope)`` before it and their
+        ``await shutdown()`` once the app has shut down."""
+        for step in self._starting:
+            step.startup(scope)
+
+        async def shutdown_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                for step in self._stopping:
+                    await step.shutdown()
+            await send(message)
+
+        await self.app(scope, receive, shutdown_send if self._stopping else send)
 
 
 async def _last_body(context: list[Any], send: Send, message: Message) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from fastapi_resilience._asgi.pipeline import Pipeline
 from fastapi_resilience._settings import ResilienceSettings
@@ -113,7 +113,7 @@ class RateLimitMiddleware(Pipeline):
         events: EventBus | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._owns_limiter = limiter is None
+        owns_limiter = limiter is None
         if limiter is None:
             from fastapi_resilience.ratelimit._setup import limiter_from_settings
 
@@ -121,22 +121,8 @@ class RateLimitMiddleware(Pipeline):
                 settings, storage=storage, resolver=resolver, events=events, clock=clock
             )
         self.limiter = limiter
-        super().__init__(app, [RateLimitStep(limiter)])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan" and self._owns_limiter:
-            # The middleware built this limiter, so it closes its storage at shutdown.
-            await self.app(scope, receive, self._closing_send(send))
-            return
-        await super().__call__(scope, receive, send)
-
-    def _closing_send(self, send: Send) -> Send:
-        async def closing_send(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                await self.limiter.aclose()
-            await send(message)
-
-        return closing_send
+        # The middleware built this limiter, so it closes its storage at shutdown.
+        super().__init__(app, [RateLimitStep(limiter, close_limiter=owns_limiter)])
 
 
 class DegradedModeMiddleware(Pipeline):
@@ -211,8 +197,3 @@ class RequestDeadlineMiddleware(Pipeline):
         )
         self.timeout = self.step.timeout
         super().__init__(app, [self.step])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            self.step.settle(scope)
-        await super().__call__(scope, receive, send)

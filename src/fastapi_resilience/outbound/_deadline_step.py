@@ -21,7 +21,7 @@ from fastapi_resilience.outbound._deadline import (
     deadline,
     to_seconds,
 )
-from fastapi_resilience.problems._render import problem_response
+from fastapi_resilience.problems._render import no_request_body, problem_response
 
 __all__ = ["FROM_SETTINGS", "DeadlineStep", "check_budget"]
 
@@ -101,11 +101,14 @@ class DeadlineStep:
         self.header = header
         self.header_floor = floor
 
+    def startup(self, scope: Scope) -> None:
+        """At the lifespan's start-up: read the settings (``settle``)."""
+        if self._unsettled:
+            self.settle(scope)
+
     def settle(self, scope: Scope) -> None:
         """Read the settings once, from the app serving ``scope`` (the lifespan's or the
         first request's): those ``install()`` was given, else the environment's."""
-        if not self._unsettled:
-            return
         resilience = resilience_of(scope.get("app"))
         self._configure(resilience.settings if resilience is not None else ResilienceSettings())
         self._unsettled = False
@@ -135,7 +138,8 @@ class DeadlineStep:
     websocket = False
 
     def enter(self, state: RequestState) -> None:
-        self.settle(state.scope)  # the first request, unless the lifespan came first
+        if self._unsettled:
+            self.settle(state.scope)  # the first request, unless the lifespan came first
         budget, from_client = self._budget(state.scope)
         if budget is None:
             return
@@ -202,8 +206,4 @@ class DeadlineStep:
                 detail=error.detail,
                 extensions=error.extensions,
             )
-            await response(scope, _no_body, send)
-
-
-async def _no_body() -> Message:  # pragma: no cover - a problem body never reads the request
-    return {"type": "http.disconnect"}
+            await response(scope, no_request_body, send)

@@ -11,7 +11,7 @@ from http import HTTPStatus
 from typing import Any
 
 from starlette.responses import Response
-from starlette.types import Scope, Send
+from starlette.types import Message, Scope, Send
 
 from fastapi_resilience._asgi.pipeline import state_of
 from fastapi_resilience._text import printable
@@ -285,21 +285,14 @@ async def answer_unhandled(
     mark leaves the scope.
     """
     try:
-        await _answer_unhandled(scope, exc, send, response_started=response_started)
+        log_unhandled(scope, exc)
+        if not response_started:
+            await unhandled_response(scope, exc)(scope, no_request_body, send)
     finally:
         if not reraise:
             scope.pop(LOGGED_KEY, None)
 
 
-async def _answer_unhandled(
-    scope: Scope, exc: Exception, send: Send, *, response_started: bool
-) -> None:
-    log_unhandled(scope, exc)
-    if response_started:
-        return
-    response = unhandled_response(scope, exc)
-
-    async def no_receive() -> Any:  # pragma: no cover - a problem body never reads the request
-        return {"type": "http.disconnect"}
-
-    await response(scope, no_receive, send)
+async def no_request_body() -> Message:  # pragma: no cover - a problem body never reads it
+    """The ``receive`` of an answer sent in place of the app: problem bodies read nothing."""
+    return {"type": "http.disconnect"}

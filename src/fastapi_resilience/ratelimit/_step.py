@@ -13,6 +13,7 @@ from fastapi_resilience.ratelimit._identity import (
     DefaultIdentityResolver,
 )
 from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter, RoutePlan
+from fastapi_resilience.ratelimit._routes import RouteTable
 from fastapi_resilience.ratelimit._storage import StorageUnavailableError
 
 __all__ = ["RateLimitStep"]
@@ -35,8 +36,10 @@ class RateLimitStep:
 
     websocket = False
 
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, *, close_limiter: bool = False) -> None:
         self.limiter = limiter
+        #: Close the limiter's storage when the app shuts down (the step's middleware built it).
+        self.close_limiter = close_limiter
         self._routes: Any = None
         self._routes_app: Any = None
 
@@ -45,8 +48,7 @@ class RateLimitStep:
             return None  # judged already, by a limiter outside this one
         limiter = self.limiter
         scope = state.scope
-        # ``state.path`` without its call where no ``root_path`` is set (every request).
-        path = state.path if scope.get("root_path") else scope["path"]
+        path = state.path
         if limiter.is_exempt(path):
             state.limit = UNLIMITED
             return None
@@ -106,9 +108,11 @@ class RateLimitStep:
         state.fields.append(fields)
         return None
 
-    def _table_for(self, scope: Scope) -> Any:
-        from fastapi_resilience.ratelimit._routes import RouteTable
+    async def shutdown(self) -> None:
+        if self.close_limiter:
+            await self.limiter.aclose()
 
+    def _table_for(self, scope: Scope) -> Any:
         app = scope.get("app")
         table = RouteTable.for_app(app)
         # ``None`` when no route is limited: one test less on every request.
