@@ -409,17 +409,17 @@ class RateLimiter:
         Raises:
             StorageUnavailableError: the storage is down and ``fail_open`` is off.
         """
-        plan = self._plan(identity, route, with_tier=with_tier)
         try:
             # An in-process storage answers at once: ``try_check`` asks it.
             local = self.try_check(scope, identity, route, with_tier=with_tier)
             if local is not None:
                 return local
+            plan = self._plan(identity, route, with_tier=with_tier)
             decision = await self._storage.check(identity.key, plan.checks)
         except StorageUnavailableError:
             if not self.fail_open:
                 raise
-            return new_outcome(plan, identity, None)
+            return new_outcome(self._plan(identity, route, with_tier=with_tier), identity, None)
         return self._outcome(scope, identity, plan, decision)
 
     def _outcome(
