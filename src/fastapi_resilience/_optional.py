@@ -1,4 +1,5 @@
-"""Exceptions of libraries the package uses only in some apps, looked up when one is caught.
+"""Libraries the package uses only in some apps: their exceptions, looked up when one is
+caught, and a Redis client imported when one is built.
 
 Importing httpx (with its command-line extras) or redis costs every app tens of milliseconds,
 even one that never makes an outbound call or uses Redis. Code that only needs to recognise
@@ -8,6 +9,12 @@ their exceptions asks here: an exception of a library that was never imported ca
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+from fastapi_resilience.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 
 class _NeverRaised(Exception):
@@ -19,3 +26,21 @@ def exception_of(module: str, name: str) -> type[BaseException]:
     loaded = sys.modules.get(module)
     found = getattr(loaded, name, None) if loaded is not None else None
     return found if isinstance(found, type) else _NeverRaised
+
+
+def redis_from_url(url: str, setting: str) -> Redis:
+    """A Redis client for ``url``; ``setting`` names where the URL came from in the errors.
+
+    Raises:
+        ConfigurationError: the ``redis`` extra is not installed, or ``url`` is not a Redis URL.
+    """
+    try:
+        from redis.asyncio import Redis
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ConfigurationError(
+            f"{setting} needs the redis extra: pip install 'fastapi-resilience[redis]'"
+        ) from exc
+    try:
+        return Redis.from_url(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"{setting} is not a valid Redis URL: {exc}") from exc

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from fastapi_resilience._optional import exception_of
+from fastapi_resilience._optional import exception_of, redis_from_url
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import get_correlation_id
 from fastapi_resilience.events import EventBus
@@ -389,7 +389,9 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         super().__init__(clock=clock, events=events)
         self._owns_client = client is None
-        self._redis: Redis = client if client is not None else _client_from_url(url or "")
+        self._redis: Redis = (
+            client if client is not None else redis_from_url(url or "", "RedisDeadLetterQueue url")
+        )
         self.stream = stream
         self.maxlen = maxlen
         self.timeout = timeout
@@ -592,19 +594,6 @@ def _down_errors() -> tuple[type[BaseException], ...]:
         exception_of("redis.exceptions", "ConnectionError"),
         exception_of("redis.exceptions", "TimeoutError"),
     )
-
-
-def _client_from_url(url: str) -> Redis:
-    try:
-        from redis.asyncio import Redis
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ConfigurationError(
-            "RedisDeadLetterQueue needs the redis extra: pip install 'fastapi-resilience[redis]'"
-        ) from exc
-    try:
-        return Redis.from_url(url)
-    except ValueError as exc:
-        raise ConfigurationError(f"url is not a valid Redis URL: {exc}") from exc
 
 
 # --- routing failed calls ---------------------------------------------------------------------

@@ -28,7 +28,7 @@ from cachetools import TLRUCache
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_resilience._optional import exception_of
+from fastapi_resilience._optional import exception_of, redis_from_url
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import (
@@ -390,7 +390,9 @@ class ResponseCache:
             max_entries, _slot_expiry, timer=clock.monotonic
         )
         self._inflight: dict[str, asyncio.Future[Any]] = {}
-        self._redis: Redis | None = redis if redis is not None else _redis_from_url(redis_url)
+        self._redis: Redis | None = redis
+        if redis is None and redis_url is not None:
+            self._redis = redis_from_url(redis_url, "redis_url")
         self._owns_redis = redis is None
         self._l2_down_until: float | None = None
 
@@ -655,21 +657,6 @@ class ResponseCache:
             return None  # written by something else, or corrupt: a miss
         age = max(0.0, self._clock.time() - stored)
         return _Slot(value, stored, self._clock.monotonic() - age, float(ttl), float(stale_ttl))
-
-
-def _redis_from_url(url: str | None) -> Redis | None:
-    if url is None:
-        return None
-    try:
-        from redis.asyncio import Redis
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ConfigurationError(
-            "redis_url needs the redis extra: pip install 'fastapi-resilience[redis]'"
-        ) from exc
-    try:
-        return Redis.from_url(url)
-    except ValueError as exc:
-        raise ConfigurationError(f"redis_url is not a valid Redis URL: {exc}") from exc
 
 
 # --- httpx answers ---------------------------------------------------------------------------
