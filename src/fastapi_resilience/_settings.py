@@ -97,6 +97,9 @@ class ResilienceSettings(BaseSettings):
     health_cache_seconds: float = Field(default=1.0, ge=0)
     metrics_enabled: bool = True
     metrics_path: str = "/metrics"
+    #: Time every request into ``fastapi_resilience_request_duration_seconds`` (by route
+    #: template and method). Off: the request path does no timing at all.
+    metrics_request_duration: bool = True
 
     def __init__(self, **values: Any) -> None:
         _reject_unknown_env(type(self))

@@ -91,6 +91,7 @@ class RequestState:
         "limit_fields",
         "scope",
         "started",
+        "timing",
     )
 
     scope: Scope
@@ -119,6 +120,8 @@ class RequestState:
     arounds: list[Any] | None
     #: The response has started.
     started: bool
+    #: What a timing step noted when the request came in (``None``: no step times it).
+    timing: Any
 
     def __init__(self, scope: Scope, send: Send) -> None:
         self.scope = scope
@@ -126,7 +129,7 @@ class RequestState:
         self._path = self._path_root = None
         self.correlation_id = self.context = self.limit = self.limit_fields = None
         self.degraded_mode = self.deadlines = None
-        self.arounds = None
+        self.arounds = self.timing = None
         self.fields = []
         self.started = False
 

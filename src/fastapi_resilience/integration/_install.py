@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
@@ -22,14 +22,19 @@ from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import HealthChecks, add_health_routes
 from fastapi_resilience.integration._dependencies import watch_outbound
 from fastapi_resilience.integration._resilience import Resilience
+from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
 from fastapi_resilience.integration._sub_apps import (
     refuse_websocket_route_limits,
     serve_mounted_apps,
 )
 from fastapi_resilience.operations._degraded import DegradedStep
 from fastapi_resilience.operations._metrics import (
-    PrometheusListener,
+    MetricsSources,
+    RequestMetricsStep,
     add_metrics_route,
+    collector_for,
+    count_event,
     prometheus_available,
     warn_prometheus_missing,
 )
@@ -42,6 +47,9 @@ from fastapi_resilience.ratelimit._limiter import RateLimiter
 from fastapi_resilience.ratelimit._setup import limiter_from_settings
 from fastapi_resilience.ratelimit._step import RateLimitStep
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
 
 
@@ -50,12 +58,16 @@ def install(
     settings: ResilienceSettings | None = None,
     *,
     clock: Clock = SYSTEM_CLOCK,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> Resilience:
     """Set up everything on ``app`` and return the :class:`Resilience` object.
 
-    Adds, from the outside in: correlation IDs, rate limiting (if enabled), degraded mode;
-    registers the problem-details exception handlers; mounts the health routes. With no
-    ``settings``, ``ResilienceSettings()`` reads the environment.
+    Adds, from the outside in: correlation IDs, request timing (with metrics), rate limiting
+    (if enabled), degraded mode; registers the problem-details exception handlers; mounts the
+    health and metrics routes. With no ``settings``, ``ResilienceSettings()`` reads the
+    environment. ``metrics_registry``: where ``/metrics`` reads from; default
+    prometheus-client's own registry, so the app's own metrics and the process collector
+    show on it too.
 
     Raises:
         ConfigurationError: a setting is invalid; the message names it.
@@ -82,6 +94,9 @@ def install(
     # One layer, its steps in the contract's order: correlation IDs, rate limiting, degraded
     # mode (ADR 0066).
     steps: list[Any] = [CorrelationStep(header_name=settings.correlation_header)]
+    metrics_on = settings.metrics_enabled and prometheus_available()
+    if metrics_on and settings.metrics_request_duration:
+        steps.append(RequestMetricsStep())
     if limiter is not None:
         steps.append(RateLimitStep(limiter))
     steps.append(DegradedStep(resilience.degraded))
@@ -106,11 +121,10 @@ def install(
     add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
-    if settings.metrics_enabled:
-        if prometheus_available():
-            _install_metrics(app, resilience, settings.metrics_path, group)
-        else:
-            warn_prometheus_missing(settings.metrics_path)
+    if metrics_on:
+        _install_metrics(app, resilience, group, metrics_registry)
+    elif settings.metrics_enabled:
+        warn_prometheus_missing(settings.metrics_path)
     ours = app.router.routes[first_of_ours:]
 
     def started() -> None:
@@ -280,12 +294,15 @@ def _around_lifespan(
 
 
 def _install_metrics(
-    app: FastAPI, resilience: Resilience, path: str, group: FixedPathRoutes | None
+    app: FastAPI,
+    resilience: Resilience,
+    group: FixedPathRoutes | None,
+    registry: CollectorRegistry | None,
 ) -> None:
-    from prometheus_client import CollectorRegistry
-
-    # A registry per app: two apps in one process (tests, mounted sub-apps) never collide.
-    registry = CollectorRegistry()
-    resilience.metrics = PrometheusListener(registry)
-    resilience.events.subscribe(resilience.metrics)
-    add_metrics_route(app.router, registry, path=path, group=group)
+    # One collector per registry, shared by every app of the process that uses it: the names
+    # are registered once, and each app adds what is its own (features, analytics).
+    target, collector = collector_for(registry, default_registry, default_bulkhead_registry)
+    resilience.metrics = MetricsSources(resilience.degraded, resilience.health)
+    collector.add(resilience.metrics)
+    resilience.events.subscribe(count_event)
+    add_metrics_route(app.router, target, path=resilience.settings.metrics_path, group=group)

@@ -13,7 +13,7 @@ from fastapi_resilience.operations._degraded import DegradedMode
 from fastapi_resilience.outbound._breaker import default_registry
 
 if TYPE_CHECKING:
-    from fastapi_resilience.operations._metrics import PrometheusListener
+    from fastapi_resilience.operations._metrics import MetricsSources
     from fastapi_resilience.ratelimit._limiter import RateLimiter
 
 __all__ = ["Resilience"]
@@ -48,7 +48,9 @@ class Resilience:
             notice_header=settings.degraded_header,
             disabled=settings.disabled_features,
         )
-        self.metrics: PrometheusListener | None = None
+        #: What this app reports on ``/metrics`` besides the process-wide counts; ``None``
+        #: while metrics are off.
+        self.metrics: MetricsSources | None = None
         self._on_start: Callable[[], None] | None = None
         self._on_stop: Callable[[], Awaitable[None]] | None = None
         #: Apps with their own ``install()`` mounted in this one: started and stopped with it.

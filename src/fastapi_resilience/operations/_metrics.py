@@ -1,32 +1,73 @@
-"""Metrics: a Prometheus listener on the event bus, and the ``/metrics`` route.
+"""Metrics: the counts the components keep, turned into Prometheus families when scraped.
 
-Everything is optional: without ``prometheus-client`` (the ``prometheus`` extra) nothing here
-is used and ``install`` mounts no route; it says so in one warning when metrics are on.
+Components count as they go (``fastapi_resilience._tally``, a breaker's calls, a bulkhead's
+slots); :class:`ResilienceCollector` reads them only when ``/metrics`` is read. The request
+path pays for an addition or two, never for a label lookup or a lock. Everything here is
+optional: without ``prometheus-client`` (the ``prometheus`` extra) nothing is imported and
+``install`` mounts no route; it says so in one warning when metrics are on.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import APIRouter
 from starlette.responses import Response
 
 from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
+from fastapi_resilience._asgi.pipeline import RequestState
+from fastapi_resilience._tally import (
+    DEAD_LETTERS,
+    DURATION_BUCKETS,
+    OUTBOUND_DURATIONS,
+    PROBLEMS,
+    RATE_LIMIT_DECISIONS,
+    REQUEST_DURATIONS,
+    RESPONSE_CACHE,
+    RETRIES,
+    Histograms,
+    Tally,
+    quantile,
+)
 from fastapi_resilience.events import Event
-from fastapi_resilience.operations._degraded import DEGRADED_ENTERED, DEGRADED_LEFT
+from fastapi_resilience.health._checks import HealthChecks
+from fastapi_resilience.outbound._breaker import CLOSED, HALF_OPEN, OPEN, BreakerRegistry
+from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client.registry import Collector, CollectorRegistry
+
+    from fastapi_resilience.operations._degraded import DegradedMode
 
 __all__ = [
-    "PrometheusListener",
+    "EVENTS",
+    "UNMATCHED_ROUTE",
+    "MetricsSources",
+    "RequestMetricsStep",
+    "ResilienceCollector",
     "add_metrics_route",
+    "collector_for",
     "prometheus_available",
+    "request_percentiles",
     "warn_prometheus_missing",
 ]
 
 logger = logging.getLogger("fastapi_resilience.metrics")
+
+#: The ``route`` label of requests that matched no route, or were answered before routing
+#: (a 429 of the rate limiter, a 503 of a feature's path): one value for all of them.
+UNMATCHED_ROUTE = "(unmatched)"
+#: Events published on an app's bus, by ``(kind, name)``.
+EVENTS = Tally()
+_BREAKER_STATES = (CLOSED, OPEN, HALF_OPEN)
+#: Methods kept as they are in the ``method`` label; any other (a client can send anything)
+#: is counted as ``OTHER``.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def prometheus_available() -> bool:
@@ -47,43 +88,266 @@ def warn_prometheus_missing(path: str) -> None:
     )
 
 
-class PrometheusListener:
-    """Counts every event as ``fastapi_resilience_events_total{kind, name}``, and keeps
-    ``fastapi_resilience_degraded`` at 1 while the app is in degraded mode (0 otherwise), so an
-    alert can read the state rather than count changes.
+def count_event(event: Event) -> None:
+    """The bus listener behind ``fastapi_resilience_events_total``."""
+    EVENTS.add((event.kind, event.name))
 
-    One listener per registry: pass a fresh ``CollectorRegistry`` in tests.
+
+class RequestMetricsStep:
+    """Times every HTTP request into ``fastapi_resilience_request_duration_seconds``, by the
+    template of the route it matched and its method, from when the pipeline saw it until the
+    app was done with it."""
+
+    websocket = False
+
+    def __init__(self, histograms: Histograms = REQUEST_DURATIONS) -> None:
+        self._histograms = histograms
+
+    def enter(self, state: RequestState) -> None:
+        if state.timing is None:  # else a pipeline outside this one times the request
+            state.timing = (perf_counter(), state.scope.get("root_path", ""), self)
+
+    def leave(self, state: RequestState) -> None:
+        timing = state.timing
+        if timing is None or timing[2] is not self:
+            return
+        started, root, _ = timing
+        scope = state.scope
+        method = scope.get("method", "")
+        if method not in _METHODS:
+            method = "OTHER"
+        self._histograms.observe((_template(scope, root), method), perf_counter() - started)
+
+
+def _template(scope: dict[str, Any], root: str) -> str:
+    """The matched route's template, with the prefixes of the mounts it is under."""
+    route = scope.get("route")
+    if route is None:
+        return UNMATCHED_ROUTE
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED_ROUTE
+    inner_root = scope.get("root_path", "")
+    if inner_root != root and inner_root.startswith(root):
+        return inner_root[len(root) :] + path  # under a mount: its prefix first
+    return path
+
+
+class _Analytics(Protocol):
+    @property
+    def spiking(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class MetricsSources:
+    """What one app contributes besides the process-wide counts: its features, error
+    analytics and health checks."""
+
+    degraded: DegradedMode
+    health: HealthChecks
+    analytics: _Analytics | None = None
+
+
+class ResilienceCollector:
+    """Every ``fastapi_resilience_*`` family, read from the components when scraped.
+
+    One per registry; each ``install()`` adds its app's :class:`MetricsSources` (held weakly:
+    an app that is gone stops being reported).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        from prometheus_client import REGISTRY, Counter, Gauge
+    def __init__(self, breakers: BreakerRegistry, bulkheads: BulkheadRegistry) -> None:
+        self._breakers = breakers
+        self._bulkheads = bulkheads
+        self._sources: weakref.WeakSet[MetricsSources] = weakref.WeakSet()
 
-        self.registry = registry if registry is not None else REGISTRY
-        self.events = Counter(
-            "fastapi_resilience_events",
-            "State changes reported by fastapi-resilience (breaker opened, storage down, ...).",
-            ["kind", "name"],
-            registry=self.registry,
+    def add(self, sources: MetricsSources) -> None:
+        self._sources.add(sources)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        yield from self._breaker_families(counter, gauge)
+        yield _counter(
+            counter, "problems", "Problem answers, by code and status.", PROBLEMS, ["code", "status"]
         )
-        self._children: dict[tuple[str, str], Any] = {}
-        self.degraded = Gauge(
+        yield _counter(
+            counter,
+            "rate_limit_decisions",
+            "Rate-limit decisions, by tier: admitted, refused, and shadow_refused (admitted "
+            "requests a shadow limit would have refused).",
+            RATE_LIMIT_DECISIONS,
+            ["tier", "decision"],
+        )
+        yield from self._bulkhead_families(counter, gauge)
+        yield _counter(
+            counter,
+            "retries",
+            "Retries made (retried), and calls given up (exhausted, budget_exhausted).",
+            RETRIES,
+            ["outcome"],
+        )
+        yield _counter(
+            counter, "cache_lookups", "Response-cache lookups, by result: hit, miss, stale.",
+            RESPONSE_CACHE, ["cache", "result"],
+        )
+        yield _counter(
+            counter, "dead_letters", "Dead letters recorded, by queue.", DEAD_LETTERS, ["queue"]
+        )
+        yield _counter(
+            counter,
+            "events",
+            "State changes reported by fastapi-resilience (breaker opened, storage down, ...).",
+            EVENTS,
+            ["kind", "name"],
+        )
+        yield from self._app_families(gauge)
+        yield _histogram(
+            "request_duration_seconds",
+            "Time to answer a request, by route template and method.",
+            REQUEST_DURATIONS,
+            ["route", "method"],
+        )
+        yield _histogram(
+            "outbound_duration_seconds",
+            "Time of a call through the resilient client, by upstream and outcome.",
+            OUTBOUND_DURATIONS,
+            ["upstream", "outcome"],
+        )
+
+    def _breaker_families(self, counter: Any, gauge: Any) -> Iterator[Any]:
+        state = gauge(
+            "fastapi_resilience_breaker_state",
+            "Circuit breaker state: 1 for the current state, 0 for the others.",
+            labels=["breaker", "state"],
+        )
+        calls = counter(
+            "fastapi_resilience_breaker_calls",
+            "Calls through a breaker, by outcome: success, failure, rejected (not called).",
+            labels=["breaker", "outcome"],
+        )
+        changed = gauge(
+            "fastapi_resilience_breaker_last_change_timestamp_seconds",
+            "Wall time of the breaker's latest state change.",
+            labels=["breaker"],
+        )
+        for breaker in self._breakers:
+            current = breaker.state
+            for name in _BREAKER_STATES:
+                state.add_metric([breaker.name, name], 1.0 if name == current else 0.0)
+            calls.add_metric([breaker.name, "success"], breaker.calls_succeeded)
+            calls.add_metric([breaker.name, "failure"], breaker.calls_failed)
+            calls.add_metric([breaker.name, "rejected"], breaker.calls_rejected)
+            if breaker.changed_at is not None:
+                changed.add_metric([breaker.name], breaker.changed_at)
+        yield from (state, calls, changed)
+
+    def _bulkhead_families(self, counter: Any, gauge: Any) -> Iterator[Any]:
+        in_use = gauge(
+            "fastapi_resilience_bulkhead_in_use", "Calls holding a slot.", labels=["bulkhead"]
+        )
+        waiting = gauge(
+            "fastapi_resilience_bulkhead_waiting", "Calls waiting for a slot.", labels=["bulkhead"]
+        )
+        rejected = counter(
+            "fastapi_resilience_bulkhead_rejected", "Calls refused.", labels=["bulkhead"]
+        )
+        for bulkhead in _bulkheads(self._bulkheads):
+            in_use.add_metric([bulkhead.name], bulkhead.active)
+            waiting.add_metric([bulkhead.name], bulkhead.waiting)
+            rejected.add_metric([bulkhead.name], bulkhead.rejected)
+        yield from (in_use, waiting, rejected)
+
+    def _app_families(self, gauge: Any) -> Iterator[Any]:
+        available = gauge(
+            "fastapi_resilience_feature_available",
+            "1 while a feature is available, 0 while it is switched off.",
+            labels=["feature"],
+        )
+        degraded = gauge(
             "fastapi_resilience_degraded",
             "1 while a feature of the app is switched off (degraded mode), else 0.",
-            registry=self.registry,
         )
+        spike = gauge(
+            "fastapi_resilience_error_spike",
+            "1 while the error analytics see a spike in the rate of problem answers, else 0.",
+        )
+        any_off = spiking = False
+        for sources in list(self._sources):
+            for feature in sources.degraded.features():
+                on = sources.degraded.available(feature.name)
+                any_off = any_off or not on
+                available.add_metric([feature.name], 1.0 if on else 0.0)
+            if sources.analytics is not None:
+                spiking = spiking or sources.analytics.spiking
+        degraded.add_metric([], 1.0 if any_off else 0.0)
+        spike.add_metric([], 1.0 if spiking else 0.0)
+        yield from (available, degraded, spike)
 
-    def __call__(self, event: Event) -> None:
-        # ``labels`` validates, locks and looks up on every call; a refusal under a flood
-        # comes here once per request, so each (kind, name) child is looked up once.
-        key = (event.kind, event.name)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.events.labels(*key)
-        child.inc()
-        if event.kind == DEGRADED_ENTERED:
-            self.degraded.set(1)
-        elif event.kind == DEGRADED_LEFT:
-            self.degraded.set(0)
+
+def _bulkheads(registry: BulkheadRegistry) -> Iterable[Any]:
+    """Every bulkhead, a tiered one's compartments each under its own name."""
+    for found in registry:
+        if isinstance(found, TieredBulkhead):
+            yield from found  # its compartments, each named after its tier
+        else:
+            yield found
+
+
+def _counter(family: Any, name: str, documentation: str, tally: Tally, labels: list[str]) -> Any:
+    metric = family(f"fastapi_resilience_{name}", documentation, labels=labels)
+    for values, count in tally.items():
+        metric.add_metric(list(values), count)
+    return metric
+
+
+def _histogram(name: str, documentation: str, histograms: Histograms, labels: list[str]) -> Any:
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    bounds = [floatToGoString(b) for b in histograms.bounds] + ["+Inf"]
+    metric = HistogramMetricFamily(f"fastapi_resilience_{name}", documentation, labels=labels)
+    for values, cumulative, _count, total in histograms.collect():
+        metric.add_metric(list(values), list(zip(bounds, cumulative, strict=True)), total)
+    return metric
+
+
+def request_percentiles(histograms: Histograms = REQUEST_DURATIONS) -> dict[str, float | None]:
+    """p50, p95 and p99 of every request since start-up (seconds), and the count, estimated
+    from the histogram's buckets: what the dashboard shows."""
+    buckets, count = histograms.merged()
+    return {
+        "count": count,
+        "p50": quantile(DURATION_BUCKETS, buckets, 0.5),
+        "p95": quantile(DURATION_BUCKETS, buckets, 0.95),
+        "p99": quantile(DURATION_BUCKETS, buckets, 0.99),
+    }
+
+
+#: The collector of each registry, by ``id`` (with the registry, so the id stays its own).
+_COLLECTORS: dict[int, tuple[Any, ResilienceCollector]] = {}
+
+
+def collector_for(
+    registry: CollectorRegistry | None, breakers: BreakerRegistry, bulkheads: BulkheadRegistry
+) -> tuple[CollectorRegistry, ResilienceCollector]:
+    """The registry (default: prometheus-client's own) and its one collector, made and
+    registered on first use: a second app in the process adds its sources to the same one
+    rather than registering the same names twice."""
+    from prometheus_client import REGISTRY
+
+    target = registry if registry is not None else REGISTRY
+    found = _COLLECTORS.get(id(target))
+    if found is not None and found[0] is target:
+        return target, found[1]
+    collector = ResilienceCollector(breakers, bulkheads)
+    target.register(_as_collector(collector))
+    _COLLECTORS[id(target)] = (target, collector)
+    return target, collector
+
+
+def _as_collector(collector: ResilienceCollector) -> Collector:
+    return collector  # type: ignore[return-value]
 
 
 def add_metrics_route(

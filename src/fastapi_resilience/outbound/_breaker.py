@@ -184,6 +184,10 @@ class CircuitBreaker(EventSource):
         "_state",
         "_trips",
         "_window",
+        "calls_failed",
+        "calls_rejected",
+        "calls_succeeded",
+        "changed_at",
         "failure_threshold",
         "half_open_max_calls",
         "ignore_on",
@@ -276,6 +280,13 @@ class CircuitBreaker(EventSource):
         self._open_until = 0.0
         self._open_duration = self.recovery_timeout
         self._trips = 0
+        #: Calls by outcome since the breaker was made, read by the metrics: ``rejected``
+        #: were refused without calling, the others ended as the breaker classified them.
+        self.calls_succeeded = 0
+        self.calls_failed = 0
+        self.calls_rejected = 0
+        #: Wall time (``clock.time()``) of the latest state change; ``None`` before one.
+        self.changed_at: float | None = None
         self._ctx: ContextVar[tuple[tuple[int, bool, float, bool], ...]] = ContextVar(
             f"fastapi_resilience.breaker.{name}", default=()
         )
@@ -351,6 +362,7 @@ class CircuitBreaker(EventSource):
             except BaseException as exc:
                 self._on_error(exc, generation, False, 0.0)
                 raise
+            self.calls_succeeded += 1
             if self._failures and generation == self._generation:
                 self._failures = 0
             return result
@@ -397,12 +409,16 @@ class CircuitBreaker(EventSource):
         try:
             result = await fn(*args, **kwargs)
         except Exception as exc:
-            await store.trial_result(self, self._classify(exc))
+            verdict = self._classify(exc)
+            if verdict is not None:
+                self._count(failure=verdict)
+            await store.trial_result(self, verdict)
             raise
         except BaseException:
             # Cancelled: hand the permit back without awaiting inside a cancelled task.
             _background(store.trial_result(self, None))
             raise
+        self.calls_succeeded += 1
         await store.trial_result(self, False)
         return result
 
@@ -431,9 +447,13 @@ class CircuitBreaker(EventSource):
         generation, trial, started, shared = stack[-1]
         if shared and self.state_store is not None:
             if exc is None:
+                self.calls_succeeded += 1
                 await self.state_store.trial_result(self, False)
             elif isinstance(exc, Exception):
-                await self.state_store.trial_result(self, self._classify(exc))
+                verdict = self._classify(exc)
+                if verdict is not None:
+                    self._count(failure=verdict)
+                await self.state_store.trial_result(self, verdict)
             else:
                 _background(self.state_store.trial_result(self, None))
         elif exc is None:
@@ -527,7 +547,14 @@ class CircuitBreaker(EventSource):
         self._half_open_in_flight += 1
         return True
 
+    def _count(self, *, failure: bool) -> None:
+        if failure:
+            self.calls_failed += 1
+        else:
+            self.calls_succeeded += 1
+
     def _half_open_full_error(self) -> CircuitOpenError:
+        self.calls_rejected += 1
         return CircuitOpenError(
             HALF_OPEN_FULL_DETAIL.format(name=self.name),
             retry_after=0.0,
@@ -535,6 +562,7 @@ class CircuitBreaker(EventSource):
         )
 
     def _open_error(self) -> CircuitOpenError:
+        self.calls_rejected += 1
         left = self.time_left_open()
         return CircuitOpenError(
             CIRCUIT_OPEN_DETAIL.format(name=self.name),
@@ -567,6 +595,7 @@ class CircuitBreaker(EventSource):
             self._on_success(generation, trial, started)
 
     def _failure(self, generation: int, trial: bool, started: float) -> None:
+        self.calls_failed += 1
         if generation != self._generation:
             return  # admitted under an older state: its verdict is stale
         if self._state is HALF_OPEN:
@@ -588,6 +617,7 @@ class CircuitBreaker(EventSource):
             self._open(self.recovery_timeout, grow=False)
 
     def _on_success(self, generation: int, trial: bool, started: float) -> None:
+        self.calls_succeeded += 1
         if generation != self._generation:
             return
         if self._state is HALF_OPEN:
@@ -651,6 +681,7 @@ class CircuitBreaker(EventSource):
     def _announce(
         self, old: BreakerState, new: BreakerState, failures: int, *, remote: bool = False
     ) -> None:
+        self.changed_at = self._clock.time()
         if self.state_store is not None and not remote:
             self.state_store.on_transition(self, old, new)
         attributes: dict[str, Any] = {

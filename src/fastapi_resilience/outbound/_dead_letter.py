@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from fastapi_resilience._tally import DEAD_LETTERS
 from fastapi_resilience._optional import exception_of, redis_from_url
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import get_correlation_id
@@ -181,7 +182,7 @@ class DeadLetterQueue:
             key=key if key is not None else uuid.uuid4().hex,
         )
         try:
-            return await self._add(letter)
+            stored = await self._add(letter)
         except Exception as failure:
             # It may be stored all the same: the key lets the caller record it again, once.
             # An error type that takes no attributes (frozen, or a C type) goes up without it:
@@ -189,6 +190,13 @@ class DeadLetterQueue:
             with contextlib.suppress(Exception):
                 setattr(failure, KEY_ATTRIBUTE, letter.key)
             raise
+        DEAD_LETTERS.add((self.label,))
+        return stored
+
+    @property
+    def label(self) -> str:
+        """The queue's name in metrics and the admin API."""
+        return str(getattr(self, "name", None) or getattr(self, "stream", None) or "dlq")
 
     async def replay(
         self, handler: ReplayHandler, ids: Iterable[str] | None = None, *, limit: int = 1000

@@ -28,6 +28,7 @@ from cachetools import TLRUCache
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fastapi_resilience._tally import RESPONSE_CACHE
 from fastapi_resilience._optional import exception_of, redis_from_url
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
@@ -76,6 +77,8 @@ CacheStatus = Literal["hit", "miss", "refresh", "stale"]
 _MAX_LOCAL_KEY = 256
 _SF_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+.^_`|~:/-]*")
 # Worse statuses win when one request makes several cached calls.
+#: Each status as the metrics count it: a refresh is a miss that found an expired entry.
+_COUNTED_AS: dict[str, str] = {"hit": "hit", "miss": "miss", "refresh": "miss", "stale": "stale"}
 _SEVERITY = {"hit": 0, "miss": 1, "refresh": 1, "stale": 2}
 
 
@@ -509,6 +512,7 @@ class ResponseCache:
                 result: CacheResult[T] = CacheResult(
                     slot.value, "hit", age, slot.ttl - age, None, self.name
                 )
+                RESPONSE_CACHE.add((self.name, "hit"))
                 holder = _request_status.get()
                 if holder is not None:
                     holder.record(result)
@@ -532,6 +536,7 @@ class ResponseCache:
                     await self.set(key, value, ttl=ttl)
                 status: CacheStatus = "miss" if entry is None else "refresh"
                 result = CacheResult(value, status, cache_name=self.name)
+        RESPONSE_CACHE.add((self.name, _COUNTED_AS[result.status]))
         record_cache_status(result)
         return result
 

@@ -20,6 +20,7 @@ from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import AppError, ConfigurationError, RetryExhaustedError
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 from fastapi_resilience.outbound._deadline import remaining as _request_remaining
+from fastapi_resilience._tally import RETRIES
 from fastapi_resilience.outbound._retry_budget import RetryBudget, seconds
 
 __all__ = [
@@ -43,6 +44,8 @@ DEFAULT_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE
 REASON_ATTEMPTS = "attempts"
 REASON_DEADLINE = "deadline"
 REASON_BUDGET = "retry_budget_exhausted"
+#: The labels of the retry counts, by outcome.
+_RETRIED, _EXHAUSTED, _BUDGET_EXHAUSTED = ("retried",), ("exhausted",), ("budget_exhausted",)
 
 _REASON_TEXT = {
     REASON_ATTEMPTS: "every attempt failed",
@@ -284,6 +287,7 @@ class Retry:
                 raise self._exhausted(attempt, REASON_DEADLINE) from last
             if self._budget is not None and not self._budget.try_spend():
                 raise self._exhausted(attempt, REASON_BUDGET) from last
+            RETRIES.add(_RETRIED)
             await clock.sleep(delay)
             attempt += 1
             try:
@@ -300,6 +304,7 @@ class Retry:
         return False
 
     def _exhausted(self, attempts: int, reason: str) -> RetryExhaustedError:
+        RETRIES.add(_BUDGET_EXHAUSTED if reason == REASON_BUDGET else _EXHAUSTED)
         return RetryExhaustedError(
             f"Gave up after {attempts} attempt{'s' if attempts > 1 else ''}: "
             f"{_REASON_TEXT[reason]}.",

@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import math
 import random as _random
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any, TypedDict, Unpack, cast
 
 import httpx
 
+from fastapi_resilience._tally import OUTBOUND_DURATIONS, OUTBOUND_OBSERVERS
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import (
+    AppError,
     ClientError,
     ConfigurationError,
     RateLimitedError,
@@ -37,7 +41,7 @@ from fastapi_resilience.exceptions import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle
+from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle, refused_here
 from fastapi_resilience.outbound._breaker import (
     BreakerRegistry,
     CircuitBreaker,
@@ -66,6 +70,8 @@ from fastapi_resilience.outbound._response_cache import (
 )
 from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.outbound._retry_budget import RetryBudget
+
+logger = logging.getLogger("fastapi_resilience.outbound")
 
 __all__ = [
     "HostPolicy",
@@ -427,6 +433,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         return list(self._policies)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        started = perf_counter()
+        try:
+            response = await self._handle(request)
+        except Exception as exc:
+            _observe(request, started, exc, None)
+            raise
+        _observe(request, started, None, response)
+        return response
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
         inject_outbound_headers(request.headers, header_name=self._header_name)
         url = request.url
         found = self._by_origin.get((url.raw_host, url.port))
@@ -700,3 +716,38 @@ def resilient_client(
         **options,
     )
     return httpx.AsyncClient(base_url=base_url, transport=resilient, **dict(client_options or {}))
+
+
+def _observe(
+    request: httpx.Request,
+    started: float,
+    exc: BaseException | None,
+    response: httpx.Response | None,
+) -> None:
+    """Time the call by upstream and outcome, and tell the observers of a failure.
+
+    ``rejected``: refused here without reaching the upstream (an open breaker, a full
+    bulkhead, a throttle); ``failure``: a 5xx answer or an error on the way.
+    """
+    upstream = request.url.netloc.decode("ascii", "replace")
+    if exc is None and response is not None and response.status_code < 500:
+        OUTBOUND_DURATIONS.observe((upstream, "success"), perf_counter() - started)
+        return
+    if exc is not None and refused_here(exc):
+        outcome = "rejected"
+    else:
+        outcome = "failure"
+    OUTBOUND_DURATIONS.observe((upstream, outcome), perf_counter() - started)
+    if not OUTBOUND_OBSERVERS:
+        return
+    if isinstance(exc, AppError):
+        code, status = exc.code, exc.status_code
+    elif response is not None:
+        code, status = "upstream_status", response.status_code
+    else:
+        code, status = "upstream_error", 502
+    for observer in OUTBOUND_OBSERVERS:
+        try:
+            observer(upstream, outcome, code, status)
+        except Exception:  # an observer must never change the call's outcome
+            logger.exception("outbound observer %r failed", observer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Message, Scope, Send
 
+from fastapi_resilience._tally import PROBLEMS
 from fastapi_resilience._asgi.pipeline import state_of
 from fastapi_resilience._text import printable
 from fastapi_resilience.correlation._ids import generate_correlation_id, get_correlation_id
@@ -139,6 +140,12 @@ def _correlation(scope: Scope) -> tuple[str, bool]:
     return generate_correlation_id(), True
 
 
+#: Called with ``(scope, code, status, correlation_id)`` for every problem answer built (the
+#: error analytics of ``install()``). Per process, like the counts.
+ProblemObserver = Callable[[Scope, str, int, str], None]
+PROBLEM_OBSERVERS: list[ProblemObserver] = []
+
+
 def problem_response(
     scope: Scope,
     *,
@@ -158,11 +165,17 @@ def problem_response(
     trip through strings).
     """
     config = config or config_for(scope)
+    PROBLEMS.add((code, str(status)))
     out_headers = dict(headers or {})
     if status == 429 and not _has_retry_after(out_headers, raw_headers):
         # Every 429 says when to come back (RFC 6585 leaves it optional; the contract does not).
         out_headers["Retry-After"] = "1"
     correlation_id, add_header = _correlation(scope)
+    for observer in PROBLEM_OBSERVERS:
+        try:
+            observer(scope, code, status, correlation_id)
+        except Exception:  # an observer must never cost the caller its answer
+            logger.exception("problem observer %r failed", observer)
     if add_header:
         out_headers[config.correlation_header] = correlation_id
     response: Response

@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.types import Scope
 
+from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience._asgi.paths import MountTemplates
 from fastapi_resilience._limits import Limit, parse_limits
 from fastapi_resilience.events import EventBus
@@ -434,8 +435,14 @@ class RateLimiter:
         decision = outcome.decision
         if decision is None or not decision.allowed:
             return
+        counted = False
         for state, policy in zip(decision.states, outcome.plan.header.policies, strict=True):
             if state.check.shadow and not state.allowed:
+                if not counted:
+                    # The request is admitted (and counted so); this says a shadow limit
+                    # would have refused it, once per request.
+                    RATE_LIMIT_DECISIONS.add((outcome.plan.tier, "shadow_refused"))
+                    counted = True
                 self.events.emit(
                     "rate_limit.shadow_refused",
                     policy.name,

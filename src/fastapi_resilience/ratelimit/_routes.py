@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
+from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience._asgi.app_state import resilience_of
 from fastapi_resilience._asgi.paths import app_path, mount_prefix, route_path
 from fastapi_resilience._asgi.pipeline import UNLIMITED, state_of
@@ -94,6 +95,7 @@ class RateLimit:
         else:
             request.state.fastapi_resilience_route_limit = decided
         if own.refused:
+            RATE_LIMIT_DECISIONS.add((own.plan.tier, "refused"))
             if fields is not None:
                 fields.clear()  # the refusal carries its own fields
             _, problem = own.problem()

@@ -7,6 +7,7 @@ from typing import Any
 
 from starlette.types import Scope
 
+from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience._asgi.pipeline import PENDING, UNLIMITED, Answer, RequestState
 from fastapi_resilience.problems._render import problem_response
 from fastapi_resilience.ratelimit._identity import (
@@ -95,6 +96,7 @@ class RateLimitStep:
         state.limit = outcome
         limiter = self.limiter
         if outcome.refused and not limiter.shadow:
+            RATE_LIMIT_DECISIONS.add((outcome.plan.tier, "refused"))
             status, problem = outcome.problem(raw_headers=True)
             limiter.events.emit(
                 "rate_limit.refused",
@@ -104,6 +106,7 @@ class RateLimitStep:
             )
             # The answer carries the fields itself.
             return problem_response(state.scope, status=status, **problem)
+        RATE_LIMIT_DECISIONS.add((outcome.plan.tier, "admitted"))
         fields = state.limit_fields = outcome.headers()
         state.fields.append(fields)
         return None
