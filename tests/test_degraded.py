@@ -32,6 +32,7 @@ from fastapi_resilience.events import Event, EventBus
 from fastapi_resilience.outbound import BreakerRegistry
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect
+from tests._metrics import value
 
 pytestmark = pytest.mark.anyio
 
@@ -291,19 +292,26 @@ async def test_breaker_opening_inside_a_request_is_logged_once_with_its_id(
 
 
 async def test_metrics_show_the_state_and_the_changes(clock: ManualClock) -> None:
-    """/metrics: fastapi_resilience_degraded is 1 while degraded and 0 after; each change is
-    counted once."""
+    """/metrics: fastapi_resilience_degraded is 1 while degraded and 0 after, the feature's
+    availability follows; each change is counted once."""
     app, resilience = build(clock)
     resilience.degraded.feature("recs")
+    entered = {"kind": "degraded.entered", "name": "app"}
+    enabled = {"kind": "feature.enabled", "name": "recs"}
     async with client_for(app) as client:
+        before = (await client.get("/metrics")).text
         resilience.degraded.disable("recs")
         during = (await client.get("/metrics")).text
         resilience.degraded.enable("recs")
         after = (await client.get("/metrics")).text
-    assert "fastapi_resilience_degraded 1.0" in during
-    assert 'fastapi_resilience_events_total{kind="degraded.entered",name="app"} 1.0' in during
-    assert "fastapi_resilience_degraded 0.0" in after
-    assert 'fastapi_resilience_events_total{kind="feature.enabled",name="recs"} 1.0' in after
+    events = "fastapi_resilience_events_total"
+    assert value(before, "fastapi_resilience_feature_available", feature="recs") == 1
+    assert value(during, "fastapi_resilience_degraded") == 1
+    assert value(during, "fastapi_resilience_feature_available", feature="recs") == 0
+    assert value(during, events, **entered) - value(before, events, **entered) == 1
+    assert value(after, "fastapi_resilience_degraded") == 0
+    assert value(after, "fastapi_resilience_feature_available", feature="recs") == 1
+    assert value(after, events, **enabled) - value(during, events, **enabled) == 1
 
 
 async def test_disabled_features_setting_starts_them_off(clock: ManualClock) -> None:

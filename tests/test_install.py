@@ -82,11 +82,11 @@ async def test_events_are_counted_on_the_metrics_route() -> None:
     """An event published on the bus shows up once in /metrics with its kind and name."""
     app = FastAPI()
     resilience = install(app, ResilienceSettings())
-    resilience.events.emit("breaker.opened", "inventory", failures=5)
+    resilience.events.emit("breaker.opened", "counted-once", failures=5)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         text = (await client.get("/metrics")).text
-    assert 'fastapi_resilience_events_total{kind="breaker.opened",name="inventory"} 1.0' in text
+    assert 'fastapi_resilience_events_total{kind="breaker.opened",name="counted-once"} 1.0' in text
 
 
 async def test_metrics_can_be_switched_off() -> None:

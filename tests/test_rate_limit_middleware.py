@@ -18,6 +18,7 @@ from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.ratelimit import GuardedStorage, Identity, MemoryStorage, RateLimiter
 from fastapi_resilience.testing import ManualClock
 from tests._asgi import websocket_connect
+from tests._metrics import value as metric_value
 
 pytestmark = pytest.mark.anyio
 
@@ -606,18 +607,28 @@ async def test_route_in_mounted_sub_app_is_limited_by_its_dependency(clock: Manu
 
 
 async def test_refusals_and_shadow_refusals_reach_the_metrics(clock: ManualClock) -> None:
-    """429s and shadow refusals are counted on /metrics through the event bus."""
+    """429s and shadow refusals are counted on /metrics: as events and as decisions."""
     app = make_app(clock, rate_limit_tiers={"anonymous": "4/minute", "premium": "9/minute"})
+    refused = {"kind": "rate_limit.refused", "name": "anonymous"}
+    shadow = {"kind": "rate_limit.shadow_refused", "name": "/beta"}
+    decisions = "fastapi_resilience_rate_limit_decisions_total"
     async with client(app) as c:
+        before = (await c.get("/metrics")).text
         for _ in range(3):
             await c.get("/beta")  # shadow 1/minute: two would-be refusals
         for _ in range(3):
             await c.get("/plain")  # one unit left of 4: two refusals
-        metrics = (await c.get("/metrics")).text
-    refused = 'fastapi_resilience_events_total{kind="rate_limit.refused",name="anonymous"} 2.0'
-    shadow = 'fastapi_resilience_events_total{kind="rate_limit.shadow_refused",name="/beta"} 2.0'
-    assert refused in metrics
-    assert shadow in metrics
+        after = (await c.get("/metrics")).text
+
+    def delta(metric: str, **labels: str) -> float:
+        return metric_value(after, metric, **labels) - metric_value(before, metric, **labels)
+
+    assert delta("fastapi_resilience_events_total", **refused) == 2
+    assert delta("fastapi_resilience_events_total", **shadow) == 2
+    assert delta(decisions, tier="anonymous", decision="refused") == 2
+    assert delta(decisions, tier="anonymous", decision="shadow_refused") == 2
+    # /beta three times (a shadow refusal is admitted), /plain once; /metrics is exempt.
+    assert delta(decisions, tier="anonymous", decision="admitted") == 3 + 1
 
 
 async def test_exempt_paths_hold_behind_a_root_path(clock: ManualClock) -> None:

@@ -22,8 +22,6 @@ from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import HealthChecks, add_health_routes
 from fastapi_resilience.integration._dependencies import watch_outbound
 from fastapi_resilience.integration._resilience import Resilience
-from fastapi_resilience.outbound._breaker import default_registry
-from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
 from fastapi_resilience.integration._sub_apps import (
     refuse_websocket_route_limits,
     serve_mounted_apps,
@@ -38,6 +36,8 @@ from fastapi_resilience.operations._metrics import (
     prometheus_available,
     warn_prometheus_missing,
 )
+from fastapi_resilience.outbound._breaker import default_registry
+from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
 from fastapi_resilience.problems._handlers import (
     install_exception_handlers,
 )

@@ -169,7 +169,11 @@ class ResilienceCollector:
         counter, gauge = CounterMetricFamily, GaugeMetricFamily
         yield from self._breaker_families(counter, gauge)
         yield _counter(
-            counter, "problems", "Problem answers, by code and status.", PROBLEMS, ["code", "status"]
+            counter,
+            "problems",
+            "Problem answers, by code and status.",
+            PROBLEMS,
+            ["code", "status"],
         )
         yield _counter(
             counter,
@@ -188,8 +192,11 @@ class ResilienceCollector:
             ["outcome"],
         )
         yield _counter(
-            counter, "cache_lookups", "Response-cache lookups, by result: hit, miss, stale.",
-            RESPONSE_CACHE, ["cache", "result"],
+            counter,
+            "cache_lookups",
+            "Response-cache lookups, by result: hit, miss, stale.",
+            RESPONSE_CACHE,
+            ["cache", "result"],
         )
         yield _counter(
             counter, "dead_letters", "Dead letters recorded, by queue.", DEAD_LETTERS, ["queue"]
@@ -272,15 +279,18 @@ class ResilienceCollector:
             "fastapi_resilience_error_spike",
             "1 while the error analytics see a spike in the rate of problem answers, else 0.",
         )
-        any_off = spiking = False
+        # One sample per name even with several apps in the process: off if off in any.
+        features: dict[str, bool] = {}
+        spiking = False
         for sources in list(self._sources):
             for feature in sources.degraded.features():
                 on = sources.degraded.available(feature.name)
-                any_off = any_off or not on
-                available.add_metric([feature.name], 1.0 if on else 0.0)
+                features[feature.name] = features.get(feature.name, True) and on
             if sources.analytics is not None:
                 spiking = spiking or sources.analytics.spiking
-        degraded.add_metric([], 1.0 if any_off else 0.0)
+        for name, on in sorted(features.items()):
+            available.add_metric([name], 1.0 if on else 0.0)
+        degraded.add_metric([], 0.0 if all(features.values()) else 1.0)
         spike.add_metric([], 1.0 if spiking else 0.0)
         yield from (available, degraded, spike)
 

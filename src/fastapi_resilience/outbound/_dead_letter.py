@@ -29,8 +29,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from fastapi_resilience._tally import DEAD_LETTERS
 from fastapi_resilience._optional import exception_of, redis_from_url
+from fastapi_resilience._tally import DEAD_LETTERS
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import get_correlation_id
 from fastapi_resilience.events import EventBus

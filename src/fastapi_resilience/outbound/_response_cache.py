@@ -28,8 +28,8 @@ from cachetools import TLRUCache
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_resilience._tally import RESPONSE_CACHE
 from fastapi_resilience._optional import exception_of, redis_from_url
+from fastapi_resilience._tally import RESPONSE_CACHE
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import (

@@ -15,12 +15,12 @@ from datetime import timedelta
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from fastapi_resilience._optional import exception_of
+from fastapi_resilience._tally import RETRIES
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import AppError, ConfigurationError, RetryExhaustedError
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 from fastapi_resilience.outbound._deadline import remaining as _request_remaining
-from fastapi_resilience._tally import RETRIES
 from fastapi_resilience.outbound._retry_budget import RetryBudget, seconds
 
 __all__ = [

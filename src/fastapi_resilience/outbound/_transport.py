@@ -733,10 +733,7 @@ def _observe(
     if exc is None and response is not None and response.status_code < 500:
         OUTBOUND_DURATIONS.observe((upstream, "success"), perf_counter() - started)
         return
-    if exc is not None and refused_here(exc):
-        outcome = "rejected"
-    else:
-        outcome = "failure"
+    outcome = "rejected" if exc is not None and refused_here(exc) else "failure"
     OUTBOUND_DURATIONS.observe((upstream, outcome), perf_counter() - started)
     if not OUTBOUND_OBSERVERS:
         return

@@ -13,8 +13,8 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Message, Scope, Send
 
-from fastapi_resilience._tally import PROBLEMS
 from fastapi_resilience._asgi.pipeline import state_of
+from fastapi_resilience._tally import PROBLEMS
 from fastapi_resilience._text import printable
 from fastapi_resilience.correlation._ids import generate_correlation_id, get_correlation_id
 from fastapi_resilience.exceptions import AppError

@@ -14,9 +14,9 @@ from typing import Any
 
 from starlette.types import Scope
 
-from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience._asgi.paths import MountTemplates
 from fastapi_resilience._limits import Limit, parse_limits
+from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
 from fastapi_resilience.ratelimit._headers import (

@@ -20,12 +20,12 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
-from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience._asgi.app_state import resilience_of
 from fastapi_resilience._asgi.paths import app_path, mount_prefix, route_path
 from fastapi_resilience._asgi.pipeline import UNLIMITED, state_of
 from fastapi_resilience._asgi.routes import dependency_calls, flat_routes
 from fastapi_resilience._limits import Limit, parse_limits
+from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience.exceptions import (
     ConfigurationError,
     RateLimitedError,

@@ -7,8 +7,8 @@ from typing import Any
 
 from starlette.types import Scope
 
-from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience._asgi.pipeline import PENDING, UNLIMITED, Answer, RequestState
+from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience.problems._render import problem_response
 from fastapi_resilience.ratelimit._identity import (
     DefaultIdentityResolver,
