@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fastapi_resilience._limits import parse_limits
@@ -23,6 +23,8 @@ _STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 _NOT_IN_A_PATH = re.compile(r"[?#\s\x00-\x1f\x7f]")
 #: The routes ``install()`` serves under ``health_path``.
 _HEALTH_ROUTES = ("/live", "/ready")
+#: The shortest admin token accepted: a short one could be guessed through the API.
+_MIN_TOKEN_LENGTH = 16
 
 DEFAULT_TIERS = {
     "anonymous": "10/minute",
@@ -101,6 +103,15 @@ class ResilienceSettings(BaseSettings):
     #: template and method). Off: the request path does no timing at all.
     metrics_request_duration: bool = True
 
+    # Operations: the admin API and the dashboard
+    #: The bearer token of the admin API and the dashboard under ``admin_path``. Unset (the
+    #: default): nothing is served there. At least 16 characters; never logged.
+    admin_token: SecretStr | None = None
+    #: Where the admin API (``{admin_path}/api/...``) and the dashboard (``{admin_path}/``) live.
+    admin_path: str = "/resilience"
+    #: List the admin API in the OpenAPI schema. Off by default: it is for operators.
+    admin_in_schema: bool = False
+
     def __init__(self, **values: Any) -> None:
         _reject_unknown_env(type(self))
         try:
@@ -175,6 +186,28 @@ class ResilienceSettings(BaseSettings):
             if _NOT_IN_A_PATH.search(path):
                 # Requests are matched on their path alone: such a value would never match.
                 raise ValueError(f"{path!r} must be a path without a query, fragment or spaces")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        # The value is never echoed: the message says what is wrong with it, not what it is.
+        if len(secret) < _MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {_MIN_TOKEN_LENGTH} characters long")
+        if not secret.isascii() or any(c.isspace() or not c.isprintable() for c in secret):
+            raise ValueError("must be printable ASCII without spaces (it travels in a header)")
+        return value
+
+    @field_validator("admin_path")
+    @classmethod
+    def _admin_path(cls, value: str) -> str:
+        if not value.startswith("/") or value == "/" or value.endswith("/"):
+            raise ValueError(f"{value!r} must start with '/' and not end with it, e.g. '/ops'")
+        if _NOT_IN_A_PATH.search(value) or "{" in value or "}" in value:
+            raise ValueError(f"{value!r} must be a fixed path without a query or parameters")
         return value
 
     @field_validator("health_path", "metrics_path")

@@ -26,6 +26,7 @@ from fastapi_resilience.integration._sub_apps import (
     refuse_websocket_route_limits,
     serve_mounted_apps,
 )
+from fastapi_resilience.operations._admin import add_admin_routes
 from fastapi_resilience.operations._degraded import DegradedStep
 from fastapi_resilience.operations._metrics import (
     MetricsSources,
@@ -121,6 +122,16 @@ def install(
     add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
+    if settings.admin_token is not None:
+        add_admin_routes(
+            app.router,
+            resilience,
+            token=settings.admin_token.get_secret_value(),
+            path=settings.admin_path,
+            breakers=default_registry,
+            bulkheads=default_bulkhead_registry,
+            include_in_schema=settings.admin_in_schema,
+        )
     if metrics_on:
         _install_metrics(app, resilience, group, metrics_registry)
     elif settings.metrics_enabled:
@@ -220,6 +231,9 @@ def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
         exempt_paths=_docs_paths(app) if settings.rate_limit_exempt_docs else (),
     )
     resilience.rate_limiter = limiter
+    if settings.admin_token is not None:
+        # An operator's dashboard polls; it must never be refused in the incident it watches.
+        limiter.exempt([settings.admin_path, f"{settings.admin_path}/*"])
     storage_health = getattr(limiter.storage, "health", None)
     if storage_health is not None:
         # Failing open, a dead storage degrades the service; failing closed, it stops it.

@@ -13,7 +13,9 @@ from fastapi_resilience.operations._degraded import DegradedMode
 from fastapi_resilience.outbound._breaker import default_registry
 
 if TYPE_CHECKING:
+    from fastapi_resilience.operations._errors import ErrorAnalytics
     from fastapi_resilience.operations._metrics import MetricsSources
+    from fastapi_resilience.outbound._dead_letter import DeadLetterQueue, ReplayHandler
     from fastapi_resilience.ratelimit._limiter import RateLimiter
 
 __all__ = ["Resilience"]
@@ -51,10 +53,25 @@ class Resilience:
         #: What this app reports on ``/metrics`` besides the process-wide counts; ``None``
         #: while metrics are off.
         self.metrics: MetricsSources | None = None
+        #: The error analytics behind ``GET {admin_path}/api/errors`` and the dashboard.
+        self.analytics: ErrorAnalytics | None = None
+        #: The dead-letter queue the admin API lists and replays (:meth:`use_dead_letters`).
+        self.dead_letters: DeadLetterQueue | None = None
+        self.replay_handler: ReplayHandler | None = None
         self._on_start: Callable[[], None] | None = None
         self._on_stop: Callable[[], Awaitable[None]] | None = None
         #: Apps with their own ``install()`` mounted in this one: started and stopped with it.
         self._mounted: list[Resilience] = []
+
+    def use_dead_letters(
+        self, queue: DeadLetterQueue, *, replay: ReplayHandler | None = None
+    ) -> None:
+        """Show ``queue`` in the admin API and the dashboard; ``replay`` is what
+        ``POST {admin_path}/api/dead-letters/replay`` runs each letter through (without it,
+        the queue is listed but not replayed). Its events go to this app's bus."""
+        self.dead_letters = queue
+        self.replay_handler = replay
+        queue.events = self.events
 
     def start(self) -> None:
         """Run ``install()``'s start-up checks: the app's lifespan calls it after the app's own
