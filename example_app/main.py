@@ -14,6 +14,9 @@ Run it with ``make run`` (127.0.0.1:8000, in-memory defaults, no Redis needed), 
          -d '{"failure_rate": 1.0}'                 # make the upstream fail: answers go stale
     curl -i 127.0.0.1:8000/exports/orders.csv  # 503 feature_unavailable when started with
                                                # RESILIENCE_DISABLED_FEATURES='["exports"]'
+    curl -i 127.0.0.1:8000/inventory/tea-earl-grey/live   # the inventory feature: 503 while
+                                               # the inventory breaker is open
+    open http://127.0.0.1:8000/resilience/     # the dashboard; token: demo-admin-token-change-me
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from example_app import rate_limits
-from example_app.outbound import inventory
+from example_app.outbound import INVENTORY_FEATURE, inventory
 from example_app.outbound import router as outbound_router
 from fastapi_resilience import (
     ConflictError,
@@ -138,6 +141,14 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
 
     # Calls to the flaky inventory upstream (example_app/upstream.py, started by `make run`).
     app.include_router(outbound_router)
+    # Live stock needs the upstream: off while its breaker is open, on again when it closes.
+    resilience.degraded.feature(
+        INVENTORY_FEATURE,
+        depends_on=[inventory.breaker.name],
+        description="live stock from the inventory upstream",
+    )
+    # Parked reservations, listed and replayed through the admin API and the dashboard.
+    resilience.use_dead_letters(inventory.dead_letters, replay=inventory.replay)
     # POST /login: 5 a minute per client, on top of the tier's limit.
     app.include_router(rate_limits.router)
 

@@ -16,8 +16,12 @@ One read, from the outside in::
 - ``GET /catalog/{sku}``: the same read in one line, through ``resilient_client`` (the
   ``ResilientTransport`` applies cache, retry, breaker and timeout per host); the upstream's
   JSON is passed on with the transport's ``Cache-Status`` header.
+- ``GET /inventory/{sku}/live``: the stock straight from the upstream, no cache: the
+  ``inventory`` feature, off (503 ``feature_unavailable``, ``X-Degraded: inventory``) while the
+  inventory breaker is open, back on by itself once the upstream answers again.
 - ``POST /inventory/{sku}/reserve``: not idempotent, so never retried; a failure is parked in
-  the dead-letter queue (202) and ``POST /dead-letters/replay`` tries again later.
+  the dead-letter queue (202), which an operator lists and replays through the admin API
+  (``GET /resilience/api/dead-letters``, ``POST /resilience/api/dead-letters/replay``).
 """
 
 from __future__ import annotations
@@ -26,10 +30,17 @@ import os
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
-from fastapi_resilience import Bulkhead, CircuitBreaker, Retry, RetryBudget, resilient_client
+from fastapi_resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    Retry,
+    RetryBudget,
+    requires_feature,
+    resilient_client,
+)
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.exceptions import (
     NotFoundError,
@@ -47,9 +58,21 @@ from fastapi_resilience.outbound import (
     with_fallback,
 )
 
-__all__ = ["INVENTORY_URL_ENV", "Inventory", "build_router", "inventory", "router"]
+__all__ = [
+    "INVENTORY_FEATURE",
+    "INVENTORY_URL_ENV",
+    "RECOVERY_ENV",
+    "Inventory",
+    "build_router",
+    "inventory",
+    "router",
+]
 
 INVENTORY_URL_ENV = "EXAMPLE_INVENTORY_URL"
+#: Seconds the inventory breaker stays open before it tries the upstream again (default 10).
+RECOVERY_ENV = "EXAMPLE_INVENTORY_RECOVERY_SECONDS"
+#: The feature that needs the inventory upstream (and its breaker, of the same name).
+INVENTORY_FEATURE = "inventory"
 
 
 class InventoryError(UpstreamError):
@@ -69,12 +92,13 @@ class Inventory:
         *,
         clock: Clock = SYSTEM_CLOCK,
         transport: httpx.AsyncBaseTransport | None = None,
+        recovery_timeout: float = 10.0,
     ) -> None:
         self.client = httpx.AsyncClient(
             base_url=base_url, transport=CorrelationIdTransport(transport), timeout=2.0
         )
         self.breaker = CircuitBreaker(
-            "inventory", failure_threshold=3, recovery_timeout=10.0, clock=clock
+            "inventory", failure_threshold=3, recovery_timeout=recovery_timeout, clock=clock
         )
         self.retry = Retry(
             attempts=3,
@@ -129,6 +153,10 @@ class Inventory:
     async def stock(self, sku: str) -> CacheResult[dict[str, Any]]:
         return await self.cache.call(f"stock:{sku}", self.fetch_stock, sku)
 
+    async def replay(self, letter: DeadLetter) -> None:
+        """Try a parked reservation again (what the admin API's replay runs per letter)."""
+        await self.reserve(letter.context["sku"], letter.context["qty"])
+
     async def reserve(self, sku: str, qty: int) -> dict[str, Any]:
         """Not idempotent: breaker and bulkhead, but no retry."""
         return await self.breaker.call(
@@ -177,6 +205,10 @@ def build_router(inv: Inventory) -> APIRouter:
             "stale": result.stale,
         }
 
+    @api.get("/inventory/{sku}/live", dependencies=[Depends(requires_feature(INVENTORY_FEATURE))])
+    async def live_stock(sku: str) -> dict[str, Any]:
+        return await inv.fetch_stock(sku)
+
     @api.post("/inventory/{sku}/reserve")
     async def reserve(sku: str, qty: int = 1) -> Any:
         try:
@@ -190,33 +222,11 @@ def build_router(inv: Inventory) -> APIRouter:
                 status_code=202,
             )
 
-    # Operator routes: protect them in a real app.
-    @api.get("/dead-letters")
-    async def dead_letters(limit: int = 100) -> list[dict[str, Any]]:
-        return [_letter_body(letter) for letter in await inv.dead_letters.list(limit)]
-
-    @api.post("/dead-letters/replay")
-    async def replay() -> dict[str, Any]:
-        async def again(letter: DeadLetter) -> None:
-            await inv.reserve(letter.context["sku"], letter.context["qty"])
-
-        report = await inv.dead_letters.replay(again)
-        return {"succeeded": report.succeeded, "failed": [x.id for x in report.failed]}
-
     return api
 
 
-def _letter_body(letter: DeadLetter) -> dict[str, Any]:
-    return {
-        "id": letter.id,
-        "operation": letter.operation,
-        "error_code": letter.error_code,
-        "message": letter.message,
-        "context": dict(letter.context),
-        "attempts": letter.attempts,
-        "correlation_id": letter.correlation_id,
-    }
-
-
-inventory = Inventory(os.environ.get(INVENTORY_URL_ENV, "http://127.0.0.1:8001"))
+inventory = Inventory(
+    os.environ.get(INVENTORY_URL_ENV, "http://127.0.0.1:8001"),
+    recovery_timeout=float(os.environ.get(RECOVERY_ENV, "10")),
+)
 router = build_router(inventory)

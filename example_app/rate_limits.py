@@ -57,9 +57,17 @@ async def login() -> dict[str, str]:
     return {"status": "logged in (demo)"}
 
 
+#: The admin API's and the dashboard's token in the example, unless the environment sets
+#: ``RESILIENCE_ADMIN_TOKEN`` (never use this one in production).
+DEMO_ADMIN_TOKEN = "demo-admin-token-change-me"
+
+
 def example_settings(**overrides: Any) -> ResilienceSettings:
-    """Settings with the example's tiers and keys, unless the environment sets its own."""
+    """Settings with the example's tiers, keys and admin token, unless the environment sets
+    its own."""
     values: dict[str, Any] = {}
+    if "RESILIENCE_ADMIN_TOKEN" not in os.environ:
+        values["admin_token"] = DEMO_ADMIN_TOKEN
     # Tiers from the environment replace these, and the demo keys with them (their tiers may
     # not exist there).
     if "RESILIENCE_RATE_LIMIT_TIERS" not in os.environ:

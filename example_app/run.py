@@ -115,6 +115,23 @@ def _python(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[b
     return subprocess.Popen([sys.executable, *args], env=env)
 
 
+def _dashboard_notice(host: str, port: int, upstream_port: int) -> str:
+    """Where to watch the example degrade and recover, the token to type there, and how to
+    make the upstream fail."""
+    from example_app.rate_limits import DEMO_ADMIN_TOKEN
+
+    token = (
+        "$RESILIENCE_ADMIN_TOKEN" if "RESILIENCE_ADMIN_TOKEN" in os.environ else DEMO_ADMIN_TOKEN
+    )
+    return (
+        f"\nmake run: the dashboard is at {_url(host, port)}/resilience/ (token: {token})\n"
+        f"  fail the upstream:   curl -X POST {_url(host, upstream_port)}/_control "
+        "-H 'content-type: application/json' -d '{\"failure_rate\": 1.0}'\n"
+        f"  call the feature:    curl -i {_url(host, port)}/inventory/tea-earl-grey/live\n"
+        "  heal it:             the same _control call with 0.0\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     host, port, upstream_port = args.host, args.port, args.upstream_port
@@ -138,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = _python(
             "-m", "uvicorn", "example_app.main:app", "--host", host, "--port", f"{port}", env=env
         )
+        print(_dashboard_notice(host, port, upstream_port), file=sys.stderr, flush=True)
         try:
             return app.wait()
         except KeyboardInterrupt:

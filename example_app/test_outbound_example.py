@@ -10,10 +10,14 @@ from fastapi import FastAPI
 from loopback import UvicornProcess
 
 from example_app.outbound import Inventory, build_router
-from fastapi_resilience import install_exception_handlers
+from fastapi_resilience import ResilienceSettings, install
 from fastapi_resilience.testing import ManualClock
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ADMIN = "/resilience/api"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+TOKEN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(name="upstream", scope="module")
@@ -34,7 +38,9 @@ async def _setup(
     clock = ManualClock()
     inventory = Inventory(upstream.url, clock=clock)
     app = FastAPI()
-    install_exception_handlers(app)
+    settings = ResilienceSettings(admin_token=ADMIN_TOKEN, rate_limit_enabled=False)
+    resilience = install(app, settings, clock=clock)
+    resilience.use_dead_letters(inventory.dead_letters, replay=inventory.replay)
     app.include_router(build_router(inventory))
     control = httpx.AsyncClient(base_url=upstream.url)
     await control.post("/_control", json={"reset": True})
@@ -118,15 +124,16 @@ async def test_failed_reservation_is_parked_and_replayed_after_recovery(
     queued = await client.post("/inventory/bolt/reserve", params={"qty": 2})
     assert queued.status_code == 202
     assert queued.json()["reason"] == "upstream_error"
-    letters = (await client.get("/dead-letters")).json()
+    letters = (await client.get(f"{ADMIN}/dead-letters", headers=TOKEN)).json()["letters"]
     assert [x["context"] for x in letters] == [{"sku": "bolt", "qty": 2}]
     assert await upstream_requests(control) == 1  # not idempotent: tried once, not retried
 
     await control.post("/_control", json={"failure_rate": 0.0})
     clock.advance(11)
-    report = (await client.post("/dead-letters/replay")).json()
-    assert report == {"succeeded": [letters[0]["id"]], "failed": []}
-    assert (await client.get("/dead-letters")).json() == []
+    report = (await client.post(f"{ADMIN}/dead-letters/replay", headers=TOKEN)).json()
+    assert report["succeeded"] == [letters[0]["id"]]
+    assert report["failed"] == []
+    assert (await client.get(f"{ADMIN}/dead-letters", headers=TOKEN)).json()["letters"] == []
     stock = (await control.get("/stock/bolt")).json()["stock"]
     assert stock == sum(b"bolt") % 50 - 2
 

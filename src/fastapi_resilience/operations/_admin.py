@@ -17,8 +17,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import AuthenticationError, InvalidInputError, NotFoundError
 from fastapi_resilience.health._checks import HealthChecks
@@ -28,7 +29,6 @@ from fastapi_resilience.operations._metrics import request_percentiles
 from fastapi_resilience.outbound._breaker import BreakerRegistry, CircuitBreaker
 from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
 from fastapi_resilience.outbound._dead_letter import DeadLetter, DeadLetterQueue, ReplayHandler
-from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 
 __all__ = ["ADMIN_ACTION", "Operated", "add_admin_routes", "breaker_json", "feature_json"]
 

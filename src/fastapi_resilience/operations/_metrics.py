@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import APIRouter
 from starlette.responses import Response
+from starlette.types import Scope
 
 from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
 from fastapi_resilience._asgi.pipeline import RequestState
@@ -119,7 +120,7 @@ class RequestMetricsStep:
         self._histograms.observe((_template(scope, root), method), perf_counter() - started)
 
 
-def _template(scope: dict[str, Any], root: str) -> str:
+def _template(scope: Scope, root: str) -> str:
     """The matched route's template, with the prefixes of the mounts it is under."""
     route = scope.get("route")
     if route is None:
@@ -127,7 +128,7 @@ def _template(scope: dict[str, Any], root: str) -> str:
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
     if not isinstance(path, str):
         return UNMATCHED_ROUTE
-    inner_root = scope.get("root_path", "")
+    inner_root: str = scope.get("root_path", "")
     if inner_root != root and inner_root.startswith(root):
         return inner_root[len(root) :] + path  # under a mount: its prefix first
     return path
@@ -313,13 +314,16 @@ def _counter(family: Any, name: str, documentation: str, tally: Tally, labels: l
 
 def _histogram(name: str, documentation: str, histograms: Histograms, labels: list[str]) -> Any:
     from prometheus_client.core import HistogramMetricFamily
-    from prometheus_client.utils import floatToGoString
-
-    bounds = [floatToGoString(b) for b in histograms.bounds] + ["+Inf"]
+    bounds = [_le(b) for b in histograms.bounds] + ["+Inf"]
     metric = HistogramMetricFamily(f"fastapi_resilience_{name}", documentation, labels=labels)
     for values, cumulative, _count, total in histograms.collect():
         metric.add_metric(list(values), list(zip(bounds, cumulative, strict=True)), total)
     return metric
+
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label as prometheus-client writes it (``0.005``, ``1.0``, ``10.0``)."""
+    return repr(float(bound))
 
 
 def request_percentiles(histograms: Histograms = REQUEST_DURATIONS) -> dict[str, float | None]:
@@ -357,7 +361,7 @@ def collector_for(
 
 
 def _as_collector(collector: ResilienceCollector) -> Collector:
-    return collector  # type: ignore[return-value]
+    return collector
 
 
 def add_metrics_route(
