@@ -33,6 +33,7 @@ from fastapi_resilience.operations._metrics import (
     prometheus_available,
     warn_prometheus_missing,
 )
+from fastapi_resilience.operations._tracing import subscribe_span_events
 from fastapi_resilience.problems._handlers import (
     install_exception_handlers,
 )
@@ -79,9 +80,17 @@ def install(
         correlation_header=settings.correlation_header,
     )
     limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
+    if settings.trace_span_events:
+        # Only once OpenTelemetry is installed; nothing of it is imported here.
+        subscribe_span_events(resilience.events)
     # One layer, its steps in the contract's order: correlation IDs, rate limiting, degraded
     # mode (ADR 0066).
-    steps: list[Any] = [CorrelationStep(header_name=settings.correlation_header)]
+    steps: list[Any] = [
+        CorrelationStep(
+            header_name=settings.correlation_header,
+            from_trace=settings.correlation_id_from_trace,
+        )
+    ]
     if limiter is not None:
         steps.append(RateLimitStep(limiter))
     steps.append(DegradedStep(resilience.degraded))
