@@ -21,12 +21,15 @@ from fastapi_resilience import (
     CircuitBreaker,
     CorrelationIdMiddleware,
     ResilienceSettings,
+    Retry,
+    RetryExhaustedError,
+    fallback,
     install,
 )
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.operations import span_events
-from fastapi_resilience.outbound import BreakerRegistry
-from fastapi_resilience.testing import force_breaker
+from fastapi_resilience.outbound import BreakerRegistry, ResponseCache
+from fastapi_resilience.testing import ManualClock, force_breaker
 
 pytestmark = pytest.mark.anyio
 
@@ -273,3 +276,55 @@ def test_span_events_outside_a_span_adds_nothing() -> None:
         pass
     (span,) = exporter.get_finished_spans()
     assert span.events == ()
+
+
+async def test_retries_fallbacks_and_stale_answers_are_span_events() -> None:
+    """Per-request events of the app's own outbound code (a ``Retry``, a ``fallback``, a
+    ``ResponseCache`` made without a bus) show on the request's span."""
+    clock = ManualClock()
+    retry = Retry(
+        attempts=2,
+        base_delay=0,
+        jitter=False,
+        retry_on=ConnectionError,
+        name="orders-api",
+        clock=clock,
+    )
+    cache = ResponseCache(ttl=1, stale_ttl=60, name="prices", clock=clock)
+    with app_traced(NO_LIMITS) as (app, exporter):
+        await cache.set("p1", 9.5)
+        clock.advance(5)  # stale from here on
+
+        async def down() -> float:
+            raise ConnectionError("down")
+
+        @fallback(lambda error: "no recommendations")
+        async def recommendations() -> str:
+            raise ConnectionError("down")
+
+        @app.get("/page")
+        async def page() -> dict[str, Any]:
+            with suppress(RetryExhaustedError):
+                await retry.call(down)
+            price = await cache.call("p1", down)
+            return {"price": price.value, "also": await recommendations()}
+
+        (response,) = await get(app, "/page")
+    assert response.json() == {"price": 9.5, "also": "no recommendations"}
+    (span,) = server_spans(exporter)
+    correlation_id = response.headers["X-Request-ID"]
+    (attempt,) = events_named(span, "retry.attempt")
+    assert attempt == {
+        "resilience.name": "orders-api",
+        "resilience.attempt": 2,
+        "resilience.delay": 0,
+        "resilience.error": "ConnectionError",
+        "correlation_id": correlation_id,
+    }
+    (stale,) = events_named(span, "cache.stale_served")
+    assert stale["resilience.name"] == "prices"
+    assert stale["resilience.age"] == 5
+    (served,) = events_named(span, "fallback.served")
+    assert served["resilience.name"].endswith("recommendations")
+    assert served["resilience.error"] == "ConnectionError"
+    assert served["correlation_id"] == correlation_id
