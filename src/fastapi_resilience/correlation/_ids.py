@@ -68,6 +68,7 @@ def is_valid_correlation_id(value: str | bytes) -> bool:
 
 #: Bound once: the step looks for ``opentelemetry.trace`` here on every request.
 _modules = sys.modules
+_OTEL_TRACE = "opentelemetry.trace"
 
 
 def _trace_id(span: Any) -> str | None:
@@ -141,19 +142,15 @@ class CorrelationStep:
                 raw = value
                 break
         span = None
-        if self._traced:
+        if self._traced and _OTEL_TRACE in _modules:
             # Never imported here: without ``opentelemetry.trace`` loaded there is no span.
-            trace = _modules.get("opentelemetry.trace")
-            if trace is not None:
-                span = trace.get_current_span()
+            span = _modules[_OTEL_TRACE].get_current_span()
         if raw is not None and _VALID_ID.fullmatch(raw):
             correlation_id = raw.decode("ascii")
             echoed = raw
         else:
-            trace_id = _trace_id(span) if span is not None and self._from_trace else None
-            if trace_id is not None:
-                correlation_id = trace_id
-            else:
+            trace_id = None if span is None or not self._from_trace else _trace_id(span)
+            if trace_id is None:
                 generate = self._generate
                 try:
                     # The default generator's pool, inlined; an empty pool refills in
@@ -163,6 +160,8 @@ class CorrelationStep:
                     )
                 except IndexError:
                     correlation_id = generate()
+            else:
+                correlation_id = trace_id
             echoed = correlation_id.encode("ascii")
             if self._update_request_header:
                 new_raw = echoed
