@@ -328,3 +328,32 @@ async def test_retries_fallbacks_and_stale_answers_are_span_events() -> None:
     assert served["resilience.name"].endswith("recommendations")
     assert served["resilience.error"] == "ConnectionError"
     assert served["correlation_id"] == correlation_id
+
+
+_WITHOUT_OPENTELEMETRY = """
+import sys
+sys.modules["opentelemetry"] = None  # not installed, as far as imports can tell
+from fastapi_resilience.events import EventBus
+from fastapi_resilience.operations import span_events
+
+bus = EventBus(log=False)
+bus.subscribe(span_events)
+bus.emit("demo.happened", "thing", count=1)
+print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+"""
+
+
+def test_span_events_without_opentelemetry_does_nothing() -> None:
+    """Without OpenTelemetry the listener imports nothing of it and adds nothing. (FastAPI
+    releases that import OpenTelemetry themselves cannot run without it.)"""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OPENTELEMETRY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.stdout.strip() == "['opentelemetry']", result.stderr
