@@ -1,5 +1,5 @@
 """Libraries the package uses only in some apps: their exceptions, looked up when one is
-caught, and a Redis client imported when one is built.
+caught, a Redis client imported when one is built, and OpenTelemetry's current span.
 
 Importing httpx (with its command-line extras) or redis costs every app tens of milliseconds,
 even one that never makes an outbound call or uses Redis. Code that only needs to recognise
@@ -8,8 +8,9 @@ their exceptions asks here: an exception of a library that was never imported ca
 
 from __future__ import annotations
 
+import importlib.util
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi_resilience.exceptions import ConfigurationError
 
@@ -26,6 +27,25 @@ def exception_of(module: str, name: str) -> type[BaseException]:
     loaded = sys.modules.get(module)
     found = getattr(loaded, name, None) if loaded is not None else None
     return found if isinstance(found, type) else _NeverRaised
+
+
+def current_span() -> Any | None:
+    """The current OpenTelemetry span; ``None`` while ``opentelemetry.trace`` is not imported.
+
+    Nothing is imported here: an app that traces has imported the module (its instrumentation
+    did), and one that does not has no span to find, so it pays one dictionary look-up.
+    """
+    trace = sys.modules.get("opentelemetry.trace")
+    return None if trace is None else trace.get_current_span()
+
+
+def tracing_installed() -> bool:
+    """Whether the OpenTelemetry API is installed (found, not imported)."""
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except (ImportError, ValueError):
+        # ``opentelemetry`` itself missing, or blocked with ``sys.modules[...] = None``.
+        return False
 
 
 def redis_from_url(url: str, setting: str) -> Redis:

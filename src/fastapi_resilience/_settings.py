@@ -52,6 +52,12 @@ class ResilienceSettings(BaseSettings):
     #: ``None``: only under Starlette's ``TestClient``.
     raise_server_exceptions: bool | None = None
     problem_type_base: str = DEFAULT_TYPE_BASE
+    #: A request without a valid correlation ID of its own takes its OpenTelemetry trace's ID
+    #: (32 hex characters) when a span is current, instead of a new random one.
+    correlation_id_from_trace: bool = False
+    #: Add every event the library publishes to the current OpenTelemetry span as a span
+    #: event (needs the ``otel`` extra; without OpenTelemetry installed it does nothing).
+    trace_span_events: bool = True
 
     # Rate limiting
     rate_limit_enabled: bool = True

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
+from typing import Any
 
 from fastapi_resilience._asgi.pipeline import RequestState
 
@@ -64,6 +66,17 @@ def is_valid_correlation_id(value: str | bytes) -> bool:
     return _VALID_ID.fullmatch(raw) is not None
 
 
+#: Bound once: the step looks for ``opentelemetry.trace`` here on every request.
+_modules = sys.modules
+_OTEL_TRACE = "opentelemetry.trace"
+
+
+def _trace_id(span: Any) -> str | None:
+    """The span's trace ID as 32 lower-case hex characters; ``None`` for an invalid span."""
+    context = span.get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
+
+
 class CorrelationIdFilter(logging.Filter):
     """Stamps every log record with ``record.correlation_id`` (``default`` outside a request).
 
@@ -87,6 +100,10 @@ class CorrelationStep:
 
     A request that already has an ID (a correlation step outside this one gave it) is left as
     it is: the outer ID serves, once.
+
+    With OpenTelemetry tracing the request, ``span_attribute`` names the attribute of the
+    current span that gets the ID (``None``: none), and ``from_trace`` makes a request without
+    a valid ID of its own take its trace's ID (32 hex characters) instead of a new one.
     """
 
     websocket = True
@@ -97,6 +114,8 @@ class CorrelationStep:
         header_name: str = "X-Request-ID",
         generator: Callable[[], str] = generate_correlation_id,
         update_request_header: bool = True,
+        span_attribute: str | None = "correlation_id",
+        from_trace: bool = False,
     ) -> None:
         if not HEADER_NAME.fullmatch(header_name):
             raise ValueError(f"header_name: {header_name!r} is not a valid HTTP header name")
@@ -104,6 +123,10 @@ class CorrelationStep:
         self._header = header_name.lower().encode("latin-1")
         self._generate = generator
         self._update_request_header = update_request_header
+        self._span_attribute = span_attribute or None
+        self._from_trace = from_trace
+        # Look for a span at all: one check per request when neither option is used.
+        self._traced = bool(span_attribute) or from_trace
 
     def enter(self, state: RequestState) -> None:
         if state.correlation_id is not None:
@@ -118,18 +141,27 @@ class CorrelationStep:
             if name == header:
                 raw = value
                 break
+        span = None
+        if self._traced and _OTEL_TRACE in _modules:
+            # Never imported here: without ``opentelemetry.trace`` loaded there is no span.
+            span = _modules[_OTEL_TRACE].get_current_span()
         if raw is not None and _VALID_ID.fullmatch(raw):
             correlation_id = raw.decode("ascii")
             echoed = raw
         else:
-            generate = self._generate
-            try:
-                # The default generator's pool, inlined; an empty pool refills in ``generate``.
-                correlation_id = (
-                    _ID_POOL.popleft() if generate is generate_correlation_id else generate()
-                )
-            except IndexError:
-                correlation_id = generate()
+            trace_id = None if span is None or not self._from_trace else _trace_id(span)
+            if trace_id is None:
+                generate = self._generate
+                try:
+                    # The default generator's pool, inlined; an empty pool refills in
+                    # ``generate``.
+                    correlation_id = (
+                        _ID_POOL.popleft() if generate is generate_correlation_id else generate()
+                    )
+                except IndexError:
+                    correlation_id = generate()
+            else:
+                correlation_id = trace_id
             echoed = correlation_id.encode("ascii")
             if self._update_request_header:
                 new_raw = echoed
@@ -142,6 +174,8 @@ class CorrelationStep:
                     scope["headers"] = [*kept, (header, new_raw)]
         state.correlation_id = correlation_id
         state.fields.append(((header, echoed),))
+        if span is not None and self._span_attribute is not None and span.is_recording():
+            span.set_attribute(self._span_attribute, correlation_id)
         token = _correlation_id.set(correlation_id)
         context = state.context
         if context is None:

@@ -37,6 +37,7 @@ from fastapi_resilience.operations._metrics import (
     prometheus_available,
     warn_prometheus_missing,
 )
+from fastapi_resilience.operations._tracing import subscribe_span_events
 from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
 from fastapi_resilience.problems._handlers import (
@@ -92,9 +93,17 @@ def install(
         correlation_header=settings.correlation_header,
     )
     limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
+    if settings.trace_span_events:
+        # Only once OpenTelemetry is installed; nothing of it is imported here.
+        subscribe_span_events(resilience.events)
     # One layer, its steps in the contract's order: correlation IDs, rate limiting, degraded
     # mode (ADR 0066).
-    steps: list[Any] = [CorrelationStep(header_name=settings.correlation_header)]
+    steps: list[Any] = [
+        CorrelationStep(
+            header_name=settings.correlation_header,
+            from_trace=settings.correlation_id_from_trace,
+        )
+    ]
     metrics_on = settings.metrics_enabled and prometheus_available()
     if metrics_on and settings.metrics_request_duration:
         steps.append(RequestMetricsStep())

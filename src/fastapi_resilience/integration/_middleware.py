@@ -61,6 +61,10 @@ class CorrelationIdMiddleware(Pipeline):
             only for Starlette's ``TestClient``, so a failing route fails the test that calls
             it (``TestClient(app, raise_server_exceptions=False)`` gets the 500 instead); a
             real server is not handed the exception, which it would log a second time.
+        span_attribute: the attribute of the current OpenTelemetry span that gets the ID
+            (``None``: none).
+        from_trace: a request without a valid ID of its own takes its trace's ID (32 hex
+            characters) when a span is current, instead of a new one.
     """
 
     def __init__(
@@ -71,11 +75,15 @@ class CorrelationIdMiddleware(Pipeline):
         generator: Callable[[], str] = generate_correlation_id,
         update_request_header: bool = True,
         raise_server_exceptions: bool | None = None,
+        span_attribute: str | None = "correlation_id",
+        from_trace: bool = False,
     ) -> None:
         self.step = CorrelationStep(
             header_name=header_name,
             generator=generator,
             update_request_header=update_request_header,
+            span_attribute=span_attribute,
+            from_trace=from_trace,
         )
         self.header_name = header_name
         super().__init__(

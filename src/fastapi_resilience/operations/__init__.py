@@ -1,4 +1,4 @@
-"""Operating an app under failure: degraded mode (named features) and its metrics."""
+"""Operating an app under failure: degraded mode (named features), its metrics and traces."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ if TYPE_CHECKING:
         FeatureStatus,
         requires_feature,
     )
+    from fastapi_resilience.operations._tracing import span_events
 
-__all__ = ["DegradedMode", "Feature", "FeatureStatus", "requires_feature"]
+__all__ = ["DegradedMode", "Feature", "FeatureStatus", "requires_feature", "span_events"]
 
 #: Each public name and the module it is imported from on first use.
 _EXPORTS = {
@@ -22,5 +23,6 @@ _EXPORTS = {
     "Feature": "fastapi_resilience.operations._degraded",
     "FeatureStatus": "fastapi_resilience.operations._degraded",
     "requires_feature": "fastapi_resilience.operations._degraded",
+    "span_events": "fastapi_resilience.operations._tracing",
 }
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
+from fastapi_resilience.events import FALLBACK_EVENTS, EventBus
 from fastapi_resilience.exceptions import ClientError, ConfigurationError
 
-__all__ = ["FallbackOn", "default_fallback_on", "fallback", "with_fallback"]
+__all__ = ["FALLBACK_SERVED", "FallbackOn", "default_fallback_on", "fallback", "with_fallback"]
+
+#: Published (DEBUG) each time a fallback answers in place of a failed call.
+FALLBACK_SERVED = "fallback.served"
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -52,8 +57,16 @@ def _predicate(on: FallbackOn | None) -> Callable[[BaseException], bool]:
 
 
 async def _run_fallback(
-    handler: Callable[..., Any], error: BaseException, args: Any, kwargs: Any
+    handler: Callable[..., Any],
+    error: BaseException,
+    args: Any,
+    kwargs: Any,
+    fn: Callable[..., Any],
+    events: EventBus,
 ) -> Any:
+    # Only on a failure: a call that succeeds pays nothing for it.
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    events.emit(FALLBACK_SERVED, name, level=logging.DEBUG, error=type(error).__name__)
     result = handler(error, *args, **kwargs)
     if inspect.isawaitable(result):
         result = await result
@@ -73,7 +86,8 @@ async def with_fallback(
     ``handler`` may be sync or async and receives the error first, then the call's own
     arguments. ``on`` (exception types or a predicate) chooses which failures take the
     fallback; by default every ``Exception`` except a ``ClientError``. A failure inside the
-    handler propagates with the original error chained as its context.
+    handler propagates with the original error chained as its context. Each answer of the
+    handler publishes ``fallback.served`` (DEBUG) on the shared bus that logs it.
 
     Returns:
         What ``fn`` or, on failure, ``handler`` returned.
@@ -86,13 +100,14 @@ async def with_fallback(
     except BaseException as error:
         if not applies(error):
             raise
-        return cast(T, await _run_fallback(handler, error, args, kwargs))
+        return cast(T, await _run_fallback(handler, error, args, kwargs, fn, FALLBACK_EVENTS))
 
 
 def fallback(
     handler: Callable[..., Any],
     *,
     on: FallbackOn | None = None,
+    events: EventBus | None = None,
 ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
     """Decorate an async function so a failure answers with ``handler(error, *args, **kwargs)``.
 
@@ -107,6 +122,8 @@ def fallback(
         handler: sync or async; gets the error, then the call's arguments.
         on: exception types or a predicate choosing which failures take the fallback;
             default: any ``Exception`` except a ``ClientError``.
+        events: where ``fallback.served`` goes (DEBUG, each time the handler answers); by
+            default the shared bus that logs it.
 
     Raises:
         ConfigurationError: ``on`` is neither exception types nor a callable.
@@ -116,6 +133,7 @@ def fallback(
     if not callable(handler):
         raise ConfigurationError(f"handler must be callable, got {handler!r}")
     applies = _predicate(on)
+    bus = events if events is not None else FALLBACK_EVENTS
 
     def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         @functools.wraps(fn)
@@ -125,7 +143,7 @@ def fallback(
             except BaseException as error:
                 if not applies(error):
                     raise
-                return cast(T, await _run_fallback(handler, error, args, kwargs))
+                return cast(T, await _run_fallback(handler, error, args, kwargs, fn, bus))
 
         return wrapper
 

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fastapi_resilience._optional import exception_of, redis_from_url
 from fastapi_resilience._tally import RESPONSE_CACHE
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.events import EventBus
+from fastapi_resilience.events import FALLBACK_EVENTS, EventBus
 from fastapi_resilience.exceptions import (
     AppError,
     BulkheadFullError,
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = [
+    "CACHE_STALE_SERVED",
     "CACHE_STATUS_HEADER",
     "CacheEntry",
     "CacheResult",
@@ -70,6 +71,8 @@ P = ParamSpec("P")
 CACHE_STATUS_HEADER = "Cache-Status"
 #: The cache's name in ``Cache-Status`` unless told otherwise.
 DEFAULT_CACHE_NAME = "fastapi-resilience"
+#: Published (DEBUG) each time a stale entry answers for a call that failed.
+CACHE_STALE_SERVED = "cache.stale_served"
 #: Scope key where :class:`CacheStatusMiddleware` leaves the request's cache status.
 SCOPE_KEY = "fastapi_resilience.cache_status"
 
@@ -385,8 +388,10 @@ class ResponseCache:
         self.coalesce = coalesce
         self._clock = clock
         self._serializer: Serializer = serializer or JsonSerializer()
-        #: Where ``cache.storage_down`` / ``cache.storage_recovered`` go; rebind to the app's bus.
-        self.events = events or EventBus()
+        #: Where ``cache.storage_down`` / ``cache.storage_recovered`` and ``cache.stale_served``
+        #: go; by default the shared bus that logs them (and traces them, once ``install()``
+        #: subscribed it). Rebind to the app's bus.
+        self.events = events if events is not None else FALLBACK_EVENTS
         # An entry leaves at the end of its stale window; a full level drops such entries
         # before it drops the least recently used live one.
         self._l1: TLRUCache[str, _Slot] = TLRUCache(
@@ -528,6 +533,13 @@ class ResponseCache:
             except Exception as exc:
                 if not (stale_if_error and entry is not None and serve_stale_on(exc)):
                     raise
+                self.events.emit(
+                    CACHE_STALE_SERVED,
+                    self.name,
+                    level=logging.DEBUG,
+                    age=round(entry.age, 3),
+                    error=_error_token(exc),
+                )
                 result = CacheResult(
                     entry.value, "stale", entry.age, entry.ttl_left, exc, cache_name=self.name
                 )

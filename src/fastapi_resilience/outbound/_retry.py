@@ -8,6 +8,7 @@ Everything else (classification, backoff, deadlines, the budget) runs only after
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import random as _random
 from collections.abc import Awaitable, Callable, Collection
@@ -17,7 +18,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from fastapi_resilience._optional import exception_of
 from fastapi_resilience._tally import RETRIES
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
-from fastapi_resilience.events import EventBus
+from fastapi_resilience.events import EventBus, EventSource
 from fastapi_resilience.exceptions import AppError, ConfigurationError, RetryExhaustedError
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 from fastapi_resilience.outbound._deadline import remaining as _request_remaining
@@ -25,6 +26,7 @@ from fastapi_resilience.outbound._retry_budget import RetryBudget, seconds
 
 __all__ = [
     "DEFAULT_IDEMPOTENT_METHODS",
+    "RETRY_ATTEMPT",
     "Jitter",
     "Retry",
     "RetryPredicate",
@@ -39,6 +41,9 @@ RetryPredicate = Callable[[BaseException], bool]
 
 #: Methods that RFC 9110 defines as idempotent: repeating them has the effect of doing it once.
 DEFAULT_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+#: Published (DEBUG) before each retry: one per retried attempt, never on a first attempt.
+RETRY_ATTEMPT = "retry.attempt"
 
 # Why a retry loop stopped, as given in RetryExhaustedError.extensions["reason"].
 REASON_ATTEMPTS = "attempts"
@@ -101,7 +106,7 @@ def _as_predicate(
     raise ConfigurationError(f"retry_on must be exception types or a predicate, got {retry_on!r}")
 
 
-class Retry:
+class Retry(EventSource):
     """Retries an async call with exponential backoff and jitter.
 
     ``await retry.call(fn, *args, **kwargs)``, or decorate an ``async def`` with ``@retry``.
@@ -135,7 +140,8 @@ class Retry:
         name: names this policy in errors and events.
         clock: injectable time (``monotonic`` and ``sleep``).
         random: a ``() -> float in [0, 1)`` source for jitter.
-        events: the event bus given to ``budget`` if it has none.
+        events: where ``retry.attempt`` events go (each retry, at DEBUG level), and the bus
+            given to ``budget`` if it has none; by default the shared bus that logs them.
 
     Raises:
         ConfigurationError: an argument is out of range.
@@ -197,6 +203,7 @@ class Retry:
         if budget is not None and events is not None and budget._events is None:
             budget.events = events
         self._budget = budget
+        self._events = events
         self.idempotent_methods = frozenset(m.upper() for m in idempotent_methods)
         self.retry_non_idempotent = retry_non_idempotent
         self.name = name
@@ -288,6 +295,14 @@ class Retry:
             if self._budget is not None and not self._budget.try_spend():
                 raise self._exhausted(attempt, REASON_BUDGET) from last
             RETRIES.add(_RETRIED)
+            self.events.emit(
+                RETRY_ATTEMPT,
+                self.name,
+                level=logging.DEBUG,
+                attempt=attempt + 1,
+                delay=round(delay, 3),
+                error=type(last).__name__,
+            )
             await clock.sleep(delay)
             attempt += 1
             try:

@@ -10,6 +10,7 @@ mounted sub-app) it checks its own limits itself.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -99,6 +100,13 @@ class RateLimit:
             if fields is not None:
                 fields.clear()  # the refusal carries its own fields
             _, problem = own.problem()
+            # As the rate-limit step reports its refusals: per request, so DEBUG.
+            limiter.events.emit(
+                "rate_limit.refused",
+                own.plan.tier,
+                level=logging.DEBUG,
+                policies=",".join(problem["extensions"]["violated-policies"]),
+            )
             raise RouteLimitRefused(
                 problem["detail"], extensions=problem["extensions"], headers=problem["headers"]
             )
