@@ -296,7 +296,7 @@ def _fresh_state(request: pytest.FixtureRequest) -> None:
     auth = {"Authorization": f"Bearer {served.token}"}
     with httpx.Client(base_url=served.api_url, headers=auth, timeout=10) as client:
         for name in BREAKERS:
-            client.post(f"/breakers/{_quote(name)}/reset").raise_for_status()
+            client.post(f"/breakers/{_quote(name)}/close").raise_for_status()
         for name in FEATURES:
             client.post(f"/features/{_quote(name)}/on").raise_for_status()
 
@@ -322,7 +322,7 @@ class Watched:
 
     def on_console(self, message: ConsoleMessage) -> None:
         text = message.text
-        if "Content Security Policy" in text or "Trusted Type" in text:
+        if "Content Security Policy" in text or "Trusted" in text:
             self.policy_errors.append(text)
 
 
@@ -457,6 +457,7 @@ def test_opening_a_breaker_shows_it_open_and_degraded(watched: Watched, served: 
     expect(feature_row(page, "inventory").locator(".available")).to_have_text("no")
     if os.environ.get("DASHBOARD_SCREENSHOT") == "1":
         page.locator("#recent details").first.click()
+        page.evaluate("window.scrollTo(0, 0)")
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT))
     row.locator('button[data-action="close"]').click()
