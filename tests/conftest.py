@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from loopback import RedisServer, require_binary
@@ -17,6 +18,9 @@ from fastapi_resilience.outbound import (
     default_registry,
 )
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
 
 @pytest.fixture(name="redis_server")
 def _redis_server(tmp_path: Path) -> Iterator[RedisServer]:
@@ -27,6 +31,19 @@ def _redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(name="browser", scope="module")
+def _browser() -> Iterator[Browser]:
+    """A headless Chromium (the machine's own) for one test module.
+
+    Module-scoped, not session-long: Playwright's sync API keeps an event loop of its own
+    running, which must be gone before the next module's anyio tests start theirs.
+    """
+    from tests.browser import launch_chromium
+
+    with launch_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
