@@ -272,7 +272,8 @@ def _add_breaker_action(
         return breaker_json(breaker)
 
     breaker_action.__name__ = f"breaker_{verb}"
-    api.add_api_route(f"/breakers/{{name}}/{verb}", breaker_action, methods=["POST"])
+    # ``:path``: a breaker's name may hold a '/' (the server decodes the page's ``%2F``).
+    api.add_api_route(f"/breakers/{{name:path}}/{verb}", breaker_action, methods=["POST"])
 
 
 def _feature_routes(api: APIRouter, operated: Operated) -> None:
@@ -286,7 +287,7 @@ def _feature_routes(api: APIRouter, operated: Operated) -> None:
     async def list_features() -> dict[str, Any]:
         return {"features": [feature_json(degraded, f.name) for f in degraded.features()]}
 
-    @api.post("/features/{name}/off")
+    @api.post("/features/{name:path}/off")
     async def switch_off(name: str, request: Request) -> dict[str, Any]:
         check(name)
         seconds = await _seconds_of(request)
@@ -294,7 +295,7 @@ def _feature_routes(api: APIRouter, operated: Operated) -> None:
         _action(operated, request, "feature.off", name, seconds=seconds)
         return feature_json(degraded, name)
 
-    @api.post("/features/{name}/on")
+    @api.post("/features/{name:path}/on")
     async def switch_on(name: str, request: Request) -> dict[str, Any]:
         check(name)
         degraded.enable(name)
