@@ -263,13 +263,14 @@ def slowapi_redis_headers(env: BenchEnv) -> ASGIApp:
     return _slowapi_app(storage_uri=env.require_redis(), headers_enabled=True)
 
 
-def _resilience_full(storage: str, *, headers: bool = True) -> ASGIApp:
+def _resilience_full(storage: str, *, headers: bool = True, metrics: bool = True) -> ASGIApp:
     from fastapi_resilience import ResilienceSettings, install
 
     settings = ResilienceSettings(
         rate_limit_storage=storage,
         rate_limit_tiers={"anonymous": HUGE_LIMIT},
         rate_limit_headers_enabled=headers,
+        metrics_enabled=metrics,
     )
     # Before the route, as the README writes it: its health and metrics routes come first.
     return tiny_app(lambda app: install(app, settings))
@@ -277,6 +278,10 @@ def _resilience_full(storage: str, *, headers: bool = True) -> ASGIApp:
 
 def resilience_full_memory(env: BenchEnv) -> ASGIApp:
     return _resilience_full("memory://")
+
+
+def resilience_full_memory_no_metrics(env: BenchEnv) -> ASGIApp:
+    return _resilience_full("memory://", metrics=False)
 
 
 def resilience_full_memory_no_headers(env: BenchEnv) -> ASGIApp:
@@ -384,8 +389,15 @@ VARIANTS: dict[str, HttpVariant] = {
     ),
     # ---- rate limiting: this library's variants go here, next to the peers.
     "resilience_full_memory": HttpVariant(
-        "fastapi-resilience `install()`: IDs, errors, rate limit (memory), headers on",
+        "fastapi-resilience `install()`: IDs, errors, rate limit (memory), headers on, "
+        "metrics on",
         resilience_full_memory,
+        "rate_limit",
+        expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
+    ),
+    "resilience_full_memory_no_metrics": HttpVariant(
+        "fastapi-resilience `install()` as above, metrics off: no request timing (reference)",
+        resilience_full_memory_no_metrics,
         "rate_limit",
         expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
     ),
