@@ -16,16 +16,13 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from fastapi_resilience import ResilienceSettings, install, rate_limit
-from fastapi_resilience.exceptions import (
-    AppError,
-    ServiceUnavailableError,
-    StorageUnavailableError,
-)
+from fastapi_resilience.exceptions import ServiceUnavailableError, StorageUnavailableError
 from fastapi_resilience.ratelimit import (
     Decision,
     DefaultIdentityResolver,
     GuardedStorage,
     Identity,
+    IdentityStateUnsupportedError,
     Limit,
     LimitCheck,
     LimitState,
@@ -262,7 +259,7 @@ async def test_a_storage_without_peek_answers_501_not_500(clock: ManualClock, ht
     storage: RateLimitStorage = CountOnly()
     limiter = RateLimiter(storage, tiers=TIERS)
     assert await _requests(limiter, IDENTITY, 1) == [9]
-    with pytest.raises(AppError) as info:
+    with pytest.raises(IdentityStateUnsupportedError) as info:
         await limiter.reset_identity(IDENTITY.key)
     assert info.value.status_code == 501
     assert "CountOnly" in info.value.detail
