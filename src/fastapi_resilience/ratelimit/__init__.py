@@ -19,13 +19,18 @@ if TYPE_CHECKING:
         Identity,
         IdentityResolver,
     )
-    from fastapi_resilience.ratelimit._limiter import LimitOutcome, RateLimiter
+    from fastapi_resilience.ratelimit._limiter import (
+        IdentityStateUnsupportedError,
+        LimitOutcome,
+        RateLimiter,
+    )
     from fastapi_resilience.ratelimit._memory import MemoryStorage
     from fastapi_resilience.ratelimit._redis import RedisStorage
     from fastapi_resilience.ratelimit._routes import RateLimit
     from fastapi_resilience.ratelimit._setup import guarded_storage_from_url, storage_from_url
     from fastapi_resilience.ratelimit._storage import (
         Decision,
+        IdentityStateStorage,
         LimitCheck,
         LimitState,
         RateLimitStorage,
@@ -38,6 +43,8 @@ __all__ = [
     "GuardedStorage",
     "Identity",
     "IdentityResolver",
+    "IdentityStateStorage",
+    "IdentityStateUnsupportedError",
     "Limit",
     "LimitCheck",
     "LimitOutcome",
@@ -59,6 +66,8 @@ _EXPORTS = {
     "GuardedStorage": "fastapi_resilience.ratelimit._guard",
     "Identity": "fastapi_resilience.ratelimit._identity",
     "IdentityResolver": "fastapi_resilience.ratelimit._identity",
+    "IdentityStateStorage": "fastapi_resilience.ratelimit._storage",
+    "IdentityStateUnsupportedError": "fastapi_resilience.ratelimit._limiter",
     "Limit": "fastapi_resilience._limits",
     "LimitCheck": "fastapi_resilience.ratelimit._storage",
     "LimitOutcome": "fastapi_resilience.ratelimit._limiter",

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from fastapi_resilience._limits import Limit
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
@@ -22,10 +23,13 @@ from fastapi_resilience.health._checks import CheckResult, HealthStatus
 from fastapi_resilience.ratelimit._storage import (
     DEFAULT_STORAGE_TIMEOUT,
     Decision,
+    IdentityStateStorage,
     LimitCheck,
+    LimitState,
     RateLimitStorage,
     StorageUnavailableError,
     positive_seconds,
+    supports_identity_state,
 )
 
 __all__ = [
@@ -40,6 +44,8 @@ STORAGE_OPEN_MESSAGE = "rate-limit storage is down; not tried again for"
 #: The identity the recovery probe counts under (a key that expires within a second).
 PROBE_IDENTITY = "fastapi-resilience-probe"
 _PROBE_CHECKS = (LimitCheck("probe", Limit(1_000_000_000, 1)),)
+
+_T = TypeVar("_T")
 
 
 class GuardedStorage:
@@ -121,6 +127,44 @@ class GuardedStorage:
             return await self._degraded(identity_tag, checks, exc)
         self._failures = 0
         return decision
+
+    @property
+    def supports_identity_state(self) -> bool:
+        """Whether the guarded storage can ``peek`` and ``reset`` (see ``IdentityStateStorage``)."""
+        return supports_identity_state(self.storage)
+
+    async def peek(self, identity_tag: str, checks: Sequence[LimitCheck]) -> list[LimitState]:
+        """The guarded storage's ``peek``; never the fallback's, whose per-instance counts are
+        not the shared ones. Raises ``StorageUnavailableError`` while the breaker is open (at
+        once) or when the call fails."""
+        return await self._admin_call(lambda storage: storage.peek(identity_tag, checks))
+
+    async def reset(self, identity_tag: str, checks: Sequence[LimitCheck]) -> int:
+        """The guarded storage's ``reset``, then the fallback's (if it has one) too, so that
+        the identity starts afresh in the next outage as well; returns the counters removed
+        from both. Raises ``StorageUnavailableError`` as ``peek`` does, with nothing reset."""
+        removed = await self._admin_call(lambda storage: storage.reset(identity_tag, checks))
+        fallback = self.fallback
+        if fallback is not None and supports_identity_state(fallback):
+            removed += await _state_of(fallback).reset(identity_tag, checks)
+        return removed
+
+    async def _admin_call(self, call: Callable[[IdentityStateStorage], Awaitable[_T]]) -> _T:
+        """``call`` on the guarded storage, bounded by the timeout; a failure counts towards
+        opening the breaker as a request's does, since it is the same storage failing."""
+        if self._opened_at is not None:
+            self._maybe_probe()
+            wait = max(self._next_probe - self._clock.monotonic(), 0.0) or self.recovery_interval
+            raise StorageUnavailableError(f"{STORAGE_OPEN_MESSAGE} {wait:.2f}s", retry_after=wait)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await call(_state_of(self.storage))
+        except (StorageUnavailableError, TimeoutError) as exc:
+            self._record_failure(exc)
+            raise StorageUnavailableError(
+                f"rate-limit storage failed: {type(exc).__name__}",
+                retry_after=self.recovery_interval,
+            ) from exc
 
     async def _degraded(
         self, identity_tag: str, checks: Sequence[LimitCheck], cause: BaseException | None
@@ -227,3 +271,12 @@ class GuardedStorage:
     def __repr__(self) -> str:
         state = "closed" if self._opened_at is None else "open"
         return f"GuardedStorage({self.storage!r}, state={state!r}, timeout={self.timeout})"
+
+
+def _state_of(storage: Any) -> IdentityStateStorage:
+    """``storage`` as a storage with ``peek`` and ``reset``; ``NotImplementedError`` when it
+    has none (callers ask ``supports_identity_state`` first)."""
+    if not supports_identity_state(storage):
+        raise NotImplementedError(f"{storage!r} cannot peek or reset one identity's counts")
+    found: IdentityStateStorage = storage
+    return found

@@ -313,6 +313,12 @@ class DefaultIdentityResolver:
         self._ip_cache[address] = identity
         return identity
 
+    def tier_of(self, key: str) -> str | None:
+        """The tier of the configured API key whose identity key is ``key``
+        (``"key:<16 hex digits>"``); ``None`` when no configured key has it. A scan of the
+        keys: for the admin API, never a request."""
+        return next((found.tier for found in self._by_key.values() if found.key == key), None)
+
     @property
     def client_address(self) -> ClientAddress:
         """The address part, for custom resolvers that fall back to it."""

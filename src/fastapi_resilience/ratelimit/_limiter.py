@@ -8,9 +8,9 @@ lookup, one storage call for all its limits, and formatting two numbers per poli
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.types import Scope
 
@@ -18,7 +18,12 @@ from fastapi_resilience._asgi.paths import MountTemplates
 from fastapi_resilience._limits import Limit, parse_limits
 from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience.events import EventBus
-from fastapi_resilience.exceptions import ConfigurationError, retry_after_header
+from fastapi_resilience.exceptions import (
+    AppError,
+    ConfigurationError,
+    ServiceUnavailableError,
+    retry_after_header,
+)
 from fastapi_resilience.ratelimit._headers import (
     QUOTA_EXCEEDED_TYPE,
     RETRY_AFTER,
@@ -30,20 +35,38 @@ from fastapi_resilience.ratelimit._identity import (
     DefaultIdentityResolver,
     Identity,
     IdentityResolver,
+    normalize_address,
 )
 from fastapi_resilience.ratelimit._storage import (
     Decision,
+    IdentityStateStorage,
     LimitCheck,
+    LimitState,
     LocalStorage,
     RateLimitStorage,
     StorageUnavailableError,
     admitted_decision,
+    supports_identity_state,
 )
 
-__all__ = ["LimitOutcome", "RateLimiter", "RoutePlan"]
+__all__ = ["IdentityStateUnsupportedError", "LimitOutcome", "RateLimiter", "RoutePlan"]
 
 #: Bound on cached per-identity plans: a flood of identities cannot grow it without limit.
 _PLAN_CACHE_SIZE = 10_000
+#: Bound on the route templates the limiter remembers: a ``rate_limit`` awaited outside routing
+#: is keyed by the raw path, which a client chooses.
+_KNOWN_ROUTES_SIZE = 1024
+
+_T = TypeVar("_T")
+
+
+class IdentityStateUnsupportedError(AppError):
+    """The rate-limit storage cannot show or reset one identity's counts (a custom storage
+    without ``peek`` and ``reset``): 501 problem+json from the admin API."""
+
+    status_code = 501
+    code = "not_implemented"
+    title = "Not Implemented"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -292,6 +315,9 @@ class RateLimiter:
         #: The plans of the tier alone (no route limit: most requests), by identity key, whose
         #: hash a string keeps; the plan's ``identity_tier`` is checked on every hit.
         self._tier_plans: dict[str, _Plan] = {}
+        #: Route template -> its limits, as the middleware and the ``rate_limit`` dependencies
+        #: found them: what the admin API reports per route.
+        self._known_routes: dict[str, tuple[Limit, ...]] = {}
 
     @property
     def storage(self) -> RateLimitStorage:
@@ -470,6 +496,101 @@ class RateLimiter:
             "headers": {"Retry-After": retry_after_header(retry)},
         }
 
+    def learn_route(self, plan: RoutePlan) -> None:
+        """Remember ``plan``'s route limits for :meth:`identity_state` and
+        :meth:`reset_identity`. Called when a route table or a dependency's plan is built,
+        never per request."""
+        known = self._known_routes
+        before = known.pop(plan.path, ())
+        if len(known) >= _KNOWN_ROUTES_SIZE:
+            del known[next(iter(known))]  # the least recently learnt
+        # Two dependencies of one route may each be planned alone: their limits add up.
+        known[plan.path] = tuple(dict.fromkeys([*before, *(limit for limit, _ in plan.limits)]))
+
+    async def identity_state(self, identity: str) -> list[dict[str, Any]]:
+        """The state of ``identity``'s counters, one dict per policy, counting nothing.
+
+        ``identity`` is an ``Identity.key``: ``"ip:<address>"`` (any spelling of the address)
+        or ``"key:<first 16 hex digits of the API key's SHA-256>"``. Reported: the policies of
+        the identity's own tier (its API key's tier, else the default tier) and of every other
+        tier where it has counts (its tier may have changed), then the policies of every route
+        limit this limiter knows of. Route limits are learnt from the app's routes at the
+        first request the middleware sees, and from each ``rate_limit`` dependency when it
+        first runs: before that, only the tiers are reported.
+
+        Each dict: ``policy`` (the name in ``RateLimit-Policy``), ``scope`` (``"tier"`` or
+        ``"route"``), ``tier`` (``None`` for a route limit: it applies in every tier),
+        ``route`` (the template, ``None`` for a tier limit), ``limit`` (``"10/minute"``),
+        ``used``, ``remaining`` and ``reset_in`` (seconds until the oldest counted unit leaves
+        the window; 0.0 when nothing is counted). A shadow limit counted past its amount shows
+        ``used`` equal to the amount.
+
+        Raises:
+            IdentityStateUnsupportedError: the storage has no ``peek`` (501).
+            ServiceUnavailableError: the storage is down (503, ``Retry-After``).
+        """
+        key = _identity_key(identity)
+        policies = self._identity_policies(key)
+        storage = self._state_storage()
+        states = await _storage_call(storage.peek(key, [p.check for p in policies]))
+        used = [p.check.amount - state.remaining for p, state in zip(policies, states, strict=True)]
+        counted = {p.tier for p, n in zip(policies, used, strict=True) if p.tier and n > 0}
+        own = self._tier_of(key)
+        return [
+            policy.report(state, n)
+            for policy, state, n in zip(policies, states, used, strict=True)
+            if policy.tier is None or policy.tier == own or policy.tier in counted
+        ]
+
+    async def reset_identity(self, identity: str) -> int:
+        """Remove ``identity``'s counters of every tier and of every route limit this limiter
+        knows of (see :meth:`identity_state`); returns how many existed. Its next request is
+        counted from zero.
+
+        Raises:
+            IdentityStateUnsupportedError: the storage has no ``reset`` (501).
+            ServiceUnavailableError: the storage is down (503, ``Retry-After``): nothing was
+                reset.
+        """
+        key = _identity_key(identity)
+        checks = [p.check for p in self._identity_policies(key)]
+        return await _storage_call(self._state_storage().reset(key, checks))
+
+    def _state_storage(self) -> IdentityStateStorage:
+        storage: Any = self._storage
+        if not supports_identity_state(storage):
+            raise IdentityStateUnsupportedError(
+                f"The rate-limit storage {type(storage).__name__} cannot show or reset one "
+                "identity's counts: it has no peek() and reset()."
+            )
+        found: IdentityStateStorage = storage
+        return found
+
+    def _tier_of(self, key: str) -> str:
+        """The tier the built-in resolver gives ``key``: its API key's, else the default."""
+        resolver = self.resolver
+        tier = resolver.tier_of(key) if isinstance(resolver, DefaultIdentityResolver) else None
+        return tier if tier is not None and tier in self.tiers else self.default_tier
+
+    def _identity_policies(self, key: str) -> list[_IdentityPolicy]:
+        """One entry per counter ``key`` may have: every tier's limits, every known route's."""
+        found = [
+            _IdentityPolicy(policy.name, tier, None, LimitCheck(f"tier:{tier}:{key}", limit))
+            for tier, limits in self.tiers.items()
+            for limit, policy in zip(limits, self._tier_policies[tier], strict=True)
+        ]
+        for path, limits in self._known_routes.items():
+            found += [
+                _IdentityPolicy(
+                    _policy_name(path, limit, limits),
+                    None,
+                    path,
+                    LimitCheck(f"{RoutePlan(path, ()).key}:{key}", limit),
+                )
+                for limit in limits
+            ]
+        return found
+
     async def aclose(self) -> None:
         await self._storage.aclose()
 
@@ -478,6 +599,52 @@ class RateLimiter:
             f"RateLimiter(tiers={list(self.tiers)}, default_tier={self.default_tier!r}, "
             f"fail_open={self.fail_open}, shadow={self.shadow})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _IdentityPolicy:
+    """One counter of one identity, as the admin API names it."""
+
+    name: str
+    #: ``None`` for a route limit.
+    tier: str | None
+    #: ``None`` for a tier limit.
+    route: str | None
+    check: LimitCheck
+
+    def report(self, state: LimitState, used: int) -> dict[str, Any]:
+        return {
+            "policy": self.name,
+            "scope": "tier" if self.route is None else "route",
+            "tier": self.tier,
+            "route": self.route,
+            "limit": str(self.check.limit),
+            "used": used,
+            "remaining": state.remaining,
+            "reset_in": round(state.reset_after, 3),
+        }
+
+
+def _identity_key(identity: str) -> str:
+    """``identity`` as the resolver spells it: an address normalised (``ip:::ffff:1.2.3.4`` is
+    ``ip:1.2.3.4``), key digits in lower case; anything else (a custom resolver's) as it is."""
+    kind, _, rest = identity.partition(":")
+    if kind == "ip":
+        return f"ip:{normalize_address(rest) or rest}"
+    if kind == "key":
+        return f"key:{rest.lower()}"
+    return identity
+
+
+async def _storage_call(call: Awaitable[_T]) -> _T:
+    """``await call``, the storage's outage answered as the app's 503 problem."""
+    try:
+        return await call
+    except StorageUnavailableError as exc:
+        raise ServiceUnavailableError(
+            "The rate-limit storage is unavailable; try again shortly.",
+            retry_after=exc.retry_after or 1.0,
+        ) from exc
 
 
 def _policy_name(owner: str, limit: Limit, limits: Sequence[Limit]) -> str:

@@ -107,6 +107,34 @@ def _new_windows(
     return needed
 
 
+def _peek_state(check: LimitCheck, window: _Window | None, now: float) -> LimitState:
+    """What ``MemoryStorage._state`` says of ``window`` before a request of ``check``, read
+    without changing the window: its expired buckets are skipped, not dropped."""
+    amount, cost, width, period = check.amount, check.cost, check.width, check.period
+    entries = window.entries if window is not None else []
+    total = window.total if window is not None else 0
+    start = 0
+    while start < len(entries) and (entries[start] + 1) * width + period <= now:
+        total -= entries[start + 1]
+        start += 2
+    if start >= len(entries):
+        fits = cost <= amount
+        return new_state(check, fits, amount, 0.0, 0.0 if fits else float(period))
+    remaining = max(0, amount - total)
+    reset = (entries[start] + 1) * width + period - now
+    if total + cost <= amount:
+        return new_state(check, True, remaining, reset, 0.0)
+    retry = float(period)
+    if cost <= amount:
+        need, freed = total + cost - amount, 0
+        for index in range(start, len(entries), 2):
+            freed += entries[index + 1]
+            if freed >= need:
+                retry = max(0.0, (entries[index] + 1) * width + period - now)
+                break
+    return new_state(check, False, remaining, reset, retry)
+
+
 class MemoryStorage:
     """Counts in this process's memory, on the bucketed sliding log of ``_rate_limit_core``.
 
@@ -371,6 +399,27 @@ class MemoryStorage:
                 del self._windows[key]
             dropped += len(expired)
         return dropped
+
+    async def peek(self, identity_tag: str, checks: Sequence[LimitCheck]) -> list[LimitState]:
+        """The state of each of ``checks`` now; counts nothing, creates no window, and drops no
+        bucket (an expired one is read as gone, as a check would drop it)."""
+        now = self._monotonic()
+        windows = self._windows
+        return [_peek_state(check, windows.get(check.window_key), now) for check in checks]
+
+    async def reset(self, identity_tag: str, checks: Sequence[LimitCheck]) -> int:
+        """Drop the windows of ``checks``; returns how many still held units."""
+        now = self._monotonic()
+        removed = 0
+        for check in checks:
+            key = check.window_key
+            window = self._windows.pop(key, None)
+            if window is None:
+                continue
+            del window.queue[key]
+            if window.expires > now:
+                removed += 1
+        return removed
 
     async def ping(self) -> bool:
         return True

@@ -137,6 +137,68 @@ return out
 CHECK_SCRIPT_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
 
 
+# The check script's reading half, with nothing written: expired buckets are skipped, not
+# popped. Same KEYS; ARGV[1]: the number of checks, then per check: amount, period_ms, width_ms,
+# cost. Returns per check: fits, remaining, reset_ms, retry_ms, as the check script does.
+PEEK_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do
+  local a = 2 + (i - 1) * 4
+  local amount, period = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local width, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local total = tonumber(redis.call('GET', KEYS[2 * i]) or 0)
+  local log = {}
+  if total > 0 then log = redis.call('LRANGE', KEYS[2 * i - 1], 0, -1) end
+  local idx = #log - 1
+  while idx >= 1 and (tonumber(log[idx]) + 1) * width + period <= now do
+    total = total - tonumber(log[idx + 1])
+    idx = idx - 2
+  end
+  local tail = false
+  if idx >= 1 then tail = tonumber(log[idx]) else total = 0 end
+  local fits, retry = 1, 0
+  if total + cost > amount then
+    fits, retry = 0, period
+    if cost <= amount and tail then
+      local need, freed, j = total + cost - amount, 0, idx
+      while j >= 1 do
+        freed = freed + tonumber(log[j + 1])
+        if freed >= need then
+          retry = (tonumber(log[j]) + 1) * width + period - now
+          break
+        end
+        j = j - 2
+      end
+    end
+  end
+  local reset = 0
+  if tail then reset = (tail + 1) * width + period - now end
+  local remaining = amount - total
+  if remaining < 0 then remaining = 0 end
+  out[#out + 1] = fits
+  out[#out + 1] = remaining
+  out[#out + 1] = reset
+  out[#out + 1] = retry
+end
+return out
+"""
+PEEK_SCRIPT_SHA = hashlib.sha1(PEEK_SCRIPT.encode()).hexdigest()
+
+# KEYS: per check, the log list and its total (one identity's: one hash slot). Returns how many
+# of the pairs existed. The keys expire with their newest bucket, so one that exists holds units.
+RESET_SCRIPT = """
+local removed = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('UNLINK', KEYS[i], KEYS[i + 1]) > 0 then removed = removed + 1 end
+end
+return removed
+"""
+RESET_SCRIPT_SHA = hashlib.sha1(RESET_SCRIPT.encode()).hexdigest()
+
+
 def _connection_errors() -> tuple[type[BaseException], ...]:
     return (RedisError, OSError, TimeoutError)
 
@@ -450,6 +512,54 @@ class RedisStorage:
         except _STORAGE_ERRORS as exc:
             raise _unavailable(exc) from exc
         return result  # type: ignore[no-any-return]
+
+    async def peek(self, identity_tag: str, checks: Sequence[LimitCheck]) -> list[LimitState]:
+        """The state of each of ``checks`` now, by the check script's arithmetic on Redis's
+        clock, in one script call that writes nothing."""
+        if not checks:
+            return []
+        keys: list[str] = []
+        args: list[int] = [len(checks)]
+        for check in checks:
+            keys += self.keys_for(identity_tag, check)
+            limit = check.limit
+            args += (limit.amount, limit.period * 1000, bucket_width_ms(limit), check.cost)
+        raw = await self._script(PEEK_SCRIPT, PEEK_SCRIPT_SHA, keys, args)
+        return [
+            LimitState(
+                check,
+                raw[4 * i] == 1,
+                raw[4 * i + 1],
+                raw[4 * i + 2] / 1000,
+                raw[4 * i + 3] / 1000,
+            )
+            for i, check in enumerate(checks)
+        ]
+
+    async def reset(self, identity_tag: str, checks: Sequence[LimitCheck]) -> int:
+        """``UNLINK`` the keys ``keys_for`` names for each of ``checks``, atomically; returns
+        how many of those counters existed."""
+        if not checks:
+            return 0
+        keys = [key for check in checks for key in self.keys_for(identity_tag, check)]
+        return int(await self._script(RESET_SCRIPT, RESET_SCRIPT_SHA, keys, []))
+
+    async def _script(self, script: str, sha: str, keys: list[str], args: list[int]) -> Any:
+        """Run ``script`` by ``EVALSHA`` (``EVAL`` after ``NOSCRIPT``) on the client: the admin
+        API's calls, rare, so they take no part in coalescing. Every key is of one identity,
+        so a cluster client sends the call to that identity's slot."""
+        client = self.client
+        try:
+            try:
+                return await client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", sha, len(keys), *keys, *args
+                )
+            except NoScriptError:
+                return await client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVAL", script, len(keys), *keys, *args
+                )
+        except _STORAGE_ERRORS as exc:
+            raise _unavailable(exc) from exc
 
     async def ping(self) -> bool:
         try:

@@ -141,6 +141,7 @@ class RateLimit:
             template = getattr(route, "path_format", None) if route is not None else None
             plan = _plan_of([self], prefix + template if template else app_path(scope))
         self._plans[cache_key] = (route, plan)
+        limiter.learn_route(plan)  # once per plan built, for the admin API
         return plan
 
 
@@ -362,6 +363,10 @@ class RouteTable:
 
     def __bool__(self) -> bool:
         return bool(self._limited)
+
+    def plans(self) -> list[RoutePlan]:
+        """The plan of each limited route, in routing order."""
+        return [plan for _, _, _, plan in self._limited]
 
     def match(self, scope: Scope, path: str | None = None) -> RoutePlan | None:
         """The plan of the limited route that will handle ``scope``, if any.

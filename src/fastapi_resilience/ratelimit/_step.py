@@ -118,6 +118,8 @@ class RateLimitStep:
     def _table_for(self, scope: Scope) -> Any:
         app = scope.get("app")
         table = RouteTable.for_app(app)
+        for plan in table.plans() if table is not None else ():
+            self.limiter.learn_route(plan)  # for the admin API; only when the table is built
         # ``None`` when no route is limited: one test less on every request.
         self._routes = table if table else None
         self._routes_app = app

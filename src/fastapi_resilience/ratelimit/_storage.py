@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_STORAGE_TIMEOUT",
     "RESOLUTION",
     "Decision",
+    "IdentityStateStorage",
     "LimitCheck",
     "LimitState",
     "LocalStorage",
@@ -33,6 +34,7 @@ __all__ = [
     "StorageUnavailableError",
     "bucket_width",
     "positive_seconds",
+    "supports_identity_state",
 ]
 
 #: Buckets per period: a unit is held at most ``period / RESOLUTION`` longer than a perfect log.
@@ -199,3 +201,35 @@ class LocalStorage(Protocol):
     def check_many(self, checks: Sequence[LimitCheck]) -> Decision:
         """``check``, answered at once."""
         ...
+
+
+@runtime_checkable
+class IdentityStateStorage(Protocol):
+    """A storage that can show and forget one identity's counts (the admin API's, never a
+    request's): optional, so a custom storage without it still limits requests.
+
+    Both take the ``identity_tag`` and ``checks`` that ``check`` takes for that identity; the
+    checks' ``cost`` and ``shadow`` do not change which counters they name.
+    """
+
+    async def peek(self, identity_tag: str, checks: Sequence[LimitCheck]) -> list[LimitState]:
+        """The state of each of ``checks`` now, in their order, counting nothing and creating
+        nothing: ``remaining`` is what is left before this request, ``reset_after`` 0.0 and
+        ``remaining`` the whole limit when nothing is counted. Raises
+        ``StorageUnavailableError`` when the storage cannot answer."""
+        ...
+
+    async def reset(self, identity_tag: str, checks: Sequence[LimitCheck]) -> int:
+        """Remove the counters of ``checks``; returns how many held units (the others did not
+        exist). Raises ``StorageUnavailableError`` when the storage cannot answer."""
+        ...
+
+
+def supports_identity_state(storage: object) -> bool:
+    """Whether ``storage`` has ``peek`` and ``reset``. A wrapper (``GuardedStorage``) says so
+    itself with a ``supports_identity_state`` attribute: it has the methods whether or not the
+    storage it wraps does."""
+    declared = getattr(storage, "supports_identity_state", None)
+    if declared is not None:
+        return bool(declared)
+    return isinstance(storage, IdentityStateStorage)
