@@ -161,7 +161,8 @@ async def test_checks_run_each_interval_and_ready_serves_the_latest_result() -> 
             entry = answers[-1].json()["checks"]["database"]
             assert entry["status"] == "ok"
             assert entry["checked_at"] == first_round_at
-            assert "recovery" not in entry and "root_cause" not in entry
+            assert "recovery" not in entry
+            assert "root_cause" not in entry
 
             await run_for(clock, 9.5)
             assert database.runs == 2
@@ -195,7 +196,8 @@ async def test_a_forgotten_check_is_run_on_demand_until_the_next_round() -> None
     health = HealthChecks(clock=clock)
     storage = Dependency()
     health.add("storage", storage.check, critical=False)
-    async with _running(HealthMonitor(health, interval=10, clock=clock), clock):
+    monitor = HealthMonitor(health, interval=10, clock=clock, events=EventBus(log=False))
+    async with _running(monitor, clock):
         assert storage.runs == 1
         assert (await health.run())[0] == "ok"
         assert storage.runs == 1
@@ -207,6 +209,31 @@ async def test_a_forgotten_check_is_run_on_demand_until_the_next_round() -> None
         assert storage.runs == 3
         assert (await health.run())[0] == "degraded"
         assert storage.runs == 3
+
+        # Forgotten while the monitor's run waits for its answer: what that run found is not
+        # served (it may be out of date), so readiness runs the check itself.
+        answer = asyncio.Event()
+
+        async def slow_storage() -> bool:
+            storage.runs += 1
+            await answer.wait()
+            return storage.healthy
+
+        health.add("storage", slow_storage, critical=False)
+        clock.advance(10)  # the monitor's next round starts, and waits for the storage
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert storage.runs == 4
+        health.forget("storage")
+        storage.healthy = True
+        answer.set()
+        await settle(clock)
+        assert (await health.run())[0] == "ok"
+        assert storage.runs == 5
+
+        health.remove("storage")
+        await run_for(clock, 10)
+        assert monitor.snapshot() == {}
 
 
 # --- recovery and backoff --------------------------------------------------------------------
@@ -402,6 +429,40 @@ async def test_dependents_run_as_soon_as_their_dependency_recovers() -> None:
         assert (await health.run())[0] == "ok"
 
 
+async def test_no_recovery_is_attempted_while_a_dependency_is_down() -> None:
+    """``api`` fails on its own and is waiting for its next attempt when the database it
+    depends on goes down: while the database is down, ``api`` is neither run nor recovered
+    (its own actions cannot help); once the database is back, ``api`` runs and, still failing,
+    gets its attempt at once."""
+    clock = SteppedClock()
+    health = HealthChecks(clock=clock)
+    database, api = Dependency(), Dependency()
+    api.healthy = False
+    health.add("database", database.check)
+    health.add("api", api.check, depends_on=["database"], recover=[api.reconnect])
+    bus = EventBus(log=False)
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    monitor = HealthMonitor(
+        health, interval=10, recovery_backoff=4, recovery_backoff_max=4, clock=clock, events=bus
+    )
+    async with _running(monitor, clock):
+        await run_for(clock, 9)  # attempts at +0, +4, +8; the next is due at +12
+        assert api.reconnects == 3
+        database.healthy = False
+        await run_for(clock, 1)  # the round at +10: the database fails, api is not run
+        runs = api.runs
+        await run_for(clock, 30)
+        assert (api.runs, api.reconnects) == (runs, 3)
+        assert monitor.snapshot()["api"]["root_cause"] == "database"
+        assert monitor.snapshot()["api"]["recovery"]["next_attempt_in"] is None
+        database.healthy = True
+        await run_for(clock, 10)
+        assert (api.runs, api.reconnects) == (runs + 2, 4)  # run, recovered, run again
+    failed = [e.name for e in events if e.kind == "health.check_failed"]
+    assert failed == ["api", "database"]
+
+
 # --- recovery actions that misbehave ---------------------------------------------------------
 
 
@@ -441,13 +502,10 @@ async def test_a_raising_or_hanging_recovery_action_does_not_stop_the_monitor() 
     )
     async with _running(monitor, clock):
         snapshot = monitor.snapshot()
-        assert snapshot["broker"]["recovery"]["last_outcome"] == "error"
-        assert snapshot["broker"]["recovery"]["last_error"] == "recovery action 1 raised ConnectionError"
-        assert snapshot["cache"]["recovery"]["last_outcome"] == "error"
-        assert (
-            snapshot["cache"]["recovery"]["last_error"]
-            == "recovery action 1 timed out after 0.05s"
-        )
+        broker_recovery, cache_recovery = (snapshot[n]["recovery"] for n in ("broker", "cache"))
+        assert broker_recovery["last_outcome"] == cache_recovery["last_outcome"] == "error"
+        assert broker_recovery["last_error"] == "recovery action 1 raised ConnectionError"
+        assert cache_recovery["last_error"] == "recovery action 1 timed out after 0.05s"
         await run_for(clock, 10)
         assert monitor.running
         snapshot = monitor.snapshot()
@@ -524,6 +582,26 @@ async def test_unknown_dependencies_and_cycles_are_refused_naming_the_check() ->
         HealthMonitor(health).start()
 
 
+async def test_a_check_added_later_with_an_unknown_dependency_is_reported_not_run() -> None:
+    """Added while the monitor runs, a check that depends on a name nobody registered is not
+    run: it is reported failing on its own (no root cause), once."""
+    clock = SteppedClock()
+    health = HealthChecks(clock=clock)
+    bus = EventBus(log=False)
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    late = Dependency()
+    async with _running(HealthMonitor(health, interval=10, clock=clock, events=bus), clock):
+        health.add("late", late.check, depends_on=["nowhere"], recover=[late.reconnect])
+        await run_for(clock, 20)
+        status, checks = await health.run()
+    assert status == "unhealthy"
+    assert checks["late"]["detail"] == "depends on 'nowhere', which is not a registered check"
+    assert "root_cause" not in checks["late"]
+    assert (late.runs, late.reconnects) == (0, 0)
+    assert [(e.kind, e.name) for e in events] == [("health.check_failed", "late")]
+
+
 @pytest.mark.parametrize(
     ("arguments", "named"),
     [
@@ -586,6 +664,8 @@ def test_start_needs_a_running_event_loop() -> None:
     with pytest.raises(RuntimeError):
         monitor.start()
     assert not monitor.running
+    with pytest.raises(ValueError, match=r"^checks must be a HealthChecks"):
+        HealthMonitor({})  # type: ignore[arg-type]
 
 
 async def test_the_snapshot_has_what_metrics_need() -> None:

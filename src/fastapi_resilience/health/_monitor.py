@@ -296,6 +296,8 @@ class HealthMonitor(EventSource):
                 "checked_at": self.clock.time(),
             }
             self._record(name, registered, entry, root_cause=root_cause)
+            # Its own recovery actions cannot help while it is not run: none is due until it is.
+            self._states[name].next_attempt_at = None
             return
         await self._run_check(name, registered)
         state = self._states[name]
@@ -346,19 +348,18 @@ class HealthMonitor(EventSource):
                 state.failing_since = self.clock.monotonic()
                 state.attempts, state.last_outcome, state.last_error = 0, None, None
                 state.backoff, state.next_attempt_at = 0.0, None
-            if root_cause is not None:
-                # A dependency's outage: its own recovery would not help, so none is due.
-                state.next_attempt_at = None
-            elif not state.announced:
+            if root_cause is None and not state.announced:
+                # Its own outage (a dependency's is reported at that dependency, once).
                 state.announced = True
+                details = {"detail": entry["detail"]} if entry.get("detail") else {}
                 self.events.emit(
                     "health.check_failed",
                     name,
                     level=logging.WARNING,
                     status=entry["status"],
-                    detail=entry.get("detail"),
                     root_cause=name,
                     critical=registered.critical,
+                    **details,
                 )
         else:
             if state.announced:
