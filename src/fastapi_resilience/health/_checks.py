@@ -1,14 +1,16 @@
 """Liveness and readiness: pluggable async checks, each with its own timeout, one verdict.
 
 A check's result is served again for a short time, and callers that arrive while it runs share
-that run: readiness calls, however many, run each check at most once per period.
+that run: readiness calls, however many, run each check at most once per period. A background
+monitor (:class:`~fastapi_resilience.health.HealthMonitor`) may instead *feed* a check's latest
+result (:meth:`HealthChecks.feed`): readiness then serves that and runs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +43,12 @@ class CheckResult:
 #: A check returns ``True``/``None``/a ``CheckResult`` when fine, ``False`` or raises when not.
 HealthCheck = Callable[[], Awaitable[bool | CheckResult | None]]
 
+#: A recovery action (reconnect a pool, warm a cache): run by a monitor when its check fails.
+RecoveryAction = Callable[[], Awaitable[None]]
+
+#: What a fed check's readiness entry is read from, at every readiness call.
+LatestResult = Callable[[], Mapping[str, Any]]
+
 
 @dataclass(slots=True, eq=False)
 class _Registered:
@@ -48,6 +56,12 @@ class _Registered:
     timeout: float
     critical: bool
     cache_seconds: float
+    #: Names of the checks this one needs; a monitor does not run it while one of them fails.
+    depends_on: tuple[str, ...] = ()
+    #: Run in order by a monitor when the check fails, each within ``timeout``.
+    recover: tuple[RecoveryAction, ...] = ()
+    #: Set by a monitor: readiness serves what this returns and does not run the check.
+    fed: LatestResult | None = None
     #: The latest result, and until when (monotonic) it is served again.
     entry: dict[str, Any] | None = None
     fresh_until: float = 0.0
@@ -68,6 +82,9 @@ class HealthChecks:
     A check's result, passing or failing, is served again for ``cache_seconds`` (by default;
     per check with ``add(..., cache_seconds=...)``), timed by ``clock``; callers that arrive
     while a check runs share that run. ``0`` runs the check on every call that finds it idle.
+
+    A check fed by a monitor (:meth:`feed`) is not run by :meth:`run`: its latest result is
+    served instead, until :meth:`unfeed` or :meth:`forget`.
     """
 
     def __init__(
@@ -94,6 +111,8 @@ class HealthChecks:
         timeout: float | None = None,
         critical: bool = True,
         cache_seconds: float | None = None,
+        depends_on: Sequence[str] = (),
+        recover: Sequence[RecoveryAction] = (),
     ) -> None:
         """Register ``check`` under ``name`` (replacing one of the same name).
 
@@ -101,6 +120,19 @@ class HealthChecks:
         reads this process's state and must always be current. Default: the check's own
         ``cache_seconds`` attribute when it has one (:func:`breaker_health_check`'s is 0),
         else the checks' own.
+
+        ``depends_on``: names of checks this one needs (one name may be given as a string).
+        While one of them fails, a :class:`~fastapi_resilience.health.HealthMonitor` does not
+        run this check and reports it failing with that dependency's root cause. The names may
+        be registered later, but :meth:`validate` (called when a monitor starts) refuses one
+        that is not; a cycle is refused here as soon as every check in it is registered.
+
+        ``recover``: recovery actions (reconnect a pool, warm a cache) that a monitor runs, in
+        order and each within ``timeout``, when this check fails; then it runs the check again.
+
+        Raises:
+            ValueError: naming the check: a timeout or cache period out of range, a recovery
+                action that is not callable, a dependency on itself or a cycle.
         """
         timeout = self.default_timeout if timeout is None else timeout
         if timeout <= 0:
@@ -110,16 +142,89 @@ class HealthChecks:
             cache_seconds = own if isinstance(own, int | float) else self.cache_seconds
         if cache_seconds < 0:
             raise ValueError(f"health check {name!r}: cache_seconds must be >= 0 seconds")
-        self._checks[name] = _Registered(check, timeout, critical, cache_seconds)
+        # A lone name is one dependency, not one per character.
+        needs = (depends_on,) if isinstance(depends_on, str) else tuple(dict.fromkeys(depends_on))
+        actions = tuple(recover)
+        for action in actions:
+            if not callable(action):
+                raise ValueError(
+                    f"health check {name!r}: recovery action {action!r} is not callable"
+                )
+        cycle = self._cycle_through(name, needs)
+        if cycle:
+            raise ValueError(
+                f"health check {name!r}: dependency cycle {' -> '.join(map(repr, cycle))}"
+            )
+        self._checks[name] = _Registered(
+            check, timeout, critical, cache_seconds, depends_on=needs, recover=actions
+        )
+
+    def _cycle_through(self, name: str, needs: Sequence[str]) -> list[str]:
+        """A path back to ``name`` from one of ``needs`` through the registered checks, as
+        ``[name, ..., name]``; empty when there is none."""
+        seen: set[str] = set()
+
+        def path_from(current: str) -> list[str]:
+            if current == name:
+                return [current]
+            if current in seen or current not in self._checks:
+                return []
+            seen.add(current)
+            for dependency in self._checks[current].depends_on:
+                rest = path_from(dependency)
+                if rest:
+                    return [current, *rest]
+            return []
+
+        for dependency in needs:
+            found = path_from(dependency)
+            if found:
+                return [name, *found]
+        return []
+
+    def validate(self) -> None:
+        """Refuse a dependency on a check that is not registered, or a cycle.
+
+        Raises:
+            ValueError: naming the check that depends on an unknown name or is in a cycle.
+        """
+        for name, registered in self._checks.items():
+            for dependency in registered.depends_on:
+                if dependency not in self._checks:
+                    raise ValueError(
+                        f"health check {name!r} depends on {dependency!r}, "
+                        "which is not a registered check"
+                    )
+            cycle = self._cycle_through(name, registered.depends_on)
+            if cycle:
+                raise ValueError(
+                    f"health check {name!r}: dependency cycle {' -> '.join(map(repr, cycle))}"
+                )
+
+    def feed(self, name: str, latest: LatestResult) -> None:
+        """Serve ``latest()`` as check ``name``'s readiness entry, without running the check,
+        until :meth:`unfeed` or :meth:`forget`: what a background monitor calls. An entry is a
+        mapping with at least ``"status"`` (``"ok"``, ``"degraded"`` or ``"unhealthy"``)."""
+        registered = self._checks.get(name)
+        if registered is not None:
+            registered.fed = latest
+
+    def unfeed(self, name: str | None = None) -> None:
+        """Run check ``name`` (every check: ``None``) on demand again, as without a monitor."""
+        for registered_name, registered in self._checks.items():
+            if name is None or registered_name == name:
+                registered.fed = None
 
     def forget(self, name: str | None = None) -> None:
         """Drop the cached result of check ``name`` (of every check: ``None``), so the next
         call runs it: for when you learn that what it checks has changed. A run already
         under way answers the callers that joined it but stores nothing, and later callers
-        get a run of their own."""
+        get a run of their own. A result fed by a monitor is dropped too, until the monitor
+        next runs the check."""
         for registered_name, registered in self._checks.items():
             if name is None or registered_name == name:
                 registered.entry = None
+                registered.fed = None
                 registered.running = None
                 registered.generation += 1
 
@@ -130,7 +235,9 @@ class HealthChecks:
         return name in self._checks
 
     async def run(self) -> tuple[HealthStatus, dict[str, dict[str, Any]]]:
-        """Run every check concurrently; returns the overall status and one entry per check."""
+        """Run every check concurrently; returns the overall status and one entry per check.
+
+        A check fed by a monitor is not run: its latest result is its entry."""
         names = list(self._checks)
         results = await asyncio.gather(*(self._result(self._checks[n]) for n in names))
         checks = dict(zip(names, results, strict=True))
@@ -141,7 +248,10 @@ class HealthChecks:
         return overall, checks
 
     async def _result(self, registered: _Registered) -> dict[str, Any]:
-        """The check's cached result while fresh; else its run, shared with every caller."""
+        """The check's fed result; its cached one while fresh; else its run, shared with every
+        caller."""
+        if registered.fed is not None:
+            return dict(registered.fed())
         if registered.entry is not None and self._clock.monotonic() < registered.fresh_until:
             return registered.entry
         running = registered.running
@@ -183,6 +293,7 @@ class HealthChecks:
         entry: dict[str, Any] = {
             "status": status,
             "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+            "checked_at": self._clock.time(),
         }
         if detail:
             entry["detail"] = detail
