@@ -103,6 +103,14 @@ class ResilienceSettings(BaseSettings):
     #: Seconds a readiness check's result is served again (callers meanwhile share one run),
     #: so a flood of readiness calls cannot become a flood of database checks; ``0``: never.
     health_cache_seconds: float = Field(default=1.0, ge=0)
+    #: Seconds between the health monitor's rounds: every readiness check runs in the
+    #: background and ``/health/ready`` reads the latest results; failing checks run their
+    #: recovery actions. ``0`` (the default): no monitor, checks run when readiness is asked.
+    health_monitor_interval: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    #: The first wait before a failing check's recovery is tried again; it doubles each time.
+    health_recovery_backoff: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    #: The longest wait between recovery attempts.
+    health_recovery_backoff_max: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     metrics_enabled: bool = True
     metrics_path: str = "/metrics"
     #: Time every request into ``fastapi_resilience_request_duration_seconds`` (by route
@@ -232,6 +240,16 @@ class ResilienceSettings(BaseSettings):
                 f"metrics_path (env {ENV_PREFIX}METRICS_PATH): {self.metrics_path!r} is a health "
                 f"route (health_path {self.health_path!r} serves {', '.join(sorted(health))}); "
                 "choose another metrics_path, e.g. '/metrics'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> ResilienceSettings:
+        if self.health_recovery_backoff_max < self.health_recovery_backoff:
+            raise ValueError(
+                f"health_recovery_backoff_max (env {ENV_PREFIX}HEALTH_RECOVERY_BACKOFF_MAX): "
+                f"{self.health_recovery_backoff_max} is less than health_recovery_backoff "
+                f"({self.health_recovery_backoff})"
             )
         return self
 

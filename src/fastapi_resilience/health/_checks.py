@@ -60,6 +60,8 @@ class _Registered:
     depends_on: tuple[str, ...] = ()
     #: Run in order by a monitor when the check fails, each within ``timeout``.
     recover: tuple[RecoveryAction, ...] = ()
+    #: Run by readiness on every call, even while a monitor feeds the others.
+    live: bool = False
     #: Set by a monitor: readiness serves what this returns and does not run the check.
     fed: LatestResult | None = None
     #: The latest result, and until when (monotonic) it is served again.
@@ -113,6 +115,7 @@ class HealthChecks:
         cache_seconds: float | None = None,
         depends_on: Sequence[str] = (),
         recover: Sequence[RecoveryAction] = (),
+        live: bool = False,
     ) -> None:
         """Register ``check`` under ``name`` (replacing one of the same name).
 
@@ -129,6 +132,10 @@ class HealthChecks:
 
         ``recover``: recovery actions (reconnect a pool, warm a cache) that a monitor runs, in
         order and each within ``timeout``, when this check fails; then it runs the check again.
+
+        ``live``: readiness runs it on every call even while a monitor runs the others in the
+        background (the monitor still watches it for events and recovery): for a check that
+        reads this process's state, such as an open breaker, which must show at once.
 
         Raises:
             ValueError: naming the check: a timeout or cache period out of range, a recovery
@@ -156,7 +163,7 @@ class HealthChecks:
                 f"health check {name!r}: dependency cycle {' -> '.join(map(repr, cycle))}"
             )
         self._checks[name] = _Registered(
-            check, timeout, critical, cache_seconds, depends_on=needs, recover=actions
+            check, timeout, critical, cache_seconds, depends_on=needs, recover=actions, live=live
         )
 
     def _cycle_through(self, name: str, needs: Sequence[str]) -> list[str]:

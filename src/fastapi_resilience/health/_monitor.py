@@ -376,7 +376,7 @@ class HealthMonitor(EventSource):
             state.consecutive_failures = 0
             state.failing_since = None
             state.backoff, state.next_attempt_at = 0.0, None
-        if feed:
+        if feed and not registered.live:
             self.checks.feed(name, functools.partial(self._entry, name))
             self._fed.add(name)
 

@@ -147,6 +147,7 @@ def watch_outbound(
         breaker_health_check(breaker_registry),
         critical=False,
         cache_seconds=0,
+        live=True,
     )
     breaker_registry.use_events(resilience.events)
     bulkhead_registry.use_events(resilience.events)

@@ -119,7 +119,11 @@ def install(
     _cors_outside(app)
     serve_mounted_apps(app, resilience)
     resilience.health.add(
-        FEATURES_CHECK, resilience.degraded.health_check, critical=False, cache_seconds=0
+        FEATURES_CHECK,
+        resilience.degraded.health_check,
+        critical=False,
+        cache_seconds=0,
+        live=True,
     )
     # Straight onto the app's router: routes defined after ``install()`` meet these first on
     # every request (ADR 0045), so by default all of them sit behind one entry (ADR 0045).
@@ -325,7 +329,9 @@ def _install_metrics(
     # One collector per registry, shared by every app of the process that uses it: the names
     # are registered once, and each app adds what is its own (features, analytics).
     target, collector = collector_for(registry, default_registry, default_bulkhead_registry)
-    resilience.metrics = MetricsSources(resilience.degraded, resilience.health)
+    resilience.metrics = MetricsSources(
+        resilience.degraded, resilience.health, monitor=resilience.health_monitor
+    )
     collector.add(resilience.metrics)
     resilience.events.subscribe(count_event)
     add_metrics_route(app.router, target, path=resilience.settings.metrics_path, group=group)

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import HealthChecks
+from fastapi_resilience.health._monitor import HealthMonitor
 from fastapi_resilience.operations._degraded import DegradedMode
 from fastapi_resilience.outbound._breaker import default_registry
 
@@ -53,6 +55,18 @@ class Resilience:
         #: What this app reports on ``/metrics`` besides the process-wide counts; ``None``
         #: while metrics are off.
         self.metrics: MetricsSources | None = None
+        #: Runs the readiness checks in the background and their recovery actions; ``None``
+        #: while ``health_monitor_interval`` is 0.
+        self.health_monitor: HealthMonitor | None = None
+        if settings.health_monitor_interval > 0:
+            self.health_monitor = HealthMonitor(
+                self.health,
+                interval=settings.health_monitor_interval,
+                recovery_backoff=settings.health_recovery_backoff,
+                recovery_backoff_max=settings.health_recovery_backoff_max,
+                clock=clock,
+                events=self.events,
+            )
         #: The error analytics behind ``GET {admin_path}/api/errors`` and the dashboard.
         self.analytics: ErrorAnalytics | None = None
         #: The dead-letter queue the admin API lists and replays (:meth:`use_dead_letters`).
@@ -79,10 +93,20 @@ class Resilience:
         (Starlette runs no lifespan of a mounted app)."""
         if self._on_start is not None:
             self._on_start()
+        if self.health_monitor is not None:
+            try:
+                self.health_monitor.start()
+            except ConfigurationError:
+                raise
+            except ValueError as exc:  # a dependency on an unknown check, a cycle
+                raise ConfigurationError(str(exc)) from None
 
     async def stop(self) -> None:
         """Close what ``install()`` opened (the rate-limit storage), mounted installs' too."""
         try:
+            if self.health_monitor is not None:
+                # First: its checks may use what the rest closes (the rate-limit storage).
+                await self.health_monitor.stop()
             for mounted in self._mounted:
                 await mounted.stop()
         finally:

@@ -139,6 +139,10 @@ class _Analytics(Protocol):
     def spiking(self) -> bool: ...
 
 
+class _Monitor(Protocol):
+    def snapshot(self) -> dict[str, dict[str, Any]]: ...
+
+
 @dataclass(eq=False)
 class MetricsSources:
     """What one app contributes besides the process-wide counts: its features, error
@@ -147,6 +151,7 @@ class MetricsSources:
     degraded: DegradedMode
     health: HealthChecks
     analytics: _Analytics | None = None
+    monitor: _Monitor | None = None
 
 
 class ResilienceCollector:
@@ -294,6 +299,36 @@ class ResilienceCollector:
         degraded.add_metric([], 0.0 if all(features.values()) else 1.0)
         spike.add_metric([], 1.0 if spiking else 0.0)
         yield from (available, degraded, spike)
+        yield from self._health_families(gauge)
+
+    def _health_families(self, gauge: Any) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        up = gauge(
+            "fastapi_resilience_health_check_up",
+            "1 while the health monitor last found a readiness check ok, else 0.",
+            labels=["check"],
+        )
+        recoveries = CounterMetricFamily(
+            "fastapi_resilience_health_recoveries",
+            "Recovery attempts of the health monitor, by check and outcome.",
+            labels=["check", "outcome"],
+        )
+        # One sample per label set even with several apps: down if down in any, counts added.
+        checks: dict[str, bool] = {}
+        attempts: dict[tuple[str, str], int] = {}
+        for sources in list(self._sources):
+            if sources.monitor is None:
+                continue
+            for name, entry in sources.monitor.snapshot().items():
+                checks[name] = checks.get(name, True) and bool(entry.get("up"))
+                for outcome, count in (entry.get("recoveries") or {}).items():
+                    attempts[name, outcome] = attempts.get((name, outcome), 0) + count
+        for name, is_up in sorted(checks.items()):
+            up.add_metric([name], 1.0 if is_up else 0.0)
+        for (name, outcome), count in sorted(attempts.items()):
+            recoveries.add_metric([name, outcome], count)
+        yield from (up, recoveries)
 
 
 def _bulkheads(registry: BulkheadRegistry) -> Iterable[Any]:
@@ -314,6 +349,7 @@ def _counter(family: Any, name: str, documentation: str, tally: Tally, labels: l
 
 def _histogram(name: str, documentation: str, histograms: Histograms, labels: list[str]) -> Any:
     from prometheus_client.core import HistogramMetricFamily
+
     bounds = [_le(b) for b in histograms.bounds] + ["+Inf"]
     metric = HistogramMetricFamily(f"fastapi_resilience_{name}", documentation, labels=labels)
     for values, cumulative, _count, total in histograms.collect():
