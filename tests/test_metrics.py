@@ -157,7 +157,7 @@ async def test_every_contract_name_is_there_and_moves(upstream: UvicornProcess) 
     host = upstream.url.removeprefix("http://")
     async with serve(app) as client:
         before = await scrape(client)
-        assert CONTRACT_FAMILIES <= family_names(before)
+        assert family_names(before) >= CONTRACT_FAMILIES
 
         await client.get("/api/guarded/true")
         await client.get("/api/guarded/false")
@@ -176,14 +176,13 @@ async def test_every_contract_name_is_there_and_moves(upstream: UvicornProcess) 
         await client.get("/nowhere")
         assert (await client.get("/api/outbound")).json() == {"status": 200}
 
+        pool = {"bulkhead": "m-bulkhead"}
         holder = asyncio.create_task(client.get("/api/held"))
         waiter = asyncio.create_task(client.get("/api/held"))
-        while (
-            value(
-                await scrape(client), "fastapi_resilience_bulkhead_waiting", bulkhead="m-bulkhead"
-            )
-            < 1
-        ):
+        for _ in range(500):  # until the second one waits for the slot
+            waiting = value(await scrape(client), "fastapi_resilience_bulkhead_waiting", **pool)
+            if waiting >= 1:
+                break
             await asyncio.sleep(0.01)
         third = await client.get("/api/held")  # one in use, one waiting: refused
         during = await scrape(client)
@@ -324,7 +323,7 @@ async def test_install_can_be_given_its_own_registry() -> None:
         names = family_names(await scrape(client))
     assert "m_private_only" in names
     assert "python_gc_objects_collected" not in names
-    assert CONTRACT_FAMILIES <= names
+    assert names >= CONTRACT_FAMILIES
 
 
 async def test_two_apps_in_one_process_share_one_set_of_names() -> None:
