@@ -26,6 +26,7 @@ One read, from the outside in::
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -94,9 +95,11 @@ class Inventory:
         transport: httpx.AsyncBaseTransport | None = None,
         recovery_timeout: float = 10.0,
     ) -> None:
-        self.client = httpx.AsyncClient(
-            base_url=base_url, transport=CorrelationIdTransport(transport), timeout=2.0
-        )
+        self._base_url = base_url
+        self._transport = transport
+        self.client = self._new_client()
+        #: Clients replaced by :meth:`reconnect`, closed once their calls are done.
+        self._retired: set[asyncio.Task[None]] = set()
         self.breaker = CircuitBreaker(
             "inventory", failure_threshold=3, recovery_timeout=recovery_timeout, clock=clock
         )
@@ -125,6 +128,24 @@ class Inventory:
             cache=ResponseCache(ttl=5.0, stale_ttl=600.0, name="catalog", clock=clock),
             clock=clock,
         )
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self._base_url, transport=CorrelationIdTransport(self._transport), timeout=2.0
+        )
+
+    async def healthy(self) -> bool:
+        """The readiness check of the upstream: its own health route, through no guard."""
+        response = await self.client.get("/health", timeout=1.0)
+        return response.status_code == 200
+
+    async def reconnect(self) -> None:
+        """The check's recovery action: a new connection pool (the old one may hold
+        connections to a server that went away); calls in flight finish on the old one."""
+        old, self.client = self.client, self._new_client()
+        task = asyncio.get_running_loop().create_task(_close_later(old))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -162,6 +183,11 @@ class Inventory:
         return await self.breaker.call(
             self._request, "POST", f"/reserve/{sku}", params={"qty": qty}
         )
+
+
+async def _close_later(client: httpx.AsyncClient, after: float = 5.0) -> None:
+    await asyncio.sleep(after)
+    await client.aclose()
 
 
 def _stock_body(result: CacheResult[dict[str, Any]]) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def example_settings(**overrides: Any) -> ResilienceSettings:
     values: dict[str, Any] = {}
     if "RESILIENCE_ADMIN_TOKEN" not in os.environ:
         values["admin_token"] = DEMO_ADMIN_TOKEN
+    if "RESILIENCE_HEALTH_MONITOR_INTERVAL" not in os.environ:
+        values["health_monitor_interval"] = 5.0  # checks in the background, with recovery
     # Tiers from the environment replace these, and the demo keys with them (their tiers may
     # not exist there).
     if "RESILIENCE_RATE_LIMIT_TIERS" not in os.environ:

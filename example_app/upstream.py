@@ -87,6 +87,15 @@ async def reserve(sku: str, qty: int = 1) -> dict[str, Any]:
     return {"sku": sku, "reserved": state.reserved[sku]}
 
 
+@app.get("/health")
+async def health() -> dict[str, str]:
+    """Down (503) while every request fails or hangs; not counted as a request."""
+    control = state.control
+    if control.hang or control.failure_rate >= 1.0:
+        raise HTTPException(503, "inventory is down")
+    return {"status": "ok"}
+
+
 @app.get("/_control")
 async def read_control() -> dict[str, Any]:
     return {**state.control.model_dump(), "requests": state.requests, "failures": state.failures}
