@@ -86,6 +86,7 @@ class RequestState:
         "correlation_id",
         "deadlines",
         "degraded_mode",
+        "errors",
         "fields",
         "limit",
         "limit_fields",
@@ -122,6 +123,9 @@ class RequestState:
     started: bool
     #: What a timing step noted when the request came in (``None``: no step times it).
     timing: Any
+    #: Where the request's problem answers are recorded (the app's error analytics: an object
+    #: with ``record``), set by a step; ``None``: nowhere.
+    errors: Any
 
     def __init__(self, scope: Scope, send: Send) -> None:
         self.scope = scope
@@ -129,7 +133,7 @@ class RequestState:
         self._path = self._path_root = None
         self.correlation_id = self.context = self.limit = self.limit_fields = None
         self.degraded_mode = self.deadlines = None
-        self.arounds = self.timing = None
+        self.arounds = self.timing = self.errors = None
         self.fields = []
         self.started = False
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -140,10 +140,19 @@ def _correlation(scope: Scope) -> tuple[str, bool]:
     return generate_correlation_id(), True
 
 
-#: Called with ``(scope, code, status, correlation_id)`` for every problem answer built (the
-#: error analytics of ``install()``). Per process, like the counts.
-ProblemObserver = Callable[[Scope, str, int, str], None]
-PROBLEM_OBSERVERS: list[ProblemObserver] = []
+def _record(errors: Any, scope: Scope, code: str, status: int, correlation_id: str) -> None:
+    """Tell the request's error analytics; a failure there never costs the answer."""
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    try:
+        errors.record(
+            code,
+            status,
+            route=template if isinstance(template, str) else "(unmatched)",
+            correlation_id=correlation_id,
+        )
+    except Exception:
+        logger.exception("error analytics failed to record %s", code)
 
 
 def problem_response(
@@ -171,11 +180,9 @@ def problem_response(
         # Every 429 says when to come back (RFC 6585 leaves it optional; the contract does not).
         out_headers["Retry-After"] = "1"
     correlation_id, add_header = _correlation(scope)
-    for observer in PROBLEM_OBSERVERS:
-        try:
-            observer(scope, code, status, correlation_id)
-        except Exception:  # an observer must never cost the caller its answer
-            logger.exception("problem observer %r failed", observer)
+    state = state_of(scope)
+    if state is not None and state.errors is not None:
+        _record(state.errors, scope, code, status, correlation_id)
     if add_header:
         out_headers[config.correlation_header] = correlation_id
     response: Response
