@@ -1,4 +1,5 @@
-"""Operating an app under failure: degraded mode (named features) and its metrics."""
+"""Operating an app under failure: degraded mode (named features), its metrics and error
+analytics."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ if TYPE_CHECKING:
         FeatureStatus,
         requires_feature,
     )
+    from fastapi_resilience.operations._errors import ErrorAnalytics
 
-__all__ = ["DegradedMode", "Feature", "FeatureStatus", "requires_feature"]
+__all__ = ["DegradedMode", "ErrorAnalytics", "Feature", "FeatureStatus", "requires_feature"]
 
 #: Each public name and the module it is imported from on first use.
 _EXPORTS = {
     "DegradedMode": "fastapi_resilience.operations._degraded",
+    "ErrorAnalytics": "fastapi_resilience.operations._errors",
     "Feature": "fastapi_resilience.operations._degraded",
     "FeatureStatus": "fastapi_resilience.operations._degraded",
     "requires_feature": "fastapi_resilience.operations._degraded",
