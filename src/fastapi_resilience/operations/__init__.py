@@ -1,4 +1,5 @@
-"""Operating an app under failure: degraded mode (named features), its metrics and traces."""
+"""Operating an app under failure: degraded mode (named features), error analytics, and the
+tracing of events."""
 
 from __future__ import annotations
 
@@ -13,13 +14,22 @@ if TYPE_CHECKING:
         FeatureStatus,
         requires_feature,
     )
+    from fastapi_resilience.operations._errors import ErrorAnalytics
     from fastapi_resilience.operations._tracing import span_events
 
-__all__ = ["DegradedMode", "Feature", "FeatureStatus", "requires_feature", "span_events"]
+__all__ = [
+    "DegradedMode",
+    "ErrorAnalytics",
+    "Feature",
+    "FeatureStatus",
+    "requires_feature",
+    "span_events",
+]
 
 #: Each public name and the module it is imported from on first use.
 _EXPORTS = {
     "DegradedMode": "fastapi_resilience.operations._degraded",
+    "ErrorAnalytics": "fastapi_resilience.operations._errors",
     "Feature": "fastapi_resilience.operations._degraded",
     "FeatureStatus": "fastapi_resilience.operations._degraded",
     "requires_feature": "fastapi_resilience.operations._degraded",
