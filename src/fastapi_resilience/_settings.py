@@ -117,6 +117,16 @@ class ResilienceSettings(BaseSettings):
     #: template and method). Off: the request path does no timing at all.
     metrics_request_duration: bool = True
 
+    # Error analytics (the admin API's /errors and the dashboard)
+    #: Count problem answers per code and route, watch for spikes, keep recent IDs' problems.
+    errors_enabled: bool = True
+    #: The recent window the counts cover, in seconds; a whole number of buckets.
+    errors_window_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    #: The width of one bucket of the window (the trend's resolution), in seconds.
+    errors_bucket_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    #: How many recent correlation IDs keep their list of problems.
+    errors_recent_ids: int = Field(default=100, ge=0)
+
     # Operations: the admin API and the dashboard
     #: The bearer token of the admin API and the dashboard under ``admin_path``. Unset (the
     #: default): nothing is served there. At least 16 characters; never logged.

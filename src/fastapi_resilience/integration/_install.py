@@ -28,6 +28,11 @@ from fastapi_resilience.integration._sub_apps import (
 )
 from fastapi_resilience.operations._admin import add_admin_routes
 from fastapi_resilience.operations._degraded import DegradedStep
+from fastapi_resilience.operations._errors import (
+    ErrorAnalytics,
+    ErrorsStep,
+    record_outbound_failures,
+)
 from fastapi_resilience.operations._metrics import (
     MetricsSources,
     RequestMetricsStep,
@@ -93,6 +98,8 @@ def install(
         correlation_header=settings.correlation_header,
     )
     limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
+    if settings.errors_enabled:
+        resilience.analytics = _error_analytics(resilience)
     if settings.trace_span_events:
         # Only once OpenTelemetry is installed; nothing of it is imported here.
         subscribe_span_events(resilience.events)
@@ -107,6 +114,8 @@ def install(
     metrics_on = settings.metrics_enabled and prometheus_available()
     if metrics_on and settings.metrics_request_duration:
         steps.append(RequestMetricsStep())
+    if resilience.analytics is not None:
+        steps.append(ErrorsStep(resilience.analytics))
     if limiter is not None:
         steps.append(RateLimitStep(limiter))
     steps.append(DegradedStep(resilience.degraded))
@@ -166,6 +175,24 @@ def install(
     resilience._on_stop = limiter.aclose if limiter is not None else None
     _around_lifespan(app, started=resilience.start, stopped=resilience.stop)
     return resilience
+
+
+def _error_analytics(resilience: Resilience) -> ErrorAnalytics:
+    settings = resilience.settings
+    try:
+        analytics = ErrorAnalytics(
+            window_seconds=settings.errors_window_seconds,
+            bucket_seconds=settings.errors_bucket_seconds,
+            recent_ids=settings.errors_recent_ids,
+            clock=resilience.clock,
+            events=resilience.events,
+        )
+    except ValueError as exc:  # the window is not a whole number of buckets, say
+        raise ConfigurationError(
+            f"errors_window_seconds / errors_bucket_seconds (env {ENV_PREFIX}ERRORS_...): {exc}"
+        ) from None
+    record_outbound_failures(analytics)
+    return analytics
 
 
 def _start_mounted_apps(app: FastAPI, resilience: Resilience) -> None:
@@ -330,7 +357,10 @@ def _install_metrics(
     # are registered once, and each app adds what is its own (features, analytics).
     target, collector = collector_for(registry, default_registry, default_bulkhead_registry)
     resilience.metrics = MetricsSources(
-        resilience.degraded, resilience.health, monitor=resilience.health_monitor
+        resilience.degraded,
+        resilience.health,
+        analytics=resilience.analytics,
+        monitor=resilience.health_monitor,
     )
     collector.add(resilience.metrics)
     resilience.events.subscribe(count_event)

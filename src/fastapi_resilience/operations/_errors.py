@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections import OrderedDict, deque
 from typing import Any, Literal
 
+from fastapi_resilience._asgi.pipeline import RequestState
+from fastapi_resilience._tally import OUTBOUND_OBSERVERS
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock, SystemClock
+from fastapi_resilience.correlation._ids import get_correlation_id
 from fastapi_resilience.events import EventBus, EventSource
 from fastapi_resilience.exceptions import ConfigurationError
 
@@ -25,6 +29,8 @@ __all__ = [
     "SPIKE_ENDED",
     "SPIKE_STARTED",
     "ErrorAnalytics",
+    "ErrorsStep",
+    "record_outbound_failures",
 ]
 
 logger = logging.getLogger("fastapi_resilience.errors")
@@ -580,3 +586,39 @@ class ErrorAnalytics(EventSource):
 def _problem(problem: tuple[str, int, str, str, float]) -> dict[str, Any]:
     code, status, route, direction, at = problem
     return {"code": code, "status": status, "route": route, "direction": direction, "at": at}
+
+
+class ErrorsStep:
+    """Points each request's problem answers at the app's :class:`ErrorAnalytics`: the
+    problem renderer records every answer it builds where ``state.errors`` says."""
+
+    websocket = False
+
+    def __init__(self, analytics: ErrorAnalytics) -> None:
+        self.analytics = analytics
+
+    def enter(self, state: RequestState) -> None:
+        if state.errors is None:  # else a pipeline outside this one records them
+            state.errors = self.analytics
+
+
+#: The analytics of every installed app; outbound failures have no request scope to say
+#: which app they belong to, so each live one records them (one app per process is the case
+#: the contract supports).
+_OUTBOUND_TARGETS: weakref.WeakSet[ErrorAnalytics] = weakref.WeakSet()
+
+
+def record_outbound_failures(analytics: ErrorAnalytics) -> None:
+    """Record the resilient client's failed calls in ``analytics``, by upstream, with the
+    correlation ID of the request that made them."""
+    if _record_outbound not in OUTBOUND_OBSERVERS:
+        OUTBOUND_OBSERVERS.append(_record_outbound)
+    _OUTBOUND_TARGETS.add(analytics)
+
+
+def _record_outbound(upstream: str, outcome: str, code: str, status: int) -> None:
+    correlation_id = get_correlation_id()
+    for analytics in list(_OUTBOUND_TARGETS):
+        analytics.record(
+            code, status, route=upstream, correlation_id=correlation_id, direction="outbound"
+        )
