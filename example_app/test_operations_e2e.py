@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 LAUNCHER = (sys.executable, "-m", "example_app.run")
+#: The example's premium tier: this test's traffic stays well under its limits.
+PREMIUM = {"X-API-Key": "demo-premium-key"}
 ADMIN = {"Authorization": f"Bearer {DEMO_ADMIN_TOKEN}"}
 #: Seconds the example's inventory breaker stays open here (10 in ``make run``).
 RECOVERY = 1.0
@@ -58,7 +60,7 @@ def _example() -> Iterator[Example]:
     try:
         wait_for_port(port, timeout=30, proc=launcher)
         with (
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as app,
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=PREMIUM, timeout=10) as app,
             httpx.Client(base_url=f"http://127.0.0.1:{upstream_port}", timeout=10) as upstream,
         ):
             yield Example(app, upstream)

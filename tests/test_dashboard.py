@@ -321,6 +321,9 @@ def test_opening_a_breaker_shows_it_open_and_degraded(watched: Watched, served: 
     assert refused.json()["code"] == "feature_unavailable"
     assert refused.headers["x-degraded"] == "inventory"
     if os.environ.get("DASHBOARD_SCREENSHOT") == "1":
+        for _ in range(12):  # a degraded moment has errors to show
+            httpx.get(served.origin + "/inventory/tea", timeout=10)
+        page.wait_for_timeout(2500)  # the next poll shows them
         page.locator("#recent details").first.click()
         page.evaluate("window.scrollTo(0, 0)")
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request
+from prometheus_client import CollectorRegistry
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
@@ -294,7 +295,12 @@ async def test_breaker_opening_inside_a_request_is_logged_once_with_its_id(
 async def test_metrics_show_the_state_and_the_changes(clock: ManualClock) -> None:
     """/metrics: fastapi_resilience_degraded is 1 while degraded and 0 after, the feature's
     availability follows; each change is counted once."""
-    app, resilience = build(clock)
+    # Its own registry: the gauges then speak of this app alone, not of every app the
+    # tests left alive in the process.
+    app = FastAPI()
+    resilience = install(
+        app, ResilienceSettings(), clock=clock, metrics_registry=CollectorRegistry()
+    )
     resilience.degraded.feature("recs")
     entered = {"kind": "degraded.entered", "name": "app"}
     enabled = {"kind": "feature.enabled", "name": "recs"}

@@ -134,8 +134,9 @@ class HealthChecks:
         order and each within ``timeout``, when this check fails; then it runs the check again.
 
         ``live``: readiness runs it on every call even while a monitor runs the others in the
-        background (the monitor still watches it for events and recovery): for a check that
-        reads this process's state, such as an open breaker, which must show at once.
+        background, and the monitor leaves it alone (unless it has recovery actions or other
+        checks depend on it): for a check that reads this process's state and whose changes
+        are reported already, such as an open breaker, which must show at once.
 
         Raises:
             ValueError: naming the check: a timeout or cache period out of range, a recovery

@@ -257,7 +257,16 @@ class HealthMonitor(EventSource):
         for gone in [name for name in self._states if name not in registered]:
             del self._states[gone]
             self._fed.discard(gone)
-        await self._evaluate(list(registered))
+        # A live check mirrors state that reports its own changes (an open breaker): the
+        # monitor leaves it to readiness, unless it has recovery actions or others need it.
+        needed = {name for check in registered.values() for name in check.depends_on}
+        await self._evaluate(
+            [
+                name
+                for name, check in registered.items()
+                if not check.live or check.recover or name in needed
+            ]
+        )
 
     async def _evaluate(self, names: Iterable[str]) -> None:
         """Run ``names``, each after the checks it depends on."""

@@ -162,6 +162,7 @@ class ErrorAnalytics(EventSource):
     """
 
     __slots__ = (
+        "__weakref__",
         "_active",
         "_catch_all",
         "_clock",
