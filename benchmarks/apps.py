@@ -389,8 +389,7 @@ VARIANTS: dict[str, HttpVariant] = {
     ),
     # ---- rate limiting: this library's variants go here, next to the peers.
     "resilience_full_memory": HttpVariant(
-        "fastapi-resilience `install()`: IDs, errors, rate limit (memory), headers on, "
-        "metrics on",
+        "fastapi-resilience `install()`: IDs, errors, rate limit (memory), headers on, metrics on",
         resilience_full_memory,
         "rate_limit",
         expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
