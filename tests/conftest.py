@@ -61,3 +61,24 @@ def default_breakers() -> BreakerRegistry:
 def default_bulkheads() -> BulkheadRegistry:
     """The registry ``Bulkhead(name)`` registers in and ``get_bulkhead`` reads."""
     return default_bulkhead_registry
+
+
+@pytest.fixture(autouse=True)
+def _default_registries_left_as_found() -> Iterator[None]:
+    """Breakers and bulkheads a test registers in the default registries are gone after it:
+    an open breaker left behind would make every later app's readiness "degraded"."""
+    breakers = {breaker.name: breaker for breaker in default_registry}
+    bulkheads = {item.name: item for item in default_bulkhead_registry}
+    yield
+    for breaker in default_registry:
+        if breakers.get(breaker.name) is not breaker:
+            default_registry.unregister(breaker.name)
+    for old_breaker in breakers.values():
+        if old_breaker.name not in default_registry:
+            default_registry.register(old_breaker)
+    for item in default_bulkhead_registry:
+        if bulkheads.get(item.name) is not item:
+            default_bulkhead_registry.unregister(item.name)
+    for old_item in bulkheads.values():
+        if old_item.name not in default_bulkhead_registry:
+            default_bulkhead_registry.register(old_item)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI
 from loopback import UvicornProcess
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from fastapi_resilience import (
     Bulkhead,
@@ -305,8 +305,11 @@ async def test_the_apps_own_metrics_and_the_process_collector_share_the_page() -
     install(app, ResilienceSettings(rate_limit_enabled=False))
     mine = Counter("m_orders_placed", "Orders placed (a user's own metric).")
     mine.inc(3)
-    async with serve(app) as client:
-        text = await scrape(client)
+    try:
+        async with serve(app) as client:
+            text = await scrape(client)
+    finally:
+        REGISTRY.unregister(mine)
     names = family_names(text)
     assert "m_orders_placed" in names
     assert "python_gc_objects_collected" in names
