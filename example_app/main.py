@@ -16,7 +16,7 @@ Run it with ``make run`` (127.0.0.1:8000, in-memory defaults, no Redis needed), 
                                                # RESILIENCE_DISABLED_FEATURES='["exports"]'
     curl -i 127.0.0.1:8000/inventory/tea-earl-grey/live   # the inventory feature: 503 while
                                                # the inventory breaker is open
-    open http://127.0.0.1:8000/resilience/     # the dashboard; token: demo-admin-token-change-me
+    open http://127.0.0.1:8000/resilience/     # the dashboard (make run prints its token)
 """
 
 from __future__ import annotations

@@ -57,17 +57,12 @@ async def login() -> dict[str, str]:
     return {"status": "logged in (demo)"}
 
 
-#: The admin API's and the dashboard's token in the example, unless the environment sets
-#: ``RESILIENCE_ADMIN_TOKEN`` (never use this one in production).
-DEMO_ADMIN_TOKEN = "demo-admin-token-change-me"
-
-
 def example_settings(**overrides: Any) -> ResilienceSettings:
-    """Settings with the example's tiers, keys and admin token, unless the environment sets
-    its own."""
+    """Settings with the example's tiers and keys, unless the environment sets its own.
+
+    The admin API stays off unless ``RESILIENCE_ADMIN_TOKEN`` is set (``make run`` sets a
+    demo one for the loopback)."""
     values: dict[str, Any] = {}
-    if "RESILIENCE_ADMIN_TOKEN" not in os.environ:
-        values["admin_token"] = DEMO_ADMIN_TOKEN
     if "RESILIENCE_HEALTH_MONITOR_INTERVAL" not in os.environ:
         values["health_monitor_interval"] = 5.0  # checks in the background, with recovery
     # Tiers from the environment replace these, and the demo keys with them (their tiers may

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-__all__ = ["main", "port_taken", "refusal"]
+__all__ = ["DEMO_ADMIN_TOKEN", "main", "port_taken", "refusal"]
 
 #: How long the upstream may take to listen before the launcher gives up.
 UPSTREAM_START_TIMEOUT = 20.0
@@ -115,11 +115,14 @@ def _python(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[b
     return subprocess.Popen([sys.executable, *args], env=env)
 
 
+#: The admin API's and the dashboard's token when ``make run`` serves the example and the
+#: environment sets none: published here, so for a demo on the loopback only.
+DEMO_ADMIN_TOKEN = "demo-admin-token-change-me"
+
+
 def _dashboard_notice(host: str, port: int, upstream_port: int) -> str:
     """Where to watch the example degrade and recover, the token to type there, and how to
     make the upstream fail."""
-    from example_app.rate_limits import DEMO_ADMIN_TOKEN
-
     token = (
         "$RESILIENCE_ADMIN_TOKEN" if "RESILIENCE_ADMIN_TOKEN" in os.environ else DEMO_ADMIN_TOKEN
     )
@@ -151,7 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"make run: the upstream did not listen on {host}:{upstream_port}.", file=sys.stderr
             )
             return 1
-        env = {**os.environ, "EXAMPLE_INVENTORY_URL": _url(host, upstream_port)}
+        env = {
+            "RESILIENCE_ADMIN_TOKEN": DEMO_ADMIN_TOKEN,
+            **os.environ,
+            "EXAMPLE_INVENTORY_URL": _url(host, upstream_port),
+        }
         app = _python(
             "-m", "uvicorn", "example_app.main:app", "--host", host, "--port", f"{port}", env=env
         )

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from loopback import free_port, wait_for_port
 
-from example_app.rate_limits import DEMO_ADMIN_TOKEN
+from example_app.run import DEMO_ADMIN_TOKEN
 from tests._metrics import value
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -172,7 +172,15 @@ async def test_features_off_for_a_while_and_on() -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b"{", b'{"seconds": -1}', b'{"seconds": "soon"}', b'{"seconds": true}', b"[1]"]
+    "body",
+    [
+        b"{",
+        b'{"seconds": -1}',
+        b'{"seconds": "soon"}',
+        b'{"seconds": true}',
+        b"[1]",
+        b'{"seconds": 1e308}',
+    ],
 )
 async def test_a_bad_switch_off_body_is_422_and_changes_nothing(body: bytes) -> None:
     app, resilience, _ = admin_app()
@@ -248,7 +256,7 @@ async def test_admin_routes_stay_out_of_the_schema_unless_asked() -> None:
     assert "/resilience/" not in paths  # the page never is
 
 
-async def test_admin_routes_are_not_rate_limited() -> None:
+async def test_the_token_lets_operators_past_the_rate_limit() -> None:
     """An operator's dashboard polls: a tight anonymous tier must not lock it out."""
     app, _, _ = admin_app(rate_limit_tiers={"anonymous": "2/minute"})
     async with serve(app) as client:
@@ -256,6 +264,39 @@ async def test_admin_routes_are_not_rate_limited() -> None:
         others = [(await client.get("/nowhere")).status_code for _ in range(3)]
     assert others == [404, 404, 429]  # the tier still applies to everything else
     assert [a.status_code for a in answers] == [200] * 5
+
+
+async def test_guessing_the_token_costs_the_guessers_quota() -> None:
+    app, _, _ = admin_app(rate_limit_tiers={"anonymous": "3/minute"})
+    wrong = {"Authorization": "Bearer not-the-token-0123456789"}
+    async with serve(app) as client:
+        guesses = [
+            (await client.get(f"{API}/breakers", headers=wrong)).status_code for _ in range(5)
+        ]
+        with_token = await client.get(f"{API}/breakers", headers=AUTH)
+    assert guesses == [401, 401, 401, 429, 429]
+    assert with_token.status_code == 200
+
+
+async def test_a_feature_switched_off_on_every_path_spares_the_operators_routes() -> None:
+    """A feature that owns "/" sheds the app, not the admin API, readiness or metrics: the
+    operator can still see why and switch it on again."""
+    app, resilience, _ = admin_app()
+    resilience.degraded.feature("everything", paths=["/"])
+
+    @app.get("/orders")
+    async def orders() -> list[int]:
+        return []
+
+    async with serve(app) as client:
+        await client.post(f"{API}/features/everything/off", headers=AUTH)
+        assert (await client.get("/orders")).status_code == 503
+        assert (await client.get("/health/ready")).json()["status"] == "degraded"
+        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/resilience/")).status_code == 200
+        on = await client.post(f"{API}/features/everything/on", headers=AUTH)
+        assert on.json()["available"] is True
+        assert (await client.get("/orders")).status_code == 200
 
 
 async def test_admin_path_moves_the_routes() -> None:

@@ -342,3 +342,99 @@ async def test_two_apps_in_one_process_share_one_set_of_names() -> None:
         text = await scrape(client)
     assert value(text, "fastapi_resilience_feature_available", feature="m-first") == 1
     assert value(text, "fastapi_resilience_feature_available", feature="m-second") == 0
+
+
+async def test_a_dead_letter_recorded_again_under_its_key_counts_once() -> None:
+    """Recording again with the same key (after a storage stall) stores nothing new."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+    letters = MemoryDeadLetterQueue(name="m-once")
+    async with serve(app) as client:
+        before = await scrape(client)
+        for _ in range(3):
+            await letters.record("m-op", UpstreamError("x"), key="same-key")
+        after = await scrape(client)
+    counted = "fastapi_resilience_dead_letters_total"
+    assert value(after, counted, queue="m-once") - value(before, counted, queue="m-once") == 1
+    assert len(await letters.list()) == 1
+
+
+async def test_a_route_limit_refusal_after_the_tier_counts_once() -> None:
+    """A request the tier admits and its route's own limit refuses is one refusal."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_tiers={"anonymous": "100/minute"}))
+    sub = FastAPI()  # a mounted app without install(): its route limit is a dependency
+
+    @sub.get("/b", dependencies=[Depends(rate_limit("1/minute"))])
+    async def limited() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.mount("/m-once-sub", sub)
+    decisions = "fastapi_resilience_rate_limit_decisions_total"
+    async with serve(app) as client:
+        before = await scrape(client)
+        statuses = [(await client.get("/m-once-sub/b")).status_code for _ in range(3)]
+        after = await scrape(client)
+
+    def moved(decision: str) -> float:
+        labels = {"tier": "anonymous", "decision": decision}
+        return value(after, decisions, **labels) - value(before, decisions, **labels)
+
+    assert statuses == [200, 429, 429]
+    assert (moved("admitted"), moved("refused")) == (1, 2)
+
+
+def test_a_scrape_from_another_thread_reads_on_the_apps_loop() -> None:
+    """prometheus-client's own exporter scrapes from a thread of its own: the app's state is
+    read on the app's loop, and the page is the same."""
+    import threading
+
+    from fastapi.testclient import TestClient
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry()
+    app = FastAPI()
+    resilience = install(
+        app, ResilienceSettings(rate_limit_enabled=False), metrics_registry=registry
+    )
+    resilience.degraded.feature("m-threaded")
+    with TestClient(app) as client:
+        resilience.degraded.disable("m-threaded")
+        pages: list[str] = []
+        exporter = threading.Thread(target=lambda: pages.append(generate_latest(registry).decode()))
+        exporter.start()
+        exporter.join(timeout=10)
+        served = client.get("/metrics").text
+    assert value(pages[0], "fastapi_resilience_feature_available", feature="m-threaded") == 0
+    assert value(served, "fastapi_resilience_feature_available", feature="m-threaded") == 0
+
+
+def test_a_mount_with_a_parameter_is_one_series() -> None:
+    """``/tenants/{tenant}``: every tenant's requests share one route label, in the metrics
+    and in the error analytics."""
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    resilience = install(app, ResilienceSettings(rate_limit_enabled=False))
+    sub = FastAPI()
+
+    @sub.get("/orders/{order_id}")
+    async def order(order_id: int) -> dict[str, int]:
+        return {"id": order_id}
+
+    app.mount("/m-tenants/{tenant}", sub)
+    template = "/m-tenants/{tenant}/orders/{order_id}"
+    seconds = "fastapi_resilience_request_duration_seconds_count"
+    with TestClient(app) as client:  # the mounts are known from start-up
+        before = client.get("/metrics").text
+        for tenant in ("acme", "globex", "initech"):
+            assert client.get(f"/m-tenants/{tenant}/orders/1").status_code == 200
+            assert client.get(f"/m-tenants/{tenant}/orders/x").status_code == 422
+        after = client.get("/metrics").text
+    labels = {"route": template, "method": "GET"}
+    assert value(after, seconds, **labels) - value(before, seconds, **labels) == 6
+    assert "acme" not in after
+    assert resilience.analytics is not None
+    routes = {entry["route"] for entry in resilience.analytics.snapshot()["routes"]}
+    assert template in routes
+    assert not any("acme" in route for route in routes)

@@ -123,8 +123,9 @@ class RequestState:
     started: bool
     #: What a timing step noted when the request came in (``None``: no step times it).
     timing: Any
-    #: Where the request's problem answers are recorded (the app's error analytics: an object
-    #: with ``record``), set by a step; ``None``: nowhere.
+    #: Where the request's problem answers are recorded (an object with
+    #: ``record_problem(scope, code, status, correlation_id)``), set by a step; ``None``:
+    #: nowhere.
     errors: Any
 
     def __init__(self, scope: Scope, send: Send) -> None:

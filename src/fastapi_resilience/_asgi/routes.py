@@ -11,8 +11,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from starlette.routing import BaseRoute
+from starlette.types import Scope
 
-__all__ = ["dependency_calls", "flat_routes"]
+from fastapi_resilience._asgi.paths import MountTemplates, mount_prefix
+
+__all__ = ["UNMATCHED_ROUTE", "dependency_calls", "flat_routes", "route_template"]
+
+#: The route label of a request that matched no route, or was answered before routing (a 429
+#: of the rate limiter, a 503 of a feature's path): one value for all of them.
+UNMATCHED_ROUTE = "(unmatched)"
 
 
 def flat_routes(routes: Sequence[BaseRoute]) -> list[Any]:
@@ -38,3 +45,17 @@ def dependency_calls(dependant: Any) -> Iterator[Any]:
         yield call
     for sub in getattr(dependant, "dependencies", ()) or ():
         yield from dependency_calls(sub)
+
+
+def route_template(scope: Scope, mounts: MountTemplates | None = None) -> str:
+    """The template of the route the request matched, behind the templates of the mounts in
+    front of it (``/tenants/{tenant}/orders/{order_id}``): a label, never the raw path, so a
+    path segment cannot make a new series. :data:`UNMATCHED_ROUTE` without a route."""
+    route = scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED_ROUTE
+    prefix = mount_prefix(scope)
+    if not prefix:
+        return path
+    return (mounts.template(prefix) if mounts is not None else prefix) + path

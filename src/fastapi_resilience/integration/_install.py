@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,7 @@ from fastapi_resilience.integration._sub_apps import (
     refuse_websocket_route_limits,
     serve_mounted_apps,
 )
-from fastapi_resilience.operations._admin import add_admin_routes
+from fastapi_resilience.operations._admin import AdminTokenStep, add_admin_routes
 from fastapi_resilience.operations._degraded import DegradedStep
 from fastapi_resilience.operations._errors import (
     ErrorAnalytics,
@@ -113,12 +115,21 @@ def install(
     ]
     metrics_on = settings.metrics_enabled and prometheus_available()
     if metrics_on and settings.metrics_request_duration:
-        steps.append(RequestMetricsStep())
+        steps.append(RequestMetricsStep(resilience.mounts))
     if resilience.analytics is not None:
-        steps.append(ErrorsStep(resilience.analytics))
+        steps.append(ErrorsStep(resilience.analytics, resilience.mounts))
+    if limiter is not None and settings.admin_token is not None:
+        token = settings.admin_token.get_secret_value()
+        steps.append(AdminTokenStep(settings.admin_path, token))
     if limiter is not None:
         steps.append(RateLimitStep(limiter))
     steps.append(DegradedStep(resilience.degraded))
+    # The library's own routes answer whatever feature is off: readiness must say why, and
+    # an operator must be able to switch the feature on again.
+    resilience.degraded.keep_serving(
+        [settings.health_path, settings.metrics_path]
+        + ([settings.admin_path] if settings.admin_token is not None else [])
+    )
     app.add_middleware(
         Pipeline,
         steps=steps,
@@ -170,6 +181,10 @@ def install(
         _refuse_app_routes_at(app.router.routes, fixed_paths, ours=ours)
         if group is not None:
             group.settle(app.router.routes)
+        if resilience.metrics is not None:
+            # Scrapes from another thread read the app's state on this loop.
+            with contextlib.suppress(RuntimeError):  # started by hand, outside a loop
+                resilience.metrics.loop = asyncio.get_running_loop()
 
     resilience._on_start = started
     resilience._on_stop = limiter.aclose if limiter is not None else None
@@ -180,9 +195,12 @@ def install(
 def _error_analytics(resilience: Resilience) -> ErrorAnalytics:
     settings = resilience.settings
     try:
+        window, bucket = settings.errors_window_seconds, settings.errors_bucket_seconds
         analytics = ErrorAnalytics(
-            window_seconds=settings.errors_window_seconds,
-            bucket_seconds=settings.errors_bucket_seconds,
+            window_seconds=window,
+            bucket_seconds=bucket,
+            # The spike rule's fast average spans half a minute, or what the window allows.
+            spike_fast_seconds=min(max(30.0, bucket), window),
             recent_ids=settings.errors_recent_ids,
             clock=resilience.clock,
             events=resilience.events,
@@ -271,9 +289,6 @@ def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
         exempt_paths=_docs_paths(app) if settings.rate_limit_exempt_docs else (),
     )
     resilience.rate_limiter = limiter
-    if settings.admin_token is not None:
-        # An operator's dashboard polls; it must never be refused in the incident it watches.
-        limiter.exempt([settings.admin_path, f"{settings.admin_path}/*"])
     storage_health = getattr(limiter.storage, "health", None)
     if storage_health is not None:
         # Failing open, a dead storage degrades the service; failing closed, it stops it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from fastapi_resilience._asgi.paths import MountTemplates
 from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
@@ -55,6 +56,8 @@ class Resilience:
         #: What this app reports on ``/metrics`` besides the process-wide counts; ``None``
         #: while metrics are off.
         self.metrics: MetricsSources | None = None
+        #: The templates of the app's mounts, for metric and analytics labels.
+        self.mounts = MountTemplates()
         #: Runs the readiness checks in the background and their recovery actions; ``None``
         #: while ``health_monitor_interval`` is 0.
         self.health_monitor: HealthMonitor | None = None
@@ -107,11 +110,22 @@ class Resilience:
             if self.health_monitor is not None:
                 # First: its checks may use what the rest closes (the rate-limit storage).
                 await self.health_monitor.stop()
-            for mounted in self._mounted:
-                await mounted.stop()
+            await _stop_each(self._mounted)
         finally:
             if self._on_stop is not None:
                 await self._on_stop()
 
     def __repr__(self) -> str:
         return f"Resilience(checks={len(self.health._checks)})"
+
+
+async def _stop_each(installs: list[Resilience]) -> None:
+    """Stop every mounted install, even when one fails; then raise the first failure."""
+    first: BaseException | None = None
+    for mounted in installs:
+        try:
+            await mounted.stop()
+        except Exception as exc:
+            first = first or exc
+    if first is not None:
+        raise first

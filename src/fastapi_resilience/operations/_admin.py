@@ -13,12 +13,13 @@ import hmac
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from fastapi_resilience._asgi.pipeline import UNLIMITED, RequestState
 from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import AuthenticationError, InvalidInputError, NotFoundError
@@ -30,7 +31,15 @@ from fastapi_resilience.outbound._breaker import BreakerRegistry, CircuitBreaker
 from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
 from fastapi_resilience.outbound._dead_letter import DeadLetter, DeadLetterQueue, ReplayHandler
 
-__all__ = ["ADMIN_ACTION", "Operated", "add_admin_routes", "breaker_json", "feature_json"]
+__all__ = [
+    "ADMIN_ACTION",
+    "AdminTokenStep",
+    "Operated",
+    "add_admin_routes",
+    "breaker_json",
+    "feature_json",
+    "token_matches",
+]
 
 #: The event every admin action publishes: ``name`` is what it acted on, ``action`` what it did.
 ADMIN_ACTION = "admin.action"
@@ -73,16 +82,52 @@ class Operated(Protocol):
     def replay_handler(self) -> ReplayHandler | None: ...
 
 
-def bearer_guard(token: str) -> Callable[[Request], None]:
+#: The longest switch-off the API takes: a week. Longer is "until switched on" (no seconds).
+MAX_OFF_SECONDS = 7 * 24 * 3600.0
+
+
+def token_matches(header: str, expected: bytes) -> bool:
+    """Whether an ``Authorization`` value is ``Bearer <expected>``, compared in constant time
+    whatever the scheme, so a wrong scheme takes as long as a wrong token."""
+    scheme, _, given = header.partition(" ")
+    matches = hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+    return matches and scheme.lower() == "bearer"
+
+
+class AdminTokenStep:
+    """Lets a request under ``admin_path`` that carries the admin token past the rate limiter
+    (a step placed before it): the dashboard polls, and an operator must never be refused in
+    the incident being watched. A request without the token is counted like any other, so
+    guessing the token costs the guesser's own quota."""
+
+    websocket = False
+
+    def __init__(self, path: str, token: str) -> None:
+        self._path = path
+        self._prefix = path + "/"
+        self._expected = token.encode("utf-8")
+
+    def enter(self, state: RequestState) -> None:
+        if state.limit is not None:
+            return None
+        path = state.path
+        if path != self._path and not path.startswith(self._prefix):
+            return None
+        for name, value in state.scope["headers"]:
+            if name == b"authorization":
+                if token_matches(value.decode("latin-1"), self._expected):
+                    state.limit = UNLIMITED
+                break
+        return None
+
+
+def bearer_guard(token: str) -> Callable[[Request], Awaitable[None]]:
     """A dependency that lets a request through only with ``Authorization: Bearer <token>``."""
     expected = token.encode("utf-8")
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:
         header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        # Compared whatever the scheme, so a wrong scheme takes as long as a wrong token.
-        matches = hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
-        if not (matches and scheme.lower() == "bearer"):
+        if not token_matches(header, expected):
             raise AuthenticationError(
                 "This admin route needs the admin token: Authorization: Bearer <token>."
                 if not header
@@ -319,9 +364,12 @@ async def _seconds_of(request: Request) -> float | None:
         isinstance(seconds, bool)
         or not isinstance(seconds, int | float)
         or not math.isfinite(seconds)
-        or seconds <= 0
+        or not 0 < seconds <= MAX_OFF_SECONDS
     ):
-        raise InvalidInputError("seconds must be a number of seconds > 0, or left out.")
+        raise InvalidInputError(
+            f"seconds must be a number of seconds > 0 and at most {MAX_OFF_SECONDS:.0f}, "
+            "or left out (off until switched on)."
+        )
     return float(seconds)
 
 

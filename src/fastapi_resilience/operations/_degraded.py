@@ -165,8 +165,16 @@ class DegradedMode(EventSource):
         #: ``requires_feature(name, mode=self)``'s dependencies, one per name: kept here, so
         #: they go when the mode goes.
         self.feature_dependencies: dict[str, Callable[[Request], Awaitable[None]]] = {}
+        #: Path prefixes never shed, whatever feature claims them (:meth:`keep_serving`).
+        self._kept: tuple[str, ...] = ()
 
     # -- declaring ---------------------------------------------------------------------
+
+    def keep_serving(self, prefixes: Sequence[str]) -> None:
+        """Never shed a path under ``prefixes``, even where a feature that is off claims it:
+        ``install()`` keeps its health, metrics and admin routes this way, so a feature on
+        ``"/"`` switched off cannot lock operators out of switching it on again."""
+        self._kept = (*self._kept, *prefixes)
 
     def feature(
         self,
@@ -301,6 +309,8 @@ class DegradedMode(EventSource):
 
     def shed(self, path: str) -> FeatureUnavailableError | None:
         """The refusal for a request to ``path`` when a feature that is off owns it."""
+        if self._kept and any(_under(path, prefix) for prefix in self._kept):
+            return None
         status = self.owner_off(path)
         return None if status is None else unavailable_error(status)
 
@@ -467,6 +477,10 @@ class DegradedStep:
         from fastapi_resilience.problems._render import app_error_response
 
         return app_error_response(state.scope, error)
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
 async def _close_unavailable(scope: Scope, receive: Receive, send: Send) -> None:

@@ -13,7 +13,11 @@ import weakref
 from collections import OrderedDict, deque
 from typing import Any, Literal
 
+from starlette.types import Scope
+
+from fastapi_resilience._asgi.paths import MountTemplates
 from fastapi_resilience._asgi.pipeline import RequestState
+from fastapi_resilience._asgi.routes import route_template
 from fastapi_resilience._tally import OUTBOUND_OBSERVERS
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock, SystemClock
 from fastapi_resilience.correlation._ids import get_correlation_id
@@ -591,16 +595,23 @@ def _problem(problem: tuple[str, int, str, str, float]) -> dict[str, Any]:
 
 class ErrorsStep:
     """Points each request's problem answers at the app's :class:`ErrorAnalytics`: the
-    problem renderer records every answer it builds where ``state.errors`` says."""
+    problem renderer calls :meth:`record_problem` of the step ``state.errors`` names."""
 
     websocket = False
 
-    def __init__(self, analytics: ErrorAnalytics) -> None:
+    def __init__(self, analytics: ErrorAnalytics, mounts: MountTemplates | None = None) -> None:
         self.analytics = analytics
+        #: The app's mounts as templates (``install()`` fills them at start-up).
+        self.mounts = mounts
 
     def enter(self, state: RequestState) -> None:
         if state.errors is None:  # else a pipeline outside this one records them
-            state.errors = self.analytics
+            state.errors = self
+
+    def record_problem(self, scope: Scope, code: str, status: int, correlation_id: str) -> None:
+        """One problem answer of the request, by the template of the route it matched."""
+        route = route_template(scope, self.mounts)
+        self.analytics.record(code, status, route=route, correlation_id=correlation_id)
 
 
 #: The analytics of every installed app; outbound failures have no request scope to say

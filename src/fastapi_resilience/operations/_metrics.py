@@ -9,19 +9,22 @@ optional: without ``prometheus-client`` (the ``prometheus`` extra) nothing is im
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import APIRouter
 from starlette.responses import Response
-from starlette.types import Scope
 
 from fastapi_resilience._asgi.fixed_routes import FixedPathRoutes, add_fixed_route
+from fastapi_resilience._asgi.paths import MountTemplates
 from fastapi_resilience._asgi.pipeline import RequestState
+from fastapi_resilience._asgi.routes import UNMATCHED_ROUTE, route_template
 from fastapi_resilience._tally import (
     DEAD_LETTERS,
     DURATION_BUCKETS,
@@ -60,9 +63,6 @@ __all__ = [
 
 logger = logging.getLogger("fastapi_resilience.metrics")
 
-#: The ``route`` label of requests that matched no route, or were answered before routing
-#: (a 429 of the rate limiter, a 503 of a feature's path): one value for all of them.
-UNMATCHED_ROUTE = "(unmatched)"
 #: Events published on an app's bus, by ``(kind, name)``.
 EVENTS = Tally()
 _BREAKER_STATES = (CLOSED, OPEN, HALF_OPEN)
@@ -101,37 +101,27 @@ class RequestMetricsStep:
 
     websocket = False
 
-    def __init__(self, histograms: Histograms = REQUEST_DURATIONS) -> None:
+    def __init__(
+        self, mounts: MountTemplates | None = None, histograms: Histograms = REQUEST_DURATIONS
+    ) -> None:
+        #: The app's mounts as templates (``install()`` fills them at start-up).
+        self.mounts = mounts
         self._histograms = histograms
 
     def enter(self, state: RequestState) -> None:
         if state.timing is None:  # else a pipeline outside this one times the request
-            state.timing = (perf_counter(), state.scope.get("root_path", ""), self)
+            state.timing = (perf_counter(), self)
 
     def leave(self, state: RequestState) -> None:
         timing = state.timing
-        if timing is None or timing[2] is not self:
+        if timing is None or timing[1] is not self:
             return
-        started, root, _ = timing
         scope = state.scope
         method = scope.get("method", "")
         if method not in _METHODS:
             method = "OTHER"
-        self._histograms.observe((_template(scope, root), method), perf_counter() - started)
-
-
-def _template(scope: Scope, root: str) -> str:
-    """The matched route's template, with the prefixes of the mounts it is under."""
-    route = scope.get("route")
-    if route is None:
-        return UNMATCHED_ROUTE
-    path = getattr(route, "path_format", None) or getattr(route, "path", None)
-    if not isinstance(path, str):
-        return UNMATCHED_ROUTE
-    inner_root: str = scope.get("root_path", "")
-    if inner_root != root and inner_root.startswith(root):
-        return inner_root[len(root) :] + path  # under a mount: its prefix first
-    return path
+        label = (route_template(scope, self.mounts), method)
+        self._histograms.observe(label, perf_counter() - timing[0])
 
 
 class _Analytics(Protocol):
@@ -152,6 +142,8 @@ class MetricsSources:
     health: HealthChecks
     analytics: _Analytics | None = None
     monitor: _Monitor | None = None
+    #: The app's event loop, once it started: the state above is read on it.
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 class ResilienceCollector:
@@ -170,6 +162,17 @@ class ResilienceCollector:
         self._sources.add(sources)
 
     def collect(self) -> Iterator[Any]:
+        """Every family. Breakers, features and analytics change on the app's event loop and
+        reading some of them moves them on (an open breaker whose time is up turns half-open):
+        a scrape from another thread (``prometheus_client.start_http_server``) reads them on
+        that loop, never beside it."""
+        loop = next(
+            (s.loop for s in list(self._sources) if s.loop is not None and s.loop.is_running()),
+            None,
+        )
+        yield from _on_loop(loop, lambda: list(self._families()))
+
+    def _families(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         counter, gauge = CounterMetricFamily, GaugeMetricFamily
@@ -329,6 +332,31 @@ class ResilienceCollector:
         for (name, outcome), count in sorted(attempts.items()):
             recoveries.add_metric([name, outcome], count)
         yield from (up, recoveries)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop | None, read: Callable[[], list[Any]]) -> list[Any]:
+    """``read()``, on ``loop`` when it runs in another thread than this one."""
+    if loop is None:
+        return read()
+    try:
+        if asyncio.get_running_loop() is loop:
+            return read()
+    except RuntimeError:
+        pass  # no loop in this thread: an exporter's own thread
+    done: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            done.set_result(read())
+        except BaseException as exc:  # handed to the scraping thread
+            done.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return done.result(timeout=_READ_TIMEOUT)
+
+
+#: How long a scrape from another thread waits for the app's loop to read the state.
+_READ_TIMEOUT = 5.0
 
 
 def _bulkheads(registry: BulkheadRegistry) -> Iterable[Any]:

@@ -190,7 +190,10 @@ class DeadLetterQueue:
             with contextlib.suppress(Exception):
                 setattr(failure, KEY_ATTRIBUTE, letter.key)
             raise
-        DEAD_LETTERS.add((self.label,))
+        if replace(stored, id="") == letter:
+            # Stored now; not when the key's entry was already held (a record repeated
+            # after a stalled storage, which stores nothing).
+            DEAD_LETTERS.add((self.label,))
         return stored
 
     @property

@@ -142,15 +142,8 @@ def _correlation(scope: Scope) -> tuple[str, bool]:
 
 def _record(errors: Any, scope: Scope, code: str, status: int, correlation_id: str) -> None:
     """Tell the request's error analytics; a failure there never costs the answer."""
-    route = scope.get("route")
-    template = getattr(route, "path_format", None) or getattr(route, "path", None)
     try:
-        errors.record(
-            code,
-            status,
-            route=template if isinstance(template, str) else "(unmatched)",
-            correlation_id=correlation_id,
-        )
+        errors.record_problem(scope, code, status, correlation_id)
     except Exception:
         logger.exception("error analytics failed to record %s", code)
 

@@ -95,8 +95,11 @@ class RateLimit:
             state.limit = decided
         else:
             request.state.fastapi_resilience_route_limit = decided
+        if state is None:
+            # No rate-limit step counts this request's decision: counted here, per limit.
+            decision = "refused" if own.refused else "admitted"
+            RATE_LIMIT_DECISIONS.add((own.plan.tier, decision))
         if own.refused:
-            RATE_LIMIT_DECISIONS.add((own.plan.tier, "refused"))
             if fields is not None:
                 fields.clear()  # the refusal carries its own fields
             _, problem = own.problem()

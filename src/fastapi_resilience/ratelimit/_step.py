@@ -96,7 +96,6 @@ class RateLimitStep:
         state.limit = outcome
         limiter = self.limiter
         if outcome.refused and not limiter.shadow:
-            RATE_LIMIT_DECISIONS.add((outcome.plan.tier, "refused"))
             status, problem = outcome.problem(raw_headers=True)
             limiter.events.emit(
                 "rate_limit.refused",
@@ -106,10 +105,22 @@ class RateLimitStep:
             )
             # The answer carries the fields itself.
             return problem_response(state.scope, status=status, **problem)
-        RATE_LIMIT_DECISIONS.add((outcome.plan.tier, "admitted"))
         fields = state.limit_fields = outcome.headers()
         state.fields.append(fields)
         return None
+
+    def leave(self, state: RequestState) -> None:
+        """Count the request's final decision once: a route limit checked after this step
+        may have refused what the tier admitted."""
+        outcome = state.limit
+        if outcome is None or outcome is UNLIMITED:
+            return
+        limiter = self.limiter
+        if outcome.limiter is not limiter:
+            return  # another limiter decided (an outer one): it counts
+        parts = getattr(outcome, "parts", None) or (outcome,)
+        refused = not limiter.shadow and any(part.refused for part in parts)
+        RATE_LIMIT_DECISIONS.add((outcome.plan.tier, "refused" if refused else "admitted"))
 
     async def shutdown(self) -> None:
         if self.close_limiter:
