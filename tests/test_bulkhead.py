@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx
 import pytest
@@ -126,8 +127,13 @@ async def test_full_and_available_are_published_once() -> None:
             await bulkhead.acquire()
     gate.set()
     await holder
-    assert [e.kind for e in seen] == ["bulkhead.full", "bulkhead.available"]
-    assert seen[1].attributes["rejected"] == 5
+    # Once each, at WARNING and INFO; every refused call besides at DEBUG (a span event).
+    changes = [e for e in seen if e.kind != "bulkhead.rejected"]
+    assert [e.kind for e in changes] == ["bulkhead.full", "bulkhead.available"]
+    assert changes[1].attributes["rejected"] == 5
+    rejections = [e for e in seen if e.kind == "bulkhead.rejected"]
+    assert len(rejections) == 5
+    assert {e.level for e in rejections} == {logging.DEBUG}
 
 
 async def test_call_and_decorator_hold_a_slot() -> None:

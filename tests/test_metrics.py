@@ -438,3 +438,20 @@ def test_a_mount_with_a_parameter_is_one_series() -> None:
     routes = {entry["route"] for entry in resilience.analytics.snapshot()["routes"]}
     assert template in routes
     assert not any("acme" in route for route in routes)
+
+
+async def test_the_attached_dead_letter_queue_shows_what_it_holds() -> None:
+    app = FastAPI()
+    resilience = install(
+        app, ResilienceSettings(rate_limit_enabled=False), metrics_registry=CollectorRegistry()
+    )
+    queue = MemoryDeadLetterQueue(name="m-held")
+    resilience.use_dead_letters(queue)
+    async with serve(app) as client:
+        empty = await scrape(client)
+        await queue.record("m-op", UpstreamError("x"))
+        await queue.record("m-op", UpstreamError("y"))
+        held = await scrape(client)
+    queued = "fastapi_resilience_dead_letters_queued"
+    assert value(empty, queued, queue="m-held") == 0
+    assert value(held, queued, queue="m-held") == 2

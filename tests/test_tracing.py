@@ -18,11 +18,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 )
 
 from fastapi_resilience import (
+    Bulkhead,
     CircuitBreaker,
     CorrelationIdMiddleware,
     ResilienceSettings,
     Retry,
+    RetryBudget,
     RetryExhaustedError,
+    UpstreamError,
     fallback,
     install,
 )
@@ -357,3 +360,46 @@ def test_span_events_without_opentelemetry_does_nothing() -> None:
         check=False,
     )
     assert result.stdout.strip() == "['opentelemetry']", result.stderr
+
+
+async def test_bulkhead_rejections_budget_and_features_are_span_events() -> None:
+    """A refused call of a full bulkhead, a spent retry budget and a feature switched off in
+    a request all show on that request's span."""
+    with app_traced(NO_LIMITS) as (app, exporter):
+        resilience = app.state.resilience
+        resilience.degraded.feature("traced-feature")
+        full = Bulkhead("traced-bulkhead", max_concurrent=1, registry=None)
+        budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0, name="traced-budget")
+        retry = Retry(attempts=3, base_delay=0.0, jitter=False, budget=budget)
+
+        @app.get("/refused")
+        async def refused() -> str:
+            await full.acquire()  # held: the next acquire is refused
+            try:
+                await full.acquire()
+            finally:
+                full.release()
+            return "unreachable"
+
+        @app.get("/spent")
+        async def spent() -> None:
+            async def fail() -> None:
+                raise UpstreamError("down")
+
+            await retry.call(fail)
+
+        @app.get("/switch")
+        async def switch() -> str:
+            resilience.degraded.disable("traced-feature")
+            resilience.degraded.enable("traced-feature")
+            return "ok"
+
+        answers = await get(app, "/refused", "/spent", "/switch")
+    assert [a.status_code for a in answers] == [503, 502, 200]
+    refused_span, spent_span, switch_span = server_spans(exporter)
+    assert events_named(refused_span, "bulkhead.rejected")[0]["resilience.name"] == (
+        "traced-bulkhead"
+    )
+    assert events_named(spent_span, "retry.budget_exhausted")
+    assert events_named(switch_span, "feature.disabled")
+    assert events_named(switch_span, "feature.enabled")

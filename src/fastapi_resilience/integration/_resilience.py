@@ -89,6 +89,8 @@ class Resilience:
         self.dead_letters = queue
         self.replay_handler = replay
         queue.events = self.events
+        if self.metrics is not None:
+            self.metrics.dead_letters = queue
 
     def start(self) -> None:
         """Run ``install()``'s start-up checks: the app's lifespan calls it after the app's own

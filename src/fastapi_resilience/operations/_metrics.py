@@ -142,6 +142,8 @@ class MetricsSources:
     health: HealthChecks
     analytics: _Analytics | None = None
     monitor: _Monitor | None = None
+    #: The dead-letter queue given to ``resilience.use_dead_letters``.
+    dead_letters: Any = None
     #: The app's event loop, once it started: the state above is read on it.
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -299,10 +301,26 @@ class ResilienceCollector:
                 spiking = spiking or sources.analytics.spiking
         for name, on in sorted(features.items()):
             available.add_metric([name], 1.0 if on else 0.0)
+        yield self._queued_family(gauge)
         degraded.add_metric([], 0.0 if all(features.values()) else 1.0)
         spike.add_metric([], 1.0 if spiking else 0.0)
         yield from (available, degraded, spike)
         yield from self._health_families(gauge)
+
+    def _queued_family(self, gauge: Any) -> Any:
+        queued = gauge(
+            "fastapi_resilience_dead_letters_queued",
+            "Letters held now by the app's dead-letter queue (memory queues).",
+            labels=["queue"],
+        )
+        seen: set[str] = set()
+        for sources in list(self._sources):
+            queue = sources.dead_letters
+            size = getattr(queue, "queued", None)
+            if isinstance(size, int) and queue.label not in seen:
+                seen.add(queue.label)
+                queued.add_metric([queue.label], size)
+        return queued
 
     def _health_families(self, gauge: Any) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily

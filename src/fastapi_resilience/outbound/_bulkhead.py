@@ -164,6 +164,7 @@ class Bulkhead(EventSource):
             if isinstance(exc, TimeoutError):
                 self.rejected += 1
                 self._mark_saturated()
+                self._announce_rejection()
                 raise BulkheadFullError(
                     BULKHEAD_WAIT_TIMEOUT_DETAIL.format(name=self.name, timeout=self.wait_timeout),
                     extensions={"bulkhead": self.name},
@@ -192,9 +193,21 @@ class Bulkhead(EventSource):
     def _full_error(self) -> BulkheadFullError:
         self.rejected += 1
         self._mark_saturated()
+        self._announce_rejection()
         return BulkheadFullError(
             BULKHEAD_FULL_DETAIL.format(name=self.name, active=self._active, waiting=self.waiting),
             extensions={"bulkhead": self.name},
+        )
+
+    def _announce_rejection(self) -> None:
+        # Per call, at DEBUG (a span event on the caller's span; the log skips it unless
+        # asked): ``bulkhead.full`` says the bulkhead is full once.
+        self.events.emit(
+            "bulkhead.rejected",
+            self.name,
+            level=logging.DEBUG,
+            active=self._active,
+            waiting=self.waiting,
         )
 
     def _mark_saturated(self) -> None:

@@ -197,6 +197,12 @@ class DeadLetterQueue:
         return stored
 
     @property
+    def queued(self) -> int | None:
+        """The letters held now when known without awaiting (for metrics); ``None`` for a
+        shared storage, which ``size()`` asks."""
+        return None
+
+    @property
     def label(self) -> str:
         """The queue's name in metrics and the admin API."""
         return str(getattr(self, "name", None) or getattr(self, "stream", None) or "dlq")
@@ -358,6 +364,11 @@ class MemoryDeadLetterQueue(DeadLetterQueue):
         return True
 
     async def size(self) -> int:
+        return len(self._entries)
+
+    @property
+    def queued(self) -> int | None:
+        """The letters held now, read without awaiting (for metrics)."""
         return len(self._entries)
 
 
