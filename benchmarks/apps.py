@@ -29,6 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Environment variables the harness sets for the server process.
 VARIANT_ENV = "BENCH_VARIANT"
+#: The ``src`` directory of the earlier commit the ``baseline`` variants run (``--baseline``).
+BASELINE_SRC_ENV = "BENCH_BASELINE_SRC"
 REDIS_URL_ENV = "BENCH_REDIS_URL"
 #: Optional: CPython's gen-0 collection threshold for every server (default 700).
 GC_THRESHOLD_ENV = "BENCH_GC_THRESHOLD"
@@ -70,6 +72,9 @@ class HttpVariant:
             harness checks them on one request before measuring.
         refuses: every request after the first is refused (429): a flood, measured by what
             each refusal costs. Its non-2xx answers are the point, not errors.
+        baseline: served by the library of an earlier commit (``--baseline REF``: its
+            ``src/`` first on the server's path), to measure a change in the same run; left out
+            without ``--baseline``.
     """
 
     description: str
@@ -78,6 +83,7 @@ class HttpVariant:
     needs_redis: bool = False
     expect_headers: tuple[str, ...] = ()
     refuses: bool = False
+    baseline: bool = False
 
     def build(self, env: BenchEnv) -> ASGIApp:
         factory = self.factory
@@ -393,6 +399,13 @@ VARIANTS: dict[str, HttpVariant] = {
         resilience_full_memory,
         "rate_limit",
         expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
+    ),
+    "resilience_full_memory_before": HttpVariant(
+        "`resilience_full_memory` as the commit given by `--baseline` builds it (reference)",
+        resilience_full_memory,
+        "rate_limit",
+        expect_headers=("x-request-id", "x-ratelimit-limit", "ratelimit-policy"),
+        baseline=True,
     ),
     "resilience_full_memory_no_metrics": HttpVariant(
         "fastapi-resilience `install()` as above, metrics off: no request timing (reference)",

@@ -9,14 +9,23 @@ per round against ``bare`` in that same round, and the median over rounds is rep
 from __future__ import annotations
 
 import http.client
+import os
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from benchmarks._procs import RedisProcess, UvicornServer
+from benchmarks._procs import ROOT, RedisProcess, UvicornServer
 from benchmarks._wrk import WrkResult, WrkSettings, run_wrk
-from benchmarks.apps import BODY, REDIS_URL_ENV, ROUTE, VARIANT_ENV, VARIANTS, HttpVariant
+from benchmarks.apps import (
+    BASELINE_SRC_ENV,
+    BODY,
+    REDIS_URL_ENV,
+    ROUTE,
+    VARIANT_ENV,
+    VARIANTS,
+    HttpVariant,
+)
 
 BASELINE = "bare"
 APP_FACTORY = "benchmarks.apps:create_app"
@@ -151,6 +160,9 @@ def started_servers(
             log(f"private redis-server on 127.0.0.1:{redis.port}")
         for name, spec in specs.items():
             env = {VARIANT_ENV: name}
+            if spec.baseline:
+                # The earlier commit's package first; this tree's benchmarks from the cwd.
+                env["PYTHONPATH"] = os.pathsep.join((os.environ[BASELINE_SRC_ENV], str(ROOT)))
             if spec.needs_redis and redis_url:
                 env[REDIS_URL_ENV] = redis_url
             server = UvicornServer(APP_FACTORY, env=env)

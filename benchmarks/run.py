@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from benchmarks import _report
 from benchmarks._loop import loop_name
 from benchmarks._procs import ROOT, server_options
 from benchmarks._wrk import WrkSettings, wrk_version
-from benchmarks.apps import VARIANTS
+from benchmarks.apps import BASELINE_SRC_ENV, VARIANTS
 from benchmarks.capacity import (
     LOAD_CPU,
     SERVER_CPU,
@@ -110,6 +111,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="capacity: start this many more bare servers on the servers' CPU, never loaded",
     )
     parser.add_argument("--doc", type=Path, default=DOC_PATH, help="the Markdown file to rewrite")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also serve the full stack from this git commit, in the same run",
+    )
     parser.add_argument("--list", action="store_true", help="list every registered name and exit")
     args = parser.parse_args(argv)
     for name in ("rounds", "duration", "connections", "concurrency"):
@@ -136,12 +142,34 @@ def select(only: str, sections: Sequence[str]) -> dict[str, list[str]]:
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise SystemExit(f"unknown names {unknown}; see --list")
+    if BASELINE_SRC_ENV not in os.environ:
+        # Without --baseline there is no earlier library to serve them.
+        registries["http"] = [n for n in registries["http"] if not VARIANTS[n].baseline]
     chosen: dict[str, list[str]] = {}
     for section in sections:
         names = [n for n in registries[section] if not wanted or n in wanted]
         if names:
             chosen[section] = names
     return chosen
+
+
+def _export_src(ref: str) -> Path:
+    """The library's ``src/`` of commit ``ref``, written to a temporary directory."""
+    import tarfile
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "src/fastapi_resilience"],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"--baseline {ref}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(target, filter="data")
+    return target / "src"
 
 
 def _git_commit() -> str:
@@ -202,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{title}: {', '.join(registry)}")
         return 0
     profile = QUICK if args.quick else FULL
+    if args.baseline:
+        os.environ[BASELINE_SRC_ENV] = str(_export_src(args.baseline))
     chosen = select(args.only, [s.strip() for s in args.sections.split(",") if s.strip()])
     command = shlex.join(
         ["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]
