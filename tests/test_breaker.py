@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -670,4 +671,5 @@ async def test_watch_outbound_makes_readiness_degraded_and_routes_events(
             await breaker.call(Upstream())
         with pytest.raises(BulkheadFullError):
             await bulkhead.acquire()
-    assert [e.kind for e in seen] == ["breaker.opened", "bulkhead.full", "bulkhead.available"]
+    changes = [e.kind for e in seen if e.level > logging.DEBUG]  # not the per-call refusal
+    assert changes == ["breaker.opened", "bulkhead.full", "bulkhead.available"]
