@@ -86,7 +86,6 @@ class RequestState:
         "correlation_id",
         "deadlines",
         "degraded_mode",
-        "errors",
         "fields",
         "limit",
         "limit_fields",
@@ -123,10 +122,6 @@ class RequestState:
     started: bool
     #: What a timing step noted when the request came in (``None``: no step times it).
     timing: Any
-    #: Where the request's problem answers are recorded (an object with
-    #: ``record_problem(scope, code, status, correlation_id)``), set by a step; ``None``:
-    #: nowhere.
-    errors: Any
 
     def __init__(self, scope: Scope, send: Send) -> None:
         self.scope = scope
@@ -134,7 +129,7 @@ class RequestState:
         self._path = self._path_root = None
         self.correlation_id = self.context = self.limit = self.limit_fields = None
         self.degraded_mode = self.deadlines = None
-        self.arounds = self.timing = self.errors = None
+        self.arounds = self.timing = None
         self.fields = []
         self.started = False
 

@@ -32,7 +32,7 @@ from fastapi_resilience.operations._admin import AdminTokenStep, add_admin_route
 from fastapi_resilience.operations._degraded import DegradedStep
 from fastapi_resilience.operations._errors import (
     ErrorAnalytics,
-    ErrorsStep,
+    ProblemRecorder,
     record_outbound_failures,
 )
 from fastapi_resilience.operations._metrics import (
@@ -102,6 +102,7 @@ def install(
     limiter = _install_rate_limiting(app, resilience) if settings.rate_limit_enabled else None
     if settings.errors_enabled:
         resilience.analytics = _error_analytics(resilience)
+        resilience.problem_recorder = ProblemRecorder(resilience.analytics, resilience.mounts)
     if settings.trace_span_events:
         # Only once OpenTelemetry is installed; nothing of it is imported here.
         subscribe_span_events(resilience.events)
@@ -116,8 +117,6 @@ def install(
     metrics_on = settings.metrics_enabled and prometheus_available()
     if metrics_on and settings.metrics_request_duration:
         steps.append(RequestMetricsStep(resilience.mounts))
-    if resilience.analytics is not None:
-        steps.append(ErrorsStep(resilience.analytics, resilience.mounts))
     if limiter is not None and settings.admin_token is not None:
         token = settings.admin_token.get_secret_value()
         steps.append(AdminTokenStep(settings.admin_path, token))

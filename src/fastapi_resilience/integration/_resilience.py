@@ -16,7 +16,7 @@ from fastapi_resilience.operations._degraded import DegradedMode
 from fastapi_resilience.outbound._breaker import default_registry
 
 if TYPE_CHECKING:
-    from fastapi_resilience.operations._errors import ErrorAnalytics
+    from fastapi_resilience.operations._errors import ErrorAnalytics, ProblemRecorder
     from fastapi_resilience.operations._metrics import MetricsSources
     from fastapi_resilience.outbound._dead_letter import DeadLetterQueue, ReplayHandler
     from fastapi_resilience.ratelimit._limiter import RateLimiter
@@ -72,6 +72,8 @@ class Resilience:
             )
         #: The error analytics behind ``GET {admin_path}/api/errors`` and the dashboard.
         self.analytics: ErrorAnalytics | None = None
+        #: What the problem renderer records each problem answer of the app's requests with.
+        self.problem_recorder: ProblemRecorder | None = None
         #: The dead-letter queue the admin API lists and replays (:meth:`use_dead_letters`).
         self.dead_letters: DeadLetterQueue | None = None
         self.replay_handler: ReplayHandler | None = None

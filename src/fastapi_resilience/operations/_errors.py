@@ -16,7 +16,6 @@ from typing import Any, Literal
 from starlette.types import Scope
 
 from fastapi_resilience._asgi.paths import MountTemplates
-from fastapi_resilience._asgi.pipeline import RequestState
 from fastapi_resilience._asgi.routes import route_template
 from fastapi_resilience._tally import OUTBOUND_OBSERVERS
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -33,7 +32,7 @@ __all__ = [
     "SPIKE_ENDED",
     "SPIKE_STARTED",
     "ErrorAnalytics",
-    "ErrorsStep",
+    "ProblemRecorder",
     "record_outbound_failures",
 ]
 
@@ -593,20 +592,17 @@ def _problem(problem: tuple[str, int, str, str, float]) -> dict[str, Any]:
     return {"code": code, "status": status, "route": route, "direction": direction, "at": at}
 
 
-class ErrorsStep:
-    """Points each request's problem answers at the app's :class:`ErrorAnalytics`: the
-    problem renderer calls :meth:`record_problem` of the step ``state.errors`` names."""
+class ProblemRecorder:
+    """Records an app's problem answers in its :class:`ErrorAnalytics`. The problem renderer
+    finds it from the request's app (``resilience.problem_recorder``) when it builds an
+    answer: nothing runs for a request that ends well."""
 
-    websocket = False
+    __slots__ = ("analytics", "mounts")
 
     def __init__(self, analytics: ErrorAnalytics, mounts: MountTemplates | None = None) -> None:
         self.analytics = analytics
         #: The app's mounts as templates (``install()`` fills them at start-up).
         self.mounts = mounts
-
-    def enter(self, state: RequestState) -> None:
-        if state.errors is None:  # else a pipeline outside this one records them
-            state.errors = self
 
     def record_problem(self, scope: Scope, code: str, status: int, correlation_id: str) -> None:
         """One problem answer of the request, by the template of the route it matched."""

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Message, Scope, Send
 
+from fastapi_resilience._asgi.app_state import resilience_of
 from fastapi_resilience._asgi.pipeline import state_of
 from fastapi_resilience._tally import PROBLEMS
 from fastapi_resilience._text import printable
@@ -173,9 +174,9 @@ def problem_response(
         # Every 429 says when to come back (RFC 6585 leaves it optional; the contract does not).
         out_headers["Retry-After"] = "1"
     correlation_id, add_header = _correlation(scope)
-    state = state_of(scope)
-    if state is not None and state.errors is not None:
-        _record(state.errors, scope, code, status, correlation_id)
+    recorder = getattr(resilience_of(scope.get("app")), "problem_recorder", None)
+    if recorder is not None:
+        _record(recorder, scope, code, status, correlation_id)
     if add_header:
         out_headers[config.correlation_header] = correlation_id
     response: Response

@@ -100,6 +100,11 @@ class _Plan:
     #: The plan's only check when it has one and it is enforced: the memory storage's
     #: ``try_admit`` case, where an admitted request builds no ``Decision``.
     single: LimitCheck | None = None
+    #: The labels of an admitted request's count, built once per plan.
+    admitted_labels: tuple[str, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "admitted_labels", (self.tier, "admitted"))
 
 
 class LimitOutcome:

@@ -115,12 +115,17 @@ class RateLimitStep:
         outcome = state.limit
         if outcome is None or outcome is UNLIMITED:
             return
-        limiter = self.limiter
-        if outcome.limiter is not limiter:
+        plan = outcome.plan
+        if plan.limiter is not self.limiter:
             return  # another limiter decided (an outer one): it counts
-        parts = getattr(outcome, "parts", None) or (outcome,)
-        refused = not limiter.shadow and any(part.refused for part in parts)
-        RATE_LIMIT_DECISIONS.add((outcome.plan.tier, "refused" if refused else "admitted"))
+        if type(outcome) is LimitOutcome:
+            refused = outcome.refused
+        else:  # route limits checked after the tier: refused if any of them refused
+            refused = any(part.refused for part in outcome.parts)
+        if refused and not self.limiter.shadow:
+            RATE_LIMIT_DECISIONS.add((plan.tier, "refused"))
+        else:
+            RATE_LIMIT_DECISIONS.add(plan.admitted_labels)
 
     async def shutdown(self) -> None:
         if self.close_limiter:
