@@ -51,10 +51,25 @@ __all__ = ["CHECK_SCRIPT", "CHECK_SCRIPT_SHA", "RedisStorage"]
 MAX_BATCH = 128
 MAX_IN_FLIGHT = 4
 
+# The end of both scripts' loop over the checks: one limit's state, as replied.
+_STATE_REPLY = """\
+  local reset = 0
+  if tail then reset = (tail + 1) * width + period - now end
+  local remaining = amount - total
+  if remaining < 0 then remaining = 0 end
+  out[#out + 1] = fits
+  out[#out + 1] = remaining
+  out[#out + 1] = reset
+  out[#out + 1] = retry
+end
+return out
+"""
+
 # KEYS: per check, the log list and its total. ARGV[1]: the number of checks; then per check:
 # amount, period_ms, width_ms, cost, shadow (1/0). Returns {allowed, then per check: fits,
 # remaining, reset_ms, retry_ms}. All arithmetic is in whole milliseconds, so it is exact.
-CHECK_SCRIPT = """
+CHECK_SCRIPT = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[1])
@@ -123,24 +138,17 @@ for i = 1, n do
       end
     end
   end
-  local reset = 0
-  if tail then reset = (tail + 1) * width + period - now end
-  local remaining = amount - total
-  if remaining < 0 then remaining = 0 end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
-end
-return out
 """
+    + _STATE_REPLY
+)
 CHECK_SCRIPT_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
 
 
 # The check script's reading half, with nothing written: expired buckets are skipped, not
 # popped. Same KEYS; ARGV[1]: the number of checks, then per check: amount, period_ms, width_ms,
 # cost. Returns per check: fits, remaining, reset_ms, retry_ms, as the check script does.
-PEEK_SCRIPT = """
+PEEK_SCRIPT = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[1])
@@ -174,17 +182,9 @@ for i = 1, n do
       end
     end
   end
-  local reset = 0
-  if tail then reset = (tail + 1) * width + period - now end
-  local remaining = amount - total
-  if remaining < 0 then remaining = 0 end
-  out[#out + 1] = fits
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
-end
-return out
 """
+    + _STATE_REPLY
+)
 PEEK_SCRIPT_SHA = hashlib.sha1(PEEK_SCRIPT.encode()).hexdigest()
 
 # KEYS: per check, the log list and its total (one identity's: one hash slot). Returns how many
