@@ -390,3 +390,20 @@ async def test_errors_can_be_switched_off() -> None:
     assert answer.status_code == 200
     assert answer.json() == {}
     assert resilience.analytics is None
+
+
+async def test_unknown_admin_routes_and_methods_need_the_token_too() -> None:
+    """Without the token nothing under the API says which routes exist: a wrong method or
+    path is a 401 like the rest; with it, a 404 problem."""
+    app, _, _ = admin_app()
+    async with serve(app) as client:
+        for method, path in [
+            ("GET", f"{API}/breakers/x/open"),
+            ("DELETE", f"{API}/breakers"),
+            ("GET", f"{API}/no-such-thing"),
+        ]:
+            without = await client.request(method, path)
+            assert without.status_code == 401, (method, path)
+            with_token = await client.request(method, path, headers=AUTH)
+            assert with_token.status_code == 404, (method, path)
+            assert with_token.json()["code"] == "not_found"

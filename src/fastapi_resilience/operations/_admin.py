@@ -260,6 +260,19 @@ def add_admin_routes(
             "errors": _errors_json(operated),
         }
 
+    async def no_such_route(request: Request) -> None:
+        # Last under the prefix, behind the token like the rest: without it, a wrong method
+        # or path would answer 405 or 404 and tell a caller which admin routes exist.
+        raise NotFoundError(
+            f"No admin route answers {request.method} {request.url.path}.",
+        )
+
+    api.add_api_route(
+        "/{rest:path}",
+        no_such_route,
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        include_in_schema=False,
+    )
     router.include_router(api)
 
     async def dashboard() -> Response:
