@@ -116,6 +116,9 @@ class ResilienceSettings(BaseSettings):
     #: Time every request into ``fastapi_resilience_request_duration_seconds`` (by route
     #: template and method). Off: the request path does no timing at all.
     metrics_request_duration: bool = True
+    #: Also report the metrics through the OpenTelemetry metrics API when the application set
+    #: a meter provider (or gave ``install()`` one).
+    metrics_opentelemetry: bool = True
 
     # Error analytics (the admin API's /errors and the dashboard)
     #: Count problem answers per code and route, watch for spikes, keep recent IDs' problems.

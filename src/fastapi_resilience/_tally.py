@@ -87,11 +87,13 @@ class _Series:
 class Histograms:
     """Duration histograms by label values, with fixed bucket bounds."""
 
-    __slots__ = ("bounds", "series")
+    __slots__ = ("bounds", "series", "sinks")
 
     def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
         self.bounds = bounds
         self.series: dict[tuple[str, ...], _Series] = {}
+        #: Also told each observation (the OpenTelemetry histograms, when a meter is set).
+        self.sinks: list[Callable[[tuple[str, ...], float], None]] = []
 
     def observe(self, labels: tuple[str, ...], seconds: float) -> None:
         series = self.series.get(labels)
@@ -100,6 +102,9 @@ class Histograms:
         series.buckets[bisect_left(self.bounds, seconds)] += 1
         series.count += 1
         series.sum += seconds
+        if self.sinks:
+            for sink in tuple(self.sinks):  # a sink may remove itself
+                sink(labels, seconds)
 
     def _new(self, labels: tuple[str, ...]) -> _Series:
         if len(self.series) >= MAX_LABEL_SETS:

@@ -44,6 +44,10 @@ from fastapi_resilience.operations._metrics import (
     prometheus_available,
     warn_prometheus_missing,
 )
+from fastapi_resilience.operations._otel_metrics import (
+    bridge_to_opentelemetry,
+    configured_meter_provider,
+)
 from fastapi_resilience.operations._tracing import subscribe_span_events
 from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
@@ -57,6 +61,7 @@ from fastapi_resilience.ratelimit._setup import limiter_from_settings
 from fastapi_resilience.ratelimit._step import RateLimitStep
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
     from prometheus_client import CollectorRegistry
 
 __all__ = ["APP_STATE_NAME", "Resilience", "install"]
@@ -68,6 +73,7 @@ def install(
     *,
     clock: Clock = SYSTEM_CLOCK,
     metrics_registry: CollectorRegistry | None = None,
+    meter_provider: MeterProvider | None = None,
 ) -> Resilience:
     """Set up everything on ``app`` and return the :class:`Resilience` object.
 
@@ -76,7 +82,8 @@ def install(
     health and metrics routes. With no ``settings``, ``ResilienceSettings()`` reads the
     environment. ``metrics_registry``: where ``/metrics`` reads from; default
     prometheus-client's own registry, so the app's own metrics and the process collector
-    show on it too.
+    show on it too. ``meter_provider``: report the same instruments through this
+    OpenTelemetry meter provider (default: the global one, when the application set one).
 
     Raises:
         ConfigurationError: a setting is invalid; the message names it.
@@ -165,7 +172,7 @@ def install(
             include_in_schema=settings.admin_in_schema,
         )
     if metrics_on:
-        _install_metrics(app, resilience, group, metrics_registry)
+        _install_metrics(app, resilience, group, metrics_registry, meter_provider)
     elif settings.metrics_enabled:
         warn_prometheus_missing(settings.metrics_path)
     ours = app.router.routes[first_of_ours:]
@@ -366,6 +373,7 @@ def _install_metrics(
     resilience: Resilience,
     group: FixedPathRoutes | None,
     registry: CollectorRegistry | None,
+    meter_provider: MeterProvider | None,
 ) -> None:
     # One collector per registry, shared by every app of the process that uses it: the names
     # are registered once, and each app adds what is its own (features, analytics).
@@ -378,4 +386,8 @@ def _install_metrics(
     )
     collector.add(resilience.metrics)
     resilience.events.subscribe(count_event)
+    if resilience.settings.metrics_opentelemetry:
+        provider = meter_provider if meter_provider is not None else configured_meter_provider()
+        if provider is not None:
+            bridge_to_opentelemetry(collector, provider)
     add_metrics_route(app.router, target, path=resilience.settings.metrics_path, group=group)
