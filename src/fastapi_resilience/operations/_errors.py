@@ -606,8 +606,9 @@ class ProblemRecorder:
 
     def record_problem(self, scope: Scope, code: str, status: int, correlation_id: str) -> None:
         """One problem answer of the request, by the template of the route it matched."""
+        # The renderer catches what this raises: no second guard (this runs per refusal).
         route = route_template(scope, self.mounts)
-        self.analytics.record(code, status, route=route, correlation_id=correlation_id)
+        self.analytics._record(code, status, route, correlation_id, "inbound")
 
 
 #: The analytics of every installed app; outbound failures have no request scope to say
