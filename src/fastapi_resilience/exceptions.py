@@ -14,7 +14,8 @@ AppError                          500 internal_error
     ├── InternalError             500 internal_error
     ├── UpstreamError             502 upstream_error       retryable
     │   ├── UpstreamTimeoutError  504 upstream_timeout     retryable
-    │   └── RetryExhaustedError   502 retries_exhausted
+    │   ├── RetryExhaustedError   502 retries_exhausted
+    │   └── StreamCutError        502 upstream_stream_cut  not retried (part already delivered)
     └── ServiceUnavailableError   503 service_unavailable  retryable
         ├── CircuitOpenError      503 circuit_open         Retry-After = time left open
         ├── BulkheadFullError     503 bulkhead_full        not retryable (refused in this process)
@@ -54,6 +55,7 @@ __all__ = [
     "ServerError",
     "ServiceUnavailableError",
     "StorageUnavailableError",
+    "StreamCutError",
     "ThrottledError",
     "UpstreamError",
     "UpstreamStatusError",
@@ -291,6 +293,20 @@ class UpstreamStatusError(UpstreamError):
         )
         self.response = response
         self.upstream_status = response.status_code
+
+
+class StreamCutError(UpstreamError):
+    """A streamed answer broke off after some of it reached the caller (the upstream closed
+    the connection, or it failed, before the end).
+
+    Raised by the stream's iterator, not by the call that opened it. Not retried: the caller
+    already holds part of the answer, and only it knows how to go on (``sse_events(...,
+    resume=True)`` reconnects with ``Last-Event-ID``).
+    """
+
+    code = "upstream_stream_cut"
+    title = "Upstream Stream Cut"
+    retryable = False
 
 
 class StorageUnavailableError(Exception):

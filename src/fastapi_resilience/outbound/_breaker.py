@@ -43,6 +43,7 @@ __all__ = [
     "HALF_OPEN",
     "OPEN",
     "BreakerListener",
+    "BreakerPermit",
     "BreakerRegistry",
     "BreakerState",
     "BreakerStateStore",
@@ -121,6 +122,11 @@ def _default_is_failure(exc: BaseException) -> bool:
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     return not (isinstance(status, int) and status < 500)
+
+
+#: An admitted call: the generation it was admitted in, whether it holds a half-open trial
+#: permit, when it started (``0.0`` unless timed) and whether a shared store granted it.
+_Ticket = tuple[int, bool, float, bool]
 
 
 class CircuitBreaker(EventSource):
@@ -287,7 +293,7 @@ class CircuitBreaker(EventSource):
         self.calls_rejected = 0
         #: Wall time (``clock.time()``) of the latest state change; ``None`` before one.
         self.changed_at: float | None = None
-        self._ctx: ContextVar[tuple[tuple[int, bool, float, bool], ...]] = ContextVar(
+        self._ctx: ContextVar[tuple[_Ticket, ...]] = ContextVar(
             f"fastapi_resilience.breaker.{name}", default=()
         )
         self._fast = True
@@ -425,15 +431,8 @@ class CircuitBreaker(EventSource):
     async def __aenter__(self) -> CircuitBreaker:
         # ``async with`` has no per-call object to keep the admission in, so it rides on a
         # per-task stack (a context variable holding tuples: tasks never share it).
-        store = self.state_store
-        shared = False
-        if store is not None:
-            store.before_call(self)
-            if self._state is not CLOSED:
-                shared = await self._shared_admission(store) == "granted"
-        trial = False if shared else self._admit()
-        started = self._clock.monotonic() if self._measures_time() else 0.0
-        self._ctx.set((*self._ctx.get(), (self._generation, trial, started, shared)))
+        ticket = await self._enter()
+        self._ctx.set((*self._ctx.get(), ticket))
         return self
 
     async def __aexit__(
@@ -444,9 +443,41 @@ class CircuitBreaker(EventSource):
     ) -> None:
         stack = self._ctx.get()
         self._ctx.set(stack[:-1])
-        generation, trial, started, shared = stack[-1]
+        await self._settle(stack[-1], exc)
+
+    async def admit(self) -> BreakerPermit:
+        """Admit one call whose outcome is told later, through the permit it returns.
+
+        For a call that outlives the function that made it (a streamed answer): the permit
+        holds a half-open trial slot until :meth:`BreakerPermit.settle` or
+        :meth:`BreakerPermit.abandon`, and the call is counted once, then.
+
+        Raises:
+            CircuitOpenError: the breaker is open, or half-open with its trials taken.
+        """
+        return BreakerPermit(self, await self._enter())
+
+    async def _enter(self) -> _Ticket:
+        store = self.state_store
+        shared = False
+        if store is not None:
+            store.before_call(self)
+            if self._state is not CLOSED:
+                shared = await self._shared_admission(store) == "granted"
+        trial = False if shared else self._admit()
+        started = self._clock.monotonic() if self._measures_time() else 0.0
+        return (self._generation, trial, started, shared)
+
+    async def _settle(
+        self, ticket: _Ticket, exc: BaseException | None, *, ignore: bool = False
+    ) -> None:
+        """Count an admitted call: a success (``exc`` is ``None``), what ``exc`` says, or
+        nothing (``ignore``: the trial permit goes back)."""
+        generation, trial, started, shared = ticket
         if shared and self.state_store is not None:
-            if exc is None:
+            if ignore:
+                await self.state_store.trial_result(self, None)
+            elif exc is None:
                 self.calls_succeeded += 1
                 await self.state_store.trial_result(self, False)
             elif isinstance(exc, Exception):
@@ -456,6 +487,9 @@ class CircuitBreaker(EventSource):
                 await self.state_store.trial_result(self, verdict)
             else:
                 _background(self.state_store.trial_result(self, None))
+        elif ignore:
+            if trial and generation == self._generation:
+                self._half_open_in_flight -= 1
         elif exc is None:
             self._on_success(generation, trial, started)
         else:
@@ -729,6 +763,53 @@ class CircuitBreaker(EventSource):
             f"CircuitBreaker({self.name!r}, state={self._state!r}, failures={self._failures}, "
             f"time_left_open={self.time_left_open():.3f})"
         )
+
+
+class BreakerPermit:
+    """One call admitted by :meth:`CircuitBreaker.admit`, counted when it is settled.
+
+    Settle it exactly once: :meth:`settle` counts the outcome as ``call`` would, and
+    :meth:`abandon` counts nothing (the caller gave up; in half-open the trial slot goes
+    back). Later calls do nothing. :meth:`answered` marks when the upstream first answered:
+    a window's slow-call rule then times the call to that point, not to the settlement, so a
+    long stream that started at once is not a slow call.
+    """
+
+    __slots__ = ("_answered_at", "_breaker", "_settled", "_ticket")
+
+    def __init__(self, breaker: CircuitBreaker, ticket: _Ticket) -> None:
+        self._breaker = breaker
+        self._ticket = ticket
+        self._answered_at: float | None = None
+        self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def answered(self) -> None:
+        """The upstream's first answer arrived (a streamed answer's headers)."""
+        if self._answered_at is None and self._ticket[2]:
+            self._answered_at = self._breaker.clock.monotonic()
+
+    async def settle(self, exc: BaseException | None = None) -> None:
+        """Count the call: a success when ``exc`` is ``None``, else as the breaker classifies
+        ``exc`` (a failure, a success, or nothing)."""
+        if self._settled:
+            return
+        self._settled = True
+        generation, trial, started, shared = self._ticket
+        if self._answered_at is not None:
+            # Shift the start so that "now - started" is the time to the first answer.
+            started += self._breaker.clock.monotonic() - self._answered_at
+        await self._breaker._settle((generation, trial, started, shared), exc)
+
+    async def abandon(self) -> None:
+        """Count nothing: the caller ended the call, which tells nothing of the upstream."""
+        if self._settled:
+            return
+        self._settled = True
+        await self._breaker._settle(self._ticket, None, ignore=True)
 
 
 def holds_calls_back(breaker: CircuitBreaker) -> bool:

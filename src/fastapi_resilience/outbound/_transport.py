@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import math
 import random as _random
@@ -70,6 +71,13 @@ from fastapi_resilience.outbound._response_cache import (
 )
 from fastapi_resilience.outbound._retry import Retry
 from fastapi_resilience.outbound._retry_budget import RetryBudget
+from fastapi_resilience.outbound._stream import (
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    StreamAwareClient,
+    guard_stream,
+    is_streamed,
+    observe_at_end,
+)
 
 logger = logging.getLogger("fastapi_resilience.outbound")
 
@@ -163,6 +171,7 @@ class PolicyOptions(TypedDict, total=False):
     cache: ResponseCache | None
     cache_ttl: float | None
     credential_headers: Sequence[str]
+    stream_idle_timeout: float | None
 
 
 _DEFAULTS: PolicyOptions = {
@@ -187,6 +196,7 @@ _DEFAULTS: PolicyOptions = {
     "cache": None,
     "cache_ttl": None,
     "credential_headers": (),
+    "stream_idle_timeout": DEFAULT_STREAM_IDLE_TIMEOUT,
 }
 
 
@@ -212,6 +222,8 @@ class HostPolicy:
     cache: ResponseCache | None = None
     cache_ttl: float | None = None
     credential_headers: Sequence[str] = ()
+    #: Longest silence between two chunks of a streamed answer; ``None``: no limit.
+    stream_idle_timeout: float | None = DEFAULT_STREAM_IDLE_TIMEOUT
     #: Who may share the cache's answers; built from the above.
     sharing: SharingRules | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -300,6 +312,11 @@ class HostPolicy:
             )
         if o["timeout"] is not None and (math.isnan(o["timeout"]) or o["timeout"] < 0):
             raise ConfigurationError(f"timeout must be >= 0 seconds or None, got {o['timeout']!r}")
+        idle = o["stream_idle_timeout"]
+        if idle is not None and (math.isnan(idle) or idle <= 0):
+            raise ConfigurationError(
+                f"stream_idle_timeout must be > 0 seconds or None, got {idle!r}"
+            )
         return cls(
             retry,
             breaker,
@@ -310,6 +327,7 @@ class HostPolicy:
             o["cache"],
             o["cache_ttl"],
             o["credential_headers"],
+            stream_idle_timeout=idle,
         )
 
 
@@ -354,7 +372,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         raise_for_5xx: after retries, raise :class:`UpstreamError` for a 5xx answer (default),
             or return the answer. Either way the breaker counts it as a failure.
         read_body: read the whole body inside the guards (default), so the timeout covers it
-            and a failing read is retried; ``False`` streams a 2xx body to the caller.
+            and a failing read is retried; ``False`` streams a 2xx body to the caller. A
+            streamed request (``client.stream(...)`` on :func:`resilient_client`'s client) is
+            never read here: see ``docs/streaming.md``.
         header_name: the correlation ID header forwarded upstream.
         max_hosts: how many hosts' policies (breaker, bulkhead, retry budget...) to keep;
             beyond it the least recently used idle one is forgotten (ADR 0058). A policy whose
@@ -439,7 +459,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         except Exception as exc:
             _observe(request, started, exc, None)
             raise
-        _observe(request, started, None, response)
+        # A streamed answer is timed, by how it ended, when it ends.
+        if not observe_at_end(response, lambda exc: _observe(request, started, exc, response)):
+            _observe(request, started, None, response)
         return response
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
@@ -451,7 +473,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         else:
             self._policies.move_to_end(found[1])
         policy, host = found
-        if policy.cache is not None and request.method == "GET":
+        if policy.cache is not None and request.method == "GET" and not is_streamed(request):
             return await self._cached(policy, host, request)
         return await self._send(policy, host, request)
 
@@ -545,7 +567,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self, policy: HostPolicy, host: str, request: httpx.Request
     ) -> httpx.Response:
         hedge = policy.hedge
-        if hedge is not None and request.method in _HEDGE_METHODS:
+        if hedge is not None and request.method in _HEDGE_METHODS and not is_streamed(request):
             return await hedge.call(self._guarded, policy, host, request)
         return await self._guarded(policy, host, request)
 
@@ -553,6 +575,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self, policy: HostPolicy, host: str, request: httpx.Request
     ) -> httpx.Response:
         breaker = policy.breaker
+        if is_streamed(request):
+            # Breaker permit and bulkhead slot are held, and the verdict given, at the end.
+            return await guard_stream(
+                functools.partial(self._exchange, policy, host, request),
+                breaker=breaker,
+                bulkhead=policy.bulkhead,
+                host=host,
+                request=request,
+                idle_timeout=policy.stream_idle_timeout,
+            )
         if breaker is not None:
             return await breaker.call(self._bulkheaded, policy, host, request)
         return await self._bulkheaded(policy, host, request)
@@ -620,7 +652,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             ) from exc
         status = response.status_code
         if status >= 500 or status == 429:
-            if not self.read_body:
+            if not isinstance(response.stream, httpx.ByteStream):  # not read yet
                 await response.aread()
             retry_after = (
                 parse_retry_after(response.headers.get("retry-after"), now=self._clock.time())
@@ -634,7 +666,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def _roundtrip(self, request: httpx.Request) -> httpx.Response:
         response = await self._transport.handle_async_request(request)
-        if self.read_body and not isinstance(response.stream, httpx.ByteStream):
+        if (
+            self.read_body
+            and not isinstance(response.stream, httpx.ByteStream)
+            and not is_streamed(request)
+        ):
             # Read the raw (still encoded) body here, inside the timeout, and hand the client
             # an in-memory stream; the client decodes it as usual.
             stream = cast(httpx.AsyncByteStream, response.stream)
@@ -715,7 +751,8 @@ def resilient_client(
         clock=clock,
         **options,
     )
-    return httpx.AsyncClient(base_url=base_url, transport=resilient, **dict(client_options or {}))
+    # It marks the requests made with ``client.stream(...)`` so that they pass unbuffered.
+    return StreamAwareClient(base_url=base_url, transport=resilient, **dict(client_options or {}))
 
 
 def _observe(
