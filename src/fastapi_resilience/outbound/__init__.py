@@ -52,10 +52,13 @@ if TYPE_CHECKING:
         current_cache_status,
         record_cache_status,
     )
+    from fastapi_resilience.outbound._sse import ServerSentEvent, SSEParser, sse_events
+    from fastapi_resilience.outbound._stream import STREAM_EXTENSION
     from fastapi_resilience.outbound._transport import HostPolicy, ResilientTransport
 
 __all__ = [
     "CACHE_STATUS_HEADER",
+    "STREAM_EXTENSION",
     "TIER_SCOPE_KEY",
     "AdaptiveThrottle",
     "BreakerRegistry",
@@ -77,7 +80,9 @@ __all__ = [
     "ReplayReport",
     "ResilientTransport",
     "ResponseCache",
+    "SSEParser",
     "Serializer",
+    "ServerSentEvent",
     "SlidingWindow",
     "TieredBulkhead",
     "breaker_health_check",
@@ -89,6 +94,7 @@ __all__ = [
     "default_registry",
     "is_overload",
     "record_cache_status",
+    "sse_events",
     "with_fallback",
     "with_timeout",
 ]
@@ -131,5 +137,9 @@ _EXPORTS = {
     "Serializer": "fastapi_resilience.outbound._response_cache",
     "JsonSerializer": "fastapi_resilience.outbound._response_cache",
     "CACHE_STATUS_HEADER": "fastapi_resilience.outbound._response_cache",
+    "SSEParser": "fastapi_resilience.outbound._sse",
+    "ServerSentEvent": "fastapi_resilience.outbound._sse",
+    "sse_events": "fastapi_resilience.outbound._sse",
+    "STREAM_EXTENSION": "fastapi_resilience.outbound._stream",
 }
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
