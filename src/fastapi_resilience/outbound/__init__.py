@@ -14,6 +14,7 @@ from fastapi_resilience._exports import lazy_exports as _lazy_exports
 if TYPE_CHECKING:
     from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle, is_overload
     from fastapi_resilience.outbound._breaker import (
+        BreakerPermit,
         BreakerRegistry,
         BreakerState,
         BreakerStateStore,
@@ -61,6 +62,7 @@ __all__ = [
     "STREAM_EXTENSION",
     "TIER_SCOPE_KEY",
     "AdaptiveThrottle",
+    "BreakerPermit",
     "BreakerRegistry",
     "BreakerState",
     "BreakerStateStore",
@@ -102,6 +104,7 @@ __all__ = [
 #: Each public name and the module it is imported from on first use.
 _EXPORTS = {
     "AdaptiveThrottle": "fastapi_resilience.outbound._adaptive_throttle",
+    "BreakerPermit": "fastapi_resilience.outbound._breaker",
     "BreakerRegistry": "fastapi_resilience.outbound._breaker",
     "BreakerState": "fastapi_resilience.outbound._breaker",
     "BreakerStateStore": "fastapi_resilience.outbound._breaker",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +155,7 @@ async def sse_events(
     max_retry_delay: float = 30.0,
     clock: Clock = SYSTEM_CLOCK,
     **kwargs: Any,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncGenerator[ServerSentEvent, None]:
     """Yield the server-sent events of ``client.stream(method, url, **kwargs)`` as they come.
 
     The request is marked as streamed and asks for ``text/event-stream``; on a

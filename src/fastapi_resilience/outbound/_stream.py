@@ -63,7 +63,9 @@ def is_streamed(request: httpx.Request) -> bool:
 class StreamAwareClient(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` that tells its transport which requests are streamed."""
 
-    async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> Any:
+    async def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
         if stream:
             request.extensions[STREAM_EXTENSION] = True
         return await super().send(request, stream=stream, **kwargs)
