@@ -309,3 +309,21 @@ async def test_a_plain_get_is_still_read_whole_inside_the_timeout(
             await client.get("/events", params={"stall_after": 1})
     assert isinstance(raised.value.__cause__, UpstreamTimeoutError)
     assert (await state(control))["hits"] == 2
+
+
+async def test_a_breaker_permit_counts_once_and_abandon_gives_the_trial_back() -> None:
+    """``admit()`` holds a half-open trial until settled; ``abandon()`` counts nothing and
+    frees the trial; a permit settles only once."""
+    clock = ManualClock()
+    breaker = new_breaker("permit", failure_threshold=1, recovery_timeout=10, clock=clock)
+    breaker.force_open()
+    clock.advance(11)
+    permit = await breaker.admit()
+    with pytest.raises(CircuitOpenError):
+        await breaker.admit()
+    await permit.abandon()
+    await permit.settle(RuntimeError("too late"))
+    assert (breaker.calls_succeeded, breaker.calls_failed) == (0, 0)
+    trial = await breaker.admit()
+    await trial.settle()
+    assert (breaker.calls_succeeded, breaker.state) == (1, "closed")
