@@ -460,7 +460,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             _observe(request, started, exc, None)
             raise
         # A streamed answer is timed, by how it ended, when it ends.
-        if not observe_at_end(response, lambda exc: _observe(request, started, exc, response)):
+        if not (
+            is_streamed(request)
+            and observe_at_end(response, lambda exc: _observe(request, started, exc, response))
+        ):
             _observe(request, started, None, response)
         return response
 
