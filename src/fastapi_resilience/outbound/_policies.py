@@ -78,15 +78,20 @@ class PolicyGuards:
 
     settings: PolicySettings
     breaker: CircuitBreaker
-    retry: Retry
+    #: ``None`` with ``retry.attempts`` 1: the error of the one attempt is the call's.
+    retry: Retry | None
     bulkhead: Bulkhead
     timeout: float
     cache: ResponseCache | None
+    #: The retry budget, kept across changes (so is its count of recent calls).
+    budget: RetryBudget
 
     async def run(
         self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> T:
         """``await fn(*args, **kwargs)`` through every guard."""
+        if self.retry is None:
+            return await self._attempt(fn, args, kwargs)
         return await self.retry.call(self._attempt, fn, args, kwargs)
 
     async def _attempt(
@@ -408,19 +413,21 @@ class PolicyTable:
         clock, events = self._clock, self._events
         s = settings
         budget = (
-            previous.retry.budget
-            if previous is not None and previous.retry.budget is not None
+            previous.budget
+            if previous is not None
             else RetryBudget(ratio=s.retry.budget, name=name, clock=clock, events=events)
         )
-        retry = Retry(
-            s.retry.attempts,
-            base_delay=s.retry.base_delay,
-            max_delay=s.retry.max_delay,
-            budget=budget,
-            name=name,
-            clock=clock,
-            events=events,
-        )
+        retry = None
+        if s.retry.attempts > 1:
+            retry = Retry(
+                s.retry.attempts,
+                base_delay=s.retry.base_delay,
+                max_delay=s.retry.max_delay,
+                budget=budget,
+                name=name,
+                clock=clock,
+                events=events,
+            )
         cache = previous.cache if previous is not None else None
         if s.cache.ttl <= 0:
             cache = None
@@ -447,7 +454,7 @@ class PolicyTable:
                 events=events,
                 registry=self._bulkheads,
             )
-            return PolicyGuards(s, breaker, retry, bulkhead, s.timeout, cache)
+            return PolicyGuards(s, breaker, retry, bulkhead, s.timeout, cache, budget)
         breaker, bulkhead = previous.breaker, previous.bulkhead
         breaker.reconfigure(
             failure_threshold=s.breaker.failure_threshold,
@@ -461,7 +468,7 @@ class PolicyTable:
         budget.ratio = s.retry.budget
         if cache is not None:
             cache.ttl, cache.stale_ttl = s.cache.ttl, s.cache.stale_ttl
-        return PolicyGuards(s, breaker, retry, bulkhead, s.timeout, cache)
+        return PolicyGuards(s, breaker, retry, bulkhead, s.timeout, cache, budget)
 
 
 def _changed_settings(current: PolicySettings, changes: Any) -> PolicySettings:
