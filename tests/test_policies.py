@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
@@ -85,11 +85,11 @@ def inventory_app(settings: ResilienceSettings | None = None) -> tuple[FastAPI, 
         await asyncio.sleep(30)
 
     @app.get("/fail")
-    async def fail(inventory: Policy = Depends(policy("inventory"))) -> None:
+    async def fail(inventory: Annotated[Policy, Depends(policy("inventory"))]) -> None:
         await inventory.call(failing)
 
     @app.get("/slow")
-    async def slow(guarded: Policy = Depends(policy("slow"))) -> None:
+    async def slow(guarded: Annotated[Policy, Depends(policy("slow"))]) -> None:
         await guarded.call(hanging)
 
     return app, calls
@@ -203,7 +203,7 @@ async def test_an_unknown_policy_in_a_route_fails_at_start_up() -> None:
     install(app, ResilienceSettings(policies={"inventory": {}}))
 
     @app.get("/stock")
-    async def stock(guarded: Policy = Depends(policy("inventroy"))) -> None:
+    async def stock(guarded: Annotated[Policy, Depends(policy("inventroy"))]) -> None:
         return None
 
     with pytest.raises(ConfigurationError) as raised:
@@ -258,12 +258,14 @@ async def test_a_change_under_load_keeps_calls_in_flight_and_the_breakers_state(
             "bulkhead": {"max_concurrent": 200, "max_waiting": 0},
         }
     )
-    gate = asyncio.Event()
+    gate, all_inside = asyncio.Event(), asyncio.Event()
     inside = 0
 
     async def held() -> str:
         nonlocal inside
         inside += 1
+        if inside == 100:
+            all_inside.set()
         await gate.wait()
         return "ok"
 
@@ -271,17 +273,16 @@ async def test_a_change_under_load_keeps_calls_in_flight_and_the_breakers_state(
         raise UpstreamError("inventory answered 500")
 
     @app.get("/held")
-    async def held_route(inventory: Policy = Depends(policy("inventory"))) -> str:
+    async def held_route(inventory: Annotated[Policy, Depends(policy("inventory"))]) -> str:
         return await inventory.call(held)
 
     @app.get("/fail")
-    async def fail_route(inventory: Policy = Depends(policy("inventory"))) -> None:
+    async def fail_route(inventory: Annotated[Policy, Depends(policy("inventory"))]) -> None:
         await inventory.call(failing)
 
     async with started(app) as client:
         in_flight = [asyncio.create_task(client.get("/held")) for _ in range(100)]
-        while inside < 100:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(all_inside.wait(), 10)
         for _ in range(2):
             assert (await client.get("/fail")).json()["code"] == "upstream_error"
 
@@ -351,7 +352,7 @@ async def test_a_change_of_timeout_applies_to_the_next_call() -> None:
         return "done"
 
     @app.get("/slowish")
-    async def route(inventory: Policy = Depends(policy("inventory"))) -> str:
+    async def route(inventory: Annotated[Policy, Depends(policy("inventory"))]) -> str:
         return await inventory.call(slowish)
 
     async with started(app) as client:

@@ -19,6 +19,7 @@ import functools
 import inspect
 import os
 import sys
+import sysconfig
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, overload
@@ -537,10 +538,33 @@ def _short(filename: str) -> str:
     return filename if relative.startswith("..") else relative
 
 
+#: Where library code lives: frames there are not where the app used a policy.
+_LIBRARY_DIRS = tuple(
+    {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    | {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+)
+
+
 def caller_site(depth: int = 1) -> str:
-    """``file:line`` of the caller ``depth`` frames above the function calling this."""
+    """``file:line`` of the app's code that called, ``depth`` frames above the caller of this.
+
+    Frames of the standard library, installed packages and this one are passed over, as is
+    code without a file: FastAPI evaluates an ``Annotated[..., Depends(policy(...))]`` written
+    under ``from __future__ import annotations`` itself, from the route's decorator.
+    """
     frame = sys._getframe(depth + 1)
-    return f"{_short(frame.f_code.co_filename)}:{frame.f_lineno}"
+    first = None
+    for _ in range(64):
+        if frame is None:
+            break
+        filename = frame.f_code.co_filename
+        if not filename.startswith("<"):
+            site = f"{_short(filename)}:{frame.f_lineno}"
+            if not filename.startswith(_LIBRARY_DIRS):
+                return site
+            first = first or site
+        frame = frame.f_back
+    return first or "?"
 
 
 #: The policies of the process: ``policy(name)`` and ``install()`` use this table.
