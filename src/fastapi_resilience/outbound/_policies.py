@@ -22,6 +22,7 @@ import sys
 import sysconfig
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from pydantic import ValidationError
@@ -123,7 +124,8 @@ class Policy:
         self.name = name
         self._table = table
         self._guards: PolicyGuards | None = None
-        self._sites: dict[str, None] = {}
+        #: ``file:line`` -> what used it there (``""``: asked for it by name).
+        self._sites: dict[str, str] = {}
         # FastAPI reads a dependency's parameters from its signature: this one takes none
         # (``__call__``'s optional function is for the decorator form).
         self.__signature__ = inspect.Signature()
@@ -158,7 +160,7 @@ class Policy:
     @property
     def used_at(self) -> list[str]:
         """Where code asked for this policy (``file:line``, the first few)."""
-        return list(self._sites)
+        return [f"{site}{what}" for site, what in self._sites.items()]
 
     # -- calling -----------------------------------------------------------------------
 
@@ -205,7 +207,7 @@ class Policy:
             raise ConfigurationError(
                 f"@policy({self.name!r}) decorates an async function, got {fn!r}"
             )
-        self._used(f"{_site_of(fn)} (decorating {fn.__qualname__})")
+        self._used(_site_of(fn), f" (decorating {fn.__qualname__})")
 
         @functools.wraps(fn)
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -221,9 +223,9 @@ class Policy:
         self.guards()
         return self
 
-    def _used(self, site: str) -> None:
-        if site not in self._sites and len(self._sites) < _MAX_SITES:
-            self._sites[site] = None
+    def _used(self, site: str, what: str = "") -> None:
+        if (site in self._sites and what) or len(self._sites) < _MAX_SITES:
+            self._sites[site] = what or self._sites.get(site, "")
 
     def __repr__(self) -> str:
         state = "unbuilt" if self._guards is None else self._guards.breaker.state
@@ -267,15 +269,16 @@ class PolicyTable:
         self._breakers = breakers if breakers is not None else default_registry
         self._bulkheads = bulkheads if bulkheads is not None else default_bulkhead_registry
 
-    def get(self, name: str, *, used_at: str | None = None) -> Policy:
-        """The policy called ``name``, made on first use; ``used_at`` says where (for errors)."""
+    def get(self, name: str, *, used_at: str | None = None, used_by: str = "") -> Policy:
+        """The policy called ``name``, made on first use; ``used_at`` (``file:line``) and
+        ``used_by`` say where and what asked for it, for the start-up error."""
         found = self._policies.get(name)
         if found is None:
             if not isinstance(name, str) or not name:
                 raise ConfigurationError(f"a policy's name is a non-empty string, got {name!r}")
             found = self._policies[name] = Policy(name, self)
         if used_at is not None:
-            found._used(used_at)
+            found._used(used_at, used_by)
         return found
 
     @property
@@ -331,7 +334,7 @@ class PolicyTable:
         if not missing:
             return
         lines = [
-            f"policy {p.name!r} is used at {', '.join(p._sites)} but not declared: set "
+            f"policy {p.name!r} is used at {', '.join(p.used_at)} but not declared: set "
             f"{_env_example(p.name)} or add a [{p.name}] table to policies_file"
             for p in missing
         ]
@@ -552,7 +555,7 @@ def caller_site(depth: int = 1) -> str:
     code without a file: FastAPI evaluates an ``Annotated[..., Depends(policy(...))]`` written
     under ``from __future__ import annotations`` itself, from the route's decorator.
     """
-    frame = sys._getframe(depth + 1)
+    frame: FrameType | None = sys._getframe(depth + 1)
     first = None
     for _ in range(64):
         if frame is None:

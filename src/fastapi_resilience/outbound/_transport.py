@@ -723,7 +723,7 @@ def resilient_client(
                 f"resilient_client(policy={policy!r}): the named policy holds the options; "
                 f"pass no others ({', '.join(sorted([*options, *(['hosts'] if hosts else [])]))})"
             )
-        named = default_policies.get(policy, used_at=f"{caller_site()} (resilient_client)")
+        named = default_policies.get(policy, used_at=caller_site(), used_by=" (resilient_client)")
         resilient = _NamedPolicyTransport(
             named, transport, raise_for_5xx=raise_for_5xx, events=events, clock=clock
         )
