@@ -399,3 +399,55 @@ async def test_resilient_client_retries_and_trips_under_the_named_policy(
     assert codes == ["retries_exhausted", "circuit_open", "circuit_open"]
     assert hits == 5
     assert get_breaker("catalog").state == "open"
+
+
+async def test_a_larger_bulkhead_lets_the_waiting_calls_in_at_once() -> None:
+    app, _ = admin_app({"bulkhead": {"max_concurrent": 1, "max_waiting": 5}})
+    gate = asyncio.Event()
+    inside = 0
+
+    async def held() -> None:
+        nonlocal inside
+        inside += 1
+        await gate.wait()
+
+    @app.get("/held")
+    async def route(inventory: Annotated[Policy, Depends(policy("inventory"))]) -> None:
+        await inventory.call(held)
+
+    async with started(app) as client:
+        calls = [asyncio.create_task(client.get("/held")) for _ in range(3)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert inside == 1
+        body = {"bulkhead": {"max_concurrent": 3}}
+        changed = await client.put(f"{API}/policies/inventory", json=body, headers=AUTH)
+        assert changed.json()["settings"]["bulkhead"] == {"max_concurrent": 3, "max_waiting": 5}
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert inside == 3
+        gate.set()
+        assert [(await call).status_code for call in calls] == [200] * 3
+
+
+async def test_the_policys_cache_serves_fresh_then_stale_answers() -> None:
+    clock = ManualClock()
+    app = FastAPI()
+    declared = {"cache": {"ttl": 10.0, "stale_ttl": 100.0}, "retry": {"attempts": 1}}
+    install(app, ResilienceSettings(policies={"catalog": declared}), clock=clock)
+    answers: list[Exception | str] = ["fresh", UpstreamError("catalog answered 500")]
+
+    async def fetch() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async with started(app):
+        catalog = policy("catalog")
+        first = await catalog.cached("sku-1", fetch)
+        again = await catalog.cached("sku-1", fetch)
+        clock.advance(20.0)
+        stale = await catalog.cached("sku-1", fetch)
+    assert (first.status, again.status, stale.status) == ("miss", "hit", "stale")
+    assert stale.value == "fresh"
