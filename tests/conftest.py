@@ -9,12 +9,14 @@ from loopback import RedisServer, require_binary
 
 # The one private import the tests keep: the library has no public handle on the registries
 # that CircuitBreaker(name), Bulkhead(name) and resilient_client() register in by default, and
-# tests that use them must take their breakers and bulkheads out again. Tests get them from
-# the fixtures below, never from these modules.
+# tests that use them must take their breakers and bulkheads out again (and the named
+# policies policy(name) keeps, likewise). Tests get them from the fixtures below, never from
+# these modules.
 from fastapi_resilience.outbound import (
     BreakerRegistry,
     BulkheadRegistry,
     default_bulkhead_registry,
+    default_policies,
     default_registry,
 )
 
@@ -82,3 +84,14 @@ def _default_registries_left_as_found() -> Iterator[None]:
     for old_item in bulkheads.values():
         if old_item.name not in default_bulkhead_registry:
             default_bulkhead_registry.register(old_item)
+
+
+@pytest.fixture(autouse=True)
+def _named_policies_left_as_found() -> Iterator[None]:
+    """Policies a test asks for or declares are gone after it: a name that one test uses and
+    leaves undeclared would stop every later app's start-up."""
+    names = {found.name for found in default_policies}
+    yield
+    for found in default_policies:
+        if found.name not in names:
+            default_policies.forget(found.name)

@@ -209,3 +209,13 @@ def test_redis_parts_without_redis_name_the_extra() -> None:
         assert name == "ConfigurationError", (part, message)
         assert EXTRA in message, (part, message)
     assert "rate_limit_storage" in outcomes["install"][2]
+
+
+def test_named_policies_are_at_the_top_and_in_outbound() -> None:
+    """``policy`` (what an app author types) is at the top level and in ``outbound`` with the
+    names that build on it; the same function in both."""
+    from fastapi_resilience import outbound
+
+    assert fastapi_resilience.policy is outbound.policy
+    for name in ("Policy", "PolicyGuards", "PolicySettings", "PolicyTable", "default_policies"):
+        assert name in outbound.__all__, name

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from fastapi_resilience.outbound._bulkhead import Bulkhead, get_bulkhead
     from fastapi_resilience.outbound._deadline import deadline, remaining, timeout
     from fastapi_resilience.outbound._fallback import fallback
+    from fastapi_resilience.outbound._policies import policy
     from fastapi_resilience.outbound._response_cache import cached
     from fastapi_resilience.outbound._retry import Retry
     from fastapi_resilience.outbound._retry_budget import RetryBudget
@@ -99,6 +100,7 @@ __all__ = [  # noqa: RUF022 - grouped by what an app author does
     "fallback",
     "get_breaker",
     "get_bulkhead",
+    "policy",
     "remaining",
     "resilient_client",
     "timeout",
@@ -157,6 +159,7 @@ _EXPORTS = {
     "fallback": "fastapi_resilience.outbound._fallback",
     "get_breaker": "fastapi_resilience.outbound._breaker",
     "get_bulkhead": "fastapi_resilience.outbound._bulkhead",
+    "policy": "fastapi_resilience.outbound._policies",
     "remaining": "fastapi_resilience.outbound._deadline",
     "resilient_client": "fastapi_resilience.outbound._transport",
     "timeout": "fastapi_resilience.outbound._deadline",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fastapi_resilience._limits import parse_limits
+from fastapi_resilience._policy_settings import PolicySettings, merge_policies, read_policies_file
 from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.problems._render import DEFAULT_TYPE_BASE
@@ -18,6 +20,8 @@ from fastapi_resilience.problems._render import DEFAULT_TYPE_BASE
 __all__ = ["ENV_PREFIX", "ResilienceSettings"]
 
 ENV_PREFIX = "RESILIENCE_"
+#: Variables under this prefix set one field of one named policy (nested delimiter ``__``).
+_POLICY_ENV_PREFIX = f"{ENV_PREFIX}POLICIES__"
 _STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 #: What a route path never holds: a query, a fragment, whitespace or a control character.
 _NOT_IN_A_PATH = re.compile(r"[?#\s\x00-\x1f\x7f]")
@@ -37,12 +41,19 @@ DEFAULT_TIERS = {
 class ResilienceSettings(BaseSettings):
     """Every setting of the library, read from arguments or ``RESILIENCE_*`` variables.
 
-    Nested values (dicts, lists) come from the environment as JSON. A bad value, from code or
-    from the environment, raises :class:`ConfigurationError` at start-up, naming the setting.
+    Nested values (dicts, lists) come from the environment as JSON; a named policy's fields
+    also one variable each (``RESILIENCE_POLICIES__INVENTORY__BREAKER__FAILURE_THRESHOLD``).
+    A bad value, from code or from the environment, raises :class:`ConfigurationError` at
+    start-up, naming the setting.
     """
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+        # Only ``policies`` takes nested variables: any other ``__`` name is refused as unknown.
+        env_nested_delimiter="__",
     )
 
     # Errors and correlation IDs
@@ -139,6 +150,13 @@ class ResilienceSettings(BaseSettings):
     #: List the admin API in the OpenAPI schema. Off by default: it is for operators.
     admin_in_schema: bool = False
 
+    # Named outbound policies (``policy("inventory")``)
+    #: Every named policy, each value in force: its criticality's preset, then the
+    #: ``policies_file``, then the environment, then code, field by field.
+    policies: dict[str, PolicySettings] = Field(default_factory=dict)
+    #: A TOML file of policy tables (``[inventory.breaker] failure_threshold = 5``).
+    policies_file: Path | None = None
+
     def __init__(self, **values: Any) -> None:
         _reject_unknown_env(type(self))
         try:
@@ -153,6 +171,17 @@ class ResilienceSettings(BaseSettings):
                 "invalid fastapi-resilience settings:\n  "
                 f"{name} (env {ENV_PREFIX}{name.upper()}): not valid JSON ({exc.__cause__})"
             ) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_policies(cls, data: Any) -> Any:
+        # Before the fields are checked: the file's tables go under what the environment and
+        # code declared, and each policy's preset under both (ADR 0071).
+        if not isinstance(data, dict) or not ("policies" in data or "policies_file" in data):
+            return data
+        path = data.get("policies_file")
+        from_file = read_policies_file(Path(path)) if path not in (None, "") else {}
+        return {**data, "policies": merge_policies(from_file, data.get("policies"))}
 
     @field_validator("correlation_header", "rate_limit_api_key_header")
     @classmethod
@@ -295,7 +324,12 @@ def _reject_unknown_env(cls: type[BaseSettings]) -> None:
     # A misspelt variable would otherwise be ignored in silence and the default used.
     known = {f"{ENV_PREFIX}{name}".upper() for name in cls.model_fields}
     unknown = sorted(
-        k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+        k
+        for k in os.environ
+        if k.upper().startswith(ENV_PREFIX)
+        and k.upper() not in known
+        # A policy's fields are checked by its model, which refuses an unknown one.
+        and not (k.upper().startswith(_POLICY_ENV_PREFIX) and "policies" in cls.model_fields)
     )
     if unknown:
         raise ConfigurationError(
@@ -309,7 +343,10 @@ def _describe(exc: ValidationError) -> str:
         loc = [str(part) for part in err.get("loc", ())]
         field = loc[0] if loc else ""
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        if field:
+        if field == "policies" and len(loc) > 1:
+            env = "__".join(part.upper() for part in loc)
+            lines.append(f"{'.'.join(loc)} (env {ENV_PREFIX}{env}): {msg}")
+        elif field:
             where = f"{field} (env {ENV_PREFIX}{field.upper()})"
             if len(loc) > 1:
                 where += f" at {'.'.join(loc[1:])}"

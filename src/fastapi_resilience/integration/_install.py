@@ -51,6 +51,7 @@ from fastapi_resilience.operations._otel_metrics import (
 from fastapi_resilience.operations._tracing import subscribe_span_events
 from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
+from fastapi_resilience.outbound._policies import default_policies
 from fastapi_resilience.problems._handlers import (
     install_exception_handlers,
 )
@@ -159,6 +160,10 @@ def install(
         group = FixedPathRoutes()
         app.router.routes.append(group)
     add_health_routes(app.router, resilience.health, prefix=settings.health_path, group=group)
+    if settings.policies:
+        # The named policies' guards, registered by name before the admin API and degraded
+        # mode look for them. An app that declares none leaves another app's in force.
+        default_policies.configure(settings.policies, clock=clock, events=resilience.events)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
     if settings.admin_token is not None:
@@ -169,6 +174,7 @@ def install(
             path=settings.admin_path,
             breakers=default_registry,
             bulkheads=default_bulkhead_registry,
+            policies=default_policies,
             include_in_schema=settings.admin_in_schema,
         )
     if metrics_on:
@@ -181,6 +187,8 @@ def install(
         # Once the app is built, after the user's own start-up code (which may add routes):
         # what the features name is checked (they are declared after install()), and the
         # group moves back past the routes that cannot serve its paths (ADR 0045).
+        # Every policy code asked for by name (routes, decorators, clients) is declared.
+        default_policies.check_used()
         resilience.degraded.validate(app.router.routes)
         refuse_websocket_route_limits(app.router.routes)
         _start_mounted_apps(app, resilience)

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from fastapi_resilience._asgi.pipeline import UNLIMITED, RequestState
+from fastapi_resilience._policy_settings import PolicySettings
 from fastapi_resilience._tally import RATE_LIMIT_DECISIONS
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import AuthenticationError, InvalidInputError, NotFoundError
@@ -30,6 +31,7 @@ from fastapi_resilience.operations._metrics import request_percentiles
 from fastapi_resilience.outbound._breaker import BreakerRegistry, CircuitBreaker
 from fastapi_resilience.outbound._bulkhead import BulkheadRegistry, TieredBulkhead
 from fastapi_resilience.outbound._dead_letter import DeadLetter, DeadLetterQueue, ReplayHandler
+from fastapi_resilience.outbound._policies import PolicyTable
 
 __all__ = [
     "ADMIN_ACTION",
@@ -225,6 +227,7 @@ def add_admin_routes(
     path: str,
     breakers: BreakerRegistry,
     bulkheads: BulkheadRegistry,
+    policies: PolicyTable | None = None,
     include_in_schema: bool = False,
 ) -> None:
     """The dashboard page at ``{path}/`` and the JSON routes at ``{path}/api``, on ``router``."""
@@ -238,6 +241,8 @@ def add_admin_routes(
     _feature_routes(api, operated)
     _dead_letter_routes(api, operated)
     _rate_limit_routes(api, operated)
+    if policies is not None:
+        _policy_routes(api, policies)
 
     @api.get("/errors")
     async def errors() -> dict[str, Any]:
@@ -442,6 +447,27 @@ def _rate_limit_routes(api: APIRouter, operated: Operated) -> None:
         removed = await limits().reset_identity(identity)
         _action(operated, request, "rate_limits.reset", identity, counters=removed)
         return {"identity": identity, "reset": removed}
+
+
+def _policy_routes(api: APIRouter, policies: PolicyTable) -> None:
+    def policy_json(name: str, settings: PolicySettings) -> dict[str, Any]:
+        return {"name": name, "settings": settings.model_dump()}
+
+    @api.get("/policies")
+    async def list_policies() -> dict[str, Any]:
+        return {"policies": [policy_json(n, s) for n, s in policies.declared().items()]}
+
+    @api.put("/policies/{name}")
+    async def change_policy(name: str, request: Request) -> dict[str, Any]:
+        client = request.client.host if request.client is not None else "unknown"
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None  # refused below, as a change that is not a JSON object
+        # Validated, swapped in and published (``policy.changed`` with the client, or
+        # ``policy.change_rejected`` with the reason) by the table itself.
+        settings = policies.change(name, body, by=client)
+        return policy_json(name, settings)
 
 
 def _check_identity(identity: str) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi_resilience._exports import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
+    from fastapi_resilience._policy_settings import PolicySettings
     from fastapi_resilience.outbound._adaptive_throttle import AdaptiveThrottle, is_overload
     from fastapi_resilience.outbound._breaker import (
         BreakerPermit,
@@ -41,6 +42,13 @@ if TYPE_CHECKING:
     from fastapi_resilience.outbound._fallback import with_fallback
     from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
     from fastapi_resilience.outbound._hedging import Hedge
+    from fastapi_resilience.outbound._policies import (
+        Policy,
+        PolicyGuards,
+        PolicyTable,
+        default_policies,
+        policy,
+    )
     from fastapi_resilience.outbound._response_cache import (
         CACHE_STATUS_HEADER,
         CacheEntry,
@@ -77,6 +85,10 @@ __all__ = [
     "HostPolicy",
     "JsonSerializer",
     "MemoryDeadLetterQueue",
+    "Policy",
+    "PolicyGuards",
+    "PolicySettings",
+    "PolicyTable",
     "RedisBreakerStore",
     "RedisDeadLetterQueue",
     "ReplayReport",
@@ -93,8 +105,10 @@ __all__ = [
     "current_cache_status",
     "dead_letter_on_failure",
     "default_bulkhead_registry",
+    "default_policies",
     "default_registry",
     "is_overload",
+    "policy",
     "record_cache_status",
     "sse_events",
     "with_fallback",
@@ -118,6 +132,12 @@ _EXPORTS = {
     "Hedge": "fastapi_resilience.outbound._hedging",
     "HostPolicy": "fastapi_resilience.outbound._transport",
     "MemoryDeadLetterQueue": "fastapi_resilience.outbound._dead_letter",
+    "Policy": "fastapi_resilience.outbound._policies",
+    "PolicyGuards": "fastapi_resilience.outbound._policies",
+    "PolicySettings": "fastapi_resilience._policy_settings",
+    "PolicyTable": "fastapi_resilience.outbound._policies",
+    "default_policies": "fastapi_resilience.outbound._policies",
+    "policy": "fastapi_resilience.outbound._policies",
     "RedisBreakerStore": "fastapi_resilience.outbound._breaker_redis",
     "RedisDeadLetterQueue": "fastapi_resilience.outbound._dead_letter",
     "ReplayReport": "fastapi_resilience.outbound._dead_letter",

@@ -129,6 +129,46 @@ def _default_is_failure(exc: BaseException) -> bool:
 _Ticket = tuple[int, bool, float, bool]
 
 
+def _check_parameters(
+    name: str,
+    failure_threshold: int | None,
+    recovery_timeout: float,
+    half_open_max_calls: int,
+    success_threshold: int,
+    window: SlidingWindow | None,
+    max_recovery_timeout: float | None,
+) -> None:
+    """Refuse parameters out of range, naming the breaker and the parameter."""
+    if failure_threshold is not None and failure_threshold < 1:
+        raise ConfigurationError(
+            f"CircuitBreaker {name!r}: failure_threshold must be >= 1 or None, "
+            f"got {failure_threshold!r}"
+        )
+    if failure_threshold is None and window is None:
+        raise ConfigurationError(
+            f"CircuitBreaker {name!r}: give a failure_threshold or a window, or it never opens"
+        )
+    if math.isnan(recovery_timeout) or recovery_timeout < 0:
+        raise ConfigurationError(
+            f"CircuitBreaker {name!r}: recovery_timeout must be >= 0 seconds, "
+            f"got {recovery_timeout!r}"
+        )
+    if half_open_max_calls < 1:
+        raise ConfigurationError(
+            f"CircuitBreaker {name!r}: half_open_max_calls must be >= 1, "
+            f"got {half_open_max_calls!r}"
+        )
+    if success_threshold < 1:
+        raise ConfigurationError(
+            f"CircuitBreaker {name!r}: success_threshold must be >= 1, got {success_threshold!r}"
+        )
+    if max_recovery_timeout is not None and max_recovery_timeout < recovery_timeout:
+        raise ConfigurationError(
+            f"CircuitBreaker {name!r}: max_recovery_timeout must be >= recovery_timeout, "
+            f"got {max_recovery_timeout!r}"
+        )
+
+
 class CircuitBreaker(EventSource):
     """A circuit breaker for one upstream (or one kind of call).
 
@@ -231,35 +271,15 @@ class CircuitBreaker(EventSource):
         max_recovery_timeout = to_seconds(max_recovery_timeout)
         if failure_threshold is _UNSET:
             failure_threshold = None if window is not None else _DEFAULT_FAILURE_THRESHOLD
-        if failure_threshold is not None and failure_threshold < 1:
-            raise ConfigurationError(
-                f"CircuitBreaker {name!r}: failure_threshold must be >= 1 or None, "
-                f"got {failure_threshold!r}"
-            )
-        if failure_threshold is None and window is None:
-            raise ConfigurationError(
-                f"CircuitBreaker {name!r}: give a failure_threshold or a window, or it never opens"
-            )
-        if math.isnan(recovery_timeout) or recovery_timeout < 0:
-            raise ConfigurationError(
-                f"CircuitBreaker {name!r}: recovery_timeout must be >= 0 seconds, "
-                f"got {recovery_timeout!r}"
-            )
-        if half_open_max_calls < 1:
-            raise ConfigurationError(
-                f"CircuitBreaker {name!r}: half_open_max_calls must be >= 1, "
-                f"got {half_open_max_calls!r}"
-            )
-        if success_threshold < 1:
-            raise ConfigurationError(
-                f"CircuitBreaker {name!r}: success_threshold must be >= 1, "
-                f"got {success_threshold!r}"
-            )
-        if max_recovery_timeout is not None and max_recovery_timeout < recovery_timeout:
-            raise ConfigurationError(
-                f"CircuitBreaker {name!r}: max_recovery_timeout must be >= recovery_timeout, "
-                f"got {max_recovery_timeout!r}"
-            )
+        _check_parameters(
+            name,
+            failure_threshold,
+            recovery_timeout,
+            half_open_max_calls,
+            success_threshold,
+            window,
+            max_recovery_timeout,
+        )
         self.name = name
         self.failure_threshold: int | None = failure_threshold
         self.recovery_timeout = float(recovery_timeout)
@@ -542,6 +562,44 @@ class CircuitBreaker(EventSource):
         if self._window is not None:
             self._window.reset()
         self._close()
+
+    def reconfigure(
+        self,
+        *,
+        failure_threshold: int | None = _UNSET,
+        recovery_timeout: float | timedelta | None = None,
+        half_open_max_calls: int | None = None,
+        success_threshold: int | None = None,
+    ) -> None:
+        """Change the thresholds in place: the state, the counts and the listeners stay.
+
+        A closed breaker whose consecutive failures already reach a lowered threshold opens at
+        its next failure; an open one keeps the end of its open period, and the new
+        ``recovery_timeout`` applies from its next opening. An argument left out is unchanged.
+
+        Raises:
+            ConfigurationError: a value is out of range; nothing is changed.
+        """
+        threshold = self.failure_threshold if failure_threshold is _UNSET else failure_threshold
+        recovery = to_seconds(recovery_timeout)
+        recovery = self.recovery_timeout if recovery is None else recovery
+        half_open = self.half_open_max_calls if half_open_max_calls is None else half_open_max_calls
+        successes = self.success_threshold if success_threshold is None else success_threshold
+        _check_parameters(
+            self.name,
+            threshold,
+            recovery,
+            half_open,
+            successes,
+            self.window,
+            self.max_recovery_timeout,
+        )
+        self.failure_threshold = threshold
+        self.recovery_timeout = float(recovery)
+        self.half_open_max_calls = half_open
+        self.success_threshold = successes
+        if self._state is not OPEN:
+            self._open_duration = self.recovery_timeout
 
     def add_listener(self, listener: BreakerListener) -> Callable[[], None]:
         """Call ``listener(breaker, old_state, new_state)`` on every state change.

@@ -186,6 +186,29 @@ class Bulkhead(EventSource):
                 "bulkhead.available", self.name, level=logging.INFO, rejected=self.rejected
             )
 
+    def resize(self, *, max_concurrent: int, max_waiting: int) -> None:
+        """Change the limits in place; the calls running and waiting keep their places.
+
+        A larger ``max_concurrent`` hands the new slots to the longest waiters at once; a
+        smaller one lets the calls running finish and admits no new one until they are
+        fewer than it. A smaller ``max_waiting`` refuses no call already waiting.
+
+        Raises:
+            ConfigurationError: a value is out of range; nothing is changed.
+        """
+        if max_concurrent < 1 or max_waiting < 0:
+            raise ConfigurationError(
+                f"Bulkhead {self.name!r}: max_concurrent must be >= 1 and max_waiting >= 0, "
+                f"got {max_concurrent!r} and {max_waiting!r}"
+            )
+        self.max_concurrent = max_concurrent
+        self.max_waiting = max_waiting
+        while self._waiters and self._active < self.max_concurrent:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._active += 1
+                waiter.set_result(None)
+
     def _discard(self, waiter: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):
             self._waiters.remove(waiter)

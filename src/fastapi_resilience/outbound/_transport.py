@@ -63,6 +63,12 @@ from fastapi_resilience.outbound._deadline import (
 )
 from fastapi_resilience.outbound._headers import inject_outbound_headers
 from fastapi_resilience.outbound._hedging import Hedge
+from fastapi_resilience.outbound._policies import (
+    Policy,
+    PolicyGuards,
+    caller_site,
+    default_policies,
+)
 from fastapi_resilience.outbound._response_cache import (
     CACHE_STATUS_HEADER,
     ResponseCache,
@@ -733,6 +739,7 @@ def resilient_client(
     events: EventBus | None = None,
     clock: Clock = SYSTEM_CLOCK,
     client_options: Mapping[str, Any] | None = None,
+    policy: str | None = None,
     **options: Unpack[PolicyOptions],
 ) -> httpx.AsyncClient:
     """A resilient ``httpx.AsyncClient`` in one line.
@@ -743,8 +750,25 @@ def resilient_client(
     ``async with``. ``max_hosts`` bounds the hosts it keeps state for (see
     :class:`ResilientTransport`): keep it for a client that calls URLs its users supply.
 
+    ``policy="inventory"``: every request goes through the named policy's guards (declared in
+    the settings, see ``policy()``), those in force when it starts, instead of ``options``.
+
     .. versionadded:: 0.1.0
     """
+    resilient: ResilientTransport
+    if policy is not None:
+        if options or hosts:
+            raise ConfigurationError(
+                f"resilient_client(policy={policy!r}): the named policy holds the options; "
+                f"pass no others ({', '.join(sorted([*options, *(['hosts'] if hosts else [])]))})"
+            )
+        named = default_policies.get(policy, used_at=caller_site(), used_by=" (resilient_client)")
+        resilient = _NamedPolicyTransport(
+            named, transport, raise_for_5xx=raise_for_5xx, events=events, clock=clock
+        )
+        return httpx.AsyncClient(
+            base_url=base_url, transport=resilient, **dict(client_options or {})
+        )
     resilient = ResilientTransport(
         transport,
         hosts=hosts,
@@ -756,6 +780,33 @@ def resilient_client(
     )
     # It marks the requests made with ``client.stream(...)`` so that they pass unbuffered.
     return StreamAwareClient(base_url=base_url, transport=resilient, **dict(client_options or {}))
+
+
+class _NamedPolicyTransport(ResilientTransport):
+    """Every host under one named policy: the guards in force when each request starts."""
+
+    def __init__(self, named: Policy, transport: httpx.AsyncBaseTransport | None, **kw: Any):
+        super().__init__(transport, max_hosts=None, **kw)
+        self._named = named
+        self._in_force: tuple[PolicyGuards, HostPolicy] | None = None
+
+    def policy_for(self, host: str) -> HostPolicy:
+        guards = self._named.guards()
+        in_force = self._in_force
+        if in_force is None or in_force[0] is not guards:
+            built = HostPolicy(
+                guards.retry, guards.breaker, guards.bulkhead, guards.timeout, cache=guards.cache
+            )
+            in_force = self._in_force = (guards, built)
+        return in_force[1]
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        inject_outbound_headers(request.headers, header_name=self._header_name)
+        host = request.url.netloc.decode("ascii")
+        policy = self.policy_for(host)
+        if policy.cache is not None and request.method == "GET":
+            return await self._cached(policy, host, request)
+        return await self._send(policy, host, request)
 
 
 def _observe(
