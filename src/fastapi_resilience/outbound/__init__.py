@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from fastapi_resilience.outbound._fallback import with_fallback
     from fastapi_resilience.outbound._headers import CorrelationIdTransport, correlation_id_hook
     from fastapi_resilience.outbound._hedging import Hedge
+    from fastapi_resilience.outbound._provider_limits import (
+        OutboundLimiter,
+        QuotaGate,
+        parse_duration,
+        provider_wait,
+        quota_reset,
+    )
     from fastapi_resilience.outbound._response_cache import (
         CACHE_STATUS_HEADER,
         CacheEntry,
@@ -72,6 +79,8 @@ __all__ = [
     "HostPolicy",
     "JsonSerializer",
     "MemoryDeadLetterQueue",
+    "OutboundLimiter",
+    "QuotaGate",
     "RedisBreakerStore",
     "RedisDeadLetterQueue",
     "ReplayReport",
@@ -88,6 +97,9 @@ __all__ = [
     "default_bulkhead_registry",
     "default_registry",
     "is_overload",
+    "parse_duration",
+    "provider_wait",
+    "quota_reset",
     "record_cache_status",
     "with_fallback",
     "with_timeout",
@@ -109,6 +121,11 @@ _EXPORTS = {
     "Hedge": "fastapi_resilience.outbound._hedging",
     "HostPolicy": "fastapi_resilience.outbound._transport",
     "MemoryDeadLetterQueue": "fastapi_resilience.outbound._dead_letter",
+    "OutboundLimiter": "fastapi_resilience.outbound._provider_limits",
+    "QuotaGate": "fastapi_resilience.outbound._provider_limits",
+    "parse_duration": "fastapi_resilience.outbound._provider_limits",
+    "provider_wait": "fastapi_resilience.outbound._provider_limits",
+    "quota_reset": "fastapi_resilience.outbound._provider_limits",
     "RedisBreakerStore": "fastapi_resilience.outbound._breaker_redis",
     "RedisDeadLetterQueue": "fastapi_resilience.outbound._dead_letter",
     "ReplayReport": "fastapi_resilience.outbound._dead_letter",
