@@ -152,6 +152,13 @@ def test_quota_reset_needs_a_zero_remaining_and_a_readable_reset() -> None:
         x_ratelimit_reset_tokens="1m",
     )
     assert quota_reset(both) == (60.0, "x-ratelimit-remaining-tokens")
+    # Any casing on the wire, and a plain mapping as well as httpx's headers.
+    mixed = httpx.Headers(
+        [(b"X-RateLimit-Remaining-Tokens", b"0"), (b"X-RateLimit-Reset-Tokens", b"1s")]
+    )
+    assert quota_reset(mixed) == (1.0, "x-ratelimit-remaining-tokens")
+    plain = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"}
+    assert quota_reset(plain) == (3.0, "x-ratelimit-remaining-requests")
     for remaining, reset in [("1", "2s"), ("0", None), ("0", "x"), ("-0", "2s"), (None, "2s")]:
         sent = {"x_ratelimit_remaining_requests": remaining, "x_ratelimit_reset_requests": reset}
         assert quota_reset(headers(**{k: v for k, v in sent.items() if v is not None})) is None
