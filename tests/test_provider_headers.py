@@ -18,6 +18,7 @@ from fastapi_resilience.outbound import (
     OutboundLimiter,
     QuotaGate,
     ResilientTransport,
+    ResponseCache,
     parse_duration,
     provider_wait,
     quota_reset,
@@ -334,3 +335,34 @@ def test_every_host_gets_a_gate_and_the_limit_when_asked() -> None:
     assert policy.limiter.name == "api.example:443"
     assert policy.rate_limit_wait == 1.5
     assert ResilientTransport().policy_for("other.example").limiter is None
+
+
+@pytest.mark.anyio
+async def test_a_cached_answer_is_served_stale_while_the_quota_is_gone() -> None:
+    """The answer that said the quota is gone is cached; once it is stale, the gate refuses the
+    refresh here and the stale answer is served, marked as never forwarded."""
+    clock = ManualClock()
+    calls = 0
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        gone = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "10m"}
+        return httpx.Response(200, json={"n": calls}, headers=gone)
+
+    transport = ResilientTransport(
+        httpx.MockTransport(provider),
+        cache=ResponseCache(ttl=1, stale_ttl=600, clock=clock),
+        clock=clock,
+        events=EventBus(log=False),
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.example") as client:
+        assert (await client.get("/v1/models")).json() == {"n": 1}
+        clock.advance(5)
+        stale = await client.get("/v1/models")
+    assert stale.json() == {"n": 1}
+    assert calls == 1
+    status = stale.headers["cache-status"]
+    assert "fwd=stale" not in status
+    assert "detail=quota_exhausted" in status
+    assert repr(transport.policy_for("api.example").gate) == "QuotaGate(name='api.example', closed)"

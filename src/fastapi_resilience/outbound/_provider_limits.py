@@ -310,7 +310,8 @@ class QuotaGate(EventSource):
             slept += left
 
     def __repr__(self) -> str:
-        return f"QuotaGate(name={self.name!r}, time_left={self.time_left():.3f})"
+        closed = "closed" if self.holds_calls_back() else "open"
+        return f"QuotaGate(name={self.name!r}, {closed})"
 
 
 class _Window:
