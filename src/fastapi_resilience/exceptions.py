@@ -19,6 +19,8 @@ AppError                          500 internal_error
     └── ServiceUnavailableError   503 service_unavailable  retryable
         ├── CircuitOpenError      503 circuit_open         Retry-After = time left open
         ├── BulkheadFullError     503 bulkhead_full        not retryable (refused in this process)
+        ├── ThrottledError        503 upstream_throttled   not retryable (refused in this process)
+        │   └── QuotaExhaustedError 503 quota_exhausted    Retry-After = when the call may go
         └── FeatureUnavailableError 503 feature_unavailable
 ```
 
@@ -50,6 +52,7 @@ __all__ = [
     "InvalidInputError",
     "NotFoundError",
     "PermissionDeniedError",
+    "QuotaExhaustedError",
     "RateLimitedError",
     "RetryExhaustedError",
     "ServerError",
@@ -268,6 +271,20 @@ class ThrottledError(ServiceUnavailableError):
     code = "upstream_throttled"
     title = "Upstream Throttled"
     retryable = False
+
+
+class QuotaExhaustedError(ThrottledError):
+    """A call to an upstream was not sent: the upstream said its quota is used up, or this
+    client's own outbound rate limit is reached, until ``retry_after`` seconds from now, longer
+    than the call may wait (``rate_limit_wait`` or the request's deadline).
+
+    ``extensions``: ``upstream`` (the host) and ``reason``: ``"upstream_quota"`` (the upstream's
+    own headers said so) or ``"rate_limit"`` (the client's ``rate_limit``). Not retryable, as
+    every refusal made in this process (ADR 0064): the transport's own wait is the place to wait.
+    """
+
+    code = "quota_exhausted"
+    title = "Upstream Quota Exhausted"
 
 
 class DeadlineCutError(UpstreamTimeoutError):

@@ -38,6 +38,7 @@ from fastapi_resilience.exceptions import (
     CircuitOpenError,
     ClientError,
     ConfigurationError,
+    ThrottledError,
 )
 from fastapi_resilience.health._checks import CheckResult
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
@@ -179,8 +180,9 @@ class CacheResult(Generic[T]):
 
 
 def _forwarded(error: BaseException) -> bool:
-    # An open breaker or a full bulkhead refuses locally: the request never left this process.
-    return not isinstance(error, CircuitOpenError | BulkheadFullError)
+    # An open breaker, a full bulkhead, a throttle or a quota gate refuses locally: the request
+    # never left this process.
+    return not isinstance(error, CircuitOpenError | BulkheadFullError | ThrottledError)
 
 
 def _upstream_status(error: BaseException) -> int | None:

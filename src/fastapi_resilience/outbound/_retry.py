@@ -2,12 +2,14 @@
 
 The first attempt costs one ``try`` around one ``await``: no clock read and no object of its
 own (beyond the argument tuple), so a call that succeeds pays about a quarter of a microsecond.
-Everything else (classification, backoff, deadlines, the budget) runs only after a failure.
+Everything else (classification, backoff, deadlines, the budget, the hooks and the log line)
+runs only after a failure.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import random as _random
@@ -17,7 +19,9 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from fastapi_resilience._optional import exception_of
 from fastapi_resilience._tally import RETRIES
+from fastapi_resilience._text import printable
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
+from fastapi_resilience.correlation._ids import get_correlation_id
 from fastapi_resilience.events import EventBus, EventSource
 from fastapi_resilience.exceptions import AppError, ConfigurationError, RetryExhaustedError
 from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
@@ -27,17 +31,27 @@ from fastapi_resilience.outbound._retry_budget import RetryBudget, seconds
 __all__ = [
     "DEFAULT_IDEMPOTENT_METHODS",
     "RETRY_ATTEMPT",
+    "GiveupHook",
     "Jitter",
     "Retry",
+    "RetryHook",
     "RetryPredicate",
     "default_retryable",
 ]
+
+#: One INFO line per retry (attempt, wait, cause, correlation ID), and a failing hook's error.
+logger = logging.getLogger("fastapi_resilience.retry")
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 Jitter = bool | Literal["full", "equal", "decorrelated"]
 RetryPredicate = Callable[[BaseException], bool]
+#: ``on_retry(attempt, delay, error)``: before the wait of each retry; ``attempt`` is the number
+#: of the attempt about to be made (2 for the first retry). Sync or async.
+RetryHook = Callable[[int, float, BaseException], Awaitable[None] | None]
+#: ``on_giveup(attempts, error)``: once, when retrying stops without a success. Sync or async.
+GiveupHook = Callable[[int, BaseException], Awaitable[None] | None]
 
 #: Methods that RFC 9110 defines as idempotent: repeating them has the effect of doing it once.
 DEFAULT_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -142,6 +156,17 @@ class Retry(EventSource):
         random: a ``() -> float in [0, 1)`` source for jitter.
         events: where ``retry.attempt`` events go (each retry, at DEBUG level), and the bus
             given to ``budget`` if it has none; by default the shared bus that logs them.
+        on_retry: ``(attempt, delay, error)``, sync or async, called before each retry's wait:
+            ``attempt`` is the number of the attempt about to be made (2 for the first retry),
+            ``delay`` the seconds it will wait, ``error`` what the previous attempt raised.
+        on_giveup: ``(attempts, error)``, sync or async, called once when retrying stops
+            without a success (attempts spent, a deadline, the budget, a ``retry_after`` longer
+            than ``max_delay``, or a later attempt's error it does not retry): ``attempts`` made,
+            ``error`` the last attempt's. Not called when the first attempt's error is not one
+            it retries. A hook that raises is logged and changes nothing.
+
+    Each retry also writes one INFO line on the ``fastapi_resilience.retry`` logger: its name,
+    the attempt about to be made, the wait, the cause (escaped) and the correlation ID.
 
     Raises:
         ConfigurationError: an argument is out of range.
@@ -161,6 +186,8 @@ class Retry(EventSource):
         "idempotent_methods",
         "max_delay",
         "name",
+        "on_giveup",
+        "on_retry",
         "retry_non_idempotent",
     )
 
@@ -183,7 +210,12 @@ class Retry(EventSource):
         clock: Clock = SYSTEM_CLOCK,
         random: Callable[[], float] = _random.random,
         events: EventBus | None = None,
+        on_retry: RetryHook | None = None,
+        on_giveup: GiveupHook | None = None,
     ) -> None:
+        for hook_name, hook in (("on_retry", on_retry), ("on_giveup", on_giveup)):
+            if hook is not None and not callable(hook):
+                raise ConfigurationError(f"{hook_name} must be a callable, got {hook!r}")
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ConfigurationError(f"attempts must be an int >= 1, got {attempts!r}")
         if jitter not in (True, False, "full", "equal", "decorrelated"):
@@ -209,6 +241,8 @@ class Retry(EventSource):
         self.name = name
         self._clock = clock
         self._random = random
+        self.on_retry = on_retry
+        self.on_giveup = on_giveup
 
     @property
     def budget(self) -> RetryBudget | None:
@@ -277,6 +311,8 @@ class Retry(EventSource):
         clock = self._clock
         while True:
             if not self._predicate(last):
+                if attempt > 1:
+                    await self._gave_up(attempt, last)
                 raise last
             retry_after = getattr(last, "retry_after", None)
             if not isinstance(retry_after, int | float) or math.isnan(retry_after):
@@ -284,16 +320,23 @@ class Retry(EventSource):
             elif retry_after > self.max_delay:
                 # It says when to come back and we will not wait that long: pass it on as it
                 # is, so an open breaker stays a 503 with its own Retry-After.
+                await self._gave_up(attempt, last)
                 raise last
+            reason = None
             if attempt >= self.attempts:
-                raise self._exhausted(attempt, REASON_ATTEMPTS) from last
-            delay = previous = self.backoff(attempt, previous)
-            if retry_after is not None:
-                delay = max(delay, float(retry_after))
-            if self._too_late(delay, started):
-                raise self._exhausted(attempt, REASON_DEADLINE) from last
-            if self._budget is not None and not self._budget.try_spend():
-                raise self._exhausted(attempt, REASON_BUDGET) from last
+                reason = REASON_ATTEMPTS
+            else:
+                delay = previous = self.backoff(attempt, previous)
+                if retry_after is not None:
+                    delay = max(delay, float(retry_after))
+                if self._too_late(delay, started):
+                    reason = REASON_DEADLINE
+                elif self._budget is not None and not self._budget.try_spend():
+                    reason = REASON_BUDGET
+            if reason is not None:
+                exhausted = self._exhausted(attempt, reason)
+                await self._gave_up(attempt, last)
+                raise exhausted from last
             RETRIES.add(_RETRIED)
             self.events.emit(
                 RETRY_ATTEMPT,
@@ -303,12 +346,51 @@ class Retry(EventSource):
                 delay=round(delay, 3),
                 error=type(last).__name__,
             )
+            self._log_retry(attempt + 1, delay, last)
+            if self.on_retry is not None:
+                await self._run_hook(self.on_retry, attempt + 1, delay, last)
             await clock.sleep(delay)
             attempt += 1
             try:
                 return await fn(*args, **kwargs)
             except Exception as next_exc:
                 last = next_exc
+
+    def _log_retry(self, attempt: int, delay: float, error: BaseException) -> None:
+        """The INFO line of one retry; the cause and the name may come from the upstream, so
+        they are escaped."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        correlation_id = get_correlation_id() or "-"
+        logger.info(
+            "retry %s attempt=%d/%d wait=%.3fs cause=%s correlation_id=%s",
+            printable(self.name),
+            attempt,
+            self.attempts,
+            delay,
+            printable(f"{type(error).__name__}: {error}"),
+            printable(correlation_id),
+            extra={"correlation_id": correlation_id},
+        )
+
+    async def _gave_up(self, attempts: int, error: BaseException) -> None:
+        if self.on_giveup is not None:
+            await self._run_hook(self.on_giveup, attempts, error)
+
+    async def _run_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+        """Call a hook, awaiting what it returns if it must; whatever it raises is logged and
+        ends there: a hook never changes the call's outcome."""
+        try:
+            result = hook(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception(
+                "retry %s: hook %s failed",
+                printable(self.name),
+                printable(getattr(hook, "__qualname__", repr(hook))),
+                extra={"correlation_id": get_correlation_id() or "-"},
+            )
 
     def _too_late(self, delay: float, started: float | None) -> bool:
         left = _request_remaining()

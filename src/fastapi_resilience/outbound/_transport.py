@@ -4,8 +4,13 @@ Wraps any httpx async transport. Each host gets its own policy objects, built on
 from the transport's options (or given explicitly), so one sick upstream cannot trip another's
 breaker or spend another's retry budget. An attempt goes through, outermost first:
 
-    cache (GET) -> retry (+ budget) -> adaptive throttle -> hedge -> breaker -> bulkhead
-    -> timeout (inherits the request deadline) -> the wrapped transport
+    cache (GET) -> retry (+ budget) -> adaptive throttle -> hedge -> quota gate
+    -> outbound rate limit -> breaker -> bulkhead -> timeout (inherits the request deadline)
+    -> the wrapped transport
+
+The quota gate and the outbound rate limit (ADR 0069) hold an attempt back, before it takes a
+breaker trial or a bulkhead slot, while the upstream has said its quota is used up or while this
+client's own ``rate_limit`` is reached.
 
 Failures come out as the library's errors: a transport error is an :class:`UpstreamError`,
 a timeout an :class:`UpstreamTimeoutError`, a 5xx answer an :class:`UpstreamError` after
@@ -16,7 +21,6 @@ retries (or the answer itself with ``raise_for_5xx=False``); retries that ran ou
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import logging
 import math
@@ -29,6 +33,7 @@ from typing import Any, TypedDict, Unpack, cast
 
 import httpx
 
+from fastapi_resilience._limits import RateLimitStorage
 from fastapi_resilience._tally import OUTBOUND_DURATIONS, OUTBOUND_OBSERVERS
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
@@ -69,13 +74,21 @@ from fastapi_resilience.outbound._policies import (
     caller_site,
     default_policies,
 )
+from fastapi_resilience.outbound._provider_limits import (
+    DEFAULT_RATE_LIMIT_WAIT,
+    OutboundLimiter,
+    QuotaGate,
+    parse_retry_after,
+    provider_wait,
+    quota_reset,
+)
 from fastapi_resilience.outbound._response_cache import (
     CACHE_STATUS_HEADER,
     ResponseCache,
     restore_response,
     snapshot_response,
 )
-from fastapi_resilience.outbound._retry import Retry
+from fastapi_resilience.outbound._retry import GiveupHook, Retry, RetryHook
 from fastapi_resilience.outbound._retry_budget import RetryBudget
 from fastapi_resilience.outbound._stream import (
     DEFAULT_STREAM_IDLE_TIMEOUT,
@@ -137,22 +150,6 @@ def _tighten_timeouts(request: httpx.Request, limit: float) -> None:
             current[phase] = limit
 
 
-def parse_retry_after(value: str | None, *, now: float) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent
-    or unreadable. ``now`` is the wall clock in seconds."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    seconds = when.timestamp() - now
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
 class PolicyOptions(TypedDict, total=False):
     """The per-host policy options of :class:`ResilientTransport` and :func:`resilient_client`."""
 
@@ -178,6 +175,11 @@ class PolicyOptions(TypedDict, total=False):
     cache_ttl: float | None
     credential_headers: Sequence[str]
     stream_idle_timeout: float | None
+    rate_limit: str | None
+    rate_limit_storage: RateLimitStorage | None
+    rate_limit_wait: float
+    on_retry: RetryHook | None
+    on_giveup: GiveupHook | None
 
 
 _DEFAULTS: PolicyOptions = {
@@ -203,7 +205,19 @@ _DEFAULTS: PolicyOptions = {
     "cache_ttl": None,
     "credential_headers": (),
     "stream_idle_timeout": DEFAULT_STREAM_IDLE_TIMEOUT,
+    "rate_limit": None,
+    "rate_limit_storage": None,
+    "rate_limit_wait": DEFAULT_RATE_LIMIT_WAIT,
+    "on_retry": None,
+    "on_giveup": None,
 }
+
+
+def _wait_bound(value: object) -> float:
+    """``rate_limit_wait`` in seconds: a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigurationError(f"rate_limit_wait must be >= 0 seconds, got {value!r}")
+    return float(value)
 
 
 @dataclass(slots=True)
@@ -213,10 +227,14 @@ class HostPolicy:
     Build one yourself to share a breaker with the rest of the app, or let the transport
     build one per host from its options. ``credential_headers`` are request headers that
     make a cached answer someone's own, added to ``Authorization``, ``Cookie``,
-    ``Proxy-Authorization`` and ``X-API-Key``, which always are.
+    ``Proxy-Authorization`` and ``X-API-Key``, which always are. ``gate`` holds calls back while
+    the upstream says its quota is used up, ``limiter`` is this client's own rate limit, and
+    ``rate_limit_wait`` is how long a call may wait for either (ADR 0069); a policy built from
+    options always has a gate.
 
     Raises:
-        ConfigurationError: ``credential_headers`` is not a list of header names.
+        ConfigurationError: ``credential_headers`` is not a list of header names, or
+            ``rate_limit_wait`` is below 0.
     """
 
     retry: Retry | None = None
@@ -228,6 +246,9 @@ class HostPolicy:
     cache: ResponseCache | None = None
     cache_ttl: float | None = None
     credential_headers: Sequence[str] = ()
+    gate: QuotaGate | None = None
+    limiter: OutboundLimiter | None = None
+    rate_limit_wait: float = DEFAULT_RATE_LIMIT_WAIT
     #: Longest silence between two chunks of a streamed answer; ``None``: no limit.
     stream_idle_timeout: float | None = DEFAULT_STREAM_IDLE_TIMEOUT
     #: Who may share the cache's answers; built from the above.
@@ -235,6 +256,7 @@ class HostPolicy:
 
     def __post_init__(self) -> None:
         credential_headers(self.credential_headers)  # a bad name fails here, at start-up
+        self.rate_limit_wait = _wait_bound(self.rate_limit_wait)
 
     def sharing_rules(self) -> SharingRules:
         """Who may share the cache's answers: built on first use, then kept."""
@@ -282,6 +304,8 @@ class HostPolicy:
                 clock=clock,
                 random=random,
                 events=events,
+                on_retry=o["on_retry"],
+                on_giveup=o["on_giveup"],
             )
         breaker = None
         if o["failure_threshold"] is not None:
@@ -323,6 +347,18 @@ class HostPolicy:
             raise ConfigurationError(
                 f"stream_idle_timeout must be > 0 seconds or None, got {idle!r}"
             )
+        limiter = None
+        if o["rate_limit"] is not None:
+            if not isinstance(o["rate_limit"], str):
+                raise ConfigurationError(
+                    f"rate_limit must be a limit string such as '10/second', "
+                    f"got {o['rate_limit']!r}"
+                )
+            limiter = OutboundLimiter(
+                host, o["rate_limit"], storage=o["rate_limit_storage"], clock=clock
+            )
+        elif o["rate_limit_storage"] is not None:
+            raise ConfigurationError("rate_limit_storage is given without a rate_limit to count")
         return cls(
             retry,
             breaker,
@@ -333,6 +369,9 @@ class HostPolicy:
             o["cache"],
             o["cache_ttl"],
             o["credential_headers"],
+            QuotaGate(host, clock=clock, events=events),
+            limiter,
+            _wait_bound(o["rate_limit_wait"]),
             stream_idle_timeout=idle,
         )
 
@@ -346,13 +385,20 @@ _EVICTION_SCAN = 16
 
 def _busy(policy: HostPolicy) -> bool:
     """Forgetting it would lose something: a breaker that keeps calls back (open with time
-    left, or a half-open trial running: the next call would reach a sick upstream), or a
-    bulkhead with calls in it (more would be let in). An open breaker whose time is up, or a
-    half-open one with no trial, would let the next call through anyway: not busy."""
+    left, or a half-open trial running: the next call would reach a sick upstream), a
+    bulkhead with calls in it (more would be let in), a quota gate closed with time left, or
+    an outbound limit counting in memory that still holds units (ADR 0069). An open breaker
+    whose time is up, or a half-open one with no trial, would let the next call through anyway:
+    not busy."""
     breaker, bulkhead = policy.breaker, policy.bulkhead
     if breaker is not None and holds_calls_back(breaker):
         return True
-    return bulkhead is not None and (bulkhead.active > 0 or bulkhead.waiting > 0)
+    if bulkhead is not None and (bulkhead.active > 0 or bulkhead.waiting > 0):
+        return True
+    gate, limiter = policy.gate, policy.limiter
+    if gate is not None and gate.holds_calls_back():
+        return True
+    return limiter is not None and limiter.holds_units()
 
 
 def _registered(registry: BreakerRegistry | BulkheadRegistry, name: str, guard: object) -> bool:
@@ -368,7 +414,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     only) under a retry budget of 10% of recent calls, a breaker opening after 5 failures in
     a row for 30 s, and a 10 s timeout per attempt that never outlives the request's
     deadline. It forwards the correlation ID and ``traceparent``, and honours an upstream's
-    ``Retry-After`` on 429 and 503.
+    ``retry-after-ms``, ``Retry-After`` or ``x-ratelimit-reset-*`` on 429 and 503; while the
+    upstream says its quota is used up, calls to it wait (``rate_limit_wait``) or fail fast
+    with :class:`QuotaExhaustedError` instead of being sent (ADR 0069).
 
     Args:
         transport: the transport that talks to the network (default
@@ -577,7 +625,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         hedge = policy.hedge
         if hedge is not None and request.method in _HEDGE_METHODS and not is_streamed(request):
-            return await hedge.call(self._guarded, policy, host, request)
+            return await hedge.call(self._admitted, policy, host, request)
+        return await self._admitted(policy, host, request)
+
+    async def _admitted(
+        self, policy: HostPolicy, host: str, request: httpx.Request
+    ) -> httpx.Response:
+        gate, limiter = policy.gate, policy.limiter
+        if limiter is not None or (gate is not None and gate.time_left() > 0.0):
+            await _admit(policy, gate, limiter)
         return await self._guarded(policy, host, request)
 
     async def _guarded(
@@ -660,15 +716,22 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 extensions={"upstream": host},
             ) from exc
         status = response.status_code
+        gate = policy.gate
+        if gate is not None:
+            exhausted = quota_reset(response.headers)
+            if exhausted is not None:
+                gate.close(exhausted[0], reason=exhausted[1])
         if status >= 500 or status == 429:
             if not isinstance(response.stream, httpx.ByteStream):  # not read yet
                 await response.aread()
             retry_after = (
-                parse_retry_after(response.headers.get("retry-after"), now=self._clock.time())
+                provider_wait(response.headers, now=self._clock.time())
                 if status in (429, 503)
                 else None
             )
             if status == 429:
+                if gate is not None and retry_after is not None:
+                    gate.close(retry_after, reason="429")
                 raise _UpstreamRateLimited(response, host, retry_after)
             raise UpstreamStatusError(response, host, retry_after)
         return response
@@ -807,6 +870,29 @@ class _NamedPolicyTransport(ResilientTransport):
         if policy.cache is not None and request.method == "GET":
             return await self._cached(policy, host, request)
         return await self._send(policy, host, request)
+
+
+async def _admit(
+    policy: HostPolicy, gate: QuotaGate | None, limiter: OutboundLimiter | None
+) -> None:
+    """Hold an attempt back until the gate is open and it fits under the outbound limit,
+    waiting at most ``rate_limit_wait`` and never past the request's deadline in all.
+
+    Raises:
+        QuotaExhaustedError: it could not go within that time; nothing was sent.
+    """
+    budget = policy.rate_limit_wait
+    left = remaining()
+    if left is not None:
+        budget = max(0.0, min(budget, left))
+    slept = 0.0
+    if gate is not None:
+        slept = await gate.pass_within(budget)
+    if limiter is not None:
+        waited = await limiter.acquire_within(budget - slept)
+        if waited and gate is not None:
+            # The gate may have closed while this call waited for room: look again.
+            await gate.pass_within(budget - slept - waited)
 
 
 def _observe(
