@@ -852,13 +852,21 @@ class _NamedPolicyTransport(ResilientTransport):
         super().__init__(transport, max_hosts=None, **kw)
         self._named = named
         self._in_force: tuple[PolicyGuards, HostPolicy] | None = None
+        # The provider's quota is the upstream's, whatever the policy in force: one gate for
+        # the client's life, kept across policy changes.
+        self._gate = QuotaGate(f"policy:{named.name}", clock=self._clock, events=self._events)
 
     def policy_for(self, host: str) -> HostPolicy:
         guards = self._named.guards()
         in_force = self._in_force
         if in_force is None or in_force[0] is not guards:
             built = HostPolicy(
-                guards.retry, guards.breaker, guards.bulkhead, guards.timeout, cache=guards.cache
+                guards.retry,
+                guards.breaker,
+                guards.bulkhead,
+                guards.timeout,
+                cache=guards.cache,
+                gate=self._gate,
             )
             in_force = self._in_force = (guards, built)
         return in_force[1]
@@ -867,7 +875,7 @@ class _NamedPolicyTransport(ResilientTransport):
         inject_outbound_headers(request.headers, header_name=self._header_name)
         host = request.url.netloc.decode("ascii")
         policy = self.policy_for(host)
-        if policy.cache is not None and request.method == "GET":
+        if policy.cache is not None and request.method == "GET" and not is_streamed(request):
             return await self._cached(policy, host, request)
         return await self._send(policy, host, request)
 
