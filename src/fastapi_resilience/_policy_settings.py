@@ -169,7 +169,9 @@ def resolve_policy(*layers: Mapping[str, Any]) -> dict[str, Any]:
     An unknown criticality is left for validation to name (its preset is then the default's).
     """
     criticality = _criticality_of(*layers)
-    merged: dict[str, Any] = dict(PRESETS.get(criticality, PRESETS[DEFAULT_CRITICALITY]))
+    # Anything but a known name (a list, a table: unhashable) is left for validation to name.
+    preset = PRESETS.get(criticality) if isinstance(criticality, str) else None  # type: ignore[call-overload]
+    merged: dict[str, Any] = dict(preset or PRESETS[DEFAULT_CRITICALITY])
     merged["criticality"] = criticality
     for layer in layers:
         merged = deep_merge(merged, layer)

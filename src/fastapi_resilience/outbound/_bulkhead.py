@@ -173,8 +173,9 @@ class Bulkhead(EventSource):
         # ``release`` kept ``_active`` up for us: the slot passed straight from its holder.
 
     def release(self) -> None:
-        """Give a slot back; the longest waiter (if any) gets it at once."""
-        while self._waiters:
+        """Give a slot back; the longest waiter (if any) gets it at once, unless the bulkhead
+        was made smaller (:meth:`resize`) and is still over its new size."""
+        while self._waiters and self._active <= self.max_concurrent:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)

@@ -215,6 +215,10 @@ def provider_wait(headers: Mapping[str, str], *, now: float) -> float | None:
     return _family_wait(headers)
 
 
+#: The longest a quota gate stays closed on an upstream's word, seconds.
+MAX_QUOTA_WAIT = 3600.0
+
+
 class QuotaGate(EventSource):
     """Holds calls to one upstream back while it has said its quota is used up.
 
@@ -271,6 +275,9 @@ class QuotaGate(EventSource):
         what said so (``"x-ratelimit-remaining-requests"``, ``"429"``...), for the event."""
         if not (isinstance(seconds, int | float) and 0 < seconds < math.inf):
             return
+        # An upstream's word is taken for an hour at most: a wrong or hostile header must not
+        # shut a host off for days.
+        seconds = min(seconds, MAX_QUOTA_WAIT)
         self.time_left()  # a gate whose time is up is open: this is a new episode
         now = self._clock.monotonic()
         until = now + seconds

@@ -47,6 +47,12 @@ class ServerSentEvent:
     retry: int | None = None
 
 
+#: The longest line and the most data of one event the parser holds, in characters: an
+#: upstream that never ends a line or an event cannot grow the caller's memory without bound.
+MAX_LINE_CHARS = 1024 * 1024
+MAX_EVENT_CHARS = 8 * 1024 * 1024
+
+
 class SSEParser:
     """Turns an event stream's text into events, by the WHATWG server-sent events rules.
 
@@ -66,12 +72,14 @@ class SSEParser:
         self.retry: int | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._start = True
-        self._pending = ""
+        self._pieces: list[str] = []
+        self._pending_size = 0
         self._skip_lf = False
         self._reset_event()
 
     def _reset_event(self) -> None:
         self._data: list[str] = []
+        self._data_size = 0
         self._event = ""
         self._block_retry: int | None = None
 
@@ -80,7 +88,7 @@ class SSEParser:
         the reconnection time."""
         self._decoder.reset()
         self._start = True
-        self._pending = ""
+        self._pieces, self._pending_size = [], 0
         self._skip_lf = False
         self._reset_event()
 
@@ -98,8 +106,19 @@ class SSEParser:
                 text = text[1:]
         if not text:
             return []
-        lines = _LINE_END.split(self._pending + text)
-        self._pending = lines.pop()  # after the last line end: not a whole line yet
+        if _LINE_END.search(text) is None:
+            # No line ends yet: keep the piece (joined once, when the line ends, so a long
+            # line costs linear time) within the bound.
+            self._pieces.append(text)
+            self._pending_size += len(text)
+            if self._pending_size > MAX_LINE_CHARS:
+                raise StreamCutError(
+                    f"A server-sent events line is longer than {MAX_LINE_CHARS} characters."
+                )
+            return []
+        lines = _LINE_END.split("".join(self._pieces) + text)
+        pending = lines.pop()  # after the last line end: not a whole line yet
+        self._pieces, self._pending_size = ([pending], len(pending)) if pending else ([], 0)
         self._skip_lf = text.endswith("\r")
         events: list[ServerSentEvent] = []
         for line in lines:
@@ -118,6 +137,11 @@ class SSEParser:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size > MAX_EVENT_CHARS:
+                raise StreamCutError(
+                    f"A server-sent event's data is longer than {MAX_EVENT_CHARS} characters."
+                )
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:

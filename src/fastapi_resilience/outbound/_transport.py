@@ -560,6 +560,18 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 passed_over += 1
             else:
                 self._forget(host, policy, given)
+        # A hard ceiling for what only quotas keep busy (a gate closed for an hour, a limiter
+        # holding an hour's units, a hostile upstream's Retry-After): past twice the bound the
+        # least recently used of those go. An open breaker still keeps its host (ADR 0058).
+        scanned = 0
+        while len(policies) > 2 * self.max_hosts and scanned < len(policies):
+            host, policy = next(iter(policies.items()))
+            scanned += 1
+            breaker = policy.breaker
+            if host == newest or (breaker is not None and holds_calls_back(breaker)):
+                policies.move_to_end(host)
+                continue
+            self._forget(host, policy, id(policy) in self._given)
 
     def _forget(self, host: str, policy: HostPolicy, given: bool) -> None:
         del self._policies[host]
@@ -632,7 +644,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self, policy: HostPolicy, host: str, request: httpx.Request
     ) -> httpx.Response:
         gate, limiter = policy.gate, policy.limiter
-        if limiter is not None or (gate is not None and gate.time_left() > 0.0):
+        breaker = policy.breaker
+        if (limiter is not None or (gate is not None and gate.time_left() > 0.0)) and not (
+            breaker is not None and holds_calls_back(breaker)
+        ):
+            # An open breaker refuses at once below: no quota is spent or waited for then.
             await _admit(policy, gate, limiter)
         return await self._guarded(policy, host, request)
 
@@ -722,16 +738,22 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if exhausted is not None:
                 gate.close(exhausted[0], reason=exhausted[1])
         if status >= 500 or status == 429:
-            if not isinstance(response.stream, httpx.ByteStream):  # not read yet
-                await response.aread()
+            if not isinstance(response.stream, httpx.ByteStream):  # a streamed request's
+                await _read_error_body(response, limit)
             retry_after = (
                 provider_wait(response.headers, now=self._clock.time())
                 if status in (429, 503)
                 else None
             )
             if status == 429:
-                if gate is not None and retry_after is not None:
-                    gate.close(retry_after, reason="429")
+                if gate is not None:
+                    if retry_after is not None:
+                        gate.close(retry_after, reason="429")
+                    # A retry waits as long as the gate stays closed (a longer reset header
+                    # may have closed it): past ``max_delay`` it gives the 429 back at once.
+                    left = gate.time_left()
+                    if left > (retry_after or 0.0):
+                        retry_after = left
                 raise _UpstreamRateLimited(response, host, retry_after)
             raise UpstreamStatusError(response, host, retry_after)
         return response
@@ -829,7 +851,8 @@ def resilient_client(
         resilient = _NamedPolicyTransport(
             named, transport, raise_for_5xx=raise_for_5xx, events=events, clock=clock
         )
-        return httpx.AsyncClient(
+        # Stream-aware like the client below: ``client.stream()`` must not be read whole.
+        return StreamAwareClient(
             base_url=base_url, transport=resilient, **dict(client_options or {})
         )
     resilient = ResilientTransport(
@@ -851,25 +874,40 @@ class _NamedPolicyTransport(ResilientTransport):
     def __init__(self, named: Policy, transport: httpx.AsyncBaseTransport | None, **kw: Any):
         super().__init__(transport, max_hosts=None, **kw)
         self._named = named
-        self._in_force: tuple[PolicyGuards, HostPolicy] | None = None
-        # The provider's quota is the upstream's, whatever the policy in force: one gate for
-        # the client's life, kept across policy changes.
-        self._gate = QuotaGate(f"policy:{named.name}", clock=self._clock, events=self._events)
+        #: Each host's policy, built from the guards in force when it was built.
+        self._in_force: OrderedDict[str, tuple[PolicyGuards, HostPolicy]] = OrderedDict()
+        # A provider's quota is its own host's, whatever the policy in force: a gate per host,
+        # kept across policy changes, the least recently used forgotten past the bound.
+        self._gates: OrderedDict[str, QuotaGate] = OrderedDict()
 
     def policy_for(self, host: str) -> HostPolicy:
         guards = self._named.guards()
-        in_force = self._in_force
-        if in_force is None or in_force[0] is not guards:
-            built = HostPolicy(
-                guards.retry,
-                guards.breaker,
-                guards.bulkhead,
-                guards.timeout,
-                cache=guards.cache,
-                gate=self._gate,
-            )
-            in_force = self._in_force = (guards, built)
-        return in_force[1]
+        found = self._in_force.get(host)
+        if found is not None and found[0] is guards:
+            self._in_force.move_to_end(host)
+            return found[1]
+        built = HostPolicy(
+            guards.retry,
+            guards.breaker,
+            guards.bulkhead,
+            guards.timeout,
+            cache=guards.cache,
+            gate=self._gate_of(host),
+        )
+        self._in_force[host] = (guards, built)
+        self._in_force.move_to_end(host)
+        while len(self._in_force) > DEFAULT_MAX_HOSTS:
+            self._in_force.popitem(last=False)
+        return built
+
+    def _gate_of(self, host: str) -> QuotaGate:
+        gate = self._gates.get(host)
+        if gate is None:
+            gate = self._gates[host] = QuotaGate(host, clock=self._clock, events=self._events)
+            while len(self._gates) > DEFAULT_MAX_HOSTS:
+                self._gates.popitem(last=False)
+        self._gates.move_to_end(host)
+        return gate
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
         inject_outbound_headers(request.headers, header_name=self._header_name)
@@ -878,6 +916,39 @@ class _NamedPolicyTransport(ResilientTransport):
         if policy.cache is not None and request.method == "GET" and not is_streamed(request):
             return await self._cached(policy, host, request)
         return await self._send(policy, host, request)
+
+
+#: The most of an error answer's body read for a streamed request (the caller gets the error).
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+async def _read_error_body(response: httpx.Response, limit: float | None) -> None:
+    """Read a streamed request's error answer, bounded in time (the attempt's limit) and in
+    size, and hand it back as an in-memory body: a body that trickles or never ends cannot
+    hold the call past its deadline."""
+    stream = cast(httpx.AsyncByteStream, response.stream)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in stream:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _ERROR_BODY_LIMIT:
+                break
+
+    try:
+        if limit is None:
+            await read()
+        else:
+            async with asyncio.timeout(max(limit, 0.0)):
+                await read()
+    except (TimeoutError, httpx.HTTPError):
+        pass  # the status says enough; what was read is kept
+    finally:
+        await stream.aclose()
+    response.stream = httpx.ByteStream(b"".join(chunks)[:_ERROR_BODY_LIMIT])
 
 
 async def _admit(
