@@ -14,6 +14,7 @@ anywhere, is reported and not applied.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 from collections.abc import Callable, Mapping
@@ -179,10 +180,9 @@ class PolicyFileWatcher:
         changes = _changes(before, settings)
         if not changes:
             return
-        try:
+        # A refusal is published as policy.change_rejected by the table; the policy stays.
+        with contextlib.suppress(InvalidInputError, NotFoundError):
             self._table.change(name, changes, by=RELOADED_BY)
-        except (InvalidInputError, NotFoundError):
-            pass  # published as policy.change_rejected by the table; the policy is unchanged
 
     def _reject(self, name: str, reason: str) -> None:
         self._events.emit(
