@@ -105,14 +105,14 @@ def test_contract_names_are_importable() -> None:
 
 
 def test_importing_the_package_leaves_the_optional_extras_unimported() -> None:
-    """``import fastapi_resilience`` imports none of redis, prometheus-client or
-    OpenTelemetry's SDK: an app that never uses them does not pay for them."""
+    """``import fastapi_resilience`` imports none of redis, prometheus-client, OpenTelemetry's
+    SDK or watchfiles: an app that never uses them does not pay for them."""
     import subprocess
     import sys
 
     code = (
         "import sys, fastapi_resilience\n"
-        "print(sorted(m for m in ('redis', 'prometheus_client', 'opentelemetry.sdk')"
+        "print(sorted(m for m in ('redis', 'prometheus_client', 'opentelemetry.sdk', 'watchfiles')"
         " if m in sys.modules))\n"
     )
     result = subprocess.run(

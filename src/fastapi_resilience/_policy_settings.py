@@ -30,6 +30,7 @@ __all__ = [
     "merge_policies",
     "read_policies_file",
     "resolve_policy",
+    "validate_policies",
 ]
 
 Criticality = Literal["critical", "standard", "best_effort"]
@@ -260,3 +261,23 @@ def merge_policies(
         _check_name(str(name), "policies")
         merged[name] = resolve_policy(from_file.get(name, {}), top)
     return merged
+
+
+def validate_policies(merged: Any) -> dict[str, PolicySettings]:
+    """``merge_policies``' result, each policy validated.
+
+    Raises:
+        ValueError: naming each bad value by its key path (``inventory.retry.max_delay``).
+    """
+    if not isinstance(merged, Mapping):
+        raise ValueError(f"policies: expected a table of policies, got {type(merged).__name__}")
+    policies: dict[str, PolicySettings] = {}
+    problems: list[str] = []
+    for name, values in merged.items():
+        try:
+            policies[name] = PolicySettings.model_validate(values)
+        except ValidationError as exc:
+            problems += [f"{name}.{error_path(err)}: {_message(err)}" for err in exc.errors()]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return policies

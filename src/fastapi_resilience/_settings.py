@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fastapi_resilience._limits import parse_limits
-from fastapi_resilience._policy_settings import PolicySettings, merge_policies, read_policies_file
+from fastapi_resilience._policy_settings import (
+    PolicySettings,
+    merge_policies,
+    read_policies_file,
+    validate_policies,
+)
 from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.problems._render import DEFAULT_TYPE_BASE
@@ -156,6 +170,12 @@ class ResilienceSettings(BaseSettings):
     policies: dict[str, PolicySettings] = Field(default_factory=dict)
     #: A TOML file of policy tables (``[inventory.breaker] failure_threshold = 5``).
     policies_file: Path | None = None
+    #: Reload ``policies_file`` when it changes (with the ``reload`` extra, ``watchfiles``).
+    policies_reload: bool = True
+
+    #: What the environment and code declared for ``policies``, before the file went under
+    #: it: a reload merges the file's new tables under this again (ADR 0072).
+    _policies_above_file: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def __init__(self, **values: Any) -> None:
         _reject_unknown_env(type(self))
@@ -172,16 +192,34 @@ class ResilienceSettings(BaseSettings):
                 f"{name} (env {ENV_PREFIX}{name.upper()}): not valid JSON ({exc.__cause__})"
             ) from None
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _merge_policies(cls, data: Any) -> Any:
+    def _merge_policies(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         # Before the fields are checked: the file's tables go under what the environment and
         # code declared, and each policy's preset under both (ADR 0071).
         if not isinstance(data, dict) or not ("policies" in data or "policies_file" in data):
-            return data
+            return handler(data)
         path = data.get("policies_file")
         from_file = read_policies_file(Path(path)) if path not in (None, "") else {}
-        return {**data, "policies": merge_policies(from_file, data.get("policies"))}
+        declared = data.get("policies")
+        settings = handler({**data, "policies": merge_policies(from_file, declared)})
+        if isinstance(declared, dict):
+            # Kept, so that a reload of the file leaves the layers above it winning.
+            settings._policies_above_file = copy.deepcopy(declared)
+        return settings
+
+    def reread_policies(self) -> dict[str, PolicySettings]:
+        """Every policy as ``policies_file`` says now, under the environment and code read at
+        start-up (which still win, field by field); nothing else is read again.
+
+        Raises:
+            ValueError: the file cannot be read or is not valid (file and line or key named),
+                or a policy with it is not (policy and key named).
+        """
+        if self.policies_file is None:
+            raise ValueError("policies_file is not set")
+        from_file = read_policies_file(self.policies_file)
+        return validate_policies(merge_policies(from_file, self._policies_above_file))
 
     @field_validator("correlation_header", "rate_limit_api_key_header")
     @classmethod

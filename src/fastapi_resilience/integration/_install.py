@@ -52,6 +52,11 @@ from fastapi_resilience.operations._tracing import subscribe_span_events
 from fastapi_resilience.outbound._breaker import default_registry
 from fastapi_resilience.outbound._bulkhead import default_bulkhead_registry
 from fastapi_resilience.outbound._policies import default_policies
+from fastapi_resilience.outbound._policy_file import (
+    PolicyFileWatcher,
+    reload_available,
+    warn_reload_missing,
+)
 from fastapi_resilience.problems._handlers import (
     install_exception_handlers,
 )
@@ -164,6 +169,7 @@ def install(
         # The named policies' guards, registered by name before the admin API and degraded
         # mode look for them. An app that declares none leaves another app's in force.
         default_policies.configure(settings.policies, clock=clock, events=resilience.events)
+        resilience.policy_watcher = _policy_watcher(resilience)
     # Breakers and bulkheads report on this app's bus, and open breakers degrade readiness.
     watch_outbound(resilience)
     if settings.admin_token is not None:
@@ -225,6 +231,24 @@ def _error_analytics(resilience: Resilience) -> ErrorAnalytics:
         ) from None
     record_outbound_failures(analytics)
     return analytics
+
+
+def _policy_watcher(resilience: Resilience) -> PolicyFileWatcher | None:
+    """What reloads ``policies_file`` when it changes, started with the app (ADR 0072)."""
+    settings = resilience.settings
+    path = settings.policies_file
+    if path is None or not settings.policies_reload:
+        return None
+    if not reload_available():
+        warn_reload_missing(path)
+        return None
+    return PolicyFileWatcher(
+        path,
+        settings.reread_policies,
+        loaded=settings.policies,
+        table=default_policies,
+        events=resilience.events,
+    )
 
 
 def _start_mounted_apps(app: FastAPI, resilience: Resilience) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from fastapi_resilience.operations._errors import ErrorAnalytics, ProblemRecorder
     from fastapi_resilience.operations._metrics import MetricsSources
     from fastapi_resilience.outbound._dead_letter import DeadLetterQueue, ReplayHandler
+    from fastapi_resilience.outbound._policy_file import PolicyFileWatcher
     from fastapi_resilience.ratelimit._limiter import RateLimiter
 
 __all__ = ["Resilience"]
@@ -70,6 +72,9 @@ class Resilience:
                 clock=clock,
                 events=self.events,
             )
+        #: Reloads the named policies when ``policies_file`` changes; ``None`` without the
+        #: file, with ``policies_reload`` off, or without ``watchfiles``.
+        self.policy_watcher: PolicyFileWatcher | None = None
         #: The error analytics behind ``GET {admin_path}/api/errors`` and the dashboard.
         self.analytics: ErrorAnalytics | None = None
         #: What the problem renderer records each problem answer of the app's requests with.
@@ -107,10 +112,16 @@ class Resilience:
                 raise
             except ValueError as exc:  # a dependency on an unknown check, a cycle
                 raise ConfigurationError(str(exc)) from None
+        if self.policy_watcher is not None:
+            # Started by hand outside a loop (a test of the checks): nothing to watch from.
+            with contextlib.suppress(RuntimeError):
+                self.policy_watcher.start()
 
     async def stop(self) -> None:
         """Close what ``install()`` opened (the rate-limit storage), mounted installs' too."""
         try:
+            if self.policy_watcher is not None:
+                await self.policy_watcher.stop()
             if self.health_monitor is not None:
                 # First: its checks may use what the rest closes (the rate-limit storage).
                 await self.health_monitor.stop()
