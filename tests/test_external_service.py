@@ -218,3 +218,18 @@ def test_base_url_and_policy_are_required() -> None:
     with pytest.raises(ConfigurationError, match="policy"):
         NoPolicy()
     assert Stock("http://127.0.0.1:2").base_url == "http://127.0.0.1:2"
+
+
+async def test_an_undeclared_policy_stops_the_start_up_once_registered(
+    upstream: UvicornProcess,
+) -> None:
+    """Building a service asks nothing of the settings (a module may build one at import);
+    registering it does, so the app's start-up refuses a policy the settings do not declare."""
+
+    class Undeclared(Stock):
+        policy = "undeclared"
+
+    Undeclared(upstream.url)  # no client yet: nothing is refused
+    with pytest.raises(ConfigurationError, match="'undeclared' is used at"):
+        async with app_with(Undeclared(upstream.url)):
+            pass

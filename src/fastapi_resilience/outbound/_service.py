@@ -85,11 +85,26 @@ class ExternalService:
         self._transport = transport
         self._client_options = dict(client_options or {})
         self._clock = clock
-        self.client = self._new_client()
+        self._client: httpx.AsyncClient | None = None
+        self._probe: httpx.AsyncClient | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """``resilient_client(base_url, policy=policy)``, made on first use or by
+        :meth:`register`: a module that builds a service at import asks nothing of the
+        settings until the service is used (then an undeclared policy is refused)."""
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    @property
+    def _probe_client(self) -> httpx.AsyncClient:
         # The health check's own pool, through no guard: a probe must neither count towards
         # the breaker nor be refused by it while it is open.
-        self._probe = self._new_probe()
-        self._retiring: set[asyncio.Task[None]] = set()
+        if self._probe is None:
+            self._probe = self._new_probe()
+        return self._probe
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -135,14 +150,14 @@ class ExternalService:
     async def healthy(self) -> bool:
         """The readiness check: ``GET health_path`` answers 2xx."""
         assert self.health_path is not None
-        response = await self._probe.get(self.health_path)
+        response = await self._probe_client.get(self.health_path)
         return response.is_success
 
     async def reconnect(self) -> None:
         """The check's recovery action: new connection pools (the old ones may hold
         connections to a server that went away); calls in flight finish on the old ones."""
-        old = (self.client, self._probe)
-        self.client, self._probe = self._new_client(), self._new_probe()
+        old = [c for c in (self._client, self._probe) if c is not None]
+        self._client, self._probe = self._new_client(), self._new_probe()
         task = asyncio.get_running_loop().create_task(_close_later(old, RETIRE_AFTER))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -156,7 +171,12 @@ class ExternalService:
     ) -> None:
         """Add the health check (with ``health_path``) to ``resilience.health``, recovered by
         :meth:`reconnect` and then ``recover``; with ``app``, close the clients after its
-        shutdown (call it after ``install()``, so the health monitor stops first)."""
+        shutdown (call it after ``install()``, so the health monitor stops first).
+
+        It makes the client, so the app's start-up refuses the policy if it is not declared.
+        """
+        if self._client is None:
+            self._client = self._new_client()
         if self.health_path is not None:
             resilience.health.add(
                 self.name,
@@ -173,8 +193,9 @@ class ExternalService:
         for task in tuple(self._retiring):
             task.cancel()  # closes its clients now
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        await self.client.aclose()
-        await self._probe.aclose()
+        for client in (self._client, self._probe):
+            if client is not None:
+                await client.aclose()
 
     async def __aenter__(self) -> ExternalService:
         return self
