@@ -147,15 +147,10 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
         depends_on=[inventory.breaker.name],
         description="live stock from the inventory upstream",
     )
-    # Watched in the background when the health monitor runs (the example turns it on): a
-    # failing upstream is reported in /health/ready, and a new connection pool is tried.
-    resilience.health.add(
-        "inventory_upstream",
-        inventory.healthy,
-        critical=False,
-        timeout=1.0,
-        recover=[inventory.reconnect],
-    )
+    # The upstream's readiness check, watched in the background when the health monitor runs
+    # (the example turns it on): a failing upstream is reported in /health/ready, and new
+    # connection pools are tried. The service's clients close after the app's shutdown.
+    inventory.catalog.register(resilience, app=app, recover=[inventory.reconnect])
     # Parked reservations, listed and replayed through the admin API and the dashboard.
     resilience.use_dead_letters(inventory.dead_letters, replay=inventory.replay)
     # POST /login: 5 a minute per client, on top of the tier's limit.

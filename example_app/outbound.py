@@ -13,9 +13,11 @@ One read, from the outside in::
   with ``Retry-After``, or 502 ``retries_exhausted``).
 - ``GET /inventory/{sku}/availability``: never fails because of the upstream: a fallback
   answers ``"available": null, "degraded": true`` when there is nothing better.
-- ``GET /catalog/{sku}``: the same read in one line, through ``resilient_client`` (the
-  ``ResilientTransport`` applies cache, retry, breaker and timeout per host); the upstream's
-  JSON is passed on with the transport's ``Cache-Status`` header.
+- ``GET /catalog/{sku}``: the same read through :class:`InventoryService`, an
+  ``ExternalService`` whose client applies the named policy ``catalog`` (cache, retry, breaker,
+  bulkhead and timeout, declared in the settings: ``example_app.rate_limits.POLICIES``); the
+  upstream's JSON is passed on with the transport's ``Cache-Status`` header. The service also
+  brings the ``inventory_upstream`` readiness check, with its recovery action.
 - ``GET /inventory/{sku}/live``: the stock straight from the upstream, no cache: the
   ``inventory`` feature, off (503 ``feature_unavailable``, ``X-Degraded: inventory``) while the
   inventory breaker is open, back on by itself once the upstream answers again.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from fastapi import APIRouter, Depends, Response
@@ -37,10 +39,10 @@ from fastapi.responses import JSONResponse
 from fastapi_resilience import (
     Bulkhead,
     CircuitBreaker,
+    ExternalService,
     Retry,
     RetryBudget,
     requires_feature,
-    resilient_client,
 )
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.exceptions import (
@@ -63,7 +65,9 @@ __all__ = [
     "INVENTORY_FEATURE",
     "INVENTORY_URL_ENV",
     "RECOVERY_ENV",
+    "CatalogEntry",
     "Inventory",
+    "InventoryService",
     "build_router",
     "inventory",
     "router",
@@ -82,6 +86,35 @@ class InventoryError(UpstreamError):
     def __init__(self, status: int) -> None:
         super().__init__(f"Inventory answered {status}.", extensions={"upstream_status": status})
         self.upstream_status = status
+
+
+class CatalogEntry(NamedTuple):
+    """A stock answer and the ``Cache-Status`` it came with (``None``: not through a cache)."""
+
+    body: dict[str, Any]
+    cache_status: str | None
+
+
+class InventoryService(ExternalService):
+    """The inventory upstream declared once: its policy, its health route, how it answers.
+
+    The policy is ``catalog``: the hand-built guards of :class:`Inventory` already own the
+    name ``inventory`` in the breaker and bulkhead registries.
+    """
+
+    policy = "catalog"
+    name = "inventory_upstream"
+    health_path = "/health"
+    health_critical = False  # without it, orders still work: the app is degraded, not down
+    health_timeout = 1.0
+
+    def parse(self, response: httpx.Response) -> CatalogEntry:
+        status = response.headers.get(CACHE_STATUS_HEADER)
+        return CatalogEntry({**response.json(), "stale": "ttl=-" in (status or "")}, status)
+
+    async def stock(self, sku: str) -> CatalogEntry:
+        entry: CatalogEntry = await self.get(f"/stock/{sku}")
+        return entry
 
 
 class Inventory:
@@ -115,33 +148,18 @@ class Inventory:
         )
         self.cache = ResponseCache(ttl=5.0, stale_ttl=600.0, name="inventory", clock=clock)
         self.dead_letters = MemoryDeadLetterQueue(1000, clock=clock)
-        # The one-line way: every guard per host, inside the httpx transport.
-        self.catalog = resilient_client(
-            base_url,
-            transport=transport,
-            attempts=3,
-            base_delay=0.05,
-            max_delay=0.5,
-            failure_threshold=3,
-            recovery_timeout=10.0,
-            timeout=2.0,
-            cache=ResponseCache(ttl=5.0, stale_ttl=600.0, name="catalog", clock=clock),
-            clock=clock,
-        )
+        # The declarative way: the guards are the named policy's, declared in the settings.
+        self.catalog = InventoryService(base_url, transport=transport, clock=clock)
 
     def _new_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=self._base_url, transport=CorrelationIdTransport(self._transport), timeout=2.0
         )
 
-    async def healthy(self) -> bool:
-        """The readiness check of the upstream: its own health route, through no guard."""
-        response = await self.client.get("/health", timeout=1.0)
-        return response.status_code == 200
-
     async def reconnect(self) -> None:
-        """The check's recovery action: a new connection pool (the old one may hold
-        connections to a server that went away); calls in flight finish on the old one."""
+        """A recovery action of the upstream's check (after the service's own): a new
+        connection pool (the old one may hold connections to a server that went away); calls
+        in flight finish on the old one."""
         old, self.client = self.client, self._new_client()
         task = asyncio.get_running_loop().create_task(_close_later(old))
         self._retired.add(task)
@@ -210,13 +228,10 @@ def build_router(inv: Inventory) -> APIRouter:
 
     @api.get("/catalog/{sku}")
     async def catalog(sku: str, response: Response) -> Any:
-        upstream = await inv.catalog.get(f"/stock/{sku}")
-        if upstream.status_code == 404:
-            raise NotFoundError(f"No such sku {sku!r}.")
-        status = upstream.headers.get(CACHE_STATUS_HEADER)
-        if status:
-            response.headers[CACHE_STATUS_HEADER] = status
-        return {**upstream.json(), "stale": "ttl=-" in (status or "")}
+        entry = await inv.catalog.stock(sku)  # a 404 is NotFoundError, a 5xx an UpstreamError
+        if entry.cache_status:
+            response.headers[CACHE_STATUS_HEADER] = entry.cache_status
+        return entry.body
 
     @api.get("/inventory/{sku}/availability")
     async def availability(sku: str, response: Response) -> dict[str, Any]:

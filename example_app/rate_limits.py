@@ -45,6 +45,17 @@ API_KEYS = {
     "demo-premium-key": "premium",
 }
 
+#: The named outbound policies: ``catalog`` guards the inventory upstream's catalog reads
+#: (``example_app.outbound.InventoryService``).
+POLICIES: dict[str, Any] = {
+    "catalog": {
+        "breaker": {"failure_threshold": 3, "recovery_timeout": 10.0},
+        "retry": {"attempts": 3, "base_delay": 0.05, "max_delay": 0.5},
+        "timeout": 2.0,
+        "cache": {"ttl": 5.0, "stale_ttl": 600.0},
+    },
+}
+
 #: Five login attempts a minute per client, whatever its tier: password guessing stays slow.
 login_limit = rate_limit("5/minute")
 
@@ -58,7 +69,8 @@ async def login() -> dict[str, str]:
 
 
 def example_settings(**overrides: Any) -> ResilienceSettings:
-    """Settings with the example's tiers and keys, unless the environment sets its own.
+    """Settings with the example's tiers, keys and policies, unless the environment sets its
+    own.
 
     The admin API stays off unless ``RESILIENCE_ADMIN_TOKEN`` is set (``make run`` sets a
     demo one for the loopback)."""
@@ -71,5 +83,9 @@ def example_settings(**overrides: Any) -> ResilienceSettings:
         values["rate_limit_tiers"] = TIERS
         if "RESILIENCE_RATE_LIMIT_API_KEYS" not in os.environ:
             values["rate_limit_api_keys"] = API_KEYS
+    # Policies from the environment (or a file it names) replace these: code would win over
+    # them field by field.
+    if not any(key.startswith("RESILIENCE_POLICIES") for key in os.environ):
+        values["policies"] = POLICIES
     values.update(overrides)
     return ResilienceSettings(**values)

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from loopback import UvicornProcess
 
 from example_app.outbound import Inventory, build_router
+from example_app.rate_limits import POLICIES
 from fastapi_resilience import ResilienceSettings, install
 from fastapi_resilience.testing import ManualClock
 
@@ -38,7 +39,9 @@ async def _setup(
     clock = ManualClock()
     inventory = Inventory(upstream.url, clock=clock)
     app = FastAPI()
-    settings = ResilienceSettings(admin_token=ADMIN_TOKEN, rate_limit_enabled=False)
+    settings = ResilienceSettings(
+        admin_token=ADMIN_TOKEN, rate_limit_enabled=False, policies=POLICIES
+    )
     resilience = install(app, settings, clock=clock)
     resilience.use_dead_letters(inventory.dead_letters, replay=inventory.replay)
     app.include_router(build_router(inventory))

@@ -219,3 +219,12 @@ def test_named_policies_are_at_the_top_and_in_outbound() -> None:
     assert fastapi_resilience.policy is outbound.policy
     for name in ("Policy", "PolicyGuards", "PolicySettings", "PolicyTable", "default_policies"):
         assert name in outbound.__all__, name
+
+
+def test_external_service_is_at_the_top_and_in_outbound() -> None:
+    """``ExternalService`` sits next to ``resilient_client`` at the top level and in
+    ``outbound``: the same class in both."""
+    from fastapi_resilience import outbound
+
+    assert "ExternalService" in fastapi_resilience.__all__
+    assert fastapi_resilience.ExternalService is outbound.ExternalService

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from fastapi_resilience.outbound._response_cache import cached
     from fastapi_resilience.outbound._retry import Retry
     from fastapi_resilience.outbound._retry_budget import RetryBudget
+    from fastapi_resilience.outbound._service import ExternalService
     from fastapi_resilience.outbound._transport import resilient_client
     from fastapi_resilience.problems._handlers import install_exception_handlers
     from fastapi_resilience.ratelimit._routes import rate_limit
@@ -94,6 +95,7 @@ __all__ = [  # noqa: RUF022 - grouped by what an app author does
     "Bulkhead",
     "CircuitBreaker",
     "DegradedMode",
+    "ExternalService",
     "Retry",
     "RetryBudget",
     "cached",
@@ -164,6 +166,7 @@ _EXPORTS = {
     "policy": "fastapi_resilience.outbound._policies",
     "remaining": "fastapi_resilience.outbound._deadline",
     "resilient_client": "fastapi_resilience.outbound._transport",
+    "ExternalService": "fastapi_resilience.outbound._service",
     "timeout": "fastapi_resilience.outbound._deadline",
     "watch_outbound": "fastapi_resilience.integration._dependencies",
 }

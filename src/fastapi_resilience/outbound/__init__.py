@@ -1,8 +1,8 @@
 """Guarded outbound calls for implementers: registries, stores, caches, transports, dead letters.
 
 App authors find the everyday names at the top level (``CircuitBreaker``, ``Retry``,
-``Bulkhead``, ``fallback``, ``cached``, ``timeout``, ``resilient_client``); the names here
-build on them.
+``Bulkhead``, ``fallback``, ``cached``, ``timeout``, ``resilient_client``,
+``ExternalService``); the names here build on them.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
         current_cache_status,
         record_cache_status,
     )
+    from fastapi_resilience.outbound._service import ExternalService
     from fastapi_resilience.outbound._sse import ServerSentEvent, SSEParser, sse_events
     from fastapi_resilience.outbound._stream import STREAM_EXTENSION
     from fastapi_resilience.outbound._transport import HostPolicy, ResilientTransport
@@ -88,6 +89,7 @@ __all__ = [
     "CorrelationIdTransport",
     "DeadLetter",
     "DeadLetterQueue",
+    "ExternalService",
     "Hedge",
     "HostPolicy",
     "JsonSerializer",
@@ -181,5 +183,6 @@ _EXPORTS = {
     "ServerSentEvent": "fastapi_resilience.outbound._sse",
     "sse_events": "fastapi_resilience.outbound._sse",
     "STREAM_EXTENSION": "fastapi_resilience.outbound._stream",
+    "ExternalService": "fastapi_resilience.outbound._service",
 }
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
