@@ -241,3 +241,51 @@ def test_without_watchfiles_install_warns_once_naming_the_extra(
     (warning,) = [r for r in caplog.records if "watchfiles" in r.getMessage()]
     assert "fastapi-resilience[reload]" in warning.getMessage()
     assert str(path) in warning.getMessage()
+
+
+HELD = """\
+[inventory]
+timeout = 30.0
+retry = {{ attempts = 1 }}
+
+[inventory.breaker]
+failure_threshold = {threshold}
+
+[inventory.bulkhead]
+max_concurrent = 200
+max_waiting = 0
+"""
+
+
+async def test_calls_in_flight_finish_across_a_reload(tmp_path: Path) -> None:
+    """100 calls in flight while the file changes: none fails because of the change, and the
+    next calls run under the new policy."""
+    path = tmp_path / "policies.toml"
+    path.write_text(HELD.format(threshold=5), encoding="utf-8")
+    app, events = reload_app(path)
+    release = asyncio.Event()
+
+    async def held() -> str:
+        await release.wait()
+        return "done"
+
+    @app.get("/held")
+    async def held_route(inventory: Annotated[Policy, Depends(policy("inventory"))]) -> str:
+        return await inventory.call(held)
+
+    async with started(app) as client:
+        calls = [asyncio.create_task(client.get("/held")) for _ in range(100)]
+        await asyncio.sleep(0.2)  # every call is inside the policy, waiting
+        replace(path, HELD.format(threshold=3))
+
+        async def applied() -> bool:
+            return await threshold(client) == 3
+
+        await eventually(applied)
+        release.set()
+        answers = await asyncio.gather(*calls)
+        after = await client.get("/held")
+    assert [a.status_code for a in answers] == [200] * 100
+    assert {a.json() for a in answers} == {"done"}
+    assert after.status_code == 200
+    assert [e.kind for e in events if e.kind.startswith("policy.")] == ["policy.changed"]
