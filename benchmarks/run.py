@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _report
+from benchmarks import _charts, _report
 from benchmarks._loop import loop_name
 from benchmarks._procs import ROOT, server_options
 from benchmarks._wrk import WrkSettings, wrk_version
@@ -44,6 +44,7 @@ from benchmarks.micro import BASELINES, MICRO_CASES, run_micro
 SECTIONS = ("http", "micro", "client")
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DOC_PATH = ROOT / "docs" / "benchmarks.md"
+CHARTS_DIR = ROOT / "docs" / "images"
 
 #: Distributions whose versions go into the report (missing ones are left out).
 PACKAGES = (
@@ -115,6 +116,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--baseline",
         metavar="REF",
         help="also serve the full stack from this git commit, in the same run",
+    )
+    parser.add_argument(
+        "--charts-from",
+        type=Path,
+        metavar="FILE",
+        help="draw the PNG charts from this results JSON and exit, without measuring",
+    )
+    parser.add_argument(
+        "--charts-dir", type=Path, default=CHARTS_DIR, help="where the PNG charts are written"
     )
     parser.add_argument("--list", action="store_true", help="list every registered name and exit")
     args = parser.parse_args(argv)
@@ -219,8 +229,30 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def draw_charts(raw: dict[str, Any], out_dir: Path) -> bool:
+    """Draw the charts; without matplotlib, say so in one line instead of a traceback."""
+    try:
+        _charts.draw_charts(raw, out_dir, log=_log)
+    except _charts.ChartsUnavailable as exc:
+        print(f"no charts: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def charts_from(path: Path, out_dir: Path) -> int:
+    """``--charts-from``: redraw the charts of an earlier run from its results JSON."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"--charts-from {path}: {exc}", file=sys.stderr)
+        return 2
+    return 0 if draw_charts(raw, out_dir) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.charts_from is not None:
+        return charts_from(args.charts_from, args.charts_dir)
     if args.list:
         for title, registry in (
             ("http", list(VARIANTS)),
@@ -338,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_doc and (args.write_doc or not partial):
         _report.update_doc(args.doc, generated)
         print(f"rewrote {args.doc}")
+        # Only with the doc: the images it shows then match its tables. A missing matplotlib
+        # costs the charts, not the run just measured.
+        draw_charts(raw, args.charts_dir)
     return 0
 
 
