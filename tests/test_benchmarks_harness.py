@@ -374,3 +374,122 @@ def test_idle_servers_option_defaults_to_zero_and_rejects_negatives(
     with pytest.raises(SystemExit):
         parse_args(["--idle-servers", "-1"])
     assert "--idle-servers must be at least 0" in capsys.readouterr().err
+
+
+def _chart_results() -> dict[str, Any]:
+    """A small results structure shaped as ``benchmarks.run`` writes it."""
+
+    def http(variant: str, description: str, group: str, capacity: float | None) -> dict[str, Any]:
+        return {
+            "variant": variant,
+            "description": description,
+            "group": group,
+            "capacity_ratio": capacity,
+            "capacity_min": None if capacity is None else capacity - 0.02,
+            "capacity_max": None if capacity is None else capacity + 0.01,
+        }
+
+    def micro(case: str, description: str, group: str, overhead_ns: float) -> dict[str, Any]:
+        return {
+            "case": case,
+            "description": description,
+            "group": group,
+            "overhead_ns": overhead_ns,
+            "overhead_min_ns": overhead_ns * 0.9,
+            "overhead_max_ns": overhead_ns * 1.1,
+            "unavailable": None,
+        }
+
+    return {
+        "info": {},
+        "http": {
+            "summaries": [
+                http("bare", "FastAPI, nothing added", "foundation", 1.0),
+                http("noop_asgi", "a no-op (reference)", "foundation", 0.99),
+                http("resilience_errors_ids", "fastapi-resilience ids", "foundation", 0.9),
+                http("asgi_correlation_id", "asgi-correlation-id (peer)", "foundation", 0.85),
+                http("slowapi_memory", "slowapi (peer)", "rate_limit", 0.3),
+                http("refused_memory", "fastapi-resilience refusals", "flood", None),
+            ]
+        },
+        "micro": [
+            micro("plain_await", "baseline", "baseline", 0.0),
+            micro("resilience_breaker", "fastapi-resilience breaker", "breaker", 370.0),
+            micro("pybreaker_async", "pybreaker (peer)", "breaker", 18_870.0),
+            micro("resilience_retry", "fastapi-resilience retry", "retry", 340.0),
+            {**micro("stamina_decorator", "stamina (peer)", "retry", 0.0), "unavailable": "no"},
+        ],
+    }
+
+
+def test_charts_group_bars_as_the_tables_and_tell_peers_apart() -> None:
+    """bare is the 1.0 line, not a bar; a variant without capacity is left out."""
+    from benchmarks import _charts
+
+    raw = _chart_results()
+    capacity = _charts.capacity_bars(raw["http"]["summaries"])
+    assert {g: [b.label for b in bars] for g, bars in capacity.items()} == {
+        "foundation": ["noop_asgi", "resilience_errors_ids", "asgi_correlation_id"],
+        "rate_limit": ["slowapi_memory"],
+    }
+    assert [b.kind for b in capacity["foundation"]] == ["reference", "library", "peer"]
+    overhead = _charts.overhead_bars(raw["micro"])
+    assert [b.label for b in overhead["retry"]] == ["resilience_retry"]  # stamina did not run
+    assert overhead["breaker"][1].value == pytest.approx(18.87)
+
+
+def test_charts_from_writes_both_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--charts-from`` redraws both charts from a results file, without measuring."""
+    from benchmarks import _charts
+    from benchmarks.run import main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_chart_results()))
+    assert main(["--charts-from", str(results), "--charts-dir", str(tmp_path / "images")]) == 0
+    for name in (_charts.CAPACITY_PNG, _charts.OVERHEAD_PNG):
+        data = (tmp_path / "images" / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(data) > 10_000
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_charts_draw_what_the_results_hold_and_say_what_they_skip(tmp_path: Path) -> None:
+    """A run without the micro section still gets its capacity chart."""
+    from benchmarks import _charts
+
+    raw = _chart_results()
+    del raw["micro"]
+    lines: list[str] = []
+    written = _charts.draw_charts(raw, tmp_path, log=lines.append)
+    assert [p.name for p in written] == [_charts.CAPACITY_PNG]
+    assert not (tmp_path / _charts.OVERHEAD_PNG).exists()
+    assert any(line.startswith(f"skipped {_charts.OVERHEAD_PNG}") for line in lines)
+
+
+def test_charts_without_matplotlib_say_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No traceback: one line naming the package, a non-zero exit, no file written."""
+    import sys
+
+    from benchmarks.run import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes ``import matplotlib`` fail
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_chart_results()))
+    assert main(["--charts-from", str(results), "--charts-dir", str(tmp_path / "images")]) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib" in err
+    assert "pip install" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "images").exists()
+
+
+def test_charts_from_a_missing_file_is_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong path is reported in one line, not a traceback."""
+    from benchmarks.run import main
+
+    assert main(["--charts-from", str(tmp_path / "nope.json")]) == 2
+    assert "--charts-from" in capsys.readouterr().err
