@@ -110,7 +110,12 @@ def test_well_formed_limit_strings_parse_to_what_they_say(
         assert parse_limits(str(limit)) == (limit,)
 
 
-@given(st.builds(Limit, st.integers(1, 10**12), st.integers(1, 10**12)))
+_ANY_PERIOD = st.integers(1, 10**12) | st.builds(
+    int.__mul__, st.integers(1, 10**4), st.sampled_from(sorted(_UNIT_SECONDS.values()))
+)
+
+
+@given(st.builds(Limit, st.integers(1, 10**12), _ANY_PERIOD))
 def test_every_limit_prints_to_a_string_that_parses_back(limit: Limit) -> None:
     """``str(limit)`` of any limit parses back to an equal limit."""
     assert parse_limits(str(limit)) == (limit,)
@@ -330,7 +335,14 @@ def test_forwarded_for_names_the_documented_client(
 
 @given(
     peer=st.none() | _spelled(_ANY_ADDRESS | _TRUSTED_ADDRESS),
-    forwarded=st.lists(st.binary(max_size=80) | _LATIN_1.map(str.encode), max_size=3),
+    forwarded=st.lists(
+        st.binary(max_size=80)
+        | _LATIN_1.map(lambda text: text.encode("latin-1"))
+        | st.lists(_spelled(_ANY_ADDRESS | _TRUSTED_ADDRESS), max_size=3).map(
+            lambda pairs: ", ".join(text for text, _ in pairs).encode()
+        ),
+        max_size=3,
+    ),
 )
 def test_forwarded_for_of_arbitrary_bytes_never_raises(
     peer: tuple[str, _Address] | None, forwarded: list[bytes]
@@ -440,28 +452,38 @@ def test_any_app_error_subclass_answers_valid_problem_json(
 # --- 5. The rate-limit algorithm against an exact sliding log -----------------------------------
 
 #: Units a request may cost; a cost above a limit's amount is never admitted by it.
-_COSTS = st.integers(1, 4)
-_PERIODS = st.sampled_from([1, 2, 3, 10, 60, 120])
-#: Gaps between arrivals in 1/1024 s steps (exact in binary): up to about 150 s.
+_COSTS = st.integers(1, 3) | st.just(1)
+#: Periods whose buckets (1/60 of the period) are whole seconds, and short ones that are not.
+_PERIODS = st.sampled_from([60, 120, 60, 1, 3])
+#: Gaps between arrivals: whole seconds (bucket edges), about one or two periods of 60 s plus
+#: a fraction (inside a bucket), and steps of 1/1024 s (exact in binary) up to 3 s or 150 s.
 _GAPS = st.one_of(
-    st.just(0),
-    st.integers(0, 2048),
-    st.integers(0, 150 * 1024),
-).map(lambda steps: steps / 1024)
+    st.integers(0, 130),
+    st.sampled_from([0, 1, 59, 60, 61, 62, 119, 120, 121, 122]),
+    st.builds(
+        lambda whole, steps: whole + steps / 1024,
+        st.sampled_from([0, 1, 2, 59, 60, 119, 120]),
+        st.integers(0, 1023),
+    ),
+    st.integers(0, 3 * 1024).map(lambda steps: steps / 1024),
+    st.integers(0, 150 * 1024).map(lambda steps: steps / 1024),
+)
 
 
 @st.composite
 def _scenarios(draw: st.DrawFn) -> tuple[list[LimitCheck], list[tuple[float, int]]]:
     """One to three limits (some report-only) and the requests: (gap before it, cost)."""
     limits = draw(
-        st.lists(st.builds(Limit, st.integers(1, 8), _PERIODS), min_size=1, max_size=3, unique=True)
+        st.lists(
+            st.builds(Limit, st.integers(1, 20), _PERIODS), min_size=1, max_size=3, unique=True
+        )
     )
     shadows = draw(st.lists(st.booleans(), min_size=len(limits), max_size=len(limits)))
     checks = [
         LimitCheck(f"id:{index}", limit, shadow=shadow)
         for index, (limit, shadow) in enumerate(zip(limits, shadows, strict=True))
     ]
-    requests = draw(st.lists(st.tuples(_GAPS, _COSTS), min_size=1, max_size=80))
+    requests = draw(st.lists(st.tuples(_GAPS, _COSTS), min_size=1, max_size=120))
     return checks, requests
 
 
@@ -474,7 +496,14 @@ def _costed(checks: Sequence[LimitCheck], cost: int) -> list[LimitCheck]:
     return [LimitCheck(c.key, c.limit, cost=cost, shadow=c.shadow) for c in checks]
 
 
+_ONE_PER_MINUTE = [LimitCheck("id:0", Limit(1, 60))]
+
+
 @given(_scenarios())
+# The edges of the documented precision: a unit is free one bucket after its period, not later
+# (b), and not before its own period has passed, inside its bucket (a).
+@example((_ONE_PER_MINUTE, [(0, 1), (61, 1)]))
+@example((_ONE_PER_MINUTE, [(0.5, 1), (59.75, 1)]))
 def test_memory_limiter_agrees_with_an_exact_sliding_log(
     scenario: tuple[list[LimitCheck], list[tuple[float, int]]],
 ) -> None:
