@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
 from loopback import RedisServer, require_binary
 
 # The one private import the tests keep: the library has no public handle on the registries
@@ -22,6 +23,13 @@ from fastapi_resilience.outbound import (
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
+
+# Property tests (tests/test_properties.py): the same examples on every run, a bounded number of
+# them, and no per-example deadline (a shared CI core may pause any one of them).
+settings.register_profile(
+    "resilience", derandomize=True, max_examples=200, deadline=None, print_blob=True
+)
+settings.load_profile("resilience")
 
 
 @pytest.fixture(name="redis_server")
