@@ -146,13 +146,6 @@ def test_arbitrary_text_parses_or_raises_configuration_error(text: str) -> None:
     assert "invalid limit string" in refusal
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "parse_limits('1' * 4301 + '/minute') raises a plain ValueError (Python's limit on "
-        "int() of more than 4300 digits), not ConfigurationError"
-    ),
-)
 @settings(max_examples=10)
 @given(st.integers(4_301, 6_000).map(lambda digits: "1" * digits + "/minute"))
 def test_numbers_of_any_length_parse_or_raise_configuration_error(text: str) -> None:

@@ -67,6 +67,10 @@ class Limit:
         return f"{self.amount}-{self.period}s"
 
 
+#: The longest amount or multiple a limit string may hold (a billion billions).
+_MAX_DIGITS = 18
+
+
 def parse_limit(text: str) -> Limit:
     """Parse one limit string; raises ``ConfigurationError`` naming the string."""
     match = _LIMIT.fullmatch(text)
@@ -74,8 +78,13 @@ def parse_limit(text: str) -> Limit:
         raise ConfigurationError(
             f"invalid limit string {text!r}: expected e.g. '10/minute' or '100 per 2 hours'"
         )
-    amount = int(match["amount"])
-    multiple = int(match["multiple"] or 1)
+    digits = match["amount"], match["multiple"] or "1"
+    if any(len(d.lstrip("0")) > _MAX_DIGITS for d in digits):
+        # int() refuses very long numbers with a bare ValueError; no limit needs them.
+        raise ConfigurationError(
+            f"invalid limit string {text[:80]!r}: numbers of at most {_MAX_DIGITS} digits"
+        )
+    amount, multiple = int(digits[0]), int(digits[1])
     if amount < 1 or multiple < 1:
         raise ConfigurationError(f"invalid limit string {text!r}: amount and period must be >= 1")
     return Limit(amount, multiple * _UNITS[match["unit"].lower()])
