@@ -271,3 +271,20 @@ async def test_installed_rate_limiter_picks_the_tier_compartment() -> None:
         anonymous = await client.get("/which")
     assert premium.json() == {"compartment": "api:premium"}
     assert anonymous.json() == {"compartment": "api:free"}
+
+
+async def test_a_smaller_bulkhead_lets_no_waiter_in_past_its_new_size() -> None:
+    bulkhead = Bulkhead("shrunk", max_concurrent=4, max_waiting=4, registry=None)
+    for _ in range(4):
+        await bulkhead.acquire()
+    waiters = [asyncio.create_task(bulkhead.acquire()) for _ in range(4)]
+    await asyncio.sleep(0)
+    bulkhead.resize(max_concurrent=1, max_waiting=4)
+    for _ in range(4):
+        bulkhead.release()
+    await asyncio.sleep(0)
+    assert bulkhead.active <= 1
+    assert sum(task.done() for task in waiters) == 1
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)

@@ -451,3 +451,11 @@ async def test_the_policys_cache_serves_fresh_then_stale_answers() -> None:
         stale = await catalog.cached("sku-1", fetch)
     assert (first.status, again.status, stale.status) == ("miss", "hit", "stale")
     assert stale.value == "fresh"
+
+
+@pytest.mark.parametrize("criticality", [["critical"], {"a": 1}])
+def test_a_criticality_that_is_not_a_name_is_a_named_configuration_error(
+    criticality: object,
+) -> None:
+    with pytest.raises(ConfigurationError, match="criticality"):
+        ResilienceSettings(policies={"inv": {"criticality": criticality}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fastapi_resilience.exceptions import StreamCutError
 from fastapi_resilience.outbound import ServerSentEvent, SSEParser
 
 
@@ -121,3 +122,23 @@ def test_restart_keeps_the_last_id_and_drops_the_unfinished_event() -> None:
     ]
     parser.restart()
     assert parser.feed("data: next\n\n") == [ServerSentEvent("message", "next", "4")]
+
+
+def test_a_line_that_never_ends_is_refused_not_held() -> None:
+    parser = SSEParser()
+
+    def flood() -> None:
+        for _ in range(100):
+            parser.feed("data: " + "x" * 65536)
+
+    with pytest.raises(StreamCutError):
+        flood()
+
+
+def test_a_long_line_in_many_pieces_still_parses() -> None:
+    parser = SSEParser()
+    assert parser.feed("data: ") == []
+    for _ in range(1000):
+        assert parser.feed("y" * 100) == []
+    (event,) = parser.feed("\n\n")
+    assert event.data == "y" * 100_000
