@@ -16,6 +16,12 @@ from fastapi_resilience.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+#: The URL schemes of a Redis Cluster: plain TCP and TLS (``adr/0073``).
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Where a cluster URL's nodes are listed.
+CLUSTER_URL_FORM = "redis+cluster://[user:password@]host:port[,host:port...]"
 
 
 class _NeverRaised(Exception):
@@ -48,19 +54,131 @@ def tracing_installed() -> bool:
         return False
 
 
-def redis_from_url(url: str, setting: str) -> Redis:
+class ClusterURL:
+    """A ``redis+cluster://`` URL taken apart: its seed nodes, and the single-node URL of the
+    first one, which carries the credentials, TLS and query options to every node."""
+
+    __slots__ = ("first_url", "nodes")
+
+    def __init__(self, first_url: str, nodes: list[tuple[str, int]]) -> None:
+        self.first_url = first_url
+        self.nodes = nodes
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme.lower() in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Take a cluster URL apart, without importing redis (settings validate with it).
+
+    Raises:
+        ValueError: not a cluster URL, no node, a node without a host or with a bad port, or
+            a database other than 0 (a cluster has one). The message never repeats the
+            credentials.
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"expected {CLUSTER_URL_FORM}")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    if slash and path not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0, not {path!r}")
+    userinfo, at, hosts = netloc.rpartition("@")
+    nodes = [_cluster_node(entry) for entry in hosts.split(",")]
+    first_host, first_port = nodes[0]
+    host = f"[{first_host}]" if ":" in first_host else first_host
+    first = f"{scheme.partition('+')[0]}://{userinfo}{at}{host}:{first_port}/0"
+    return ClusterURL(first + (f"?{query}" if query else ""), nodes)
+
+
+def _cluster_node(entry: str) -> tuple[str, int]:
+    """``host:port`` (``[v6 address]:port``) of one seed node; the port is required, since
+    cluster nodes seldom listen on the default one."""
+    host, colon, port = entry.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or any(c in host for c in "[]/\\ \t"):
+        raise ValueError(f"node {entry!r} is not host:port; expected {CLUSTER_URL_FORM}")
+    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"node {entry!r} has no valid port (1-65535)")
+    return host, int(port)
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes when it has one: the text between the first
+    ``{`` and the next ``}``, if not empty; ``None`` when the whole key is hashed."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if end > start + 1 else None
+
+
+def same_slot_key(key: str, suffix: str) -> str:
+    """A key named after ``key`` plus ``suffix`` that lies in ``key``'s cluster hash slot:
+    ``key + suffix`` when ``key`` has a hash tag, else ``{key}`` plus ``suffix`` (the tag
+    ``{key}`` hashes exactly as the plain ``key`` does).
+
+    Raises:
+        ValueError: ``key`` holds braces but no hash tag, so no other key shares its slot
+            for certain.
+    """
+    if hash_tag(key) is not None:
+        return key + suffix
+    if "{" in key or "}" in key:
+        raise ValueError(f"{key!r} holds braces but no hash tag such as '{{name}}'")
+    return f"{{{key}}}{suffix}"
+
+
+def is_cluster_client(client: object) -> bool:
+    """Whether ``client`` is a ``redis.asyncio.cluster.RedisCluster`` (nothing is imported:
+    a cluster client exists only once its module was)."""
+    return isinstance(client, _class_of("redis.asyncio.cluster", "RedisCluster"))
+
+
+def _class_of(module: str, name: str) -> type:
+    """``module.name`` if ``module`` is imported and it is a class, else a class nothing is
+    an instance of."""
+    loaded = sys.modules.get(module)
+    found = getattr(loaded, name, None) if loaded is not None else None
+    return found if isinstance(found, type) else _Nothing
+
+
+class _Nothing:
+    """Stands for a class of a library that is not imported: nothing is an instance of it."""
+
+
+def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisCluster:
     """A Redis client for ``url``; ``setting`` names where the URL came from in the errors.
+
+    ``redis://``, ``rediss://`` and ``unix://`` give a ``redis.asyncio.Redis``;
+    ``redis+cluster://`` and ``rediss+cluster://`` a ``redis.asyncio.cluster.RedisCluster``
+    seeded with every node listed. ``options`` go to the client. Nothing connects yet.
 
     Raises:
         ConfigurationError: the ``redis`` extra is not installed, or ``url`` is not a Redis URL.
     """
     try:
         from redis.asyncio import Redis
+        from redis.exceptions import RedisError
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ConfigurationError(
             f"{setting} needs the redis extra: pip install 'fastapi-resilience[redis]'"
         ) from exc
+    if not is_cluster_url(url):
+        try:
+            return Redis.from_url(url, **options)
+        except ValueError as exc:
+            raise ConfigurationError(f"{setting} is not a valid Redis URL: {exc}") from exc
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
     try:
-        return Redis.from_url(url)
-    except ValueError as exc:
-        raise ConfigurationError(f"{setting} is not a valid Redis URL: {exc}") from exc
+        parsed = parse_cluster_url(url)
+        seeds = [ClusterNode(host, port) for host, port in parsed.nodes[1:]]
+        return RedisCluster.from_url(parsed.first_url, startup_nodes=seeds, **options)
+    except (ValueError, TypeError, RedisError) as exc:
+        raise ConfigurationError(f"{setting} is not a valid Redis Cluster URL: {exc}") from exc

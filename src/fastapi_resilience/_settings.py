@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from fastapi_resilience._limits import parse_limits
+from fastapi_resilience._optional import is_cluster_url, parse_cluster_url
 from fastapi_resilience._policy_settings import (
     PolicySettings,
     merge_policies,
@@ -36,7 +37,14 @@ __all__ = ["ENV_PREFIX", "ResilienceSettings"]
 ENV_PREFIX = "RESILIENCE_"
 #: Variables under this prefix set one field of one named policy (nested delimiter ``__``).
 _POLICY_ENV_PREFIX = f"{ENV_PREFIX}POLICIES__"
-_STORAGE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+_STORAGE_SCHEMES = (
+    "memory://",
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 #: What a route path never holds: a query, a fragment, whitespace or a control character.
 _NOT_IN_A_PATH = re.compile(r"[?#\s\x00-\x1f\x7f]")
 #: The routes ``install()`` serves under ``health_path``.
@@ -247,6 +255,9 @@ class ResilienceSettings(BaseSettings):
     def _storage(cls, value: str) -> str:
         if not value.startswith(_STORAGE_SCHEMES):
             raise ValueError(f"{value!r}: expected one of {', '.join(_STORAGE_SCHEMES)}...")
+        if is_cluster_url(value):
+            # The node list is checked now, so a typo fails at start-up, not at a request.
+            parse_cluster_url(value)
         return value
 
     @field_validator("rate_limit_tiers")

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from fastapi_resilience._optional import redis_from_url
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.outbound._breaker import (
     CLOSED,
@@ -31,6 +32,7 @@ from fastapi_resilience.outbound._breaker import (
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["RedisBreakerStore"]
 
@@ -165,7 +167,9 @@ def _decode(value: Any) -> str:
 class RedisBreakerStore:
     """Keeps breakers' state in Redis so that all instances of an app share it.
 
-    One store serves any number of breakers (one hash each, under ``prefix + name``).
+    One store serves any number of breakers (one hash each, under ``prefix + name``). Every
+    script touches that one key, so a Redis Cluster serves it as well (``from_url`` with
+    ``redis+cluster://host:port[,host:port...]``, or a ``RedisCluster`` client).
 
     .. code-block:: python
 
@@ -173,7 +177,7 @@ class RedisBreakerStore:
         inventory = CircuitBreaker("inventory", state_store=store)
 
     Args:
-        client: a ``redis.asyncio.Redis`` client.
+        client: a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` client.
         prefix: key prefix.
         refresh_interval: at most this often (seconds) a closed breaker fetches the shared
             state in the background; its calls never wait for it.
@@ -187,7 +191,7 @@ class RedisBreakerStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         prefix: str = "fastapi_resilience:breaker:",
         refresh_interval: float = 0.1,
@@ -229,6 +233,22 @@ class RedisBreakerStore:
         self._down_since: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._orphans: set[asyncio.Future[Any]] = set()
+        self._owns_client = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisBreakerStore:
+        """A store on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``,
+        ``redis+cluster://`` or ``rediss+cluster://``), closed by ``aclose``; ``options`` are
+        the constructor's.
+
+        Raises:
+            ConfigurationError: ``url`` is not a Redis URL, or the ``redis`` extra is missing.
+
+        .. versionadded:: 0.2
+        """
+        store = cls(redis_from_url(url, "RedisBreakerStore url"), **options)
+        store._owns_client = True
+        return store
 
     @property
     def available(self) -> bool:
@@ -384,10 +404,13 @@ class RedisBreakerStore:
         raise TimeoutError(f"Redis did not answer within {self.timeout:g}s")
 
     async def aclose(self) -> None:
-        """Wait for background calls, then for abandoned (cancelled) ones to wind down."""
+        """Wait for background calls, then for abandoned (cancelled) ones to wind down; close
+        the client ``from_url`` made."""
         await self.flush()
         if self._orphans:
             await asyncio.wait(tuple(self._orphans))
+        if self._owns_client:
+            await self.client.aclose()
 
     def _mark_down(self, breaker: CircuitBreaker, exc: BaseException) -> None:
         first = self._down_since is None

@@ -29,7 +29,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from fastapi_resilience._optional import exception_of, redis_from_url
+from fastapi_resilience._optional import (
+    exception_of,
+    is_cluster_client,
+    redis_from_url,
+    same_slot_key,
+)
 from fastapi_resilience._tally import DEAD_LETTERS
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.correlation._ids import get_correlation_id
@@ -38,6 +43,7 @@ from fastapi_resilience.exceptions import AppError, ConfigurationError, Conflict
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = [
     "DeadLetter",
@@ -381,8 +387,14 @@ class RedisDeadLetterQueue(DeadLetterQueue):
     key's entry is kept beside the stream (the hash ``<stream>:keys``) exactly as long as the
     entry is in it: adding, requeueing, deleting and trimming change both in one script.
 
+    On a Redis Cluster the script's two keys must lie in one hash slot: the hash is
+    ``{<stream>}:keys`` and the lock ``{<stream>}:replay-lock`` (``{dlq}`` hashes as ``dlq``
+    does), or ``<stream>:keys`` when the stream's name has a hash tag of its own.
+
     Args:
-        url: ``redis://`` URL; or pass ``client=`` an existing ``redis.asyncio.Redis``.
+        url: ``redis://`` URL, or ``redis+cluster://host:port[,host:port...]`` for a Redis
+            Cluster; or pass ``client=`` an existing ``redis.asyncio.Redis`` or
+            ``redis.asyncio.cluster.RedisCluster``.
         stream: the stream key.
         maxlen: the cap on entries.
         timeout: the longest one Redis call may take.
@@ -395,7 +407,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
         self,
         url: str | None = None,
         *,
-        client: Redis | None = None,
+        client: Redis | RedisCluster | None = None,
         stream: str = "dlq",
         maxlen: int = 10_000,
         timeout: float = 1.0,
@@ -411,10 +423,12 @@ class RedisDeadLetterQueue(DeadLetterQueue):
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         super().__init__(clock=clock, events=events)
         self._owns_client = client is None
-        self._redis: Redis = (
+        self._redis: Redis | RedisCluster = (
             client if client is not None else redis_from_url(url or "", "RedisDeadLetterQueue url")
         )
         self.stream = stream
+        #: The hash of key -> entry id, and the replay lock (in the stream's slot on a cluster).
+        self._keys_hash, self._lock_key = _companion_keys(stream, is_cluster_client(self._redis))
         self.maxlen = maxlen
         self.timeout = timeout
         self.replay_lock_ttl = replay_lock_ttl
@@ -449,7 +463,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
     @property
     def _keys(self) -> list[str]:
         """The stream, and the hash that holds the id of each key's entry."""
-        return [self.stream, f"{self.stream}:keys"]
+        return [self.stream, self._keys_hash]
 
     def _script_args(self, letter: DeadLetter) -> list[str | int]:
         return [letter.to_json(), self.maxlen, letter.key or ""]
@@ -507,7 +521,7 @@ class RedisDeadLetterQueue(DeadLetterQueue):
 class _RedisReplayLock:
     def __init__(self, queue: RedisDeadLetterQueue) -> None:
         self._queue = queue
-        self._key = f"{queue.stream}:replay-lock"
+        self._key = queue._lock_key
         self._token = uuid.uuid4().hex
 
     async def __aenter__(self) -> None:
@@ -521,6 +535,19 @@ class _RedisReplayLock:
         # Delete the lock only if it is still ours (it may have expired and been retaken).
         queue = self._queue
         await queue._run(queue._redis.eval(_RELEASE_LOCK, 1, self._key, self._token))
+
+
+def _companion_keys(stream: str, cluster: bool) -> tuple[str, str]:
+    """The names of the keys-hash and the replay lock of ``stream``; on a cluster, in its slot.
+
+    The single-Redis names stay as they always were, so a queue keeps its keys on upgrade.
+    """
+    if not cluster:
+        return f"{stream}:keys", f"{stream}:replay-lock"
+    try:
+        return same_slot_key(stream, ":keys"), same_slot_key(stream, ":replay-lock")
+    except ValueError as exc:
+        raise ConfigurationError(f"RedisDeadLetterQueue stream on a Redis Cluster: {exc}") from None
 
 
 #: Lua shared by the scripts below. KEYS[1] is the stream, KEYS[2] the hash of key -> entry id.

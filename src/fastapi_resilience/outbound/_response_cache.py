@@ -46,6 +46,7 @@ from fastapi_resilience.outbound._deadline import not_the_upstreams_failure
 if TYPE_CHECKING:
     import httpx
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = [
     "CACHE_STALE_SERVED",
@@ -341,7 +342,8 @@ class ResponseCache:
             stale-if-error; ``0`` turns stale serving off.
         max_entries: L1 bound; to make room, entries past their stale window go first, then
             the least recently used.
-        redis_url: optional ``redis://`` URL of the L2 (or pass ``redis=`` a client).
+        redis_url: optional ``redis://`` URL of the L2, or ``redis+cluster://host:port,...`` for a
+            Redis Cluster (or pass ``redis=`` a client). Each L2 call touches one key.
         prefix: Redis key prefix; keys are hashed, so any string is a valid key.
         name: the cache's name in events and in ``Cache-Status``.
         l2_timeout: the longest a Redis call may hold a request (seconds).
@@ -363,7 +365,7 @@ class ResponseCache:
         stale_ttl: float | timedelta = 0.0,
         max_entries: int = 1024,
         redis_url: str | None = None,
-        redis: Redis | None = None,
+        redis: Redis | RedisCluster | None = None,
         prefix: str = "rc:",
         name: str = DEFAULT_CACHE_NAME,
         clock: Clock = SYSTEM_CLOCK,
@@ -400,7 +402,7 @@ class ResponseCache:
             max_entries, _slot_expiry, timer=clock.monotonic
         )
         self._inflight: dict[str, asyncio.Future[Any]] = {}
-        self._redis: Redis | None = redis
+        self._redis: Redis | RedisCluster | None = redis
         if redis is None and redis_url is not None:
             self._redis = redis_from_url(redis_url, "redis_url")
         self._owns_redis = redis is None

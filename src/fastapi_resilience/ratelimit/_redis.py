@@ -9,6 +9,10 @@ Keys: ``<prefix>{<identity>}:<key>:<amount>-<period>s`` holds the bucket log (a 
 ``bucket, count`` pairs, newest first) and the same name plus ``:n`` its total. The ``{identity}``
 hash tag puts every key of one call in one Redis Cluster slot. Both keys expire when their
 newest bucket leaves the window, so idle identities vanish.
+
+On a Redis Cluster (a ``redis.asyncio.cluster.RedisCluster`` client, ``redis+cluster://``) each
+check is one ``EVALSHA`` that the client sends to its identity's slot; the checks are not
+coalesced, since one pipelined write goes to one server (``adr/0073``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from redis.asyncio import Redis
@@ -35,6 +39,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - tested in a subprocess 
         name=exc.name,
     ) from exc
 
+from fastapi_resilience._optional import is_cluster_client, is_cluster_url, redis_from_url
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.ratelimit._storage import (
     DEFAULT_STORAGE_TIMEOUT,
     Decision,
@@ -44,6 +50,9 @@ from fastapi_resilience.ratelimit._storage import (
     bucket_width_ms,
     positive_seconds,
 )
+
+if TYPE_CHECKING:
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["CHECK_SCRIPT", "CHECK_SCRIPT_SHA", "RedisStorage"]
 
@@ -365,11 +374,14 @@ class RedisStorage:
     """Counts in Redis, shared by every app process that uses the same server and prefix.
 
     Args:
-        client: a ``redis.asyncio.Redis``; build one with short timeouts through ``from_url``.
-        prefix: the start of every key this storage writes.
+        client: a ``redis.asyncio.Redis`` or a ``redis.asyncio.cluster.RedisCluster``; build
+            one with short timeouts through ``from_url``.
+        prefix: the start of every key this storage writes; on a cluster it may hold no
+            braces, so that ``{identity}`` is the hash tag of every key.
         coalesce: send the checks that arrive in the same event-loop turn as one pipelined
             write (each still its own ``EVALSHA``); measured in ``adr/0010``. Off, each check
-            is one ``execute_command`` on its own pooled connection.
+            is one ``execute_command`` on its own pooled connection. A cluster client never
+            coalesces.
         timeout: seconds one batch may take when coalescing (the socket timeouts apply
             otherwise).
 
@@ -381,17 +393,26 @@ class RedisStorage:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         prefix: str = "rl:",
         coalesce: bool = True,
         timeout: float = DEFAULT_STORAGE_TIMEOUT,
     ) -> None:
+        if is_cluster_client(client) and ("{" in prefix or "}" in prefix):
+            # A brace would make the prefix, not the identity, the hash tag (or none).
+            raise ConfigurationError(
+                f"rate_limit_key_prefix {prefix!r}: on a Redis Cluster the prefix may "
+                "hold no braces ({identity} is the hash tag of every key)"
+            )
         self.client = client
         self.prefix = prefix
-        self._coalescer = _Coalescer(client, timeout) if coalesce else None
+        # One pipelined write goes to one server: a cluster client sends each check alone.
+        self._coalescer = (
+            _Coalescer(client, timeout) if coalesce and isinstance(client, Redis) else None
+        )
         #: No check waits longer than this, measured as "no answer received" (coalescing only).
-        self.call_timeout: float | None = timeout if coalesce else None
+        self.call_timeout: float | None = timeout if self._coalescer is not None else None
         self._args: dict[tuple[int, int, int, bool], bytes] = {}
         self._counts: dict[int, bytes] = {}
 
@@ -410,6 +431,9 @@ class RedisStorage:
         A failed command is retried once on a fresh connection only when the connection was
         refused or broken (a pooled connection left over from before a Redis restart), never
         after a timeout, so one call never waits much longer than ``timeout``.
+
+        ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for TLS) gives a
+        ``RedisCluster`` client seeded with those nodes; it finds the others itself.
         """
         timeout = positive_seconds(timeout, "storage timeout")
         options: dict[str, Any] = {
@@ -420,6 +444,9 @@ class RedisStorage:
             "driver_info": None,
         }
         options.update(client_options)
+        if is_cluster_url(url):
+            client = redis_from_url(url, "rate_limit_storage", **options)
+            return cls(client, prefix=prefix, coalesce=False, timeout=timeout)
         return cls(
             Redis.from_url(url, **options), prefix=prefix, coalesce=coalesce, timeout=timeout
         )
@@ -501,14 +528,12 @@ class RedisStorage:
         client = self.client
         try:
             try:
-                result = await client.execute_command(  # type: ignore[no-untyped-call]
+                result = await client.execute_command(
                     "EVALSHA", CHECK_SCRIPT_SHA, len(keys), *keys, *args
                 )
             except NoScriptError:
                 # SCRIPT FLUSH or a restart emptied the cache: EVAL runs it and caches it again.
-                result = await client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVAL", CHECK_SCRIPT, len(keys), *keys, *args
-                )
+                result = await client.execute_command("EVAL", CHECK_SCRIPT, len(keys), *keys, *args)
         except _STORAGE_ERRORS as exc:
             raise _unavailable(exc) from exc
         return result  # type: ignore[no-any-return]
@@ -551,13 +576,9 @@ class RedisStorage:
         client = self.client
         try:
             try:
-                return await client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", sha, len(keys), *keys, *args
-                )
+                return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             except NoScriptError:
-                return await client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVAL", script, len(keys), *keys, *args
-                )
+                return await client.execute_command("EVAL", script, len(keys), *keys, *args)
         except _STORAGE_ERRORS as exc:
             raise _unavailable(exc) from exc
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from fastapi_resilience._optional import CLUSTER_SCHEMES
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import ConfigurationError
@@ -108,7 +109,8 @@ def storage_from_url(
     ``"memory://"`` is the in-process default (``clock`` and ``max_keys`` apply);
     ``"redis://host:port/db"``, ``"rediss://..."`` and ``"unix:///path?db=0"`` give a shared
     Redis storage whose keys start with ``prefix`` and whose connect and read timeouts are
-    ``timeout`` seconds (default 0.25).
+    ``timeout`` seconds (default 0.25); ``"redis+cluster://host:port[,host:port...]"`` (and
+    ``"rediss+cluster://..."``) the same storage on a Redis Cluster seeded with those nodes.
 
     Raises:
         ConfigurationError: the URL's scheme is unknown, or the ``redis`` extra is missing.
@@ -124,7 +126,7 @@ def storage_from_url(
     timeout = positive_seconds(timeout, "storage timeout")
     if scheme == "memory":
         return MemoryStorage(clock=clock, max_keys=max_keys or DEFAULT_MAX_KEYS)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
         try:
             from fastapi_resilience.ratelimit._redis import RedisStorage
         except ImportError as exc:  # pragma: no cover - the extra is installed in tests
@@ -135,7 +137,7 @@ def storage_from_url(
         return RedisStorage.from_url(url, prefix=prefix, timeout=timeout)
     raise ConfigurationError(
         f"rate_limit_storage {url!r}: unknown scheme {scheme!r} "
-        "(expected memory, redis, rediss or unix)"
+        "(expected memory, redis, rediss, unix, redis+cluster or rediss+cluster)"
     )
 
 
