@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
 from fastapi_resilience._asgi.routes import dependency_calls, flat_routes
 from fastapi_resilience.integration._dependencies import GUARD_ATTR
 from fastapi_resilience.integration._middleware import RequestDeadlineMiddleware
 from fastapi_resilience.operations._degraded import FEATURE_ATTR
 from fastapi_resilience.outbound._policies import Policy
-from fastapi_resilience.problems._handlers import request_validation_handler
+from fastapi_resilience.problems._handlers import (
+    http_exception_handler,
+    request_validation_handler,
+)
 from fastapi_resilience.problems._render import PROBLEM_CONTENT_TYPE
 from fastapi_resilience.ratelimit._memory import MemoryStorage
 from fastapi_resilience.ratelimit._routes import RateLimit
@@ -375,6 +379,11 @@ class _Documenter:
                 "(`invalid_input`).",
                 VALIDATION_PROBLEM_SCHEMA,
             )
+        if getattr(route, "body_field", None) is not None and self.problems and free("400"):
+            # FastAPI's own answer to a body it cannot parse, rendered by the library.
+            responses["400"] = self._problem(
+                "Bad request (`bad_request`): the request's body could not be parsed."
+            )
         if answers.refusals and free("429"):
             responses["429"] = self._problem(
                 "Too many requests (`rate_limited`): " + "; ".join(answers.refusals) + ".",
@@ -480,9 +489,13 @@ class _Documenter:
         return "While the app runs degraded: the features that are off, comma-separated."
 
     def _problem_handlers(self) -> bool:
-        """Whether the app's 422 is the library's (an app may register its own handler)."""
+        """Whether the app's 400 and 422 are the library's (an app may register its own
+        handlers)."""
         handlers = getattr(self.app, "exception_handlers", {})
-        return handlers.get(RequestValidationError) is request_validation_handler
+        return (
+            handlers.get(RequestValidationError) is request_validation_handler
+            and handlers.get(HTTPException) is http_exception_handler
+        )
 
     def _drop_unused(self, names: list[str]) -> None:
         """Drop FastAPI's validation components once no operation refers to them."""
