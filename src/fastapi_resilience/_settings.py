@@ -172,6 +172,12 @@ class ResilienceSettings(BaseSettings):
     #: List the admin API in the OpenAPI schema. Off by default: it is for operators.
     admin_in_schema: bool = False
 
+    # The OpenAPI schema
+    #: Document in the app's OpenAPI schema the answers the library adds to its routes (422
+    #: and 500 as problem+json, 429, 502, 503 and 504 where something in force can answer
+    #: them, and the headers): docs/openapi.md. Off: FastAPI's schema as it is.
+    openapi_responses: bool = True
+
     # Named outbound policies (``policy("inventory")``)
     #: Every named policy, each value in force: its criticality's preset, then the
     #: ``policies_file``, then the environment, then code, field by field.

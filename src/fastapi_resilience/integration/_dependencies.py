@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BREAKERS_CHECK_NAME",
+    "GUARD_ATTR",
     "breaker_dependency",
     "bulkhead_dependency",
     "deadline_dependency",
@@ -42,6 +43,9 @@ __all__ = [
 
 #: The readiness check ``watch_outbound`` adds.
 BREAKERS_CHECK_NAME = "breakers"
+#: Marks each dependency made here with what guards the route: ``(kind, name)``, where kind is
+#: ``"circuit breaker"``, ``"bulkhead"`` or ``"deadline"``; the OpenAPI schema reads it.
+GUARD_ATTR = "__fastapi_resilience_guard__"
 
 
 _breaker_deps: dict[tuple[str, int], Callable[[], CircuitBreaker]] = {}
@@ -76,6 +80,7 @@ def breaker_dependency(
 
         dependency.__name__ = f"breaker_{name}"
         dependency.__qualname__ = dependency.__name__
+        setattr(dependency, GUARD_ATTR, ("circuit breaker", name))
         _breaker_deps[key] = dependency
     return dependency
 
@@ -104,6 +109,7 @@ def bulkhead_dependency(
 
         dependency.__name__ = f"bulkhead_{name}"
         dependency.__qualname__ = dependency.__name__
+        setattr(dependency, GUARD_ATTR, ("bulkhead", name))
         _bulkhead_deps[key] = dependency
     return dependency
 
@@ -122,6 +128,7 @@ def deadline_dependency(
         with deadline(budget, clock=clock):
             yield
 
+    setattr(set_deadline, GUARD_ATTR, ("deadline", f"{budget}s"))
     return set_deadline
 
 

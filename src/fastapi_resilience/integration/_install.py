@@ -23,6 +23,7 @@ from fastapi_resilience.events import Event
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import HealthChecks, add_health_routes
 from fastapi_resilience.integration._dependencies import watch_outbound
+from fastapi_resilience.integration._openapi import document_openapi
 from fastapi_resilience.integration._resilience import Resilience
 from fastapi_resilience.integration._sub_apps import (
     refuse_websocket_route_limits,
@@ -149,6 +150,8 @@ def install(
         reraise=settings.raise_server_exceptions,
     )
     _cors_outside(app)
+    # The schema, built at the first /openapi.json, documents what the layer answers.
+    document_openapi(app, resilience)
     serve_mounted_apps(app, resilience)
     resilience.health.add(
         FEATURES_CHECK,

@@ -23,6 +23,7 @@ from starlette.routing import Host, Mount, Router, WebSocketRoute
 from fastapi_resilience._asgi.app_state import APP_STATE_NAME, OUTER_STATE_NAME
 from fastapi_resilience._settings import ResilienceSettings
 from fastapi_resilience.exceptions import AppError, ConfigurationError
+from fastapi_resilience.integration._openapi import document_openapi
 from fastapi_resilience.problems._handlers import http_exception_handler as problem_http_handler
 from fastapi_resilience.problems._handlers import install_exception_handlers
 from fastapi_resilience.problems._render import APP_STATE_KEY as PROBLEM_STATE_KEY
@@ -107,6 +108,8 @@ def serve_mounted_apps(app: Starlette, resilience: Any) -> list[MountedApp]:
         sub = mounted.app
         if sub is None:
             continue
+        # Its own schema documents what this app's layer answers on its routes.
+        document_openapi(sub, resilience, served_by=app, prefix=mounted.template)
         if mounted.installed:
             if limiter is not None:
                 limiter.exempt(_exempt_behind(mounted.template, sub.state.resilience))

@@ -38,6 +38,7 @@ from fastapi_resilience.outbound._breaker import (
 __all__ = [
     "DEGRADED_ENTERED",
     "DEGRADED_LEFT",
+    "FEATURE_ATTR",
     "FEATURE_DISABLED",
     "FEATURE_ENABLED",
     "DegradedMode",
@@ -492,7 +493,7 @@ async def _close_unavailable(scope: Scope, receive: Receive, send: Send) -> None
 # -- the dependency ----------------------------------------------------------------------
 
 #: The attribute that marks a ``requires_feature`` dependency with its feature's name.
-_FEATURE_ATTR = "__fastapi_resilience_feature__"
+FEATURE_ATTR = "__fastapi_resilience_feature__"
 #: ``requires_feature(name)``'s dependencies (the app's mode, found per request), by name.
 _app_mode_deps: dict[str, Callable[[Request], Awaitable[None]]] = {}
 
@@ -520,7 +521,7 @@ def requires_feature(
 
         dependency.__name__ = f"requires_feature_{name}"
         dependency.__qualname__ = dependency.__name__
-        setattr(dependency, _FEATURE_ATTR, name)
+        setattr(dependency, FEATURE_ATTR, name)
         made[name] = dependency
     return dependency
 
@@ -542,6 +543,6 @@ def _required_features(routes: Sequence[BaseRoute]) -> Iterator[tuple[str, str]]
     included routers' routes too."""
     for route in flat_routes(routes):
         for call in dependency_calls(getattr(route, "dependant", None)):
-            name = getattr(call, _FEATURE_ATTR, None)
+            name = getattr(call, FEATURE_ATTR, None)
             if name is not None:
                 yield getattr(route, "path", "?"), name
