@@ -175,6 +175,15 @@ class WorkerSample:
     worker_cpu_s: float
     redis: RedisDelta
 
+    @property
+    def reached_redis(self) -> bool:
+        """Every request went to Redis: no worker's storage failed open during the run.
+
+        After timeouts (a starved event loop) the guarded storage answers from memory until
+        Redis answers its probe; those requests cost Redis nothing and would flatter it.
+        """
+        return self.app == BARE or self.redis.evalsha >= 0.995 * self.requests
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSummary:
@@ -197,6 +206,8 @@ class WorkerSummary:
     redis_cpu_us: float
     redis_share: float
     errors: int
+    #: Runs in which a worker's storage failed open: left out of the Redis columns.
+    failed_open_runs: int
 
     @property
     def app_rps_per_worker(self) -> float:
@@ -296,6 +307,7 @@ def summarize_workers(samples: Sequence[WorkerSample]) -> list[WorkerSummary]:
         app = {s.round: s for s in samples if s.workers == workers and s.app == APP}
         ratios = [app[r].requests_per_sec / bare[r].requests_per_sec for r in app if r in bare]
         a, b = list(app.values()), list(bare.values())
+        reached = [s for s in a if s.reached_redis] or a
         summaries.append(
             WorkerSummary(
                 workers=workers,
@@ -310,11 +322,16 @@ def summarize_workers(samples: Sequence[WorkerSample]) -> list[WorkerSummary]:
                 bare_p99_ms=statistics.median(s.p99_ms for s in b),
                 bare_cpu_us=statistics.median(s.worker_cpu_s / s.requests * 1e6 for s in b),
                 app_cpu_us=statistics.median(s.worker_cpu_s / s.requests * 1e6 for s in a),
-                evalsha_per_request=statistics.median(s.redis.evalsha / s.requests for s in a),
-                commands_per_request=statistics.median(s.redis.commands / s.requests for s in a),
-                redis_cpu_us=statistics.median(s.redis.cpu_s / s.requests * 1e6 for s in a),
-                redis_share=statistics.median(s.redis.cpu_s / s.redis.wall_s for s in a),
+                evalsha_per_request=statistics.median(
+                    s.redis.evalsha / s.requests for s in reached
+                ),
+                commands_per_request=statistics.median(
+                    s.redis.commands / s.requests for s in reached
+                ),
+                redis_cpu_us=statistics.median(s.redis.cpu_s / s.requests * 1e6 for s in reached),
+                redis_share=statistics.median(s.redis.cpu_s / s.redis.wall_s for s in reached),
                 errors=sum(s.non_2xx + s.socket_errors for s in (*a, *b)),
+                failed_open_runs=sum(not s.reached_redis for s in a),
             )
         )
     return summaries
@@ -547,6 +564,19 @@ def workers_table(summaries: Sequence[WorkerSummary], cores: int) -> str:
     return _report.markdown_table(header, rows, "rrrrrrrrrrrrrl")
 
 
+def failed_open_note(summaries: Sequence[WorkerSummary]) -> str:
+    if not any(s.failed_open_runs for s in summaries):
+        return ""
+    where = ", ".join(
+        f"{n} of {s.rounds} with {s.workers}" for s in summaries if (n := s.failed_open_runs)
+    )
+    return (
+        f"In some runs ({where} worker(s)) a worker's storage timed out (0.25 s, its event loop "
+        "starved of CPU) and failed open, answering from memory until Redis answered its probe: "
+        "fewer `EVALSHA`s than requests. Those runs are left out of the Redis columns. "
+    )
+
+
 def workers_section(summaries: Sequence[WorkerSummary], cores: int) -> str:
     errors = sum(s.errors for s in summaries)
     return (
@@ -562,6 +592,7 @@ def workers_section(summaries: Sequence[WorkerSummary], cores: int) -> str:
         "*Redis CPU* is `used_cpu_user` + `used_cpu_sys` (`INFO cpu`) per request answered, "
         "and its share of one core over the run. Every request of wrk comes from one address: "
         "one identity, one key, a busy one. "
+        + failed_open_note(summaries)
         + (f"{errors} non-2xx answers or socket errors in all.\n" if errors else "")
         + "\n"
     )
@@ -631,11 +662,23 @@ def model_section(summaries: Sequence[WorkerSummary], ceiling: Sequence[CeilingS
                 *(_report.fmt_rate(k * per_shard * PLANNING_SHARE) for k in SHARDS if k > 1),
             ]
         )
+    workers = ""
+    one = next((s for s in summaries if s.workers == 1), None)
+    if one is not None and sources:
+        per_worker = 1e6 / one.app_cpu_us
+        per_shard = 1e6 / sources[0][1] * PLANNING_SHARE
+        workers = (
+            f"\nOne worker at a full core: 1 / worker CPU per request with 1 worker = "
+            f"{_report.fmt_rate(per_worker)} requests/s (bare FastAPI: "
+            f"{_report.fmt_rate(1e6 / one.bare_cpu_us)}). One shard at {PLANNING_SHARE:.0%} by the "
+            f"first row keeps up with about {per_shard / per_worker:.0f} such workers.\n"
+        )
     return (
         "## The model's figures from this run\n\n"
         "Limited requests per second, from Redis CPU per request alone (see "
         "[the model](#the-capacity-model) for what this assumes).\n\n"
         + _report.markdown_table(header, rows, "lr" + "r" * (len(header) - 2))
+        + workers
     )
 
 
@@ -677,6 +720,7 @@ def history_entry(
     return (
         f"### {info['date']}\n\n{conditions}{note}\n\n"
         + workers_table(summaries, cores)
+        + (f"\n{failed_open_note(summaries).rstrip()}\n" if failed_open_note(summaries) else "")
         + "\n"
         + ceiling_table(ceiling)
     )
