@@ -579,7 +579,7 @@ def failed_open_note(summaries: Sequence[WorkerSummary]) -> str:
 
 def workers_section(summaries: Sequence[WorkerSummary], cores: int) -> str:
     errors = sum(s.errors for s in summaries)
-    return (
+    text = (
         "## Workers on one host, one Redis\n\n"
         f"`uvicorn --workers N` serving `{APP}` (`install()` with Redis storage, headers on) and "
         "bare FastAPI with the same N, loaded by wrk from loopback one at a time.\n\n"
@@ -593,9 +593,9 @@ def workers_section(summaries: Sequence[WorkerSummary], cores: int) -> str:
         "and its share of one core over the run. Every request of wrk comes from one address: "
         "one identity, one key, a busy one. "
         + failed_open_note(summaries)
-        + (f"{errors} non-2xx answers or socket errors in all.\n" if errors else "")
-        + "\n"
+        + (f"{errors} non-2xx answers or socket errors in all." if errors else "")
     )
+    return text.rstrip() + "\n\n"
 
 
 def ceiling_table(samples: Sequence[CeilingSample]) -> str:
