@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 UPSTREAM_PORT ?= 8001
 
-.PHONY: install run test check lint format typecheck imports bench clean
+.PHONY: install run test check lint format typecheck imports bench bench-workers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,15 @@ bench: $(BENCH_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+## uvicorn --workers 1, 2, 4 sharing one private Redis, and Redis's ceiling for the limiter's
+## script; writes docs/scaling.md and appends to benchmarks/HISTORY.md (about 3 minutes).
+## A smoke run that keeps the docs: make bench-workers BENCH_ARGS=--quick
+bench-workers: $(BENCH_STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@command -v redis-benchmark >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-tools)
+	$(PY) -m benchmarks.workers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

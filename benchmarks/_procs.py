@@ -93,7 +93,7 @@ def server_options() -> list[str]:
 
 
 class UvicornServer:
-    """``python -m uvicorn <app> --factory`` (one worker) on a free loopback port."""
+    """``python -m uvicorn <app> --factory`` (one worker unless ``args`` say) on a free port."""
 
     def __init__(
         self,
@@ -102,6 +102,7 @@ class UvicornServer:
         env: Mapping[str, str],
         prefix: Sequence[str] = (),
         timeout_s: float = 20.0,
+        args: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         #: ``prefix`` runs the server under another program (valgrind); ``timeout_s`` bounds
@@ -119,6 +120,7 @@ class UvicornServer:
             "--port",
             str(self.port),
             *server_options(),
+            *args,
         ]
         self._env = {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
