@@ -160,7 +160,11 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     # (resilience.degraded.disable("exports")) or from the environment at start-up.
     resilience.degraded.feature("exports", paths=["/exports"])
 
-    @app.get("/exports/orders.csv", dependencies=[Depends(requires_feature("exports"))])
+    @app.get(
+        "/exports/orders.csv",
+        dependencies=[Depends(requires_feature("exports"))],
+        response_class=PlainTextResponse,  # so the schema says text/plain, as the answer is
+    )
     async def export_orders() -> PlainTextResponse:
         rows = [f"{o.id},{o.sku},{o.quantity},{o.status}" for o in store.all()]
         return PlainTextResponse("\n".join(["id,sku,quantity,status", *rows]) + "\n")

@@ -24,16 +24,20 @@ One read, from the outside in::
 - ``POST /inventory/{sku}/reserve``: not idempotent, so never retried; a failure is parked in
   the dead-letter queue (202), which an operator lists and replays through the admin API
   (``GET /resilience/api/dead-letters``, ``POST /resilience/api/dead-letters/replay``).
+
+Every value forwarded into an upstream URL is validated first (:data:`Sku`, :data:`Quantity`):
+one that could not be forwarded as it is (a control character, a slash, a dot segment, too
+long) is answered 422 problem+json, like any other invalid input, before a URL is built.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import httpx
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.responses import JSONResponse
 
 from fastapi_resilience import (
@@ -65,9 +69,12 @@ __all__ = [
     "INVENTORY_FEATURE",
     "INVENTORY_URL_ENV",
     "RECOVERY_ENV",
+    "SKU_PATTERN",
     "CatalogEntry",
     "Inventory",
     "InventoryService",
+    "Quantity",
+    "Sku",
     "build_router",
     "inventory",
     "router",
@@ -78,6 +85,23 @@ INVENTORY_URL_ENV = "EXAMPLE_INVENTORY_URL"
 RECOVERY_ENV = "EXAMPLE_INVENTORY_RECOVERY_SECONDS"
 #: The feature that needs the inventory upstream (and its breaker, of the same name).
 INVENTORY_FEATURE = "inventory"
+
+#: A SKU the example forwards into the upstream's URL path as it is: ASCII letters, digits,
+#: ``.``, ``_`` and ``-``, starting with a letter or digit (so never ``.`` or ``..``), at most
+#: 64 characters. Nothing in it needs escaping, so the upstream sees the SKU the caller sent.
+SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: The ``{sku}`` path parameter of every inventory route: anything else is a 422.
+Sku = Annotated[
+    str,
+    Path(
+        pattern=SKU_PATTERN,
+        max_length=64,
+        description="Letters, digits, '.', '_' and '-'; starts with a letter or digit.",
+        examples=["tea-earl-grey"],
+    ),
+]
+#: Units to reserve, forwarded as the upstream's ``qty`` query parameter.
+Quantity = Annotated[int, Query(ge=1, le=1000)]
 
 
 class InventoryError(UpstreamError):
@@ -221,20 +245,20 @@ def build_router(inv: Inventory) -> APIRouter:
     api = APIRouter(tags=["outbound"])
 
     @api.get("/inventory/{sku}")
-    async def get_stock(sku: str, response: Response) -> dict[str, Any]:
+    async def get_stock(sku: Sku, response: Response) -> dict[str, Any]:
         result = await inv.stock(sku)
         response.headers.update(result.headers)
         return _stock_body(result)
 
     @api.get("/catalog/{sku}")
-    async def catalog(sku: str, response: Response) -> Any:
+    async def catalog(sku: Sku, response: Response) -> Any:
         entry = await inv.catalog.stock(sku)  # a 404 is NotFoundError, a 5xx an UpstreamError
         if entry.cache_status:
             response.headers[CACHE_STATUS_HEADER] = entry.cache_status
         return entry.body
 
     @api.get("/inventory/{sku}/availability")
-    async def availability(sku: str, response: Response) -> dict[str, Any]:
+    async def availability(sku: Sku, response: Response) -> dict[str, Any]:
         result = await with_fallback(inv.stock, lambda error, sku: None, sku)
         if result is None:  # nothing cached and the upstream is down: a degraded answer
             return {"sku": sku, "available": None, "degraded": True, "stale": False}
@@ -247,11 +271,11 @@ def build_router(inv: Inventory) -> APIRouter:
         }
 
     @api.get("/inventory/{sku}/live", dependencies=[Depends(requires_feature(INVENTORY_FEATURE))])
-    async def live_stock(sku: str) -> dict[str, Any]:
+    async def live_stock(sku: Sku) -> dict[str, Any]:
         return await inv.fetch_stock(sku)
 
     @api.post("/inventory/{sku}/reserve")
-    async def reserve(sku: str, qty: int = 1) -> Any:
+    async def reserve(sku: Sku, qty: Quantity = 1) -> Any:
         try:
             return await inv.reserve(sku, qty)
         except ServerError as error:

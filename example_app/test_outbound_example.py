@@ -158,3 +158,43 @@ async def test_one_line_transport_route_also_degrades_to_stale(
     assert stale.headers["Cache-Status"] == (
         "catalog; fwd=stale; fwd-status=503; ttl=-1; detail=retries_exhausted"
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/catalog/%14%C3%81%C3%B8%09"),  # control characters: httpx refuses such a URL
+        ("GET", "/inventory/%F3%A4%A3%BD%0E"),
+        ("GET", "/inventory/%2E%2E/availability"),  # "..": the upstream's path would climb
+        ("GET", "/inventory/a%20b%25c"),
+        ("POST", "/inventory/%18T%C3%89/reserve"),
+        ("GET", "/catalog/" + "a" * 65),
+        ("GET", "/inventory/.hidden"),
+    ],
+)
+async def test_a_sku_that_cannot_be_forwarded_is_refused_with_422(
+    setup: tuple[httpx.AsyncClient, httpx.AsyncClient, ManualClock], method: str, path: str
+) -> None:
+    """A path value the example could not forward as it is answers 422 problem+json, like any
+    invalid input; the upstream is not called and no breaker counts it."""
+    client, control, _clock = setup
+    for _ in range(5):  # more than the breakers' threshold of 3
+        refused = await client.request(method, path)
+        assert refused.status_code == 422
+        assert refused.headers["content-type"] == "application/problem+json"
+        problem = refused.json()
+        assert problem["status"] == 422
+        assert [error["loc"] for error in problem["errors"]] == [["path", "sku"]]
+    assert await upstream_requests(control) == 0
+    assert (await client.get("/inventory/tea-earl-grey")).status_code == 200  # breaker closed
+
+
+@pytest.mark.parametrize("qty", ["0", "-3", "1001", "99999999999999999999"])
+async def test_a_quantity_out_of_range_is_refused_with_422(
+    setup: tuple[httpx.AsyncClient, httpx.AsyncClient, ManualClock], qty: str
+) -> None:
+    client, control, _clock = setup
+    refused = await client.post("/inventory/bolt/reserve", params={"qty": qty})
+    assert refused.status_code == 422
+    assert [error["loc"] for error in refused.json()["errors"]] == [["query", "qty"]]
+    assert await upstream_requests(control) == 0

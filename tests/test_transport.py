@@ -847,3 +847,63 @@ async def test_streaming_body_still_works(upstream: Upstream) -> None:
     async with client(upstream) as http, http.stream("GET", "/item") as response:
         body = b"".join([chunk async for chunk in response.aiter_bytes()])
     assert body == b'{"hit":1}'
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "error", "names"),
+    [
+        ("ftp://127.0.0.1/item", {}, httpx.InvalidURL, "the scheme must be http or https"),
+        ("http://127.0.0.1:99999/item", {}, httpx.InvalidURL, "the port is not in 1-65535"),
+        ("/item", {"x-note": "a\r\nX-Admin: yes"}, httpx.LocalProtocolError, "CR, LF, NUL"),
+        ("/item", {"x-note": " b"}, httpx.LocalProtocolError, "a space or tab at either end"),
+        ("/item", {"x note": "b"}, httpx.LocalProtocolError, "is not a token"),
+        # httpx refuses this one itself, before any transport: nothing wraps it either.
+        ("/item/\x14", {}, httpx.InvalidURL, "non-printable"),
+    ],
+)
+async def test_a_request_no_upstream_could_take_is_the_apps_error(
+    upstream: Upstream, url: str, headers: dict[str, str], error: type[Exception], names: str
+) -> None:
+    """A request that cannot be sent is raised as the httpx error naming the fault, at once:
+    not an UpstreamError, never retried, never counted by the host's breaker (threshold 2),
+    and no header value in the message."""
+    retried: list[object] = []
+    options = {"failure_threshold": 2, "on_retry": lambda *a: retried.append(a)}
+    async with client(upstream, attempts=3, base_delay=0.0, **options) as http:
+        for _ in range(5):
+            with pytest.raises(error, match=names) as info:
+                await http.get(url, headers=headers)
+            assert not isinstance(info.value, UpstreamError)
+            assert "X-Admin" not in str(info.value)
+        assert retried == []
+        assert upstream.hits == 0
+        assert (await http.get("/item")).status_code == 200  # the breaker stayed closed
+    assert upstream.hits == 1
+
+
+async def test_a_relative_url_without_a_base_url_says_so() -> None:
+    async with resilient_client(attempts=3, clock=ManualClock()) as http:
+        with pytest.raises(httpx.InvalidURL, match="relative URL: give the client a base_url"):
+            await http.get("/item")
+
+
+async def test_a_route_whose_call_cannot_be_sent_answers_500_not_502(upstream: Upstream) -> None:
+    """The app's own fault is an internal error (500, logged with its traceback), not an
+    upstream's failure (502 retries_exhausted) that would blame the upstream."""
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_middleware(CorrelationIdMiddleware)
+    http = resilient_client(upstream.url.replace("http://", "ftp://"), base_delay=0.0)
+
+    @app.get("/stock")
+    async def stock() -> Any:
+        return (await http.get("/item")).json()
+
+    async with (
+        http,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api,
+    ):
+        answer = await api.get("/stock")
+    assert answer.status_code == 500
+    assert answer.json()["code"] == "internal_error"
+    assert upstream.hits == 0

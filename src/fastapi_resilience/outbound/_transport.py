@@ -12,6 +12,10 @@ The quota gate and the outbound rate limit (ADR 0069) hold an attempt back, befo
 breaker trial or a bulkhead slot, while the upstream has said its quota is used up or while this
 client's own ``rate_limit`` is reached.
 
+A request that no upstream could be sent (a scheme other than http or https, no host, a port
+out of range, a header that breaks HTTP's framing) is refused before any of these, with the
+httpx error that names the fault (ADR 0076).
+
 Failures come out as the library's errors: a transport error is an :class:`UpstreamError`,
 a timeout an :class:`UpstreamTimeoutError`, a 5xx answer an :class:`UpstreamError` after
 retries (or the answer itself with ``raise_for_5xx=False``); retries that ran out raise
@@ -90,6 +94,7 @@ from fastapi_resilience.outbound._response_cache import (
 )
 from fastapi_resilience.outbound._retry import GiveupHook, Retry, RetryHook
 from fastapi_resilience.outbound._retry_budget import RetryBudget
+from fastapi_resilience.outbound._sendable import refuse_unsendable
 from fastapi_resilience.outbound._stream import (
     DEFAULT_STREAM_IDLE_TIMEOUT,
     StreamAwareClient,
@@ -507,6 +512,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         return list(self._policies)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # The app's own fault, before any guard: not retried, counted or timed (ADR 0076).
+        refuse_unsendable(request)
         started = perf_counter()
         try:
             response = await self._handle(request)
