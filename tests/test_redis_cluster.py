@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
-from loopback import RedisCluster, UvicornProcess, require_binary
+from loopback import RedisCluster, UvicornProcess, free_port, require_binary
 
 from fastapi_resilience import CircuitBreaker, ResilienceSettings, install, rate_limit
 from fastapi_resilience.events import Event, EventBus
@@ -27,6 +27,7 @@ from fastapi_resilience.outbound import (
     RedisBreakerStore,
     RedisDeadLetterQueue,
     ResponseCache,
+    dead_letter_on_failure,
 )
 from fastapi_resilience.ratelimit import storage_from_url
 from fastapi_resilience.testing import ManualClock
@@ -219,6 +220,40 @@ async def test_response_cache_level_two_is_shared(cluster: RedisCluster) -> None
     assert [entry.value["sku"] for entry in entries if entry is not None] == list(range(20))
 
 
+async def test_a_cluster_no_node_answers_is_a_storage_outage() -> None:
+    """Every seed node refuses the connection: the rate limit answers as in a single-Redis
+    outage (here fail open: 200), the dead-letter queue reports ``dlq.storage_down`` and leaves
+    the caller's own error on top, the cache falls back to computing, none raises redis' own
+    cluster error (a 500)."""
+    url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    app = limited_app(url)
+    bus = EventBus(log=False)
+    seen: list[str] = []
+    bus.subscribe(lambda event: seen.append(event.kind))
+    queue = RedisDeadLetterQueue(url, events=bus)
+    cache = ResponseCache(ttl=60, redis_url=url)
+
+    @dead_letter_on_failure(queue, "capture")
+    async def capture() -> None:
+        raise UpstreamError("payments down")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answer = await client.get("/limited", headers=by("198.51.100.7"))
+        with pytest.raises(UpstreamError, match="payments down"):
+            await capture()
+        assert await cache.get("stock:1") is None
+        assert not cache.l2_available
+    finally:
+        await app.state.resilience.rate_limiter.aclose()
+        await queue.aclose()
+        await cache.aclose()
+    assert answer.status_code == 200, answer.text
+    assert "dlq.storage_down" in seen
+    assert "dlq.record_failed" not in seen
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -227,6 +262,7 @@ async def test_response_cache_level_two_is_shared(cluster: RedisCluster) -> None
         "redis+cluster://127.0.0.1:7000,:7001",
         "redis+cluster://127.0.0.1:70000",
         "redis+cluster://127.0.0.1:7000/2",
+        "redis+cluster://127.0.0.1:7000?db=2",
     ],
 )
 def test_a_bad_cluster_url_fails_at_start_up_naming_the_setting(url: str) -> None:

@@ -164,7 +164,7 @@ def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisClust
     """
     try:
         from redis.asyncio import Redis
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ConfigurationError(
             f"{setting} needs the redis extra: pip install 'fastapi-resilience[redis]'"
@@ -180,5 +180,6 @@ def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisClust
         parsed = parse_cluster_url(url)
         seeds = [ClusterNode(host, port) for host, port in parsed.nodes[1:]]
         return RedisCluster.from_url(parsed.first_url, startup_nodes=seeds, **options)
-    except (ValueError, TypeError, RedisError) as exc:
+    except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
+        # RedisClusterException: an option the cluster client refuses (``?db=3``).
         raise ConfigurationError(f"{setting} is not a valid Redis Cluster URL: {exc}") from exc
