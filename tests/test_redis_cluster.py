@@ -273,6 +273,32 @@ def test_a_bad_cluster_url_fails_at_start_up_naming_the_setting(url: str) -> Non
         storage_from_url(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://app:Zq9/Xw7@127.0.0.1:7000",
+        "redis+cluster://app:Zq9?Xw7@127.0.0.1:7000",
+        "redis+cluster://app:Zq9#Xw7@127.0.0.1:7000",
+    ],
+)
+def test_a_bad_url_error_never_quotes_the_password(url: str) -> None:
+    """A password with an unescaped '/', '?' or '#' (common in generated ones): start-up fails
+    naming the setting, and no part of the password is in the message."""
+    errors = []
+    for build in (
+        lambda: install(FastAPI(), ResilienceSettings(rate_limit_storage=url)),
+        lambda: storage_from_url(url),
+        lambda: RedisDeadLetterQueue(url),
+    ):
+        with pytest.raises(ConfigurationError) as caught:
+            build()
+        errors.append(str(caught.value))
+    assert "rate_limit_storage" in errors[0]
+    for message in errors:
+        assert "Zq9" not in message
+        assert "Xw7" not in message
+
+
 def test_a_prefix_with_braces_is_refused_on_a_cluster() -> None:
     """A brace in the prefix would take the hash tag from the identity."""
     with pytest.raises(ConfigurationError, match="rate_limit_key_prefix"):

@@ -85,9 +85,15 @@ def parse_cluster_url(url: str) -> ClusterURL:
         raise ValueError(f"expected {CLUSTER_URL_FORM}")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if "@" in path or ("@" in query and not at) or "#" in userinfo:
+        # A '/', '?' or '#' in the password cut the URL there: what follows it is no path,
+        # query or node to quote back, since it holds the rest of the password.
+        raise ValueError(
+            "its user or password holds '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
+        )
     if slash and path not in ("", "0"):
         raise ValueError(f"a Redis Cluster has only database 0, not {path!r}")
-    userinfo, at, hosts = netloc.rpartition("@")
     nodes = [_cluster_node(entry) for entry in hosts.split(",")]
     first_host, first_port = nodes[0]
     host = f"[{first_host}]" if ":" in first_host else first_host
