@@ -132,6 +132,32 @@ async def test_a_route_and_its_tier_are_counted_together(apps: list[httpx.AsyncC
     assert tier.headers["x-ratelimit-remaining"] == "1"
 
 
+async def test_one_identitys_state_is_read_and_reset_on_the_cluster(
+    cluster: RedisCluster,
+) -> None:
+    """What the admin API reads and resets: an identity's tier and route counts, peeked in one
+    script call (one slot) without counting, then reset, on whichever master holds them."""
+    app = limited_app(cluster.url)
+    limiter = app.state.resilience.rate_limiter
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for address in ("203.0.113.60", "203.0.113.61", "203.0.113.62"):
+                for _ in range(2):
+                    assert (await client.post("/login", headers=by(address))).status_code == 200
+                identity = f"ip:{address}"
+                state = {p["policy"]: p["used"] for p in await limiter.identity_state(identity)}
+                again = {p["policy"]: p["used"] for p in await limiter.identity_state(identity)}
+                assert state == again  # a peek counts nothing
+                assert state["anonymous"] == 2
+                assert list(state.values()).count(2) == 2  # the tier and the login route
+                assert await limiter.reset_identity(identity) == 2
+                answer = await client.get("/limited", headers=by(address))
+                assert answer.headers["x-ratelimit-remaining"] == "4"
+    finally:
+        await limiter.aclose()
+
+
 async def test_breaker_state_is_shared_between_two_instances(cluster: RedisCluster) -> None:
     """Instance A's failures open the shared breaker; instance B, which saw no failure, reads
     it open and refuses without calling."""
