@@ -6,6 +6,7 @@ can, asks the route for that answer and finds it documented with its content typ
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -191,6 +192,32 @@ def test_a_routers_own_responses_and_ranges_win() -> None:
     documented = responses(TestClient(app).get("/openapi.json").json(), "/r/items/{item_id}")
     assert set(documented) == {"200", "422", "429", "5XX"}
     assert documented["5XX"]["description"] == "Ours, all of them."
+
+
+def test_the_apps_own_responses_are_left_as_they_were() -> None:
+    """One ``responses=`` dict shared by a limited and an exempt route: each documents its
+    own headers, and the app's dict is not written to (older FastAPI versions put its nested
+    ``headers`` dict in the schema as it is)."""
+    shared = {404: {"description": "No such item.", "headers": {"X-Shelf": {"schema": {}}}}}
+    before = copy.deepcopy(shared)
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_exempt_paths=["/public/*"]))
+
+    @app.get("/items/{item_id}", responses=shared)
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    @app.get("/public/items/{item_id}", responses=shared)
+    async def public_item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    schema = TestClient(app).get("/openapi.json").json()
+    assert shared == before
+    limited = header_names(schema, responses(schema, "/items/{item_id}")["404"])
+    public = header_names(schema, responses(schema, "/public/items/{item_id}")["404"])
+    assert {"X-Shelf", "RateLimit"} <= set(limited)
+    assert "X-Shelf" in public
+    assert "RateLimit" not in public
 
 
 def test_routes_left_out_of_the_schema_stay_out(client: TestClient) -> None:

@@ -415,7 +415,9 @@ class _Documenter:
             )
         for response in responses.values():
             if isinstance(response, dict) and "$ref" not in response:
-                headers = response.setdefault("headers", {})
+                # A copy: older FastAPI versions put here the headers dict of the app's own
+                # ``responses=`` itself, one object shared by every route that declares it.
+                headers = response["headers"] = dict(response.get("headers") or {})
                 lower = {name.lower() for name in headers}
                 for name, header in every.items():
                     if name.lower() not in lower:
