@@ -6,12 +6,14 @@ can, asks the route for that answer and finds it documented with its content typ
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi import APIRouter, FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
@@ -22,6 +24,7 @@ from fastapi_resilience import ConfigurationError, ResilienceSettings, install
 from tests import _openapi_app, _shapes
 
 PROBLEM = "application/problem+json"
+JSON = "application/json"
 
 
 @pytest.fixture
@@ -191,6 +194,32 @@ def test_a_routers_own_responses_and_ranges_win() -> None:
     assert documented["5XX"]["description"] == "Ours, all of them."
 
 
+def test_the_apps_own_responses_are_left_as_they_were() -> None:
+    """One ``responses=`` dict shared by a limited and an exempt route: each documents its
+    own headers, and the app's dict is not written to (older FastAPI versions put its nested
+    ``headers`` dict in the schema as it is)."""
+    shared = {404: {"description": "No such item.", "headers": {"X-Shelf": {"schema": {}}}}}
+    before = copy.deepcopy(shared)
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_exempt_paths=["/public/*"]))
+
+    @app.get("/items/{item_id}", responses=shared)
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    @app.get("/public/items/{item_id}", responses=shared)
+    async def public_item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    schema = TestClient(app).get("/openapi.json").json()
+    assert shared == before
+    limited = header_names(schema, responses(schema, "/items/{item_id}")["404"])
+    public = header_names(schema, responses(schema, "/public/items/{item_id}")["404"])
+    assert {"X-Shelf", "RateLimit"} <= set(limited)
+    assert "X-Shelf" in public
+    assert "RateLimit" not in public
+
+
 def test_routes_left_out_of_the_schema_stay_out(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert "/hidden" not in paths
@@ -287,6 +316,53 @@ def test_the_schemas_are_valid_openapi(client: TestClient) -> None:
     validate(schema)
     assert "'exports'" in responses(schema, "/exports/orders.csv")["503"]["description"]
     assert problem_ref(responses(schema, "/orders", "post")["422"]) == "ValidationProblemDetails"
+
+
+def refs(node: Any) -> Iterator[str]:
+    """Every ``$ref`` in ``node``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from refs(item)
+
+
+def test_a_component_the_apps_own_schema_refers_to_is_kept() -> None:
+    """An app whose own ``openapi()`` (FastAPI's documented way to extend the schema) adds a
+    reusable response over FastAPI's ``HTTPValidationError``: the schema keeps that component,
+    so every reference in it resolves."""
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    def own_openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title="shop", version="1", routes=app.routes)
+            schema["components"]["responses"] = {
+                "BadInput": {
+                    "description": "What the gateway answers for a bad request.",
+                    "content": {
+                        JSON: {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+                    },
+                }
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = own_openapi  # type: ignore[method-assign]
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+    schema = TestClient(app).get("/openapi.json").json()
+    validate(schema)
+    for ref in refs(schema):
+        kind, name = ref.split("/")[-2:]
+        assert name in schema["components"][kind], f"{ref} does not resolve"
+    assert problem_ref(responses(schema, "/items/{item_id}")["422"]) == "ValidationProblemDetails"
 
 
 def test_the_schema_is_built_once_and_the_docs_page_renders(client: TestClient) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
-from loopback import RedisCluster, UvicornProcess, require_binary
+from loopback import RedisCluster, UvicornProcess, free_port, require_binary
 
 from fastapi_resilience import CircuitBreaker, ResilienceSettings, install, rate_limit
 from fastapi_resilience.events import Event, EventBus
@@ -27,6 +27,7 @@ from fastapi_resilience.outbound import (
     RedisBreakerStore,
     RedisDeadLetterQueue,
     ResponseCache,
+    dead_letter_on_failure,
 )
 from fastapi_resilience.ratelimit import storage_from_url
 from fastapi_resilience.testing import ManualClock
@@ -131,6 +132,32 @@ async def test_a_route_and_its_tier_are_counted_together(apps: list[httpx.AsyncC
     assert tier.headers["x-ratelimit-remaining"] == "1"
 
 
+async def test_one_identitys_state_is_read_and_reset_on_the_cluster(
+    cluster: RedisCluster,
+) -> None:
+    """What the admin API reads and resets: an identity's tier and route counts, peeked in one
+    script call (one slot) without counting, then reset, on whichever master holds them."""
+    app = limited_app(cluster.url)
+    limiter = app.state.resilience.rate_limiter
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for address in ("203.0.113.60", "203.0.113.61", "203.0.113.62"):
+                for _ in range(2):
+                    assert (await client.post("/login", headers=by(address))).status_code == 200
+                identity = f"ip:{address}"
+                state = {p["policy"]: p["used"] for p in await limiter.identity_state(identity)}
+                again = {p["policy"]: p["used"] for p in await limiter.identity_state(identity)}
+                assert state == again  # a peek counts nothing
+                assert state["anonymous"] == 2
+                assert list(state.values()).count(2) == 2  # the tier and the login route
+                assert await limiter.reset_identity(identity) == 2
+                answer = await client.get("/limited", headers=by(address))
+                assert answer.headers["x-ratelimit-remaining"] == "4"
+    finally:
+        await limiter.aclose()
+
+
 async def test_breaker_state_is_shared_between_two_instances(cluster: RedisCluster) -> None:
     """Instance A's failures open the shared breaker; instance B, which saw no failure, reads
     it open and refuses without calling."""
@@ -219,6 +246,40 @@ async def test_response_cache_level_two_is_shared(cluster: RedisCluster) -> None
     assert [entry.value["sku"] for entry in entries if entry is not None] == list(range(20))
 
 
+async def test_a_cluster_no_node_answers_is_a_storage_outage() -> None:
+    """Every seed node refuses the connection: the rate limit answers as in a single-Redis
+    outage (here fail open: 200), the dead-letter queue reports ``dlq.storage_down`` and leaves
+    the caller's own error on top, the cache falls back to computing, none raises redis' own
+    cluster error (a 500)."""
+    url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    app = limited_app(url)
+    bus = EventBus(log=False)
+    seen: list[str] = []
+    bus.subscribe(lambda event: seen.append(event.kind))
+    queue = RedisDeadLetterQueue(url, events=bus)
+    cache = ResponseCache(ttl=60, redis_url=url)
+
+    @dead_letter_on_failure(queue, "capture")
+    async def capture() -> None:
+        raise UpstreamError("payments down")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answer = await client.get("/limited", headers=by("198.51.100.7"))
+        with pytest.raises(UpstreamError, match="payments down"):
+            await capture()
+        assert await cache.get("stock:1") is None
+        assert not cache.l2_available
+    finally:
+        await app.state.resilience.rate_limiter.aclose()
+        await queue.aclose()
+        await cache.aclose()
+    assert answer.status_code == 200, answer.text
+    assert "dlq.storage_down" in seen
+    assert "dlq.record_failed" not in seen
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -227,6 +288,7 @@ async def test_response_cache_level_two_is_shared(cluster: RedisCluster) -> None
         "redis+cluster://127.0.0.1:7000,:7001",
         "redis+cluster://127.0.0.1:70000",
         "redis+cluster://127.0.0.1:7000/2",
+        "redis+cluster://127.0.0.1:7000?db=2",
     ],
 )
 def test_a_bad_cluster_url_fails_at_start_up_naming_the_setting(url: str) -> None:
@@ -235,6 +297,32 @@ def test_a_bad_cluster_url_fails_at_start_up_naming_the_setting(url: str) -> Non
         install(FastAPI(), ResilienceSettings(rate_limit_storage=url))
     with pytest.raises(ConfigurationError, match="rate_limit_storage"):
         storage_from_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://app:Zq9/Xw7@127.0.0.1:7000",
+        "redis+cluster://app:Zq9?Xw7@127.0.0.1:7000",
+        "redis+cluster://app:Zq9#Xw7@127.0.0.1:7000",
+    ],
+)
+def test_a_bad_url_error_never_quotes_the_password(url: str) -> None:
+    """A password with an unescaped '/', '?' or '#' (common in generated ones): start-up fails
+    naming the setting, and no part of the password is in the message."""
+    errors = []
+    for build in (
+        lambda: install(FastAPI(), ResilienceSettings(rate_limit_storage=url)),
+        lambda: storage_from_url(url),
+        lambda: RedisDeadLetterQueue(url),
+    ):
+        with pytest.raises(ConfigurationError) as caught:
+            build()
+        errors.append(str(caught.value))
+    assert "rate_limit_storage" in errors[0]
+    for message in errors:
+        assert "Zq9" not in message
+        assert "Xw7" not in message
 
 
 def test_a_prefix_with_braces_is_refused_on_a_cluster() -> None:

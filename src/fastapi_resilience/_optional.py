@@ -85,9 +85,15 @@ def parse_cluster_url(url: str) -> ClusterURL:
         raise ValueError(f"expected {CLUSTER_URL_FORM}")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if "@" in path or ("@" in query and not at) or "#" in userinfo:
+        # A '/', '?' or '#' in the password cut the URL there: what follows it is no path,
+        # query or node to quote back, since it holds the rest of the password.
+        raise ValueError(
+            "its user or password holds '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
+        )
     if slash and path not in ("", "0"):
         raise ValueError(f"a Redis Cluster has only database 0, not {path!r}")
-    userinfo, at, hosts = netloc.rpartition("@")
     nodes = [_cluster_node(entry) for entry in hosts.split(",")]
     first_host, first_port = nodes[0]
     host = f"[{first_host}]" if ":" in first_host else first_host
@@ -164,7 +170,7 @@ def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisClust
     """
     try:
         from redis.asyncio import Redis
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ConfigurationError(
             f"{setting} needs the redis extra: pip install 'fastapi-resilience[redis]'"
@@ -180,5 +186,6 @@ def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisClust
         parsed = parse_cluster_url(url)
         seeds = [ClusterNode(host, port) for host, port in parsed.nodes[1:]]
         return RedisCluster.from_url(parsed.first_url, startup_nodes=seeds, **options)
-    except (ValueError, TypeError, RedisError) as exc:
+    except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
+        # RedisClusterException: an option the cluster client refuses (``?db=3``).
         raise ConfigurationError(f"{setting} is not a valid Redis Cluster URL: {exc}") from exc

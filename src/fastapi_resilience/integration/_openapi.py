@@ -415,7 +415,9 @@ class _Documenter:
             )
         for response in responses.values():
             if isinstance(response, dict) and "$ref" not in response:
-                headers = response.setdefault("headers", {})
+                # A copy: older FastAPI versions put here the headers dict of the app's own
+                # ``responses=`` itself, one object shared by every route that declares it.
+                headers = response["headers"] = dict(response.get("headers") or {})
                 lower = {name.lower() for name in headers}
                 for name, header in every.items():
                     if name.lower() not in lower:
@@ -498,12 +500,14 @@ class _Documenter:
         )
 
     def _drop_unused(self, names: list[str]) -> None:
-        """Drop FastAPI's validation components once no operation refers to them."""
+        """Drop FastAPI's validation components once nothing else in the schema refers to
+        them (an app's own ``components.responses`` may)."""
         for name in names:
             if name not in self.schemas:
                 continue
             rest = {k: v for k, v in self.schemas.items() if k != name}
-            text = json.dumps({**self.schema, "components": {"schemas": rest}})
+            components = {**self.schema["components"], "schemas": rest}
+            text = json.dumps({**self.schema, "components": components})
             if f'"{_REF}{name}"' not in text:
                 del self.schemas[name]
 

@@ -642,6 +642,8 @@ def _down_errors() -> tuple[type[BaseException], ...]:
         TimeoutError,
         exception_of("redis.exceptions", "ConnectionError"),
         exception_of("redis.exceptions", "TimeoutError"),
+        # A cluster it cannot reach, or a slot no node serves (no RedisError).
+        exception_of("redis.exceptions", "RedisClusterException"),
     )
 
 

@@ -626,7 +626,13 @@ class ResponseCache:
         try:
             async with asyncio.timeout(self.l2_timeout):
                 value = await awaitable
-        except (OSError, TimeoutError, exception_of("redis.exceptions", "RedisError")) as exc:
+        except (
+            OSError,
+            TimeoutError,
+            exception_of("redis.exceptions", "RedisError"),
+            # A cluster it cannot reach, or a slot no node serves (no RedisError).
+            exception_of("redis.exceptions", "RedisClusterException"),
+        ) as exc:
             self._l2_failed(exc)
             return False, None
         if self._l2_down_until is not None:

@@ -29,7 +29,7 @@ try:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 except ModuleNotFoundError as exc:  # pragma: no cover - tested in a subprocess without redis
     if exc.name is None or exc.name.partition(".")[0] != "redis":
         raise
@@ -209,7 +209,9 @@ RESET_SCRIPT_SHA = hashlib.sha1(RESET_SCRIPT.encode()).hexdigest()
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
-    return (RedisError, OSError, TimeoutError)
+    # A cluster client reports a cluster it cannot reach, or a slot no node serves, with a
+    # RedisClusterException, which is no RedisError: the storage is down all the same.
+    return (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 _STORAGE_ERRORS = _connection_errors()
