@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from fastapi_resilience import ResilienceSettings
 from fastapi_resilience.exceptions import ConfigurationError, StorageUnavailableError
 from fastapi_resilience.ratelimit import (
     Decision,
@@ -95,3 +96,26 @@ def test_storage_unavailable_error_carries_retry_after() -> None:
     error = StorageUnavailableError("down", retry_after=1.5)
     assert error.retry_after == 1.5
     assert str(error) == "down"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://app:hunter2pw@db:3306/0",  # unknown scheme
+        "redis://app:hunter/2pw@cache:6379/0",  # a '/' in the password cuts the URL short
+        "redis://:hunter2pw@cache:port/0",
+    ],
+)
+def test_a_bad_storage_url_error_never_quotes_its_password(url: str) -> None:
+    """Start-up errors name the setting but never repeat the URL's password, or a piece of it."""
+    with pytest.raises(ConfigurationError, match="rate_limit_storage") as info:
+        storage_from_url(url)
+    assert "hunter" not in str(info.value)
+    assert "2pw" not in str(info.value)
+
+
+def test_a_settings_error_for_an_unknown_scheme_never_quotes_the_password() -> None:
+    with pytest.raises(ConfigurationError, match="rate_limit_storage") as info:
+        ResilienceSettings(rate_limit_storage="mysql://app:hunter2pw@db:3306/0")
+    assert "hunter2pw" not in str(info.value)
+    assert "mysql://app:***@db:3306/0" in str(info.value)

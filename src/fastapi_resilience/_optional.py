@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
 
+from fastapi_resilience._text import without_password
 from fastapi_resilience.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -179,7 +180,10 @@ def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisClust
         try:
             return Redis.from_url(url, **options)
         except ValueError as exc:
-            raise ConfigurationError(f"{setting} is not a valid Redis URL: {exc}") from exc
+            # redis-py's reason may quote a piece of the password ("could not be cast to
+            # integer value as 'pa'"): with a password in the URL, only the redacted URL is said.
+            reason = exc if without_password(url) == url else without_password(url)
+            raise ConfigurationError(f"{setting} is not a valid Redis URL: {reason}") from None
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     try:

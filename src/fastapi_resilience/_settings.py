@@ -28,6 +28,7 @@ from fastapi_resilience._policy_settings import (
     read_policies_file,
     validate_policies,
 )
+from fastapi_resilience._text import without_password
 from fastapi_resilience.correlation._ids import HEADER_NAME
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.problems._render import DEFAULT_TYPE_BASE
@@ -260,7 +261,9 @@ class ResilienceSettings(BaseSettings):
     @classmethod
     def _storage(cls, value: str) -> str:
         if not value.startswith(_STORAGE_SCHEMES):
-            raise ValueError(f"{value!r}: expected one of {', '.join(_STORAGE_SCHEMES)}...")
+            raise ValueError(
+                f"{without_password(value)!r}: expected one of {', '.join(_STORAGE_SCHEMES)}..."
+            )
         if is_cluster_url(value):
             # The node list is checked now, so a typo fails at start-up, not at a request.
             parse_cluster_url(value)

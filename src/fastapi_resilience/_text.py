@@ -7,7 +7,7 @@ value of a request that the library logs goes through :func:`printable` first.
 
 from __future__ import annotations
 
-__all__ = ["printable"]
+__all__ = ["printable", "without_password"]
 
 #: C0 controls, DEL, C1 controls and the Unicode line and paragraph separators, each written as
 #: a Python escape (``\n`` as ``\x0a``), so the line stays one line and nothing is lost.
@@ -23,3 +23,17 @@ def printable(value: object) -> str:
     if text.isprintable():
         return text
     return text.translate(_ESCAPES)
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part written as ``***``, for errors.
+
+    Everything after the scheme up to the last ``@`` counts as the user part, so a password
+    holding ``/``, ``?``, ``#`` or ``@`` is hidden whole.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, hosts = rest.rpartition("@")
+    user, has_password, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{hosts}" if has_password else f"{scheme}://***@{hosts}"

@@ -446,12 +446,10 @@ class RedisStorage:
             "driver_info": None,
         }
         options.update(client_options)
+        client = redis_from_url(url, "rate_limit_storage", **options)
         if is_cluster_url(url):
-            client = redis_from_url(url, "rate_limit_storage", **options)
             return cls(client, prefix=prefix, coalesce=False, timeout=timeout)
-        return cls(
-            Redis.from_url(url, **options), prefix=prefix, coalesce=coalesce, timeout=timeout
-        )
+        return cls(client, prefix=prefix, coalesce=coalesce, timeout=timeout)
 
     def _check_args(self, check: LimitCheck) -> bytes:
         limit = check.limit

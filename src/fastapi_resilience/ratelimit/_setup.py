@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from fastapi_resilience._optional import CLUSTER_SCHEMES
+from fastapi_resilience._text import without_password
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
 from fastapi_resilience.events import EventBus
 from fastapi_resilience.exceptions import ConfigurationError
@@ -121,7 +122,7 @@ def storage_from_url(
     scheme = scheme.lower()
     if not sep:
         raise ConfigurationError(
-            f"rate_limit_storage {url!r}: expected 'memory://' or 'redis://host:port/db'"
+            f"rate_limit_storage {without_password(url)!r}: expected 'memory://' or 'redis://host:port/db'"
         )
     timeout = positive_seconds(timeout, "storage timeout")
     if scheme == "memory":
@@ -131,12 +132,12 @@ def storage_from_url(
             from fastapi_resilience.ratelimit._redis import RedisStorage
         except ImportError as exc:  # pragma: no cover - the extra is installed in tests
             raise ConfigurationError(
-                f"rate_limit_storage {url!r} needs the redis extra: "
+                f"rate_limit_storage {without_password(url)!r} needs the redis extra: "
                 "pip install 'fastapi-resilience[redis]'"
             ) from exc
         return RedisStorage.from_url(url, prefix=prefix, timeout=timeout)
     raise ConfigurationError(
-        f"rate_limit_storage {url!r}: unknown scheme {scheme!r} "
+        f"rate_limit_storage {without_password(url)!r}: unknown scheme {scheme!r} "
         "(expected memory, redis, rediss, unix, redis+cluster or rediss+cluster)"
     )
 
