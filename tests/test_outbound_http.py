@@ -230,7 +230,7 @@ async def saturate_free(client: httpx.AsyncClient, compartment: Bulkhead) -> lis
     """Start enough slow free-tier calls to fill the free compartment; wait until they hold it."""
     tasks = [
         asyncio.create_task(
-            client.get("/search", params={"delay": 0.6}, headers={"x-tier": "free"})
+            client.get("/search", params={"delay": 1.2}, headers={"x-tier": "free"})
         )
         for _ in range(compartment.max_concurrent)
     ]
@@ -275,9 +275,9 @@ async def test_free_tier_saturation_does_not_delay_premium(
                 f"premium worst latency: {worst * 1000:.1f} ms while free is saturated, "
                 f"{usual * 1000:.1f} ms before"
             )
-            # The free calls hold their slots for 0.6 s; premium never waits for them (the
-            # bound is loose for loaded CI machines; the figure is printed above).
-            assert worst < 0.3, f"premium took {worst:.3f}s (baseline {usual:.3f}s)"
+            # The free calls hold their slots for 1.2 s; premium never waits for them (the
+            # bound is half of that, loose for loaded CI machines; the figure is printed above).
+            assert worst < 0.6, f"premium took {worst:.3f}s (baseline {usual:.3f}s)"
             assert all(a.status_code == 200 for a in await asyncio.gather(*free_calls))
 
             # Compartments off: one shared bulkhead of the same total size.
