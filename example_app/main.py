@@ -40,6 +40,7 @@ from fastapi_resilience import (
     ResilienceSettings,
     get_correlation_id,
     install,
+    problem_responses,
     requires_feature,
 )
 
@@ -124,7 +125,12 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
         # Runs after the answer is sent; the log line still carries the request's ID.
         log.info("confirmation queued for order %s", order_id)
 
-    @app.get("/orders/{order_id}")
+    # The errors the routes raise themselves, declared so that the schema lists them: the
+    # library documents only the answers it adds (ADR 0077).
+    @app.get(
+        "/orders/{order_id}",
+        responses=problem_responses({404: "No order with this ID (`not_found`)."}),
+    )
     async def get_order(order_id: int) -> Order:
         return store.get(order_id)
 
@@ -135,7 +141,15 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
         background.add_task(confirm, created.id)
         return created
 
-    @app.post("/orders/{order_id}/ship")
+    @app.post(
+        "/orders/{order_id}/ship",
+        responses=problem_responses(
+            {
+                404: "No order with this ID (`not_found`).",
+                409: "The order has already shipped (`conflict`).",
+            }
+        ),
+    )
     async def ship_order(order_id: int) -> Order:
         return store.ship(order_id)
 

@@ -46,6 +46,7 @@ from fastapi_resilience import (
     ExternalService,
     Retry,
     RetryBudget,
+    problem_responses,
     requires_feature,
 )
 from fastapi_resilience.clock import SYSTEM_CLOCK, Clock
@@ -240,24 +241,73 @@ def _stock_body(result: CacheResult[dict[str, Any]]) -> dict[str, Any]:
     return body
 
 
+#: The answers of a route that calls the inventory in its body, through guards the library
+#: cannot see from the route (``Inventory``'s breaker, retry and bulkhead, the ``catalog``
+#: policy of :class:`InventoryService`): declared, so that the schema lists them (ADR 0077).
+UPSTREAM_ANSWERS = problem_responses(
+    {
+        404: "The inventory has no such SKU (`not_found`).",
+        502: "The inventory failed, after retries where the call is retried "
+        "(`retries_exhausted`, `upstream_error`).",
+        503: "The inventory's breaker is open or its bulkhead full (`circuit_open`, "
+        "`bulkhead_full`); `Retry-After` when the wait is known.",
+        504: "The inventory did not answer in time (`upstream_timeout`).",
+    }
+)
+#: ``/inventory/{sku}/live``: the upstream's answers, and the ``inventory`` feature's 503.
+LIVE_ANSWERS = {
+    **UPSTREAM_ANSWERS,
+    **problem_responses(
+        {
+            503: "The `inventory` feature is off while the inventory's breaker is open "
+            "(`feature_unavailable`), or the breaker or bulkhead refused the call "
+            "(`circuit_open`, `bulkhead_full`); `Retry-After` when the wait is known."
+        }
+    ),
+}
+#: ``/inventory/{sku}/reserve``: a reservation the inventory could not take is parked.
+RESERVE_ANSWERS: dict[int | str, dict[str, Any]] = {
+    202: {
+        "description": "The inventory could not take the reservation now: it is parked in the "
+        "dead-letter queue, to be replayed (`dead_letter` is its ID).",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"const": "queued"},
+                        "dead_letter": {"type": "string"},
+                        "reason": {"type": "string"},
+                    },
+                    "required": ["status", "dead_letter", "reason"],
+                }
+            }
+        },
+    },
+}
+
+
 def build_router(inv: Inventory) -> APIRouter:
     """The example's outbound routes, bound to one :class:`Inventory`."""
     api = APIRouter(tags=["outbound"])
 
-    @api.get("/inventory/{sku}")
+    @api.get("/inventory/{sku}", responses=UPSTREAM_ANSWERS)
     async def get_stock(sku: Sku, response: Response) -> dict[str, Any]:
         result = await inv.stock(sku)
         response.headers.update(result.headers)
         return _stock_body(result)
 
-    @api.get("/catalog/{sku}")
+    @api.get("/catalog/{sku}", responses=UPSTREAM_ANSWERS)
     async def catalog(sku: Sku, response: Response) -> Any:
         entry = await inv.catalog.stock(sku)  # a 404 is NotFoundError, a 5xx an UpstreamError
         if entry.cache_status:
             response.headers[CACHE_STATUS_HEADER] = entry.cache_status
         return entry.body
 
-    @api.get("/inventory/{sku}/availability")
+    @api.get(
+        "/inventory/{sku}/availability",
+        responses=problem_responses({404: "The inventory has no such SKU (`not_found`)."}),
+    )
     async def availability(sku: Sku, response: Response) -> dict[str, Any]:
         result = await with_fallback(inv.stock, lambda error, sku: None, sku)
         if result is None:  # nothing cached and the upstream is down: a degraded answer
@@ -270,11 +320,15 @@ def build_router(inv: Inventory) -> APIRouter:
             "stale": result.stale,
         }
 
-    @api.get("/inventory/{sku}/live", dependencies=[Depends(requires_feature(INVENTORY_FEATURE))])
+    @api.get(
+        "/inventory/{sku}/live",
+        dependencies=[Depends(requires_feature(INVENTORY_FEATURE))],
+        responses=LIVE_ANSWERS,
+    )
     async def live_stock(sku: Sku) -> dict[str, Any]:
         return await inv.fetch_stock(sku)
 
-    @api.post("/inventory/{sku}/reserve")
+    @api.post("/inventory/{sku}/reserve", responses=RESERVE_ANSWERS)
     async def reserve(sku: Sku, qty: Quantity = 1) -> Any:
         try:
             return await inv.reserve(sku, qty)

@@ -670,3 +670,34 @@ def test_shedding_sees_the_path_without_the_servers_root_path(root_path: str) ->
     assert shed.status_code == 503
     assert shed.json()["code"] == "feature_unavailable"
     assert shed.headers["x-degraded"] == "exports"
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+def test_a_method_the_route_does_not_serve_is_405_while_its_feature_is_off(
+    root_path: str,
+) -> None:
+    """A method no route of the path serves is answered 405 with ``Allow``, as the routes
+    answer it whether the feature is on or off; the methods they serve, and paths no route
+    matches, are shed (503) while the feature that owns them is off."""
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    resilience = install(app)
+    resilience.degraded.feature("exports", paths=["/exports"])
+
+    @app.get("/exports/orders.csv")
+    async def export() -> str:
+        return "ok"
+
+    resilience.degraded.disable("exports", reason="test")
+    client = TestClient(app, root_path=root_path)
+    for method in ("TRACE", "DELETE", "POST"):
+        answer = client.request(method, f"{root_path}/exports/orders.csv")
+        assert answer.status_code == 405, method
+        assert answer.headers["content-type"] == PROBLEM
+        assert answer.headers["allow"] == "GET"
+        assert answer.headers["x-degraded"] == "exports"
+    for path in ("/exports/orders.csv", "/exports/nothing-here"):
+        shed = client.get(f"{root_path}{path}")
+        assert shed.status_code == 503, path
+        assert shed.json()["code"] == "feature_unavailable"

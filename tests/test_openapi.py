@@ -15,13 +15,21 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.testclient import TestClient
+from loopback import UvicornProcess
 from openapi_spec_validator import validate
 
 # At collection: the example's inventory breaker is registered before any test's registries
 # are saved (tests/conftest.py), so a later test that builds the example app finds it.
 from example_app import outbound as _example_outbound  # noqa: F401
-from fastapi_resilience import ConfigurationError, ResilienceSettings, install
-from tests import _openapi_app, _shapes
+from fastapi_resilience import (
+    ConfigurationError,
+    ConflictError,
+    NotFoundError,
+    ResilienceSettings,
+    install,
+    problem_responses,
+)
+from tests import _openapi_app, _schemathesis, _shapes
 
 PROBLEM = "application/problem+json"
 JSON = "application/json"
@@ -373,3 +381,80 @@ def test_the_schema_is_built_once_and_the_docs_page_renders(client: TestClient) 
     assert client.get("/openapi.json").json() == first
     assert client.get("/docs").status_code == 200
     assert client.get("/redoc").status_code == 200
+
+
+#: Generated requests per operation of the test app, for valid and for invalid data each.
+FUZZ_MAX_EXAMPLES = 10
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_every_answer_documented() -> None:
+    """The test app (every feature on: a breaker held open, a feature off, deadlines, limits)
+    under uvicorn, fuzzed with every schemathesis check (``tests/_schemathesis.py``): every
+    answer, 503 and 504 included, is one its operation documents, with its content type,
+    headers and body schema. ``POST /login`` is sent past its limit, so its 429 is checked too."""
+    server = UvicornProcess("tests._openapi_app:create_app", args=["--factory"])
+    try:
+        schema = _schemathesis.load_schema(server.url)
+        tally = _schemathesis.fuzz(schema, server.url, dict, FUZZ_MAX_EXAMPLES)
+        login = schema["/login"]["POST"]  # no parameters: one case, sent past its limit
+        for _ in range(4):
+            tally.statuses[_schemathesis.validate(login.Case(), server.url, {})] += 1
+    finally:
+        server.stop()
+    print(tally.summary("the test app"))
+    assert {429, 503, 504} <= set(tally.statuses)
+    assert 500 not in tally.statuses
+
+
+def _app_with_own_problems(**settings: Any) -> FastAPI:
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False, **settings))
+
+    @app.post(
+        "/orders/{order_id}/ship",
+        responses=problem_responses({404: "No such order.", 409: "It has already shipped."}),
+    )
+    async def ship(order_id: int) -> dict[str, int]:
+        if order_id == 1:
+            raise ConflictError("order 1 has already shipped")
+        raise NotFoundError(f"order {order_id} does not exist")
+
+    return app
+
+
+def test_problem_responses_document_a_routes_own_errors() -> None:
+    """A route's own raises, declared with ``problem_responses``, are documented as the
+    library's problems: problem+json with ``ProblemDetails``, the correlation header; the live
+    answers match."""
+    client = TestClient(_app_with_own_problems())
+    schema = client.get("/openapi.json").json()
+    validate(schema)
+    documented = responses(schema, "/orders/{order_id}/ship", "post")
+    assert documented["409"]["description"] == "It has already shipped."
+    assert problem_ref(documented["404"]) == problem_ref(documented["409"]) == "ProblemDetails"
+    assert header_names(schema, documented["404"]) == {"X-Request-ID": True}
+    for order_id in (1, 2):
+        answer = client.post(f"/orders/{order_id}/ship")
+        assert_documented(schema, "/orders/{order_id}/ship", "post", answer)
+
+
+def test_problem_responses_keep_a_schema_valid_with_the_setting_off() -> None:
+    """With ``openapi_responses=False`` the schema gets only the component the route's own
+    entries refer to."""
+    schema = TestClient(_app_with_own_problems(openapi_responses=False)).get("/openapi.json")
+    validate(schema.json())
+    assert "ProblemDetails" in schema.json()["components"]["schemas"]
+    assert "500" not in responses(schema.json(), "/orders/{order_id}/ship", "post")
+
+
+@pytest.mark.parametrize("status", [200, 302, "2XX", "default", True, 600])
+def test_problem_responses_take_only_error_statuses(status: Any) -> None:
+    with pytest.raises(ConfigurationError, match="not a 4xx or 5xx"):
+        problem_responses({status: "an answer"})
+    with pytest.raises(ConfigurationError, match="description"):
+        problem_responses({404: " "})
+    assert set(problem_responses({"4XX": "Any client error.", "503": "Closed."})) == {
+        "4XX",
+        "503",
+    }

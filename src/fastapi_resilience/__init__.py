@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         RateLimitMiddleware,
         RequestDeadlineMiddleware,
     )
+    from fastapi_resilience.integration._openapi import problem_responses
     from fastapi_resilience.integration._resilience import Resilience
     from fastapi_resilience.operations._degraded import DegradedMode, requires_feature
     from fastapi_resilience.outbound._breaker import CircuitBreaker, get_breaker
@@ -91,6 +92,8 @@ __all__ = [  # noqa: RUF022 - grouped by what an app author does
     "deadline_dependency",
     "rate_limit",
     "requires_feature",
+    # Documenting a route's own answers in the OpenAPI schema
+    "problem_responses",
     # Guarding calls
     "Bulkhead",
     "CircuitBreaker",
@@ -153,6 +156,7 @@ _EXPORTS = {
     "deadline_dependency": "fastapi_resilience.integration._dependencies",
     "rate_limit": "fastapi_resilience.ratelimit._routes",
     "requires_feature": "fastapi_resilience.operations._degraded",
+    "problem_responses": "fastapi_resilience.integration._openapi",
     "Bulkhead": "fastapi_resilience.outbound._bulkhead",
     "CircuitBreaker": "fastapi_resilience.outbound._breaker",
     "DegradedMode": "fastapi_resilience.operations._degraded",

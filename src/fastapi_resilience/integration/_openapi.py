@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from fastapi_resilience._asgi.routes import dependency_calls, flat_routes
+from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.integration._dependencies import GUARD_ATTR
 from fastapi_resilience.integration._middleware import RequestDeadlineMiddleware
 from fastapi_resilience.operations._degraded import FEATURE_ATTR
@@ -44,6 +45,7 @@ __all__ = [
     "VALIDATION_PROBLEM_SCHEMA",
     "OpenAPIDocs",
     "document_openapi",
+    "problem_responses",
 ]
 
 #: The components' names; a name the app's schema already uses for something else is
@@ -183,6 +185,51 @@ class _Answers:
             into.append(reason)
 
 
+def problem_responses(descriptions: Mapping[int | str, str]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries for the problem answers a route gives itself.
+
+    Each status (``404``, ``"4XX"``...) is documented as ``application/problem+json`` with the
+    ``ProblemDetails`` component, which the library adds to the schema: the errors the route
+    raises (``NotFoundError``, ``ConflictError``...) and the guards it calls in its body,
+    where the library cannot see them.
+
+    .. code-block:: python
+
+        @app.post(
+            "/orders/{order_id}/ship",
+            responses=problem_responses(
+                {404: "No such order.", 409: "The order has already shipped."}
+            ),
+        )
+        async def ship(order_id: int) -> Order: ...
+
+    A status the route declares is the route's own: the library adds nothing to it but the
+    headers every answer carries (ADR 0077). Only 4xx and 5xx are problems; any other status,
+    or an empty description, raises :class:`ConfigurationError` where the route is declared.
+    """
+    entries: dict[int | str, dict[str, Any]] = {}
+    for status, description in descriptions.items():
+        if not _problem_status(status):
+            raise ConfigurationError(
+                f"problem_responses: {status!r} is not a 4xx or 5xx status (nor 4XX, 5XX)"
+            )
+        if not isinstance(description, str) or not description.strip():
+            raise ConfigurationError(f"problem_responses: give {status!r} a description")
+        entries[status] = {
+            "description": description,
+            "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": _REF + PROBLEM_SCHEMA}}},
+        }
+    return entries
+
+
+def _problem_status(status: object) -> bool:
+    if isinstance(status, str):
+        if status.upper() in {"4XX", "5XX"}:
+            return True
+        status = int(status) if status.isdigit() else 0
+    return isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599
+
+
 class OpenAPIDocs:
     """``app.openapi`` under ``install()``: FastAPI's schema, with the library's answers.
 
@@ -214,6 +261,10 @@ class OpenAPIDocs:
         schema = self.original()
         if self.layers and self._owner().resilience.settings.openapi_responses:
             _Documenter(app, self.layers, self._owner(), schema).run()
+        elif _refers_to_problem(schema) and PROBLEM_SCHEMA not in _schemas(schema):
+            # Off, but the app's own ``problem_responses`` refer to the component: add it,
+            # so that the schema stays valid.
+            _schemas(schema)[PROBLEM_SCHEMA] = copy.deepcopy(_PROBLEM)
         self._made = app.openapi_schema = schema
         return schema
 
@@ -267,6 +318,8 @@ class _Documenter:
             operation = paths.get(route.path_format, {}).get(method)
             if isinstance(operation, dict):
                 self._document(operation, route)
+        if PROBLEM_SCHEMA not in self.schemas and _refers_to_problem(self.schema):
+            self._schema(PROBLEM_SCHEMA)  # only the app's own ``problem_responses`` use it
         self._drop_unused(["HTTPValidationError", "ValidationError"])
         if not self.headers:
             del self.schema["components"]["headers"]
@@ -510,6 +563,16 @@ class _Documenter:
             text = json.dumps({**self.schema, "components": components})
             if f'"{_REF}{name}"' not in text:
                 del self.schemas[name]
+
+
+def _schemas(schema: dict[str, Any]) -> dict[str, Any]:
+    schemas: dict[str, Any] = schema.setdefault("components", {}).setdefault("schemas", {})
+    return schemas
+
+
+def _refers_to_problem(schema: dict[str, Any]) -> bool:
+    """Whether an operation refers to ``ProblemDetails`` (as ``problem_responses`` does)."""
+    return f'"{_REF}{PROBLEM_SCHEMA}"' in json.dumps(schema.get("paths") or {})
 
 
 def _free_name(store: dict[str, Any], name: str, body: dict[str, Any]) -> str:

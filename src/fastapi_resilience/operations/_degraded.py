@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from starlette.requests import Request
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._asgi.app_state import resilience_of
@@ -472,12 +472,26 @@ class DegradedStep:
         if notice is not None:
             state.fields.append((notice,))
         error = mode.shed(state.path)
-        if error is None:
+        if error is None or _method_not_served(state.scope):
             return None
         # Imported here: the renderer pulls in the error handlers.
         from fastapi_resilience.problems._render import app_error_response
 
         return app_error_response(state.scope, error)
+
+
+def _method_not_served(scope: Scope) -> bool:
+    """Whether the app routes the request's path, but not its method: its router then answers
+    405 with ``Allow``, whatever state the feature is in. Looked up only for a request about
+    to be shed, so no other request pays for it (ADR 0077)."""
+    routes = getattr(getattr(scope.get("app"), "router", None), "routes", None) or ()
+    partial = False
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return False
+        partial = partial or match is Match.PARTIAL
+    return partial
 
 
 def _under(path: str, prefix: str) -> bool:
