@@ -454,17 +454,24 @@ async def _drive(args: argparse.Namespace) -> int:
             count += 1
             i += args.concurrency
 
-    tasks = [asyncio.create_task(task(k)) for k in range(args.concurrency)]
-    await asyncio.sleep(0.5)  # connections opened, script cached
+    async def drive(seconds: float) -> None:
+        nonlocal running
+        running = True
+        tasks = [asyncio.create_task(task(k)) for k in range(args.concurrency)]
+        await asyncio.sleep(seconds)
+        running = False
+        await asyncio.gather(*tasks)  # the checks in flight finish, and are counted
+
+    # Connections opened, script cached; then idle, so that Redis's counters read before "go"
+    # and after the result line hold exactly the checks counted.
+    await drive(0.5)
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     count, started = 0, time.monotonic()
-    await asyncio.sleep(args.drive_seconds)
+    await drive(args.drive_seconds)
     done, seconds = count, time.monotonic() - started
-    running = False
-    await asyncio.gather(*tasks)
-    await storage.aclose()
     print(json.dumps({"checks": done, "seconds": seconds}), flush=True)
+    await storage.aclose()
     return 0
 
 
@@ -496,9 +503,13 @@ def storage_drive(
             assert proc.stdin is not None
             proc.stdin.write("go\n")
             proc.stdin.flush()
-        results = [json.loads(proc.communicate(timeout=seconds + 60)[0]) for proc in procs]
+        # Each driver prints its result once its checks are done: read Redis then, before the
+        # processes' shutdown adds wall time (Redis's share of a core) but no checks.
+        results = [json.loads(proc.stdout.readline()) for proc in procs if proc.stdout]
         after = RedisReading.take(observer)
         observer.close()
+        for proc in procs:
+            proc.communicate(timeout=60)
     finally:
         for proc in procs:
             if proc.poll() is None:

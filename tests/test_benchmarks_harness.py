@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from loopback import RedisServer
 
 from benchmarks import _report
 from benchmarks._wrk import WrkOutputError, parse_wrk
@@ -16,6 +17,7 @@ from benchmarks.capacity import CapacitySample, summarize_capacity, with_capacit
 from benchmarks.http_bench import HttpSample, round_order, summarize
 from benchmarks.micro import MICRO_CASES, Call, CaseUnavailable, MicroCase, measure
 from benchmarks.run import select
+from benchmarks.workers import storage_drive
 
 WRK_OUTPUT = """\
 Running 5s test @ http://127.0.0.1:41234/
@@ -493,3 +495,13 @@ def test_charts_from_a_missing_file_is_a_message(
 
     assert main(["--charts-from", str(tmp_path / "nope.json")]) == 2
     assert "--charts-from" in capsys.readouterr().err
+
+
+@pytest.mark.redis
+def test_storage_drive_counts_every_check_redis_ran(redis_server: RedisServer) -> None:
+    """The ceiling's Redis CPU per operation divides Redis's counters by the checks counted:
+    between the two readings Redis ran exactly those checks, none from the warm-up or the
+    tail (one EVALSHA a check)."""
+    sample = storage_drive(redis_server.url, drivers=2, seconds=0.3, identities=50, concurrency=8)
+    assert sample.operations > 0
+    assert sample.redis.evalsha == sample.operations

@@ -852,7 +852,7 @@ async def test_streaming_body_still_works(upstream: Upstream) -> None:
 @pytest.mark.parametrize(
     ("url", "headers", "error", "names"),
     [
-        ("ftp://127.0.0.1/item", {}, httpx.InvalidURL, "the scheme must be http or https"),
+        ("ftp://127.0.0.1/item", {}, httpx.InvalidURL, "the scheme must be http, https, ws"),
         ("http://127.0.0.1:99999/item", {}, httpx.InvalidURL, "the port is not in 1-65535"),
         ("/item", {"x-note": "a\r\nX-Admin: yes"}, httpx.LocalProtocolError, "CR, LF, NUL"),
         ("/item", {"x-note": " b"}, httpx.LocalProtocolError, "a space or tab at either end"),
@@ -879,6 +879,20 @@ async def test_a_request_no_upstream_could_take_is_the_apps_error(
         assert upstream.hits == 0
         assert (await http.get("/item")).status_code == 200  # the breaker stayed closed
     assert upstream.hits == 1
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_websocket_url_is_sent_as_httpx_sends_it(upstream: Upstream, scheme: str) -> None:
+    """httpx's transport sends ws:// and wss:// (an HTTP/1.1 upgrade, as httpx-ws does): the
+    resilient client passes them on, not refused as unsendable (wss here: a TLS error)."""
+    url = upstream.url.replace("http://", f"{scheme}://") + "/item"
+    async with client(upstream, attempts=1) as http:
+        if scheme == "ws":
+            assert (await http.get(url)).status_code == 200
+        else:
+            with pytest.raises(UpstreamError):  # the plain-HTTP upstream cannot speak TLS
+                await http.get(url)
+    assert upstream.hits == (1 if scheme == "ws" else 0)
 
 
 async def test_a_relative_url_without_a_base_url_says_so() -> None:

@@ -16,7 +16,8 @@ import httpx
 
 __all__ = ["refuse_unsendable"]
 
-_SCHEMES = frozenset({"http", "https"})
+# What httpx's own HTTP transport sends: ws and wss are HTTP/1.1 upgrade requests (httpx-ws).
+_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 # RFC 9110 token: what a header name may be made of.
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 # A header value HTTP/1.1 can carry (h11's rule): no CR, LF, NUL or other line-breaking
@@ -35,7 +36,7 @@ def refuse_unsendable(request: httpx.Request) -> None:
     """Raise if ``request`` cannot be sent over HTTP whatever the upstream does.
 
     Raises:
-        httpx.InvalidURL: the scheme is not http or https, the host is missing, or the port
+        httpx.InvalidURL: the scheme is not http, https, ws or wss, the host is missing, or the port
             is outside 1-65535.
         httpx.LocalProtocolError: a header name is not a token, or a header value holds CR,
             LF, NUL, or a space or tab at either end.
@@ -48,9 +49,10 @@ def refuse_unsendable(request: httpx.Request) -> None:
         )
     if url.scheme not in _SCHEMES:
         raise httpx.InvalidURL(
-            f"cannot send {request.method} to {_origin(url)}: the scheme must be http or https"
+            f"cannot send {request.method} to {_origin(url)}: "
+            "the scheme must be http, https, ws or wss"
         )
-    if not url.host:
+    if not url.raw_host:  # not .host: that decodes an IDNA host on every call
         raise httpx.InvalidURL(f"cannot send {request.method} to {_origin(url)}: no host")
     if url.port is not None and not 0 < url.port < 65536:
         raise httpx.InvalidURL(

@@ -12,9 +12,9 @@ The quota gate and the outbound rate limit (ADR 0069) hold an attempt back, befo
 breaker trial or a bulkhead slot, while the upstream has said its quota is used up or while this
 client's own ``rate_limit`` is reached.
 
-A request that no upstream could be sent (a scheme other than http or https, no host, a port
-out of range, a header that breaks HTTP's framing) is refused before any of these, with the
-httpx error that names the fault (ADR 0076).
+A request that no upstream could be sent (a scheme other than http, https, ws or wss, no host,
+a port out of range, a header that breaks HTTP's framing) is refused before any of these, with
+the httpx error that names the fault (ADR 0076).
 
 Failures come out as the library's errors: a transport error is an :class:`UpstreamError`,
 a timeout an :class:`UpstreamTimeoutError`, a 5xx answer an :class:`UpstreamError` after
