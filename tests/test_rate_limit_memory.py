@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import tracemalloc
 from collections.abc import Sequence
 
 import httpx
@@ -240,11 +241,25 @@ def test_million_identities_leave_memory_bounded() -> None:
     assert len(storage) == 0
 
 
-async def test_requests_in_one_bucket_share_one_entry(storage: MemoryStorage) -> None:
-    """Memory per window grows with time buckets (at most 61), not with requests."""
-    check = [LimitCheck("k", Limit(5, 60))]
-    assert await _admitted(storage, check, 5) == 5
-    assert storage._windows["k@5/60"].entries == [6000, 5]
+def test_requests_in_one_bucket_cost_no_memory_of_their_own(clock: ManualClock) -> None:
+    """Memory per window grows with time buckets (at most 61), not with requests: 50 more
+    requests in each of 200 windows, all in one bucket, take (almost) no memory."""
+    storage = MemoryStorage(clock=clock)
+    limit = Limit(10_000, 60)
+    checks = [(LimitCheck(f"k{n}", limit),) for n in range(200)]
+    tracemalloc.start()
+    try:
+        for check in checks:
+            storage.check_now(check)
+        first, _ = tracemalloc.get_traced_memory()
+        for _ in range(50):
+            for check in checks:
+                assert storage.check_now(check).allowed
+        more, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One stored entry per request would be 10,000 entries: at least 80 kB of list slots alone.
+    assert more - first < 8_000, f"10,000 requests in one bucket took {more - first} bytes"
 
 
 def test_max_keys_must_be_positive() -> None:
@@ -297,11 +312,26 @@ def test_lean_path_decides_and_counts_as_the_general_path(seed: int) -> None:
         assert one.states[0] == both.states[0]
 
 
-class _SteppingClock(ManualClock):
+class _SteppingClock:
     """A clock that can step back, as a wall clock set by hand might."""
 
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
     def step(self, seconds: float) -> None:
-        self._now += seconds
+        """Move by ``seconds``, forward or back."""
+        self.now += seconds
+
+    advance = step
 
 
 async def test_clock_stepping_back_counts_into_the_newest_bucket() -> None:
@@ -336,7 +366,9 @@ async def test_bucket_end_rounding_never_opens_a_second_entry_for_one_bucket() -
     clock.step(3 * (7 / 60) - 0.3)
     assert clock.monotonic() == 0.35
     assert await _admitted(storage, check, 1) == 1
-    assert storage._windows["k@5/7"].entries == [2, 2]
+    assert await _admitted(storage, check, 5) == 3
+    clock.step(7)  # both units' bucket has left the window: the whole limit again
+    assert await _admitted(storage, check, 6) == 5
 
 
 # --- limits of different periods in one storage -----------------------------------------------
