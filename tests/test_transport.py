@@ -895,6 +895,23 @@ async def test_a_websocket_url_is_sent_as_httpx_sends_it(upstream: Upstream, sch
     assert upstream.hits == (1 if scheme == "ws" else 0)
 
 
+async def test_an_apps_own_inner_transport_may_serve_other_schemes() -> None:
+    """A scheme httpx's transport does not send is the inner transport's to judge when the app
+    gives its own (a test's ``mock://``, a unix-socket ``http+unix://``)."""
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, json={"ok": True})
+
+    transport = ResilientTransport(
+        transport=httpx.MockTransport(answer), failure_threshold=None, clock=ManualClock()
+    )
+    async with httpx.AsyncClient(transport=transport) as http:
+        assert (await http.get("mock://inventory/item")).json() == {"ok": True}
+    assert seen == ["mock://inventory/item"]
+
+
 async def test_a_relative_url_without_a_base_url_says_so() -> None:
     async with resilient_client(attempts=3, clock=ManualClock()) as http:
         with pytest.raises(httpx.InvalidURL, match="relative URL: give the client a base_url"):

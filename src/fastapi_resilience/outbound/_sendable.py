@@ -32,8 +32,11 @@ def _origin(url: httpx.URL) -> str:
     return repr(f"{url.scheme}://{url.host}{port}")
 
 
-def refuse_unsendable(request: httpx.Request) -> None:
+def refuse_unsendable(request: httpx.Request, *, any_scheme: bool = False) -> None:
     """Raise if ``request`` cannot be sent over HTTP whatever the upstream does.
+
+    ``any_scheme`` lets any scheme through: for an app's own inner transport, which may serve
+    schemes httpx's does not (``http+unix``, a test's ``mock://``).
 
     Raises:
         httpx.InvalidURL: the scheme is not http, https, ws or wss, the host is missing, or the port
@@ -47,7 +50,7 @@ def refuse_unsendable(request: httpx.Request) -> None:
             f"cannot send {request.method} to a relative URL: give the client a base_url, "
             "or the URL its http:// or https://"
         )
-    if url.scheme not in _SCHEMES:
+    if url.scheme not in _SCHEMES and not any_scheme:
         raise httpx.InvalidURL(
             f"cannot send {request.method} to {_origin(url)}: "
             "the scheme must be http, https, ws or wss"

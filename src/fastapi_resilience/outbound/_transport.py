@@ -470,6 +470,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             raise ConfigurationError(f"max_hosts must be an int >= 1 or None, got {max_hosts!r}")
         self.max_hosts = max_hosts
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        # Only httpx's own HTTP transport is known to refuse other schemes.
+        self._any_scheme = not isinstance(self._transport, httpx.AsyncHTTPTransport)
         self.raise_for_5xx = raise_for_5xx
         self.read_body = read_body
         self._header_name = header_name
@@ -513,7 +515,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         # The app's own fault, before any guard: not retried, counted or timed (ADR 0076).
-        refuse_unsendable(request)
+        refuse_unsendable(request, any_scheme=self._any_scheme)
         started = perf_counter()
         try:
             response = await self._handle(request)
