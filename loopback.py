@@ -73,7 +73,11 @@ class RedisServer:
 
     def start(self) -> None:
         self.launch()
-        wait_for_port(self.port, proc=self.proc)
+        try:
+            wait_for_port(self.port, proc=self.proc)
+        except BaseException:
+            self.kill()  # a server that never listened is not left running past its test
+            raise
 
     def launch(self) -> None:
         """Start the process without waiting for its port (several nodes start at once)."""
@@ -330,7 +334,11 @@ class UvicornProcess:
             cwd=str(cwd) if cwd else None,
             stderr=stderr,
         )
-        wait_for_port(self.port, timeout=20, proc=self.proc)
+        try:
+            wait_for_port(self.port, timeout=20, proc=self.proc)
+        except BaseException:
+            self.stop()  # a server that never listened is not left running past its test
+            raise
 
     @property
     def url(self) -> str:
