@@ -1,4 +1,4 @@
-"""The chaos run's short form: the example app, two processes behind haproxy, under a steady
+"""The chaos run's short form: the example app, two processes behind nginx, under a steady
 open-loop load from a second process, through every fault of ``make chaos``.
 
 Faults: Redis killed and restarted, Redis stalled and continued, the upstream slow, failing and
@@ -28,7 +28,7 @@ SHORT = Plan(rate=40, baseline=4, fault=2.5, recovery=6, breaker_recovery=1)
 @pytest.fixture(name="run", scope="module")
 def _run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     require_binary("redis-server")
-    require_binary("haproxy")
+    require_binary("nginx")
     work = tmp_path_factory.mktemp("chaos")
     with Cluster(rate=SHORT.rate, breaker_recovery=SHORT.breaker_recovery, workdir=work) as c:
         result = run_plan(c, SHORT, Path(work) / "records.jsonl", log=lambda _: None)

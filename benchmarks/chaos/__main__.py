@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks.chaos.cluster import ROOT, Cluster
 from benchmarks.chaos.report import render, replace_between, summarise
-from benchmarks.chaos.scenario import Plan, run_plan
+from benchmarks.chaos.scenario import FAULTS, Plan, run_plan
 
 DOC = ROOT / "docs" / "reliability.md"
 BEGIN = "<!-- chaos report: begin (written by make chaos) -->"
@@ -29,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recovery", type=float, default=20.0, help="seconds after each")
     parser.add_argument("--breaker-recovery", type=float, default=10.0, help="seconds")
     parser.add_argument("--no-doc", action="store_true", help="print the report only")
+    parser.add_argument("--only", help="comma-separated fault names (implies --no-doc)")
+    parser.add_argument("--keep", type=Path, help="keep logs and records in this directory")
     args = parser.parse_args(argv)
     plan = Plan(
         rate=args.rate,
@@ -36,9 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fault=args.fault,
         recovery=args.recovery,
         breaker_recovery=args.breaker_recovery,
+        faults=[f for f in FAULTS if not args.only or f.name in args.only.split(",")],
     )
+    if args.only:
+        args.no_doc = True
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
         with Cluster(
             rate=plan.rate, breaker_recovery=plan.breaker_recovery, workdir=work
         ) as cluster:

@@ -1,4 +1,4 @@
-"""The processes of a chaos run: redis-server, the upstream, two app processes, haproxy.
+"""The processes of a chaos run: redis-server, the upstream, two app processes, nginx.
 
 Everything listens on a free port of 127.0.0.1 and is stopped by the run; nothing here touches
 a server the run did not start. Each can be faulted from outside: Redis killed, restarted,
@@ -25,60 +25,68 @@ from loopback import RedisServer, free_port, wait_for_port
 
 from benchmarks.chaos.load import BULK_KEY, METERED_KEY, METERED_SHARE
 
-__all__ = ["AppProcess", "Cluster", "haproxy_binary", "haproxy_config"]
+__all__ = ["AppProcess", "Cluster", "nginx_binary", "nginx_config"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: haproxy's health check period (ms) and how many checks mark a server down or up again.
-CHECK_INTERVAL_MS = 500
-CHECK_FALL = 2
-CHECK_RISE = 2
+#: Seconds nginx leaves an app process alone after a failed attempt to reach it.
+FAIL_TIMEOUT = 2
 
 
-def haproxy_binary() -> str | None:
+def nginx_binary() -> str | None:
     # Debian installs it in /usr/sbin, which is not on every user's PATH.
-    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
-def haproxy_config(port: int, backends: list[int]) -> str:
-    """Round robin over the app processes, as a production balancer would be set up.
+def nginx_config(workdir: Path, port: int, backends: list[int]) -> str:
+    """Round robin over the app processes, as a production balancer would be set up (ADR 0074).
 
-    - An active health check on ``/health/live`` (liveness, not readiness: a Redis outage makes
-      every process "degraded" at once, and taking them all out would refuse everything).
-    - A request whose connection to a process could not be made is sent to the other process
-      (``retries`` with ``option redispatch 1``: every retry goes to another server).
-    - A GET whose connection closed before any answer (the process died with it in flight) is
-      sent again too (``empty-response``); any other method is not, since sending it twice
-      could do it twice: haproxy answers it 502 itself.
+    - A request whose connection to a process fails is sent to the other one, whatever its
+      method (``proxy_next_upstream error``: it was never sent); that process is then left
+      alone for ``FAIL_TIMEOUT`` seconds (``max_fails=1``), and tried again after.
+    - A request that reached a process which died before answering is sent to the other one
+      when its method is idempotent (GET); a POST is not (it may have been done): nginx answers
+      it 502 itself.
+    - Keep-alive connections to the processes, as in production.
     """
     servers = "\n".join(
-        f"    server app{n} 127.0.0.1:{backend} check inter {CHECK_INTERVAL_MS}ms "
-        f"fall {CHECK_FALL} rise {CHECK_RISE}"
-        for n, backend in enumerate(backends, start=1)
+        f"        server 127.0.0.1:{backend} max_fails=1 fail_timeout={FAIL_TIMEOUT}s;"
+        for backend in backends
     )
-    return f"""global
-    maxconn 4096
-
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 30s
-    timeout server 30s
-    timeout http-keep-alive 10s
-    retries 3
-    option redispatch 1
-
-frontend chaos
-    bind 127.0.0.1:{port}
-    default_backend apps
-
-backend apps
-    balance roundrobin
-    option httpchk GET /health/live
-    http-check expect status 200
-    retry-on conn-failure empty-response
-    http-request disable-l7-retry unless METH_GET
+    temp = "\n".join(
+        f"    {kind}_temp_path {workdir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""worker_processes 1;
+daemon off;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "nginx-error.log"} warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    # One line per request: the load generator's sequence number, the processes tried.
+    log_format chaos 'chaos $http_x_chaos_seq $request_method $status "$upstream_addr" '
+                     '"$upstream_status"';
+    access_log {workdir / "nginx-access.log"} chaos;
+{temp}
+    upstream apps {{
 {servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://apps;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_next_upstream error timeout;
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 30s;
+        }}
+    }}
+}}
 """
 
 
@@ -147,20 +155,20 @@ class Cluster:
         workdir: Path | None = None,
     ) -> None:
         redis = shutil.which("redis-server")
-        haproxy = haproxy_binary()
-        if redis is None or haproxy is None:
-            missing = "redis-server" if redis is None else "haproxy"
+        nginx = nginx_binary()
+        if redis is None or nginx is None:
+            missing = "redis-server" if redis is None else "nginx"
             raise RuntimeError(f"{missing} is not installed (apt-get install {missing})")
         self._tmp = tempfile.TemporaryDirectory(prefix="chaos-") if workdir is None else None
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.haproxy_bin = haproxy
+        self.nginx_bin = nginx
         self.redis = RedisServer(redis, self.workdir)
         self.upstream_port = free_port()
         self.port = free_port()
         self._logs: list[IO[bytes]] = []
         self.upstream: subprocess.Popen[bytes] | None = None
-        self.haproxy: subprocess.Popen[bytes] | None = None
+        self.balancer: subprocess.Popen[bytes] | None = None
         self.rate = rate
         self.breaker_recovery = breaker_recovery
         self.runtime_stats = runtime_stats
@@ -225,14 +233,22 @@ class Cluster:
         self.apps = [AppProcess(env, self._log(f"app{n}")) for n in (1, 2)]
         for app in self.apps:
             app.start()
-        config = self.workdir / "haproxy.cfg"
-        config.write_text(haproxy_config(self.port, [app.port for app in self.apps]))
-        self.haproxy = subprocess.Popen(
-            [self.haproxy_bin, "-db", "-f", str(config)],
-            stdout=self._log("haproxy"),
+        config = self.workdir / "nginx.conf"
+        config.write_text(nginx_config(self.workdir, self.port, [app.port for app in self.apps]))
+        self.balancer = subprocess.Popen(
+            [
+                self.nginx_bin,
+                "-p",
+                str(self.workdir),
+                "-e",
+                str(self.workdir / "nginx-error.log"),
+                "-c",
+                str(config),
+            ],
+            stdout=self._log("nginx"),
             stderr=subprocess.STDOUT,
         )
-        wait_for_port(self.port, timeout=10, proc=self.haproxy)
+        wait_for_port(self.port, timeout=10, proc=self.balancer)
         self.wait_until_serving()
 
     def wait_until_serving(self, timeout: float = 20.0) -> None:
@@ -268,10 +284,10 @@ class Cluster:
         self.apps[index].start()
 
     def stop(self) -> None:
-        if self.haproxy is not None:
-            self.haproxy.terminate()
-            self.haproxy.wait(timeout=10)
-            self.haproxy = None
+        if self.balancer is not None:
+            self.balancer.terminate()
+            self.balancer.wait(timeout=10)
+            self.balancer = None
         for app in self.apps:
             app.stop()
         if self.upstream is not None:
@@ -285,6 +301,19 @@ class Cluster:
         self.redis.stop()
         for sink in self._logs:
             sink.close()
+
+    def balancer_log(self) -> dict[int, tuple[int, str, str]]:
+        """Per request sequence number: how many more processes nginx tried, the statuses it
+        had from each (``502`` for none), the processes."""
+        seen: dict[int, tuple[int, str, str]] = {}
+        for line in (self.workdir / "nginx-access.log").read_text(errors="replace").splitlines():
+            head, _, rest = line.partition(' "')
+            words = head.split()
+            if len(words) == 4 and words[0] == "chaos" and words[1].isdigit():
+                addresses, _, statuses = rest.partition('" "')
+                tried = addresses.count(",")
+                seen[int(words[1])] = (tried, statuses.rstrip('"'), addresses)
+        return seen
 
     def app_log_text(self) -> str:
         return "\n".join((self.workdir / f"app{n}.log").read_text(errors="replace") for n in (1, 2))

@@ -99,6 +99,7 @@ class PhaseSummary:
     sent: int
     statuses: Counter[str]
     from_balancer: Counter[str]
+    resent: Counter[str]
     stale: int
     p50_ms: float | None
     p99_ms: float | None
@@ -137,6 +138,11 @@ def summarise(result: RunResult) -> list[PhaseSummary]:
                 sent=len(records),
                 statuses=Counter(str(r.status) for r in records if r.status is not None),
                 from_balancer=balancer,
+                resent=Counter(
+                    f"{_target(r.route)} (answered {r.status or r.error})"
+                    for r in records
+                    if r.resent
+                ),
                 stale=sum(r.stale for r in records),
                 p50_ms=_percentile(latencies, 50),
                 p99_ms=_percentile(latencies, 99),
@@ -178,6 +184,7 @@ def table(summaries: Sequence[PhaseSummary]) -> str:
                 str(s.sent),
                 _statuses(s.statuses),
                 str(s.stale),
+                str(sum(s.resent.values())),
                 str(sum(s.from_balancer.values())),
                 _ms(s.p50_ms),
                 _ms(s.p99_ms),
@@ -192,14 +199,15 @@ def table(summaries: Sequence[PhaseSummary]) -> str:
         "sent",
         "answers by status",
         "stale",
-        "by haproxy",
+        "re-sent by nginx",
+        "answered by nginx",
         "p50 ms",
         "p99 ms",
         "never answered",
         "500s",
         "recovered after",
     ]
-    return markdown_table(header, rows, "lrrlrrrrrrr")
+    return markdown_table(header, rows, "lrrlrrrrrrrr")
 
 
 def render(result: RunResult, summaries: Sequence[PhaseSummary], command: str) -> str:
@@ -209,7 +217,7 @@ def render(result: RunResult, summaries: Sequence[PhaseSummary], command: str) -
     lines = [
         f"Written by `{command}`: {plan.rate:g} requests a second, open loop, for "
         f"{result.spans[-1].end - result.spans[0].start:.0f} s ({total} requests), through "
-        "haproxy to two example-app processes sharing one redis-server; phases of "
+        "nginx to two example-app processes sharing one redis-server; phases of "
         f"{plan.baseline:g} s (baseline), {plan.fault:g} s (each fault) and {plan.recovery:g} s "
         f"(after each fault); breakers wait {plan.breaker_recovery:g} s before a trial call.",
         "",
@@ -219,17 +227,14 @@ def render(result: RunResult, summaries: Sequence[PhaseSummary], command: str) -
         "",
     ]
     lines += [f"- `{s.span.name}`: {s.span.description}." for s in summaries]
-    answered_by_balancer = [s for s in summaries if s.from_balancer]
-    lines += ["", "Answers haproxy gave itself (not from an app process):", ""]
-    if answered_by_balancer:
-        lines += [
-            f"- `{s.span.name}`: "
-            + ", ".join(f"{k} x {n}" for k, n in sorted(s.from_balancer.items()))
-            + "."
-            for s in answered_by_balancer
-        ]
-    else:
-        lines.append("- none.")
+    lines += _listing(
+        "Requests nginx sent again to the other process (its log names both):",
+        {s.span.name: s.resent for s in summaries},
+    )
+    lines += _listing(
+        "Answers nginx gave itself, not an app process:",
+        {s.span.name: s.from_balancer for s in summaries},
+    )
     never = [s for s in summaries if s.never_answered]
     if never:
         lines += ["", "Requests never answered:", ""]
@@ -242,6 +247,16 @@ def render(result: RunResult, summaries: Sequence[PhaseSummary], command: str) -
     tracebacks = result.app_log.count("Traceback (most recent call last)")
     lines += ["", f"Tracebacks in the app processes' logs: {tracebacks}."]
     return "\n".join(lines) + "\n"
+
+
+def _listing(title: str, by_phase: dict[str, Counter[str]]) -> list[str]:
+    lines = ["", title, ""]
+    found = {name: counts for name, counts in by_phase.items() if counts}
+    lines += [
+        f"- `{name}`: " + ", ".join(f"{k} x {n}" for k, n in sorted(counts.items())) + "."
+        for name, counts in found.items()
+    ]
+    return lines if found else [*lines, "- none."]
 
 
 def replace_between(path: Path, begin: str, end: str, generated: str) -> None:

@@ -26,7 +26,10 @@ __all__ = [
     "Fault",
     "LoadProcess",
     "Plan",
+    "RunResult",
     "Span",
+    "Timeline",
+    "app_killed",
     "run_plan",
 ]
 
@@ -80,15 +83,27 @@ class _Flapper:
 _flapper = _Flapper()
 
 #: Before the kill, the upstream is slow for a while, so the process dies with requests in it.
-IN_FLIGHT_MS = 1000
-IN_FLIGHT_WAIT = 1.5
+IN_FLIGHT_MS = 1500
+IN_FLIGHT_WAIT = 2.0
 
 
-def _kill_app_with_calls_in_flight(cluster: Cluster) -> None:
-    cluster.control(latency_ms=IN_FLIGHT_MS)
-    time.sleep(IN_FLIGHT_WAIT)
-    cluster.kill_app(0)
-    cluster.upstream_healthy()
+def app_killed(index: int) -> Fault:
+    """App process ``index + 1`` killed with calls in flight, then started again."""
+
+    def begin(cluster: Cluster) -> None:
+        cluster.control(latency_ms=IN_FLIGHT_MS)
+        time.sleep(IN_FLIGHT_WAIT)
+        cluster.kill_app(index)
+        cluster.upstream_healthy()
+
+    return Fault(
+        "app-killed",
+        f"upstream slowed to {IN_FLIGHT_MS} ms for {IN_FLIGHT_WAIT:g} s, so that calls to it are "
+        f"in flight, then app process {index + 1} of 2 killed (SIGKILL) and the upstream fast "
+        f"again; at the end process {index + 1} is started again on its port",
+        begin,
+        lambda c: c.restart_app(index),
+    )
 
 
 FAULTS: tuple[Fault, ...] = (
@@ -122,14 +137,7 @@ FAULTS: tuple[Fault, ...] = (
         _flapper.begin,
         _flapper.end,
     ),
-    Fault(
-        "app-killed",
-        f"upstream slowed to {IN_FLIGHT_MS} ms for {IN_FLIGHT_WAIT:g} s, so that calls to it are "
-        "in flight, then app process 1 of 2 killed (SIGKILL) and the upstream fast again; at "
-        "the end process 1 is started again on its port",
-        _kill_app_with_calls_in_flight,
-        lambda c: c.restart_app(0),
-    ),
+    app_killed(0),
 )
 
 
@@ -239,6 +247,15 @@ class Timeline:
             self.spans[-1].end = time.monotonic()
 
 
+def join_balancer_log(records: list[Record], cluster: Cluster) -> list[Record]:
+    """Each record with what nginx logged for it."""
+    logged = cluster.balancer_log()
+    for record in records:
+        if record.seq in logged:
+            record.resent, record.balancer_statuses, record.servers = logged[record.seq]
+    return records
+
+
 def _sleep_until(deadline: float) -> None:
     time.sleep(max(0.0, deadline - time.monotonic()))
 
@@ -268,7 +285,7 @@ def run_plan(
             )
             _sleep_until(time.monotonic() + plan.recovery)
         timeline.close()
-        records = load.finish()
+        records = join_balancer_log(load.finish(), cluster)
     finally:
         load.kill()
     return RunResult(plan, timeline.spans, records, cluster.app_log_text())
