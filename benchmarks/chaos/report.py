@@ -112,12 +112,12 @@ class PhaseSummary:
         return sum(self.no_answer.values())
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def _percentile(values: list[float], q: int) -> float | None:
     if not values:
         return None
     if len(values) == 1:
         return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]  # type: ignore[index]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def summarise(result: RunResult) -> list[PhaseSummary]:

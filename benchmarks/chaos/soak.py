@@ -280,8 +280,8 @@ def render(result: SoakResult, found: Sequence[Figure], command: str) -> str:
     table = markdown_table(
         ["measure", "after warm-up", "at the end", "at most", "verdict"], rows, "lrrrl"
     )
-    app2 = [s for s in result.samples if s.kind == "quiet" and s.rss[1] is not None]
-    app2_rss = f"{app2[-1].rss[1] / 1024 / 1024:.1f} MiB" if app2 else "-"
+    app2 = [s.rss[1] for s in result.samples if s.kind == "quiet" and s.rss[1] is not None]
+    app2_rss = f"{app2[-1] / 1024 / 1024:.1f} MiB" if app2 and app2[-1] is not None else "-"
     lines = [
         f"Written by `{command}`: {result.seconds:.0f} s at {result.rate:g} requests a second "
         f"({len(result.records)} requests: {never} never answered, {server_errors} answered "
