@@ -26,6 +26,7 @@ import asyncio
 import json
 import random
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -101,14 +102,20 @@ def schedule(seed: int) -> list[Target]:
     return targets
 
 
-async def _send(client: httpx.AsyncClient, target: Target, sku: str, record: Record) -> None:
+async def _send(
+    client: httpx.AsyncClient, target: Target, sku: str, record: Record, timeout: float
+) -> None:
     headers = {"X-API-Key": target.key, "X-Chaos-Seq": str(record.seq)}
     if target.body is not None:
         headers["content-type"] = "application/json"
     path = target.path.replace("{sku}", sku)
     try:
-        response = await client.request(target.method, path, headers=headers, content=target.body)
-    except httpx.TimeoutException:
+        # httpx's timeout bounds each step (connect, each read...); this bounds the whole.
+        async with asyncio.timeout(timeout):
+            response = await client.request(
+                target.method, path, headers=headers, content=target.body
+            )
+    except (httpx.TimeoutException, TimeoutError):
         record.error = "timeout"
     except httpx.ConnectError:
         record.error = "connect-failed"
@@ -123,26 +130,29 @@ async def _send(client: httpx.AsyncClient, target: Target, sku: str, record: Rec
 
 
 class _Steering:
-    """The phase and the stop flag, changed by lines on stdin."""
+    """The phase and the stop flag, changed by lines on stdin.
 
-    def __init__(self) -> None:
+    Read by a daemon thread: a blocked ``readline`` must not hold the process at its exit (the
+    default executor's threads are joined there)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.phase = "start"
         self.stopped = asyncio.Event()
+        self._loop = loop
+        threading.Thread(target=self._follow_stdin, name="stdin", daemon=True).start()
 
-    async def follow_stdin(self) -> None:
-        while True:
-            line = await asyncio.to_thread(sys.stdin.readline)
+    def _follow_stdin(self) -> None:
+        for line in sys.stdin:
             words = line.split(maxsplit=1)
-            if not words or words[0] == "stop":
-                self.stopped.set()
-                return
-            if words[0] == "phase" and len(words) == 2:
+            if words and words[0] == "phase" and len(words) == 2:
                 self.phase = words[1].strip()
+            elif words and words[0] == "stop":
+                break
+        self._loop.call_soon_threadsafe(self.stopped.set)
 
 
 async def run(url: str, rate: float, timeout: float, seed: int) -> list[Record]:
-    steering = _Steering()
-    follower = asyncio.create_task(steering.follow_stdin())
+    steering = _Steering(asyncio.get_running_loop())
     targets = schedule(seed)
     records: list[Record] = []
     in_flight: set[asyncio.Task[None]] = set()
@@ -159,16 +169,18 @@ async def run(url: str, rate: float, timeout: float, seed: int) -> list[Record]:
                     break
                 except TimeoutError:
                     pass
+            else:
+                await asyncio.sleep(0)  # behind schedule: still let the answers be read
             target = targets[i % len(targets)]
             record = Record(i, steering.phase, target.route, time.monotonic())
             records.append(record)
-            task = asyncio.create_task(_send(client, target, SKUS[i % len(SKUS)], record))
+            task = asyncio.create_task(_send(client, target, SKUS[i % len(SKUS)], record, timeout))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
             i += 1
+        print(f"load: stopped, {len(in_flight)} requests in flight", file=sys.stderr)
         if in_flight:
             await asyncio.wait(in_flight)
-    follower.cancel()
     return records
 
 

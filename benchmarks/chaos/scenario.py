@@ -215,7 +215,11 @@ class LoadProcess:
         """Stop sending, wait for the answers in flight, read every record."""
         self._stdin.write("stop\n")
         self._stdin.close()
-        code = self.proc.wait(timeout=self.timeout + 60)
+        try:
+            code = self.proc.wait(timeout=self.timeout + 60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError("the load generator did not finish after its last answer") from None
         if code != 0:
             raise RuntimeError(f"the load generator exited with {code}")
         return read_records(self.out)

@@ -342,7 +342,7 @@ def draw(result: SoakResult, path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, metadata={"Software": None})
