@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 UPSTREAM_PORT ?= 8001
 
-.PHONY: install run test check lint format typecheck imports bench bench-workers clean
+.PHONY: install run test check lint format typecheck imports bench bench-workers chaos soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,22 @@ bench-workers: $(BENCH_STAMP)
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	@command -v redis-benchmark >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-tools)
 	$(PY) -m benchmarks.workers $(BENCH_ARGS)
+
+## Chaos: the example app, two processes behind nginx sharing one redis-server, under an
+## open-loop load while Redis, the upstream and a process fail in turn; writes its report into
+## docs/reliability.md (about 5 minutes). Short form in CI: tests/test_chaos.py.
+chaos: install
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
+	$(PY) -m benchmarks.chaos $(CHAOS_ARGS)
+
+## Soak: the chaos set-up for SOAK_SECONDS (600) with periodic faults; checks memory, tasks,
+## descriptors and Redis connections, writes its figures and docs/images/soak-memory.png.
+SOAK_SECONDS ?= 600
+soak: install
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx)
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m benchmarks.chaos.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -21,7 +21,9 @@ Run it with ``make run`` (127.0.0.1:8000, in-memory defaults, no Redis needed), 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -43,6 +45,11 @@ from fastapi_resilience import (
     problem_responses,
     requires_feature,
 )
+
+#: Set to ``1`` to serve ``GET /_runtime``: the process's id and its count of asyncio tasks,
+#: which nothing outside the process can read (the soak run samples it). Off by default: it
+#: tells the world about the process.
+RUNTIME_STATS_ENV = "EXAMPLE_RUNTIME_STATS"
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(correlation_id)s] %(name)s: %(message)s"
 
@@ -186,6 +193,12 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     @app.get("/whoami")
     async def whoami() -> dict[str, str | None]:
         return {"correlation_id": get_correlation_id()}
+
+    if os.environ.get(RUNTIME_STATS_ENV) == "1":
+
+        @app.get("/_runtime", include_in_schema=False)
+        async def runtime() -> dict[str, int]:
+            return {"pid": os.getpid(), "tasks": len(asyncio.all_tasks())}
 
     @app.get("/debug/crash", include_in_schema=False)
     async def crash() -> None:

@@ -132,3 +132,20 @@ def test_rate_limit_headers_and_login_limit(tmp_path: Path) -> None:
         assert int(refused.headers["retry-after"]) >= 1
     finally:
         server.stop()
+
+
+def test_runtime_stats_are_not_served_by_default(server: tuple[UvicornProcess, Path]) -> None:
+    """`GET /_runtime` (the soak run's task count) is a 404 unless asked for."""
+    assert httpx.get(f"{server[0].url}/_runtime").status_code == 404
+
+
+def test_runtime_stats_count_the_processs_tasks_when_asked_for() -> None:
+    """With EXAMPLE_RUNTIME_STATS=1 the process says its id and how many asyncio tasks it has."""
+    env = {"EXAMPLE_RUNTIME_STATS": "1", "RESILIENCE_RATE_LIMIT_TIERS": '{"anonymous": "9/second"}'}
+    server = UvicornProcess("example_app.main:app", cwd=ROOT, env=env)
+    try:
+        stats = httpx.get(f"{server.url}/_runtime").json()
+    finally:
+        server.stop()
+    assert stats["pid"] == server.proc.pid
+    assert stats["tasks"] >= 1  # at least the task answering
