@@ -8,8 +8,11 @@ stalled (``SIGSTOP``) and continued; the upstream told to be slow or failing thr
 
 from __future__ import annotations
 
+import copy
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -24,6 +27,7 @@ import httpx
 from loopback import RedisServer, free_port, wait_for_port
 
 from benchmarks.chaos.load import BULK_KEY, METERED_KEY, METERED_SHARE
+from example_app.rate_limits import POLICIES
 
 __all__ = ["AppProcess", "Cluster", "nginx_binary", "nginx_config"]
 
@@ -59,6 +63,7 @@ def nginx_config(workdir: Path, port: int, backends: list[int]) -> str:
     )
     return f"""worker_processes 1;
 daemon off;
+{_worker_user()}
 pid {workdir / "nginx.pid"};
 error_log {workdir / "nginx-error.log"} warn;
 events {{
@@ -88,6 +93,18 @@ http {{
     }}
 }}
 """
+
+
+def _worker_user() -> str:
+    """Started as root (as in CI), nginx runs its workers as ``nobody``, who cannot write the
+    temp paths in a private work directory (a request body too large for memory would be
+    answered 500 by nginx); they run as the user who owns that directory instead. Not root:
+    the workers are that user already, and the directive would only draw a warning."""
+    if os.geteuid() != 0:
+        return ""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = grp.getgrgid(os.getegid()).gr_name
+    return f"user {user} {group};"
 
 
 class AppProcess:
@@ -141,6 +158,24 @@ class AppProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def _stop(
+    proc: subprocess.Popen[bytes] | None, timeout: float = 5.0, *, group: bool = False
+) -> None:
+    """SIGTERM, and SIGKILL when it has not ended after ``timeout`` seconds: to its whole
+    process group when ``group`` (nginx's workers outlive a master killed outright)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
 
 
 class Cluster:
@@ -206,10 +241,13 @@ class Cluster:
             }
         )
         if self.breaker_recovery != 10.0:
-            # The catalog policy's breaker waits as long as the inventory's.
-            env["RESILIENCE_POLICIES__CATALOG__BREAKER__RECOVERY_TIMEOUT"] = str(
-                self.breaker_recovery
-            )
+            # The catalog policy's breaker waits as long as the inventory's. The whole policy
+            # is given: any RESILIENCE_POLICIES* variable replaces the example's policies, so a
+            # lone RECOVERY_TIMEOUT would leave the catalog without its cache, timeout, retry
+            # settings and threshold.
+            policies = copy.deepcopy(POLICIES)
+            policies["catalog"]["breaker"]["recovery_timeout"] = self.breaker_recovery
+            env["RESILIENCE_POLICIES"] = json.dumps(policies)
         if self.runtime_stats:
             env["EXAMPLE_RUNTIME_STATS"] = "1"
         return env
@@ -247,6 +285,7 @@ class Cluster:
             ],
             stdout=self._log("nginx"),
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: see _stop
         )
         wait_for_port(self.port, timeout=10, proc=self.balancer)
         self.wait_until_serving()
@@ -284,23 +323,22 @@ class Cluster:
         self.apps[index].start()
 
     def stop(self) -> None:
-        if self.balancer is not None:
-            self.balancer.terminate()
-            self.balancer.wait(timeout=10)
+        """Stop every process the run started, each even when stopping another failed."""
+        try:
+            _stop(self.balancer, group=True)
             self.balancer = None
-        for app in self.apps:
-            app.stop()
-        if self.upstream is not None:
-            self.upstream.terminate()
+        finally:
             try:
-                self.upstream.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.upstream.kill()
-                self.upstream.wait()
-            self.upstream = None
-        self.redis.stop()
-        for sink in self._logs:
-            sink.close()
+                for app in self.apps:
+                    app.stop()
+            finally:
+                try:
+                    _stop(self.upstream)
+                    self.upstream = None
+                finally:
+                    self.redis.stop()
+                    for sink in self._logs:
+                        sink.close()
 
     def balancer_log(self) -> dict[int, tuple[int, str, str]]:
         """Per request sequence number: how many more processes nginx tried, the statuses it

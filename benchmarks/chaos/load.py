@@ -11,7 +11,7 @@ and writes one JSON object per request to ``--out``:
 - ``phase``, ``route``: the phase at send time and the mix entry;
 - ``sent``: ``time.monotonic()`` when it was sent (the same clock as the orchestrator's);
 - ``status`` or ``error``: the answer's status, or why there was none (``timeout``,
-  ``connection-lost``: sent and never answered);
+  ``connect-failed``, ``connection-lost``, ``client-error``: never answered);
 - ``latency``: seconds from send to the whole answer read;
 - ``source``: ``app`` (a JSON or problem+json body) or ``balancer`` (anything else: nginx's
   own error pages);
@@ -121,6 +121,10 @@ async def _send(
         record.error = "connect-failed"
     except httpx.TransportError as exc:
         record.error = f"connection-lost ({type(exc).__name__})"
+    except Exception as exc:
+        # Any other failure (an answer httpx cannot decode...) left the record with neither
+        # a status nor an error: counted nowhere, neither answered nor never answered.
+        record.error = f"client-error ({type(exc).__name__})"
     else:
         record.status = response.status_code
         kind = response.headers.get("content-type", "")
