@@ -31,6 +31,7 @@ __all__ = [
     "Timeline",
     "app_killed",
     "run_plan",
+    "upstream_flapping",
 ]
 
 #: Upstream latency in the "slow" state: past the example's 2 s client timeout, so calls time out.
@@ -56,11 +57,12 @@ class _Flapper:
         {"failure_rate": 1.0, "latency_ms": 0},
     )
 
-    def __init__(self) -> None:
+    def __init__(self, period: float) -> None:
+        self.period = period
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def begin(self, cluster: Cluster, period: float = 2.0) -> None:
+    def begin(self, cluster: Cluster) -> None:
         self._stop.clear()
 
         def flap() -> None:
@@ -68,7 +70,7 @@ class _Flapper:
             while not self._stop.is_set():
                 cluster.control(**self.STATES[n % len(self.STATES)])
                 n += 1
-                self._stop.wait(period)
+                self._stop.wait(self.period)
 
         self._thread = threading.Thread(target=flap, name="flapper", daemon=True)
         self._thread.start()
@@ -80,7 +82,17 @@ class _Flapper:
         cluster.upstream_healthy()
 
 
-_flapper = _Flapper()
+def upstream_flapping(period: float = 2.0) -> Fault:
+    """The upstream healthy, slow and failing in turn, ``period`` seconds each: a fault phase
+    shorter than three periods never reaches the failing state."""
+    flapper = _Flapper(period)
+    return Fault(
+        "upstream-flapping",
+        f"upstream healthy, slow, failing, in turn, {period:g} s each",
+        flapper.begin,
+        flapper.end,
+    )
+
 
 #: Before the kill, the upstream is slow for a while, so the process dies with requests in it.
 IN_FLIGHT_MS = 1500
@@ -131,12 +143,7 @@ FAULTS: tuple[Fault, ...] = (
         lambda c: c.control(failure_rate=1.0),
         lambda c: c.upstream_healthy(),
     ),
-    Fault(
-        "upstream-flapping",
-        "upstream healthy, slow, failing, in turn, 2 s each",
-        _flapper.begin,
-        _flapper.end,
-    ),
+    upstream_flapping(),
     app_killed(0),
 )
 
