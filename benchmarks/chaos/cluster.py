@@ -153,6 +153,7 @@ class Cluster:
         breaker_recovery: float = 10.0,
         runtime_stats: bool = False,
         workdir: Path | None = None,
+        app_env: dict[str, str] | None = None,
     ) -> None:
         redis = shutil.which("redis-server")
         nginx = nginx_binary()
@@ -172,6 +173,8 @@ class Cluster:
         self.rate = rate
         self.breaker_recovery = breaker_recovery
         self.runtime_stats = runtime_stats
+        #: More environment for the app processes only (``PYTHONTRACEMALLOC``...).
+        self.extra_app_env = dict(app_env or {})
         self.apps: list[AppProcess] = []
 
     @property
@@ -212,6 +215,7 @@ class Cluster:
             )
         if self.runtime_stats:
             env["EXAMPLE_RUNTIME_STATS"] = "1"
+        env.update(self.extra_app_env)
         return env
 
     def _log(self, name: str) -> IO[bytes]:
