@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import PlainTextResponse
@@ -48,7 +49,9 @@ from fastapi_resilience import (
 
 #: Set to ``1`` to serve ``GET /_runtime``: the process's id and its count of asyncio tasks,
 #: which nothing outside the process can read (the soak run samples it). Off by default: it
-#: tells the world about the process.
+#: tells the world about the process. When the process also runs with ``PYTHONTRACEMALLOC``
+#: set, the answer adds the memory Python's allocations hold (``traced``, ``traced_peak``, in
+#: bytes) and, with ``?top=N``, the ``N`` source lines holding the most of it.
 RUNTIME_STATS_ENV = "EXAMPLE_RUNTIME_STATS"
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(correlation_id)s] %(name)s: %(message)s"
@@ -65,6 +68,25 @@ def configure_logging() -> None:
 
 
 log = logging.getLogger("example_app.orders")
+
+
+def _traced(top: int) -> dict[str, Any]:
+    """What tracemalloc sees, when it traces (``PYTHONTRACEMALLOC``): nothing otherwise."""
+    if not tracemalloc.is_tracing():
+        return {}
+    current, peak = tracemalloc.get_traced_memory()
+    result: dict[str, Any] = {"traced": current, "traced_peak": peak}
+    if top > 0:
+        stats = tracemalloc.take_snapshot().statistics("lineno")[: min(top, 1000)]
+        result["top"] = [
+            {
+                "where": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
+                "size": s.size,
+                "count": s.count,
+            }
+            for s in stats
+        ]
+    return result
 
 
 class OrderIn(BaseModel):
@@ -197,8 +219,8 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     if os.environ.get(RUNTIME_STATS_ENV) == "1":
 
         @app.get("/_runtime", include_in_schema=False)
-        async def runtime() -> dict[str, int]:
-            return {"pid": os.getpid(), "tasks": len(asyncio.all_tasks())}
+        async def runtime(top: int = 0) -> dict[str, Any]:
+            return {"pid": os.getpid(), "tasks": len(asyncio.all_tasks()), **_traced(top)}
 
     @app.get("/debug/crash", include_in_schema=False)
     async def crash() -> None:

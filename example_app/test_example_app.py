@@ -149,3 +149,24 @@ def test_runtime_stats_count_the_processs_tasks_when_asked_for() -> None:
         server.stop()
     assert stats["pid"] == server.proc.pid
     assert stats["tasks"] >= 1  # at least the task answering
+    assert "traced" not in stats  # tracemalloc is off unless the environment turns it on
+
+
+def test_runtime_stats_name_the_lines_holding_memory_when_traced() -> None:
+    """With PYTHONTRACEMALLOC set too, the answer adds what Python's allocations hold and,
+    with ``?top=N``, the N source lines holding the most (how the soak's steps were named)."""
+    env = {
+        "EXAMPLE_RUNTIME_STATS": "1",
+        "PYTHONTRACEMALLOC": "1",
+        "RESILIENCE_RATE_LIMIT_TIERS": '{"anonymous": "9/second"}',
+    }
+    server = UvicornProcess("example_app.main:app", cwd=ROOT, env=env)
+    try:
+        stats = httpx.get(f"{server.url}/_runtime", params={"top": 3}).json()
+    finally:
+        server.stop()
+    assert 0 < stats["traced"] <= stats["traced_peak"]
+    assert len(stats["top"]) == 3
+    sizes = [line["size"] for line in stats["top"]]
+    assert sizes == sorted(sizes, reverse=True)
+    assert all(re.fullmatch(r".+:\d+", line["where"]) for line in stats["top"])

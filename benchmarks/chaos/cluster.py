@@ -188,6 +188,7 @@ class Cluster:
         breaker_recovery: float = 10.0,
         runtime_stats: bool = False,
         workdir: Path | None = None,
+        app_env: dict[str, str] | None = None,
     ) -> None:
         redis = shutil.which("redis-server")
         nginx = nginx_binary()
@@ -207,6 +208,8 @@ class Cluster:
         self.rate = rate
         self.breaker_recovery = breaker_recovery
         self.runtime_stats = runtime_stats
+        #: More environment for the app processes only (``PYTHONTRACEMALLOC``...).
+        self.extra_app_env = dict(app_env or {})
         self.apps: list[AppProcess] = []
 
     @property
@@ -250,6 +253,7 @@ class Cluster:
             env["RESILIENCE_POLICIES"] = json.dumps(policies)
         if self.runtime_stats:
             env["EXAMPLE_RUNTIME_STATS"] = "1"
+        env.update(self.extra_app_env)
         return env
 
     def _log(self, name: str) -> IO[bytes]:
