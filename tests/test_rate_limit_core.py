@@ -104,6 +104,9 @@ def test_storage_unavailable_error_carries_retry_after() -> None:
         "mysql://app:hunter2pw@db:3306/0",  # unknown scheme
         "redis://app:hunter/2pw@cache:6379/0",  # a '/' in the password cuts the URL short
         "redis://:hunter2pw@cache:port/0",
+        "app:hunter2pw@cache:6379/0",  # no scheme
+        "redis:/app:hunter@2pw@cache:6379/0",  # a mistyped '://', an '@' in the password
+        "mysql://cache:6379/0?db=0&password=hunter2pw",  # the password as redis-py reads it
     ],
 )
 def test_a_bad_storage_url_error_never_quotes_its_password(url: str) -> None:
@@ -119,3 +122,12 @@ def test_a_settings_error_for_an_unknown_scheme_never_quotes_the_password() -> N
         ResilienceSettings(rate_limit_storage="mysql://app:hunter2pw@db:3306/0")
     assert "hunter2pw" not in str(info.value)
     assert "mysql://app:***@db:3306/0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["app:hunter2pw@cache:6379/0", "cache:6379/0?password=hunter2pw&db=0"]
+)
+def test_a_settings_error_for_a_url_without_scheme_never_quotes_the_password(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="rate_limit_storage") as info:
+        ResilienceSettings(rate_limit_storage=url)
+    assert "hunter2pw" not in str(info.value)
