@@ -448,6 +448,36 @@ def test_problem_responses_keep_a_schema_valid_with_the_setting_off() -> None:
     assert "500" not in responses(schema.json(), "/orders/{order_id}/ship", "post")
 
 
+@pytest.mark.parametrize("documented", [True, False])
+def test_problem_responses_point_at_the_librarys_problem_beside_an_apps_own(
+    documented: bool,
+) -> None:
+    """An app with a ``ProblemDetails`` model of its own: the ``problem_responses`` entries
+    refer to the library's component (stored under another name), which the live answer
+    follows, not to the app's model."""
+    from pydantic import BaseModel
+
+    class ProblemDetails(BaseModel):
+        message: str
+
+    app = _app_with_own_problems(openapi_responses=documented)
+
+    @app.get("/legacy", responses={400: {"model": ProblemDetails}})
+    async def legacy() -> dict[str, str]:
+        return {}
+
+    client = TestClient(app)
+    schema = client.get("/openapi.json").json()
+    validate(schema)
+    components = schema["components"]["schemas"]
+    assert components["ProblemDetails"]["required"] == ["message"]  # the app's, kept
+    documented_404 = responses(schema, "/orders/{order_id}/ship", "post")["404"]
+    name = problem_ref(documented_404)
+    assert name != "ProblemDetails"
+    assert "correlation_id" in components[name]["required"]
+    assert "correlation_id" in client.post("/orders/2/ship").json()
+
+
 @pytest.mark.parametrize("status", [200, 302, "2XX", "default", True, 600])
 def test_problem_responses_take_only_error_statuses(status: Any) -> None:
     with pytest.raises(ConfigurationError, match="not a 4xx or 5xx"):

@@ -261,10 +261,10 @@ class OpenAPIDocs:
         schema = self.original()
         if self.layers and self._owner().resilience.settings.openapi_responses:
             _Documenter(app, self.layers, self._owner(), schema).run()
-        elif _refers_to_problem(schema) and PROBLEM_SCHEMA not in _schemas(schema):
+        else:
             # Off, but the app's own ``problem_responses`` refer to the component: add it,
             # so that the schema stays valid.
-            _schemas(schema)[PROBLEM_SCHEMA] = copy.deepcopy(_PROBLEM)
+            _point_own_problems(app, schema, lambda: _store_problem(_schemas(schema)))
         self._made = app.openapi_schema = schema
         return schema
 
@@ -318,8 +318,7 @@ class _Documenter:
             operation = paths.get(route.path_format, {}).get(method)
             if isinstance(operation, dict):
                 self._document(operation, route)
-        if PROBLEM_SCHEMA not in self.schemas and _refers_to_problem(self.schema):
-            self._schema(PROBLEM_SCHEMA)  # only the app's own ``problem_responses`` use it
+        _point_own_problems(self.app, self.schema, lambda: self._schema(PROBLEM_SCHEMA))
         self._drop_unused(["HTTPValidationError", "ValidationError"])
         if not self.headers:
             del self.schema["components"]["headers"]
@@ -570,9 +569,39 @@ def _schemas(schema: dict[str, Any]) -> dict[str, Any]:
     return schemas
 
 
-def _refers_to_problem(schema: dict[str, Any]) -> bool:
-    """Whether an operation refers to ``ProblemDetails`` (as ``problem_responses`` does)."""
-    return f'"{_REF}{PROBLEM_SCHEMA}"' in json.dumps(schema.get("paths") or {})
+#: What ``problem_responses`` puts in an entry's ``content``.
+_OWN_PROBLEM_CONTENT = {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": _REF + PROBLEM_SCHEMA}}}
+
+
+def _store_problem(schemas: dict[str, Any]) -> str:
+    """The name the library's ``ProblemDetails`` is stored under, added if missing."""
+    stored = _free_name(schemas, PROBLEM_SCHEMA, _PROBLEM)
+    schemas.setdefault(stored, copy.deepcopy(_PROBLEM))
+    return stored
+
+
+def _point_own_problems(app: Any, schema: dict[str, Any], component: Callable[[], str]) -> None:
+    """Point the entries of the routes' ``problem_responses`` at the library's component,
+    added by ``component()`` on first use: under a prefixed name when the app's schema holds
+    a ``ProblemDetails`` of its own, which the app's problem answers do not follow."""
+    paths = schema.get("paths") or {}
+    for route in flat_routes(app.router.routes):
+        declared = getattr(route, "responses", None)
+        path = getattr(route, "path_format", None)
+        if not declared or not isinstance(declared, dict) or path not in paths:
+            continue
+        own = [str(status).upper() for status, entry in declared.items() if _is_own_problem(entry)]
+        for method in getattr(route, "methods", None) or ():
+            answers = (paths[path].get(method.lower()) or {}).get("responses") or {}
+            for status in own:
+                content = (answers.get(status) or {}).get("content") or {}
+                ref = (content.get(PROBLEM_CONTENT_TYPE) or {}).get("schema")
+                if isinstance(ref, dict) and ref.get("$ref") == _REF + PROBLEM_SCHEMA:
+                    ref["$ref"] = _REF + component()
+
+
+def _is_own_problem(entry: object) -> bool:
+    return isinstance(entry, dict) and entry.get("content") == _OWN_PROBLEM_CONTENT
 
 
 def _free_name(store: dict[str, Any], name: str, body: dict[str, Any]) -> str:
