@@ -7,6 +7,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -699,5 +700,34 @@ def test_a_method_the_route_does_not_serve_is_405_while_its_feature_is_off(
         assert answer.headers["x-degraded"] == "exports"
     for path in ("/exports/orders.csv", "/exports/nothing-here"):
         shed = client.get(f"{root_path}{path}")
+        assert shed.status_code == 503, path
+        assert shed.json()["code"] == "feature_unavailable"
+
+
+def test_a_method_a_mounted_apps_route_does_not_serve_is_405_while_its_feature_is_off() -> None:
+    """Under a mounted app the mounted router's answer counts: 405 with ``Allow`` for a method
+    its route does not serve; static files (a mount without routes) and served methods are
+    shed."""
+    from fastapi.testclient import TestClient
+    from starlette.staticfiles import StaticFiles
+
+    app = FastAPI()
+    resilience = install(app)
+    resilience.degraded.feature("exports", paths=["/exports"])
+    sub = FastAPI()
+
+    @sub.get("/orders.csv")
+    async def export() -> str:
+        return "ok"
+
+    app.mount("/exports/v2", sub)
+    app.mount("/exports/files", StaticFiles(directory=Path(__file__).parent))
+    resilience.degraded.disable("exports", reason="test")
+    client = TestClient(app)
+    answer = client.post("/exports/v2/orders.csv")
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "GET"
+    for method, path in (("GET", "/exports/v2/orders.csv"), ("POST", "/exports/files/x")):
+        shed = client.request(method, path)
         assert shed.status_code == 503, path
         assert shed.json()["code"] == "feature_unavailable"

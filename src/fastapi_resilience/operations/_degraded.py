@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from starlette.requests import Request
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience._asgi.app_state import resilience_of
@@ -480,16 +480,19 @@ class DegradedStep:
         return app_error_response(state.scope, error)
 
 
-def _method_not_served(scope: Scope) -> bool:
+def _method_not_served(scope: Scope, routes: Sequence[BaseRoute] | None = None) -> bool:
     """Whether the app routes the request's path, but not its method: its router then answers
     405 with ``Allow``, whatever state the feature is in. Looked up only for a request about
-    to be shed, so no other request pays for it (ADR 0077)."""
-    routes = getattr(getattr(scope.get("app"), "router", None), "routes", None) or ()
+    to be shed, so no other request pays for it (ADR 0077). A mounted app's routes are looked
+    at as its router does (a mount without routes, static files, serves every method)."""
+    if routes is None:
+        routes = getattr(getattr(scope.get("app"), "router", None), "routes", None) or ()
     partial = False
     for route in routes:
-        match, _ = route.matches(scope)
+        match, child = route.matches(scope)
         if match is Match.FULL:
-            return False
+            inner = route.routes if isinstance(route, Mount) else None
+            return bool(inner) and _method_not_served({**scope, **child}, inner)
         partial = partial or match is Match.PARTIAL
     return partial
 
