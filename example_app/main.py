@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import BackgroundTasks, Depends, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI, Query
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -77,7 +77,7 @@ def _traced(top: int) -> dict[str, Any]:
     current, peak = tracemalloc.get_traced_memory()
     result: dict[str, Any] = {"traced": current, "traced_peak": peak}
     if top > 0:
-        stats = tracemalloc.take_snapshot().statistics("lineno")[: min(top, 1000)]
+        stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
         result["top"] = [
             {
                 "where": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
@@ -219,7 +219,7 @@ def create_app(settings: ResilienceSettings | None = None) -> FastAPI:
     if os.environ.get(RUNTIME_STATS_ENV) == "1":
 
         @app.get("/_runtime", include_in_schema=False)
-        async def runtime(top: int = 0) -> dict[str, Any]:
+        async def runtime(top: Annotated[int, Query(ge=0, le=1000)] = 0) -> dict[str, Any]:
             return {"pid": os.getpid(), "tasks": len(asyncio.all_tasks()), **_traced(top)}
 
     @app.get("/debug/crash", include_in_schema=False)

@@ -163,6 +163,10 @@ def test_runtime_stats_name_the_lines_holding_memory_when_traced() -> None:
     server = UvicornProcess("example_app.main:app", cwd=ROOT, env=env)
     try:
         stats = httpx.get(f"{server.url}/_runtime", params={"top": 3}).json()
+        for bad in ("-1", "1001", "many"):  # out of range is said, not quietly clamped
+            answer = httpx.get(f"{server.url}/_runtime", params={"top": bad})
+            assert answer.status_code == 422
+            assert answer.headers["content-type"] == "application/problem+json"
     finally:
         server.stop()
     assert 0 < stats["traced"] <= stats["traced_peak"]
