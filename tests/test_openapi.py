@@ -439,6 +439,27 @@ def test_problem_responses_document_a_routes_own_errors() -> None:
         assert_documented(schema, "/orders/{order_id}/ship", "post", answer)
 
 
+def test_problem_responses_document_retry_after_on_429_and_503() -> None:
+    """A route that declares its own 503 (a guard called in its body) or 429 documents the
+    ``Retry-After`` the library's problems of those statuses send; other statuses do not."""
+    app = FastAPI()
+    install(app, ResilienceSettings(rate_limit_enabled=False))
+
+    @app.get(
+        "/stock",
+        responses=problem_responses({503: "Inventory down.", 429: "Slow down.", 404: "None."}),
+    )
+    async def stock() -> dict[str, int]:
+        return {"left": 1}
+
+    schema = TestClient(app).get("/openapi.json").json()
+    validate(schema)
+    documented = responses(schema, "/stock", "get")
+    for status in ("503", "429"):
+        assert header_names(schema, documented[status])["Retry-After"] is False
+    assert "Retry-After" not in header_names(schema, documented["404"])
+
+
 def test_problem_responses_keep_a_schema_valid_with_the_setting_off() -> None:
     """With ``openapi_responses=False`` the schema gets only the component the route's own
     entries refer to."""

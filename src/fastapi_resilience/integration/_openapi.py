@@ -204,8 +204,10 @@ def problem_responses(descriptions: Mapping[int | str, str]) -> dict[int | str, 
         async def ship(order_id: int) -> Order: ...
 
     A status the route declares is the route's own: the library adds nothing to it but the
-    headers every answer carries (ADR 0077). Only 4xx and 5xx are problems; any other status,
-    or an empty description, raises :class:`ConfigurationError` where the route is declared.
+    headers every answer carries (ADR 0077); a 429 or 503 documents ``Retry-After`` too, which
+    the library's problems of those statuses send when the wait is known. Only 4xx and 5xx are
+    problems; any other status, or an empty description, raises :class:`ConfigurationError`
+    where the route is declared.
     """
     entries: dict[int | str, dict[str, Any]] = {}
     for status, description in descriptions.items():
@@ -219,7 +221,17 @@ def problem_responses(descriptions: Mapping[int | str, str]) -> dict[int | str, 
             "description": description,
             "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": _REF + PROBLEM_SCHEMA}}},
         }
+        if str(status) in _WAIT_STATUSES:
+            # The library's 429 and 503 problems say how long to wait when they know.
+            schema, about = _HEADERS["Retry-After"]
+            entries[status]["headers"] = {
+                "Retry-After": {"description": about, "schema": dict(schema)}
+            }
     return entries
+
+
+#: Statuses whose problems carry ``Retry-After`` when the wait is known.
+_WAIT_STATUSES = frozenset({"429", "503"})
 
 
 def _problem_status(status: object) -> bool:
