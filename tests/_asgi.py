@@ -12,6 +12,21 @@ from fastapi_resilience import CorrelationIdMiddleware
 T = TypeVar("T")
 
 
+async def http_get(app: ASGIApp, headers: list[tuple[bytes, bytes]]) -> list[Message]:
+    """One GET of ``/`` through ``app`` with exactly these raw headers; the messages it sent."""
+    sent: list[Message] = []
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b""}
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
 async def websocket_connect(
     app: ASGIApp,
     path: str,

@@ -19,6 +19,7 @@ from fastapi_resilience import (
     install_exception_handlers,
 )
 from fastapi_resilience.correlation import generate_correlation_id
+from tests._asgi import http_get
 
 pytestmark = pytest.mark.anyio
 
@@ -41,21 +42,6 @@ async def _echo_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _drive(app: Any, headers: list[tuple[bytes, bytes]]) -> list[Message]:
-    """Run one request through ``app`` with exactly these raw headers; return what it sent."""
-    sent: list[Message] = []
-    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b""}
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
 def _response_id(sent: list[Message]) -> bytes:
     start = sent[0]
     values = [v for k, v in start["headers"] if k == b"x-request-id"]
@@ -65,7 +51,7 @@ def _response_id(sent: list[Message]) -> bytes:
 
 async def test_valid_incoming_id_is_echoed_and_visible_to_the_app() -> None:
     """A valid X-Request-ID is echoed on the response and returned by get_correlation_id()."""
-    sent = await _drive(CorrelationIdMiddleware(_echo_app), [(b"x-request-id", b"abc-123:x.y_z")])
+    sent = await http_get(CorrelationIdMiddleware(_echo_app), [(b"x-request-id", b"abc-123:x.y_z")])
     assert _response_id(sent) == b"abc-123:x.y_z"
     assert sent[1]["body"] == b"abc-123:x.y_z"
 
@@ -87,13 +73,13 @@ async def test_valid_incoming_id_is_echoed_and_visible_to_the_app() -> None:
 )
 async def test_invalid_incoming_id_is_never_reflected(bad: bytes) -> None:
     """A malformed, oversized, non-ASCII or empty ID is replaced by a new valid one."""
-    sent = await _drive(CorrelationIdMiddleware(_echo_app), [(b"x-request-id", bad)])
+    sent = await http_get(CorrelationIdMiddleware(_echo_app), [(b"x-request-id", bad)])
     echoed = _response_id(sent)
     assert echoed != bad
     assert is_valid_correlation_id(echoed)
     assert sent[1]["body"] == echoed
     # The replacement is one the next service (or this one) takes as it is.
-    again = await _drive(CorrelationIdMiddleware(_echo_app), [(b"x-request-id", echoed)])
+    again = await http_get(CorrelationIdMiddleware(_echo_app), [(b"x-request-id", echoed)])
     assert _response_id(again) == echoed
 
 
@@ -106,7 +92,7 @@ async def test_generated_id_replaces_the_request_header() -> None:
         seen.append(get_correlation_id())
         await _echo_app(scope, receive, send)
 
-    sent = await _drive(CorrelationIdMiddleware(app), [(b"x-request-id", b"bad id")])
+    sent = await http_get(CorrelationIdMiddleware(app), [(b"x-request-id", b"bad id")])
     assert seen[0] == [_response_id(sent)]
     assert seen[1].encode() == _response_id(sent)
 
@@ -114,14 +100,14 @@ async def test_generated_id_replaces_the_request_header() -> None:
 async def test_new_ids_are_unique() -> None:
     """Two requests without an ID get two different IDs."""
     mw = CorrelationIdMiddleware(_echo_app)
-    ids = {_response_id(await _drive(mw, [])) for _ in range(50)}
+    ids = {_response_id(await http_get(mw, [])) for _ in range(50)}
     assert len(ids) == 50
 
 
 async def test_custom_header_and_generator() -> None:
     """header_name and generator are honoured."""
     mw = CorrelationIdMiddleware(_echo_app, header_name="X-Correlation-ID", generator=lambda: "g1")
-    sent = await _drive(mw, [])
+    sent = await http_get(mw, [])
     assert (b"x-correlation-id", b"g1") in sent[0]["headers"]
 
 
@@ -293,7 +279,7 @@ async def test_error_after_response_started_is_logged_not_answered_twice(
         raise RuntimeError("stream broke")
 
     caplog.set_level(logging.INFO)
-    sent = await _drive(CorrelationIdMiddleware(app), [])
+    sent = await http_get(CorrelationIdMiddleware(app), [])
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert len([r for r in caplog.records if r.exc_info]) == 1
 
@@ -333,7 +319,7 @@ async def test_generated_id_reaches_the_request_headers_whatever_iterable_they_c
         await _echo_app(scope, receive, send)
 
     for headers in ([(b"host", b"t")], ((b"host", b"t"),)):
-        sent = await _drive(CorrelationIdMiddleware(app), headers)  # type: ignore[arg-type]
+        sent = await http_get(CorrelationIdMiddleware(app), headers)  # type: ignore[arg-type]
         generated = _response_id(sent)
         assert list(seen[-1]) == [(b"host", b"t"), (b"x-request-id", generated)]
 

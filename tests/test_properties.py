@@ -13,7 +13,6 @@ import itertools
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from loopback import RedisServer
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from fastapi_resilience import (
     CorrelationIdMiddleware,
@@ -45,6 +44,7 @@ from fastapi_resilience.ratelimit import (
     parse_limits,
 )
 from fastapi_resilience.testing import ManualClock
+from tests._asgi import http_get
 
 # --- 1. Limit strings ---------------------------------------------------------------------------
 
@@ -176,21 +176,6 @@ async def _echo_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _drive(app: Any, headers: list[tuple[bytes, bytes]]) -> list[Message]:
-    """One GET through ``app`` with exactly these raw headers; what it sent."""
-    sent: list[Message] = []
-    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b""}
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
 @given(
     incoming=st.lists(_HEADER_VALUE, max_size=3),
     before=st.lists(st.tuples(st.sampled_from([b"accept", b"x-other"]), st.binary(max_size=20))),
@@ -203,7 +188,7 @@ def test_correlation_id_is_the_valid_incoming_one_or_a_new_valid_one(
     holds a control character, and the app sees the same ID in its context and its request
     header."""
     headers = [*before, *((b"x-request-id", value) for value in incoming)]
-    sent = asyncio.run(_drive(CorrelationIdMiddleware(_echo_app), headers))
+    sent = asyncio.run(http_get(CorrelationIdMiddleware(_echo_app), headers))
     echoed = [value for name, value in sent[0]["headers"] if name.lower() == b"x-request-id"]
     assert len(echoed) == 1, sent[0]["headers"]
     answer = echoed[0]
