@@ -22,7 +22,7 @@ import email.utils
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from fastapi_resilience._limits import (
     Decision,
@@ -301,20 +301,19 @@ class QuotaGate(EventSource):
         Raises:
             QuotaExhaustedError: it stays closed longer than ``budget``; nothing was sent.
         """
-        slept = 0.0
-        while True:
-            left = self.time_left()
-            if left <= 0.0:
-                return slept
-            if left > budget - slept:
-                raise QuotaExhaustedError(
-                    f"Calls to {self.name} are held back for {left:.3g}s: the upstream said "
-                    f"its quota is used up ({self._reason}).",
-                    extensions={"upstream": self.name, "reason": "upstream_quota"},
-                    retry_after=left,
-                )
-            await self._clock.sleep(left)
-            slept += left
+
+        async def left() -> float:
+            return self.time_left()
+
+        def refusal(wait: float) -> QuotaExhaustedError:
+            return QuotaExhaustedError(
+                f"Calls to {self.name} are held back for {wait:.3g}s: the upstream said "
+                f"its quota is used up ({self._reason}).",
+                extensions={"upstream": self.name, "reason": "upstream_quota"},
+                retry_after=wait,
+            )
+
+        return await _wait_within(self._clock, budget, left, refusal)
 
     def __repr__(self) -> str:
         closed = "closed" if self.holds_calls_back() else "open"
@@ -492,23 +491,43 @@ class OutboundLimiter:
         Raises:
             QuotaExhaustedError: it would not fit within ``budget``; nothing was counted.
         """
-        slept = 0.0
-        while True:
+
+        async def left() -> float:
             decision = await self._decide()
             if decision is None or decision.allowed:
-                return slept
-            wait = max(decision.retry_after, 0.001)
-            if wait > budget - slept:
-                raise QuotaExhaustedError(
-                    f"Calls to {self.name} are over this client's rate limit "
-                    f"({'; '.join(str(limit) for limit in self.limits)}) for {wait:.3g}s.",
-                    extensions={"upstream": self.name, "reason": "rate_limit"},
-                    retry_after=wait,
-                )
-            await self._clock.sleep(wait)
-            slept += wait
+                return 0.0
+            return max(decision.retry_after, 0.001)
+
+        def refusal(wait: float) -> QuotaExhaustedError:
+            return QuotaExhaustedError(
+                f"Calls to {self.name} are over this client's rate limit "
+                f"({'; '.join(str(limit) for limit in self.limits)}) for {wait:.3g}s.",
+                extensions={"upstream": self.name, "reason": "rate_limit"},
+                retry_after=wait,
+            )
+
+        return await _wait_within(self._clock, budget, left, refusal)
 
     def __repr__(self) -> str:
         limits = "; ".join(str(limit) for limit in self.limits)
         where = "shared" if self.shared else "memory"
         return f"OutboundLimiter(name={self.name!r}, limits={limits!r}, counted={where!r})"
+
+
+async def _wait_within(
+    clock: Clock,
+    budget: float,
+    left: Callable[[], Awaitable[float]],
+    refusal: Callable[[float], QuotaExhaustedError],
+) -> float:
+    """Sleep until ``left()`` says 0 seconds remain; the seconds slept. Raises ``refusal(wait)``
+    at once when the next wait would take the total past ``budget``."""
+    slept = 0.0
+    while True:
+        wait = await left()
+        if wait <= 0.0:
+            return slept
+        if wait > budget - slept:
+            raise refusal(wait)
+        await clock.sleep(wait)
+        slept += wait

@@ -376,7 +376,7 @@ class HostPolicy:
             o["credential_headers"],
             QuotaGate(host, clock=clock, events=events),
             limiter,
-            _wait_bound(o["rate_limit_wait"]),
+            o["rate_limit_wait"],  # checked once, by HostPolicy
             stream_idle_timeout=idle,
         )
 
