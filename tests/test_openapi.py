@@ -383,6 +383,34 @@ def test_the_schema_is_built_once_and_the_docs_page_renders(client: TestClient) 
     assert client.get("/redoc").status_code == 200
 
 
+def test_the_schema_is_built_once_until_it_is_dropped() -> None:
+    """The app's own schema function (set before ``install()``) runs at the first read only;
+    ``app.openapi_schema = None`` asks for a new build, as with FastAPI's own."""
+    app = FastAPI()
+    builds: list[int] = []
+
+    def own_openapi() -> dict[str, Any]:
+        builds.append(1)
+        return get_openapi(title="own", version="1", routes=app.routes)
+
+    app.openapi = own_openapi  # type: ignore[method-assign]
+    install(app)
+
+    @app.get("/items")
+    async def items() -> list[int]:
+        return []
+
+    client = TestClient(app)
+    first = client.get("/openapi.json").json()
+    assert "500" in first["paths"]["/items"]["get"]["responses"]  # documented by the library
+    assert app.openapi() == first
+    assert client.get("/openapi.json").json() == first
+    assert builds == [1]
+    app.openapi_schema = None
+    app.openapi()
+    assert builds == [1, 1]
+
+
 #: Generated requests per operation of the test app, for valid and for invalid data each.
 FUZZ_MAX_EXAMPLES = 10
 
