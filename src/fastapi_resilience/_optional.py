@@ -26,11 +26,18 @@ CLUSTER_URL_FORM = "redis+cluster://[user:password@]host:port[,host:port...]"
 
 
 class _NeverRaised(Exception):
-    """Stands for an exception class of a library that is not imported: nothing raises it."""
+    """Stands for a class of a library that is not imported: nothing raises it, nothing is an
+    instance of it."""
 
 
 def exception_of(module: str, name: str) -> type[BaseException]:
     """``module.name`` if ``module`` is imported, else a class that nothing raises."""
+    return _class_of(module, name)
+
+
+def _class_of(module: str, name: str) -> type[Any]:
+    """``module.name`` if ``module`` is imported and it is a class, else a class nothing is
+    an instance of."""
     loaded = sys.modules.get(module)
     found = getattr(loaded, name, None) if loaded is not None else None
     return found if isinstance(found, type) else _NeverRaised
@@ -147,18 +154,6 @@ def is_cluster_client(client: object) -> bool:
     return isinstance(client, _class_of("redis.asyncio.cluster", "RedisCluster"))
 
 
-def _class_of(module: str, name: str) -> type:
-    """``module.name`` if ``module`` is imported and it is a class, else a class nothing is
-    an instance of."""
-    loaded = sys.modules.get(module)
-    found = getattr(loaded, name, None) if loaded is not None else None
-    return found if isinstance(found, type) else _Nothing
-
-
-class _Nothing:
-    """Stands for a class of a library that is not imported: nothing is an instance of it."""
-
-
 def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisCluster:
     """A Redis client for ``url``; ``setting`` names where the URL came from in the errors.
 
@@ -182,7 +177,8 @@ def redis_from_url(url: str, setting: str, **options: Any) -> Redis | RedisClust
         except ValueError as exc:
             # redis-py's reason may quote a piece of the password ("could not be cast to
             # integer value as 'pa'"): with a password in the URL, only the redacted URL is said.
-            reason = exc if without_password(url) == url else without_password(url)
+            shown = without_password(url)
+            reason = exc if shown == url else shown
             raise ConfigurationError(f"{setting} is not a valid Redis URL: {reason}") from None
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 

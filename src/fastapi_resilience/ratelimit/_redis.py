@@ -39,7 +39,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - tested in a subprocess 
         name=exc.name,
     ) from exc
 
-from fastapi_resilience._optional import is_cluster_client, is_cluster_url, redis_from_url
+from fastapi_resilience._optional import is_cluster_client, redis_from_url
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.ratelimit._storage import (
     DEFAULT_STORAGE_TIMEOUT,
@@ -447,8 +447,7 @@ class RedisStorage:
         }
         options.update(client_options)
         client = redis_from_url(url, "rate_limit_storage", **options)
-        if is_cluster_url(url):
-            return cls(client, prefix=prefix, coalesce=False, timeout=timeout)
+        # A cluster client is never coalesced: __init__ turns it off for any other client.
         return cls(client, prefix=prefix, coalesce=coalesce, timeout=timeout)
 
     def _check_args(self, check: LimitCheck) -> bytes:

@@ -118,11 +118,12 @@ def storage_from_url(
 
     .. versionadded:: 0.1.0
     """
+    shown = without_password(url)  # errors never quote a password
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if not sep:
         raise ConfigurationError(
-            f"rate_limit_storage {without_password(url)!r}: expected 'memory://' or 'redis://host:port/db'"
+            f"rate_limit_storage {shown!r}: expected 'memory://' or 'redis://host:port/db'"
         )
     timeout = positive_seconds(timeout, "storage timeout")
     if scheme == "memory":
@@ -132,12 +133,12 @@ def storage_from_url(
             from fastapi_resilience.ratelimit._redis import RedisStorage
         except ImportError as exc:  # pragma: no cover - the extra is installed in tests
             raise ConfigurationError(
-                f"rate_limit_storage {without_password(url)!r} needs the redis extra: "
+                f"rate_limit_storage {shown!r} needs the redis extra: "
                 "pip install 'fastapi-resilience[redis]'"
             ) from exc
         return RedisStorage.from_url(url, prefix=prefix, timeout=timeout)
     raise ConfigurationError(
-        f"rate_limit_storage {without_password(url)!r}: unknown scheme {scheme!r} "
+        f"rate_limit_storage {shown!r}: unknown scheme {scheme!r} "
         "(expected memory, redis, rediss, unix, redis+cluster or rediss+cluster)"
     )
 
