@@ -163,18 +163,19 @@ class ResilienceCollector:
     def add(self, sources: MetricsSources) -> None:
         self._sources.add(sources)
 
-    def collect(self) -> Iterator[Any]:
-        """Every family. Breakers, features and analytics change on the app's event loop and
-        reading some of them moves them on (an open breaker whose time is up turns half-open):
-        a scrape from another thread (``prometheus_client.start_http_server``) reads them on
-        that loop, never beside it."""
+    def collect(self, *, histograms: bool = True) -> Iterator[Any]:
+        """Every family (``histograms=False``: all but the duration histograms, which the
+        OpenTelemetry bridge receives as they are observed). Breakers, features and analytics
+        change on the app's event loop and reading some of them moves them on (an open breaker
+        whose time is up turns half-open): a scrape from another thread
+        (``prometheus_client.start_http_server``) reads them on that loop, never beside it."""
         loop = next(
             (s.loop for s in list(self._sources) if s.loop is not None and s.loop.is_running()),
             None,
         )
-        yield from _on_loop(loop, lambda: list(self._families()))
+        yield from _on_loop(loop, lambda: list(self._families(histograms)))
 
-    def _families(self) -> Iterator[Any]:
+    def _families(self, histograms: bool) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         counter, gauge = CounterMetricFamily, GaugeMetricFamily
@@ -220,6 +221,8 @@ class ResilienceCollector:
             ["kind", "name"],
         )
         yield from self._app_families(gauge)
+        if not histograms:
+            return
         yield _histogram(
             "request_duration_seconds",
             "Time to answer a request, by route template and method.",

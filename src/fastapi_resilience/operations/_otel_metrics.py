@@ -86,7 +86,10 @@ class _Bridge:
     def _read(self) -> dict[str, Any]:
         now = time.monotonic()
         if now - self._taken > _SNAPSHOT_SECONDS:
-            self._families = {family.name: family for family in self._collector.collect()}
+            # Counters and gauges only: building the histograms' samples here, on the app's
+            # loop, would be thrown away (they reach the meter as they are observed).
+            families = self._collector.collect(histograms=False)
+            self._families = {family.name: family for family in families}
             self._taken = now
         return self._families
 
