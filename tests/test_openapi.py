@@ -383,6 +383,21 @@ def test_the_schema_is_built_once_and_the_docs_page_renders(client: TestClient) 
     assert client.get("/redoc").status_code == 200
 
 
+def test_an_apps_own_route_at_the_metrics_path_is_documented_when_metrics_are_off() -> None:
+    """With metrics off, ``/metrics`` is no path of the library's: the app's own route there
+    is documented like any other."""
+    app = FastAPI()
+    install(app, ResilienceSettings(metrics_enabled=False))
+
+    @app.get("/metrics")
+    async def own_metrics(x: int = 0) -> dict[str, int]:
+        return {"x": x}
+
+    documented = responses(TestClient(app).get("/openapi.json").json(), "/metrics", "get")
+    assert problem_ref(documented["500"]) == "ProblemDetails"
+    assert problem_ref(documented["422"]) == "ValidationProblemDetails"
+
+
 def test_the_schema_is_built_once_until_it_is_dropped() -> None:
     """The app's own schema function (set before ``install()``) runs at the first read only;
     ``app.openapi_schema = None`` asks for a new build, as with FastAPI's own."""

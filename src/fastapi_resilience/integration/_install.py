@@ -24,7 +24,7 @@ from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import HealthChecks, add_health_routes
 from fastapi_resilience.integration._dependencies import watch_outbound
 from fastapi_resilience.integration._openapi import document_openapi
-from fastapi_resilience.integration._resilience import Resilience
+from fastapi_resilience.integration._resilience import Resilience, install_paths
 from fastapi_resilience.integration._sub_apps import (
     refuse_websocket_route_limits,
     serve_mounted_apps,
@@ -101,7 +101,7 @@ def install(
             "install() was already called on this app; call it once, with all the settings"
         )
     settings = settings if settings is not None else ResilienceSettings()
-    fixed_paths = _fixed_paths(settings)
+    fixed_paths = install_paths(settings)
     # The app's routes so far; those defined later are checked at start-up.
     _refuse_app_routes_at(app.router.routes, fixed_paths)
     resilience = Resilience(settings, clock=clock)
@@ -285,14 +285,6 @@ _MOVE_FIXED_PATH = {
         " or metrics_enabled=False to serve only the app's,",
     ),
 }
-
-
-def _fixed_paths(settings: ResilienceSettings) -> dict[str, str]:
-    """The paths ``install()`` serves, each with the setting that moves it."""
-    paths = {f"{settings.health_path}{end}": "health_path" for end in ("/live", "/ready")}
-    if settings.metrics_enabled and prometheus_available():
-        paths[settings.metrics_path] = "metrics_path"
-    return paths
 
 
 def _refuse_app_routes_at(

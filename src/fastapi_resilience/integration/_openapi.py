@@ -23,6 +23,7 @@ from fastapi_resilience._asgi.routes import dependency_calls, flat_routes
 from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.integration._dependencies import GUARD_ATTR
 from fastapi_resilience.integration._middleware import RequestDeadlineMiddleware
+from fastapi_resilience.integration._resilience import install_paths
 from fastapi_resilience.operations._degraded import FEATURE_ATTR
 from fastapi_resilience.outbound._policies import Policy
 from fastapi_resilience.problems._handlers import (
@@ -356,10 +357,8 @@ class _Documenter:
         settings = self.owner.resilience.settings
         if self.owner.app is not self.app:
             return False  # a mounted app's routes are its own
-        fixed = {f"{settings.health_path}/live", f"{settings.health_path}/ready"}
-        fixed.add(settings.metrics_path)
         admin = settings.admin_path
-        return path in fixed or (
+        return path in install_paths(settings) or (
             settings.admin_token is not None and (path == admin or path.startswith(admin + "/"))
         )
 

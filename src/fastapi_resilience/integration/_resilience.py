@@ -14,6 +14,7 @@ from fastapi_resilience.exceptions import ConfigurationError
 from fastapi_resilience.health._checks import HealthChecks
 from fastapi_resilience.health._monitor import HealthMonitor
 from fastapi_resilience.operations._degraded import DegradedMode
+from fastapi_resilience.operations._metrics import prometheus_available
 from fastapi_resilience.outbound._breaker import default_registry
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from fastapi_resilience.outbound._policy_file import PolicyFileWatcher
     from fastapi_resilience.ratelimit._limiter import RateLimiter
 
-__all__ = ["Resilience"]
+__all__ = ["Resilience", "install_paths"]
 
 
 class Resilience:
@@ -144,3 +145,11 @@ async def _stop_each(installs: list[Resilience]) -> None:
             first = first or exc
     if first is not None:
         raise first
+
+
+def install_paths(settings: ResilienceSettings) -> dict[str, str]:
+    """The paths ``install()`` serves, each with the setting that moves it."""
+    paths = {f"{settings.health_path}{end}": "health_path" for end in ("/live", "/ready")}
+    if settings.metrics_enabled and prometheus_available():
+        paths[settings.metrics_path] = "metrics_path"
+    return paths
