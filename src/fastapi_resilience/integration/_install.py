@@ -322,6 +322,7 @@ def _install_rate_limiting(app: FastAPI, resilience: Resilience) -> RateLimiter:
         exempt_paths=_docs_paths(app) if settings.rate_limit_exempt_docs else (),
     )
     resilience.rate_limiter = limiter
+    limiter.mounts = resilience.mounts  # one list of the app's mounts for every label
     storage_health = getattr(limiter.storage, "health", None)
     if storage_health is not None:
         # Failing open, a dead storage degrades the service; failing closed, it stops it.

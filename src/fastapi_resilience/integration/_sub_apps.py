@@ -102,9 +102,7 @@ def serve_mounted_apps(app: Starlette, resilience: Any) -> list[MountedApp]:
     found = list(mounted_apps(app))
     limiter = resilience.rate_limiter
     for mounted in found:
-        resilience.mounts.add(mounted.template)
-        if limiter is not None:
-            limiter.mounts.add(mounted.template)
+        resilience.mounts.add(mounted.template)  # the limiter's mounts too (install())
         sub = mounted.app
         if sub is None:
             continue
